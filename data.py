@@ -1,0 +1,743 @@
+"""
+GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything data-shaped.
+
+    python data.py            # draws a few scenes to grainworld_samples.png and prints their captions
+
+Why a synthetic world (PAPER.md, "grain blindness"): the paper's claim is that InfoNCE with random negatives leaves
+secondary grains (attributes, bindings, relations) under-trained. To measure that exactly we need a world in which
+the generator knows every grain of every scene, so that relevance ("does this image satisfy every grain the query
+states?") is decided by a rule, not by a human label.
+
+A scene holds 1-3 objects on a 3x3 grid. Grains of an object: shape (the entity), colour and size (attributes) and
+its cell; between objects, spatial relations ("left of", "above": this world's stand-in for the paper's "action").
+Random in-batch negatives almost never differ from a positive in only *which* colour sits on *which* shape, or in
+which object is on the left: exactly the bag-of-words failure ARO / SugarCrepe report for CLIP-style models. Near-miss
+sets (MRBench-mini) test precisely those.
+
+The file holds, bottom-up: the world's vocabulary, scenes and captions (as small frozen dataclasses), the exact
+relevance rule, one-grain edits (near misses), the Pillow renderer, the four tasks and their instructions, splits,
+MRBench-mini, balanced negative sampling, the BPE tokenizer, readers for the M-BEIR jsonl format, and collation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world's vocabulary. Eight colours and five shapes make one-grain differences common enough to mine and rare
+# enough that a random negative almost never is one.
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {
+    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (230, 205, 35),
+    "purple": (145, 55, 190), "orange": (240, 135, 30), "cyan": (40, 200, 210), "white": (250, 250, 250),
+}
+SIZES = ("small", "large")
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+RELATIONS = ("left of", "right of", "above", "below")
+RELATION_FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+# The paper's template (PAPER.md, "Generative embeddings"). {image} becomes IMG_TOKENS placeholder tokens.
+PROMPT = ("Analyze and summarize the key information of the above input. "
+          "Finally, append the special token [RET] to represent the entire input.")
+INSTRUCTIONS = {  # one instruction per task, M-BEIR style; candidates get none (as in M-BEIR's pools)
+    "t2i": "Retrieve an image that matches the given caption:",
+    "i2t": "Find a caption that describes the given image.",
+    "i2i": "Find another picture of the same scene.",
+    "it2i": "Retrieve the image after this edit:",
+}
+TASKS = tuple(INSTRUCTIONS)
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[IMG]", "[RET]"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scenes and captions
+
+@dataclass(frozen=True, order=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    row: int  # 0..2, top to bottom
+    col: int  # 0..2, left to right
+
+    def words(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]  # sorted by (col, row): the canonical order used by summaries
+
+    @staticmethod
+    def of(objs) -> "Scene":
+        objs = tuple(sorted(objs, key=lambda o: (o.col, o.row)))
+        cells = {(o.row, o.col) for o in objs}
+        kinds = {(o.color, o.shape) for o in objs}
+        if len(cells) != len(objs) or len(kinds) != len(objs):
+            raise ValueError(f"invalid scene {objs}: objects need distinct cells and distinct (colour, shape)")
+        return Scene(objs)
+
+    def summary(self) -> str:
+        """The reference summary of an image: every grain, objects in canonical order."""
+        return " ; ".join(f"{o.words()} {ROWS[o.row]} {COLS[o.col]}" for o in self.objects)
+
+
+@dataclass(frozen=True)
+class Mention:
+    shape: str
+    color: str | None = None  # None: the caption does not state this grain
+    size: str | None = None
+
+    def words(self) -> str:
+        return " ".join(w for w in (self.size, self.color, self.shape) if w)
+
+    def matches(self, o: Obj) -> bool:
+        return (o.shape == self.shape and (self.color is None or o.color == self.color)
+                and (self.size is None or o.size == self.size))
+
+
+@dataclass(frozen=True)
+class Caption:
+    mentions: tuple[Mention, ...]            # 1 or 2 objects
+    relation: str | None = None              # between mentions[0] and mentions[1], or None ("and")
+
+    def text(self) -> str:
+        a = f"a {self.mentions[0].words()}"
+        if len(self.mentions) == 1:
+            return a
+        return f"{a} {self.relation or 'and'} a {self.mentions[1].words()}"
+
+    def summary(self) -> str:
+        """The reference summary of a text: its grains restated without articles."""
+        if len(self.mentions) == 1:
+            return self.mentions[0].words()
+        return f"{self.mentions[0].words()} {self.relation or 'and'} {self.mentions[1].words()}"
+
+    def n_grains(self) -> int:
+        """Entities, attributes and relations the caption states (PAPER.md: a query is a set of grains)."""
+        n = sum(1 + (m.color is not None) + (m.size is not None) for m in self.mentions)
+        return n + (self.relation is not None)
+
+
+def holds(rel: str, a: Obj, b: Obj) -> bool:
+    return {"left of": a.col < b.col, "right of": a.col > b.col,
+            "above": a.row < b.row, "below": a.row > b.row}[rel]
+
+
+def assignments(scene: Scene, cap: Caption) -> list[tuple[Obj, ...]]:
+    """Every injective assignment of the caption's mentions to the scene's objects that matches every stated grain."""
+    objs = scene.objects
+    if len(cap.mentions) == 1:
+        return [(o,) for o in objs if cap.mentions[0].matches(o)]
+    m0, m1 = cap.mentions
+    return [(a, b) for a in objs for b in objs
+            if a != b and m0.matches(a) and m1.matches(b) and (cap.relation is None or holds(cap.relation, a, b))]
+
+
+def satisfies(scene: Scene, cap: Caption) -> bool:
+    """Exact relevance: the scene satisfies every grain the caption states."""
+    return bool(assignments(scene, cap))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Random scenes and captions
+
+def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
+    n = n_objects or rng.choice((2, 3, 3))  # mostly 3 objects: bindings need company to be ambiguous
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    return Scene.of(Obj(s, c, rng.choice(SIZES), r, col) for (c, s), (r, col) in zip(kinds, cells))
+
+
+def _relation_between(rng: random.Random, a: Obj, b: Obj) -> str | None:
+    true = [r for r in RELATIONS if holds(r, a, b)]
+    return rng.choice(true) if true else None
+
+
+def random_caption(rng: random.Random, scene: Scene) -> Caption:
+    """A reference caption as real captions are: a random subset of grains, always true of the scene.
+
+    Kinds: one object (1-3 grains), two objects joined by "and" (a binding test), two objects with a relation."""
+    kind = rng.choice(("one", "and", "rel", "rel")) if len(scene.objects) > 1 else "one"
+    if kind == "one":
+        o = rng.choice(scene.objects)
+        return Caption((Mention(o.shape, rng.choice((o.color, None)), rng.choice((o.size, None, None))),))
+    a, b = rng.sample(scene.objects, 2)
+    rel = _relation_between(rng, a, b) if kind == "rel" else None
+    # Both objects keep their colour, so that the caption binds colours to shapes; size is stated now and then.
+    ma = Mention(a.shape, a.color, rng.choice((a.size, None, None)))
+    mb = Mention(b.shape, b.color, rng.choice((b.size, None, None)))
+    return Caption((ma, mb), rel)
+
+
+def full_caption(rng: random.Random, scene: Scene) -> Caption:
+    """A caption stating every grain of two objects and their relation (the i2t candidates)."""
+    if len(scene.objects) == 1:
+        o = scene.objects[0]
+        return Caption((Mention(o.shape, o.color, o.size),))
+    a, b = rng.sample(scene.objects, 2)
+    return Caption((Mention(a.shape, a.color, a.size), Mention(b.shape, b.color, b.size)),
+                   _relation_between(rng, a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One-grain edits: the near misses. Each returns None when the edit is impossible for this input.
+
+def _replace(objs, i, **kw):
+    objs = list(objs)
+    objs[i] = Obj(**{**objs[i].__dict__, **kw})
+    return objs
+
+
+def _try_scene(objs) -> Scene | None:
+    try:
+        return Scene.of(objs)
+    except ValueError:
+        return None
+
+
+def scene_edit(rng: random.Random, scene: Scene, kind: str, pair: tuple[Obj, Obj] | None = None) -> Scene | None:
+    """A scene one grain away: 'attribute' (one colour, size or shape changes), 'binding' (two objects swap colours),
+    'relation' (two objects swap places). `pair` picks the two objects (default: two at random)."""
+    objs = list(scene.objects)
+    if kind == "attribute":
+        i = rng.randrange(len(objs))
+        which = rng.choice(("color", "size", "shape"))
+        pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[which]
+        new = rng.choice([v for v in pool if v != getattr(objs[i], which)])
+        return _try_scene(_replace(objs, i, **{which: new}))
+    if len(objs) < 2:
+        return None
+    i, j = (objs.index(pair[0]), objs.index(pair[1])) if pair else rng.sample(range(len(objs)), 2)
+    a, b = objs[i], objs[j]
+    if kind == "binding":
+        if a.color == b.color:
+            return None
+        return _try_scene(_replace(_replace(objs, i, color=b.color), j, color=a.color))
+    if kind == "relation":
+        return _try_scene(_replace(_replace(objs, i, row=b.row, col=b.col), j, row=a.row, col=a.col))
+    raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
+
+
+def caption_edit(rng: random.Random, cap: Caption, kind: str) -> Caption | None:
+    """A caption one grain away, with the same three kinds as scene_edit."""
+    ms = list(cap.mentions)
+    if kind == "attribute":
+        i = rng.randrange(len(ms))
+        m = ms[i]
+        which = rng.choice([w for w in ("color", "size", "shape") if w == "shape" or getattr(m, w) is not None])
+        pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[which]
+        ms[i] = Mention(**{**m.__dict__, which: rng.choice([v for v in pool if v != getattr(m, which)])})
+        return Caption(tuple(ms), cap.relation)
+    if len(ms) < 2:
+        return None
+    if kind == "binding":
+        a, b = ms
+        if a.color is None or b.color is None or a.color == b.color:
+            return None
+        return Caption((Mention(a.shape, b.color, a.size), Mention(b.shape, a.color, b.size)), cap.relation)
+    if kind == "relation":
+        return None if cap.relation is None else Caption(cap.mentions, RELATION_FLIP[cap.relation])
+    raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An edit instruction for the (image, text) -> image task: set one grain of one object."""
+    target: Obj
+    grain: str   # "color" | "size" | "shape"
+    value: str
+
+    def text(self) -> str:
+        t = self.target
+        if self.grain == "shape":
+            return f"turn the {t.color} {t.shape} into a {self.value}"
+        return f"make the {t.color} {t.shape} {self.value}"
+
+    def apply(self, scene: Scene, on: Obj | None = None) -> Scene | None:
+        """Apply to `on` (default: the named target). Applying to another object is the binding near miss."""
+        objs = list(scene.objects)
+        i = objs.index(on or self.target)
+        return _try_scene(_replace(objs, i, **{self.grain: self.value}))
+
+
+def random_edit(rng: random.Random, scene: Scene) -> tuple[Edit, Scene] | None:
+    o = rng.choice(scene.objects)
+    grain = rng.choice(("color", "color", "size", "shape"))
+    pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[grain]
+    e = Edit(o, grain, rng.choice([v for v in pool if v != getattr(o, grain)]))
+    out = e.apply(scene)
+    return None if out is None else (e, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rendering with Pillow. Every render of a scene jitters positions and sizes and adds pixel noise, so that two
+# renders of one scene differ in pixels (the image -> image task).
+
+def render(scene: Scene, image_size: int, seed: int) -> Image.Image:
+    rng = random.Random(seed)
+    img = Image.new("RGB", (image_size, image_size), (rng.randint(20, 60),) * 3)  # dark background: white is visible
+    draw = ImageDraw.Draw(img)
+    cell = image_size / 3
+    for o in scene.objects:
+        frac = (0.42 if o.size == "small" else 0.82) * rng.uniform(0.9, 1.05)
+        r = cell * frac / 2
+        cx = (o.col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        cy = (o.row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        fill = tuple(int(np.clip(v + rng.randint(-15, 15), 0, 255)) for v in COLORS[o.color])
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        elif o.shape == "cross":
+            w = r / 2.6
+            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    arr = np.asarray(img, dtype=np.int16) + np.random.default_rng(seed).integers(-8, 9, img.size + (3,))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input size."""
+    if img.size != (image_size, image_size):
+        img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
+    return x / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Items, the four tasks and exact relevance.
+# An Item is one side of a retrieval pair: optional image (a scene to render) and optional text.
+
+@dataclass(frozen=True)
+class Item:
+    scene: Scene | None = None      # rendered as the image, if present
+    text: str = ""                  # query / candidate text (caption or edit instruction)
+    summary: str = ""               # reference summary the contrastive stage teaches
+    render_seed: int = 0
+    caption: Caption | None = None  # the structured caption when text is a caption (for relevance)
+    target: Scene | None = None     # for edits: the scene the query asks for
+    edit: Edit | None = None        # for edits: the instruction, structured
+    image_path: str | None = None   # real data: an image on disk instead of a scene
+
+
+@dataclass
+class Query:
+    task: str
+    item: Item
+    positive: Item
+    n_grains: int = 0
+    distractors: list[tuple[str, Item]] = field(default_factory=list)  # (kind, item): MRBench-mini near misses
+
+
+def relevant(task: str, q: Item, c: Item) -> bool:
+    """The exact relevance rule: a candidate is relevant when it satisfies every grain the query states."""
+    if task == "t2i":
+        return satisfies(c.scene, q.caption)
+    if task == "i2t":
+        return satisfies(q.scene, c.caption)
+    if task == "i2i":
+        return c.scene == q.scene
+    if task == "it2i":
+        return c.scene == q.target
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def candidate_item(task: str, rng: random.Random, scene: Scene) -> Item:
+    """What a task's pool holds for a scene: a full caption for i2t, a fresh render for the image tasks."""
+    if task == "i2t":
+        cap = full_caption(rng, scene)
+        return Item(text=cap.text(), summary=cap.summary(), caption=cap)
+    return Item(scene=scene, summary=scene.summary(), render_seed=rng.getrandbits(31))
+
+
+def make_query(task: str, rng: random.Random, scene: Scene) -> Query | None:
+    seed = rng.getrandbits(31)
+    if task == "t2i":
+        cap = random_caption(rng, scene)
+        q = Item(text=cap.text(), summary=cap.summary(), caption=cap)
+        return Query(task, q, candidate_item(task, rng, scene), cap.n_grains())
+    if task == "i2t":
+        q = Item(scene=scene, summary=scene.summary(), render_seed=seed)
+        pos = candidate_item(task, rng, scene)
+        return Query(task, q, pos, pos.caption.n_grains())
+    if task == "i2i":
+        q = Item(scene=scene, summary=scene.summary(), render_seed=seed)
+        return Query(task, q, candidate_item(task, rng, scene), 3 * len(scene.objects))
+    if task == "it2i":
+        made = random_edit(rng, scene)
+        if made is None:
+            return None
+        e, target = made
+        q = Item(scene=scene, text=e.text(), summary=target.summary(), render_seed=seed, target=target, edit=e)
+        return Query(task, q, candidate_item(task, rng, target), 3)  # object, edited grain, new value
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly one grain.
+
+def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int = 30) -> list[tuple[str, Item]]:
+    task, q, out = query.task, query.item, []
+    if task == "it2i":
+        # binding: the same edit applied to another object; no-edit: the source image itself; attribute: the right
+        # object edited to a wrong value.
+        e, src = q.edit, q.scene
+        cands = [("binding", e.apply(src, on=o)) for o in src.objects if o != e.target]
+        cands.append(("no-edit", src))
+        pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[e.grain]
+        wrong = [v for v in pool if v not in (e.value, getattr(e.target, e.grain))]
+        cands += [("attribute", Edit(e.target, e.grain, v).apply(src)) for v in rng.sample(wrong, min(len(wrong), per_kind))]
+        seen = {q.target}
+        for kind, s in cands:
+            if s is not None and (s not in seen) and (kind == "no-edit" or s != src) and \
+                    sum(k == kind for k, _ in out) < per_kind:
+                seen.add(s)
+                out.append((kind, candidate_item(task, rng, s)))
+        return out
+    for kind in ("attribute", "binding", "relation"):
+        got = 0
+        for _ in range(tries):
+            if got >= per_kind:
+                break
+            if task == "i2t":
+                cap = caption_edit(rng, query.positive.caption, kind)
+                if cap is None or satisfies(q.scene, cap):
+                    continue
+                item = Item(text=cap.text(), summary=cap.summary(), caption=cap)
+            else:
+                base = query.positive.scene
+                # t2i: a binding or relation near miss swaps the two objects the caption names, nothing else
+                pair = rng.choice(assignments(base, q.caption)) if task == "t2i" and kind != "attribute" else None
+                if pair is not None and len(pair) < 2:
+                    break
+                s = scene_edit(rng, base, kind, pair)
+                if s is None or s == base:
+                    continue
+                if task == "t2i" and satisfies(s, q.caption):
+                    continue  # the edit touched a grain the caption does not state: not a near miss
+                item = candidate_item(task, rng, s)
+            if all(item.text != o.text or item.scene != o.scene for _, o in out):
+                out.append((kind, item))
+                got += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world: disjoint train / val / test scenes, deterministic from a seed.
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    n_train: int = 6000        # scenes (each gives endless captions and renders)
+    n_val: int = 300
+    n_test: int = 500          # the standard test pool: one candidate per test scene
+    image_size: int = 32
+
+
+class GrainWorld:
+    def __init__(self, cfg: WorldConfig):
+        self.cfg = cfg
+        rng = random.Random(cfg.seed)
+        seen, scenes = set(), []
+        total = cfg.n_train + cfg.n_val + cfg.n_test
+        while len(scenes) < total:
+            s = random_scene(rng)
+            if s not in seen:
+                seen.add(s)
+                scenes.append(s)
+        self.splits = {"train": scenes[:cfg.n_train], "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
+                       "test": scenes[cfg.n_train + cfg.n_val:]}
+        self.heldout = set(scenes[cfg.n_train:])  # a training sibling must never be a val/test scene
+
+    def sample_queries(self, rng: random.Random, n: int, split: str = "train") -> list[Query]:
+        """Random queries over the four tasks for the contrastive stage (fresh captions and renders each call)."""
+        out = []
+        while len(out) < n:
+            q = make_query(rng.choice(TASKS), rng, rng.choice(self.splits[split]))
+            if q is not None and (split != "train" or q.item.target not in self.heldout):
+                out.append(q)
+        return out
+
+    def standard_split(self, task: str, n_queries: int, split: str = "test", seed: int = 1):
+        """(queries, pool): queries on split scenes; the pool holds one candidate per split scene (plus, for edits,
+        each query's target). Relevance over the pool is exact (`relevant`)."""
+        rng = random.Random(f"{self.cfg.seed}-{split}-{task}-{seed}")
+        scenes = self.splits[split]
+        pool = [candidate_item(task, rng, s) for s in scenes]
+        queries = []
+        for i in rng.sample(range(len(scenes)), min(n_queries, len(scenes))):
+            q = make_query(task, rng, scenes[i])
+            if q is None:
+                continue
+            if task == "it2i":
+                pool.append(q.positive)
+            else:
+                q.positive = pool[i]
+            queries.append(q)
+        return queries, pool
+
+    def mrbench_mini(self, n_per_task: int, per_kind: int = 2, split: str = "test", seed: int = 2):
+        """MRBench-mini: {task: (queries, pool)}. Queries state at least two grains, an equal number per task, and
+        each brings near misses differing from it in exactly one grain (a binding, a relation, an attribute).
+        The pool of a task is the positives and near misses of all its queries."""
+        out = {}
+        for task in TASKS:
+            rng = random.Random(f"{self.cfg.seed}-mrbench-{task}-{seed}")
+            queries, pool = [], []
+            while len(queries) < n_per_task:
+                q = make_query(task, rng, rng.choice(self.splits[split]))
+                if q is None or q.n_grains < 2:
+                    continue
+                q.distractors = near_misses(rng, q, per_kind)
+                if not q.distractors:
+                    continue
+                queries.append(q)
+                pool.append(q.positive)
+                pool.extend(item for _, item in q.distractors)
+            out[task] = (queries, pool)
+        return out
+
+    def rl_pool(self, task: str, n_scenes: int, rng: random.Random) -> list[Item]:
+        """A training pool for mining hard negatives: train scenes plus one-grain siblings of them, as a real corpus
+        holds near duplicates that random batches rarely bring together."""
+        base = rng.sample(self.splits["train"], n_scenes)
+        scenes = list(base)
+        for s in base:
+            for kind in ("attribute", "binding", "relation"):
+                t = scene_edit(rng, s, kind)
+                if t is not None and t not in self.heldout:
+                    scenes.append(t)
+        scenes = list(dict.fromkeys(scenes))
+        return [candidate_item(task, rng, s) for s in scenes]
+
+
+def relevance_matrix(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
+    """[Q, P] bool: exact relevance of every pool item to every query."""
+    return torch.tensor([[relevant(task, q.item, c) for c in pool] for q in queries], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Balanced negative sampling (PAPER.md, "Negative sampling for RL"): filtered hard negatives + random negatives.
+
+def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
+                       threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices [Q, n_hard+n_rand].
+
+    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the paper's guard
+    against unlabelled false negatives), keep the top n_hard of the rest. Random: n_rand uniformly from the remaining
+    non-relevant candidates. The paper's reason for the mix: hard negatives alone make the reward distribution narrow
+    and the GRPO advantages vanish."""
+    Q, P = scores.shape
+    hard_ok = ~is_relevant & (scores <= threshold)
+    if (hard_ok.sum(1) < n_hard + n_rand).any():
+        raise ValueError(f"balanced_negatives: a query has fewer than n_hard + n_rand = {n_hard + n_rand} usable "
+                         f"candidates in a pool of {P}; enlarge the pool or lower the counts")
+    masked = scores.masked_fill(~hard_ok, float("-inf"))
+    hard = masked.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)   # (Q, n_hard)
+    rest = ~is_relevant.clone()
+    rest.scatter_(1, hard, False)
+    noise = torch.rand(Q, P, generator=generator).masked_fill(~rest, -1.0)
+    rand = noise.topk(n_rand, dim=1).indices if n_rand else torch.empty(Q, 0, dtype=torch.long)    # (Q, n_rand)
+    return torch.cat([hard, rand], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained with `tokenizers` on the world's text.
+
+def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = [PROMPT, "USER:", "ASSISTANT:", *INSTRUCTIONS.values()]
+    for q in world.sample_queries(rng, n):
+        lines += [q.item.text, q.item.summary, q.positive.text, q.positive.summary]
+    return [l for l in lines if l]
+
+
+def train_tokenizer(lines: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found; expected the tokenizer.json saved beside a checkpoint")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: {e}") from e
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenizer file {path} lacks the special tokens {missing}")
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Readers for real retrieval data: the M-BEIR jsonl format (query file + candidate pool file).
+#   query:     {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list", "task_id"?}
+#   candidate: {"did", "txt", "img_path", "modality"}
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"M-BEIR file {path} not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON object per line") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected {list(required)}")
+            rows.append(row)
+    return rows
+
+
+def _real_item(path: Path, n: int, text, img, image_root: Path) -> Item:
+    text = (text or "").strip()
+    if img:
+        img_path = image_root / img
+        if not img_path.is_file():
+            raise FileNotFoundError(f"{path}:{n}: image {img_path} not found")
+        return Item(text=text, image_path=str(img_path))
+    if not text:
+        raise ValueError(f"{path}:{n}: record has neither text nor image; expected at least one")
+    return Item(text=text)
+
+
+def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
+    """Read an M-BEIR style query file and candidate pool -> (query items, pool items, positive pool indices)."""
+    queries_path, pool_path, image_root = Path(queries_path), Path(pool_path), Path(image_root)
+    cands = _read_jsonl(pool_path, ("did", "txt", "img_path", "modality"))
+    index = {}
+    pool = []
+    for n, c in enumerate(cands, 1):
+        index[str(c["did"])] = len(pool)
+        pool.append(_real_item(pool_path, n, c["txt"], c["img_path"], image_root))
+    rows = _read_jsonl(queries_path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
+    items, positives = [], []
+    for n, r in enumerate(rows, 1):
+        items.append(_real_item(queries_path, n, r["query_txt"], r["query_img_path"], image_root))
+        pos = r["pos_cand_list"]
+        if not isinstance(pos, list) or not pos:
+            raise ValueError(f"{queries_path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
+        unknown = [p for p in pos if str(p) not in index]
+        if unknown:
+            raise ValueError(f"{queries_path}:{n}: positive candidate(s) {unknown} are not in the pool {pool_path}")
+        positives.append({index[str(p)] for p in pos})
+    return items, pool, positives
+
+
+def load_image(item: Item, image_size: int) -> torch.Tensor:
+    """An item's image as a (3, H, W) tensor: a render of its scene, or its file on disk."""
+    if item.scene is not None:
+        return image_tensor(render(item.scene, image_size, item.render_seed), image_size)
+    try:
+        with Image.open(item.image_path) as img:
+            return image_tensor(img, image_size)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image {item.image_path} could not be read ({e}); expected an image file Pillow can open") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding and collation.
+# Sequence layout (PAPER.md template), left-padded so that every prompt ends in the same column and generation can
+# append columns for the whole batch:
+#   [PAD]* [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET] [PAD]*
+
+class Encoder:
+    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the template."""
+
+    def __init__(self, tok, n_img_tokens: int, image_size: int):
+        self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size
+        self.pad, self.bos, self.eos, self.img, self.ret = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self._user = self._ids("USER:")
+        self._tail = self._ids(" " + PROMPT + " ASSISTANT:")
+
+    def _ids(self, s: str) -> list[int]:
+        return self.tok.encode(s, add_special_tokens=False).ids
+
+    def prompt(self, item: Item, instruction: str | None) -> list[int]:
+        has_image = item.scene is not None or item.image_path is not None
+        if not has_image and not item.text.strip():
+            raise ValueError("empty query: an item needs a text or an image")
+        words = " ".join(w for w in (instruction, item.text.strip()) if w)
+        mid = self._ids(" " + words + ".") if words else []
+        return [self.bos, *self._user, *([self.img] * self.n_img_tokens if has_image else []), *mid, *self._tail]
+
+    def summary(self, text: str) -> list[int]:
+        return self._ids(" " + text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in (self.pad, self.ret)]).strip()
+
+    def images(self, items: list[Item]) -> torch.Tensor:
+        """(N_img, 3, H, W) for the items that carry an image, in order."""
+        imgs = [load_image(it, self.image_size) for it in items if it.scene is not None or it.image_path is not None]
+        if not imgs:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack(imgs)
+
+
+def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int, ret_id: int) -> dict:
+    """Left-pad prompts, append summary + [RET], right-pad.
+
+    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the summary tokens and
+    [RET]: what the model generates, and where the LM / RL losses live), ret_pos (B,) long (-1 without summaries)."""
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    S = max(len(s) + 1 for s in summaries) if summaries is not None else 0
+    tokens = torch.full((B, P + S), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + S, dtype=torch.bool)
+    gen_mask = torch.zeros(B, P + S, dtype=torch.bool)
+    ret_pos = torch.full((B,), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):P] = torch.tensor(p)
+        attn[b, P - len(p):P] = True
+        if summaries is not None:
+            s = list(summaries[b]) + [ret_id]
+            tokens[b, P:P + len(s)] = torch.tensor(s)
+            attn[b, P:P + len(s)] = True
+            gen_mask[b, P:P + len(s)] = True
+            ret_pos[b] = P + len(s) - 1
+    return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
+
+
+if __name__ == "__main__":
+    world = GrainWorld(WorldConfig())
+    rng = random.Random(0)
+    qs = world.sample_queries(rng, 8)
+    sheet = Image.new("RGB", (8 * 100, 100), "white")
+    for i, q in enumerate(qs):
+        it = q.item if q.item.scene is not None else q.positive
+        sheet.paste(render(it.scene, 96, it.render_seed), (i * 100, 2))
+        print(f"{i} {q.task:5s} query={q.item.text!r:50s} summary={q.item.summary!r}")
+    sheet.save("grainworld_samples.png")
+    print("wrote grainworld_samples.png")

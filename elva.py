@@ -1,0 +1,383 @@
+"""
+The model: a tiny MLLM in the shape of Qwen2-VL whose embedding is *generated* (PAPER.md, "Generative embeddings").
+
+    python elva.py      # builds each preset, prints its parameter count and one embedding's shape
+
+Image (3, H, W) -> ViT over patches -> 2x2 patch merger + MLP projector (Qwen2-VL's PatchMerger) -> LM token space,
+placed at the [IMG] placeholder tokens of the paper's template:
+
+    USER: {image} <Instruction> {query}. Analyze and summarize the key information of the above input. Finally,
+    append the special token [RET] to represent the entire input. ASSISTANT: {Generated Summary} [RET]
+
+-> causal decoder (RMSNorm, RoPE, SwiGLU) -> LM head (tied to the token embedding). The embedding of an input is the
+final hidden state at [RET], L2-normalised. Because the summary before [RET] is sampled, G rollouts of one input give G
+different embeddings: the variance that GRPO needs (PAPER.md, Section 3.4).
+
+Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs, Retriever (tokenizer
++ model: items -> embeddings with generated summaries), save_checkpoint / load_checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """positions (B, T) long -> cos, sin (B, 1, T, head_dim/2). Positions come from the attention mask, so left
+    padding does not shift a sequence's rotary phases."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    ang = positions.float()[..., None] * inv                                  # (B, T, hd/2)
+    return ang.cos()[:, None], ang.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)                                        # (B, H, T, hd/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, rope: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope = n_heads, dim // n_heads, rope
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, mask=None, cos=None, sin=None, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # KV cache for generation: append this step's keys and values
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the ViT uses it without RoPE (learned positions), the decoder with RoPE."""
+
+    def __init__(self, dim: int, n_heads: int, rope: bool):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, n_heads, rope)
+        self.mlp = SwiGLU(dim, 4 * dim * 2 // 3 // 8 * 8 or 8)
+
+    def forward(self, x, mask=None, cos=None, sin=None, cache=None):
+        x = x + self.attn(self.norm1(x), mask, cos, sin, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32        # input images are resized to this square
+    patch_size: int = 4         # ViT patch side; (image_size / patch_size)^2 patches
+    vit_dim: int = 96           # ViT width
+    vit_layers: int = 3
+    vit_heads: int = 4
+    d_model: int = 128          # decoder width
+    n_layers: int = 4           # decoder depth
+    n_heads: int = 4
+    vocab_size: int = 512       # BPE vocabulary incl. the special tokens (set from the tokenizer)
+    max_seq_len: int = 160      # longest prompt + summary + [RET]
+    max_summary_len: int = 32   # generation stops here and [RET] is forced
+
+    @property
+    def n_img_tokens(self) -> int:  # after the 2x2 patch merger
+        return (self.image_size // self.patch_size // 2) ** 2
+
+    def validate(self):
+        if self.image_size % (2 * self.patch_size):
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size ({2 * self.patch_size})")
+        for w, h, name in ((self.vit_dim, self.vit_heads, "vit"), (self.d_model, self.n_heads, "decoder")):
+            if w % h or (w // h) % 2:
+                raise ValueError(f"{name} width {w} must split into {h} heads of even size")
+
+
+PRESETS = {
+    # smoke: seconds per step on a laptop, for tests and CI
+    "smoke": ModelConfig(vit_dim=48, vit_layers=1, vit_heads=2, d_model=64, n_layers=2, n_heads=2),
+    # cpu: the default on a 2-core CPU (~1M parameters)
+    "cpu": ModelConfig(),
+    # gpu: a bigger model for one GPU
+    "gpu": ModelConfig(vit_dim=256, vit_layers=6, vit_heads=8, d_model=384, n_layers=8, n_heads=6),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class ELVAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, img_token_id: int, ret_token_id: int, pad_token_id: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.img_id, self.ret_id, self.pad_id = img_token_id, ret_token_id, pad_token_id
+        # vision tower: patches -> ViT (bidirectional) -> 2x2 merge -> projector MLP into the decoder width
+        n_patch = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vit_dim)
+        self.vit_pos = nn.Parameter(torch.randn(1, n_patch, cfg.vit_dim) * 0.02)
+        self.vit = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, rope=False) for _ in range(cfg.vit_layers))
+        self.vit_norm = RMSNorm(cfg.vit_dim)
+        self.projector = nn.Sequential(nn.Linear(4 * cfg.vit_dim, cfg.d_model), nn.GELU(),
+                                       nn.Linear(cfg.d_model, cfg.d_model))
+        # decoder LM
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, rope=True) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # -- vision ------------------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) -> image tokens (N, n_img_tokens, d_model)."""
+        N, C, H, W = images.shape
+        p, g = self.cfg.patch_size, H // self.cfg.patch_size
+        x = images.reshape(N, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(N, g * g, C * p * p)  # (N, P, 3pp)
+        x = self.patch_embed(x) + self.vit_pos
+        for blk in self.vit:
+            x = blk(x)
+        x = self.vit_norm(x)
+        # 2x2 patch merger: concatenate each 2x2 neighbourhood (Qwen2-VL), quartering the tokens the LM must read
+        x = x.view(N, g // 2, 2, g // 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(N, (g // 2) ** 2, -1)  # (N, P/4, 4dv)
+        return self.projector(x)
+
+    # -- decoder -----------------------------------------------------------------------------------------------------
+    def _embed_tokens(self, tokens, images):
+        x = self.tok_emb(tokens)                                                # (B, T, D)
+        is_img = tokens == self.img_id
+        n_img = int(is_img.sum())
+        if n_img:
+            if images is None or images.shape[0] * self.cfg.n_img_tokens != n_img:
+                got = 0 if images is None else images.shape[0]
+                raise ValueError(f"the batch has {n_img} [IMG] tokens, i.e. {n_img / self.cfg.n_img_tokens:g} images, "
+                                 f"but {got} images were given")
+            feats = self.encode_images(images).to(x.dtype)
+            x = x.masked_scatter(is_img[..., None], feats.reshape(-1, x.shape[-1]))
+        return x
+
+    def forward(self, tokens, attn, images=None, cache=None, positions=None):
+        """tokens (B, T), attn (B, Tk) bool over every key so far (cache included) -> final hidden states (B, T, D).
+
+        The attention mask is causal AND key-not-padding; each position may always see itself, so rows that are pure
+        padding stay finite (their outputs are never used)."""
+        B, T = tokens.shape
+        x = self._embed_tokens(tokens, images)
+        Tk = attn.shape[1]
+        if positions is None:
+            positions = (attn.long().cumsum(1) - 1).clamp(min=0)[:, Tk - T:]   # (B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_heads)
+        q_idx = torch.arange(Tk - T, Tk, device=tokens.device)
+        k_idx = torch.arange(Tk, device=tokens.device)
+        mask = (k_idx[None, :] <= q_idx[:, None])[None] & attn[:, None, :]      # (B, T, Tk)
+        mask = mask | (k_idx[None, :] == q_idx[:, None])[None]
+        mask = mask[:, None]                                                    # (B, 1, T, Tk)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, cos, sin, None if cache is None else cache[i])
+        return self.norm(x)
+
+    def logits(self, h):
+        return h @ self.tok_emb.weight.T                                        # tied LM head
+
+    def token_logprobs(self, batch: dict, images=None, temperature: float = 1.0):
+        """Teacher-forced pass over full sequences (prompt + summary + [RET]).
+
+        Returns (logp (B, T), h (B, T, D)): logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) at `temperature` for t
+        in gen_mask (zero elsewhere); h are the final hidden states, so h[b, ret_pos[b]] is the embedding's source."""
+        tokens, attn = batch["tokens"], batch["attn"]
+        h = self.forward(tokens, attn, images)
+        logits = self.logits(h[:, :-1]).float() / temperature                  # predicts tokens[:, 1:]
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]   # (B, T-1)
+        logp = torch.zeros(tokens.shape, dtype=lp.dtype, device=tokens.device)
+        logp[:, 1:] = lp
+        return logp * batch["gen_mask"], h
+
+    @staticmethod
+    def ret_embedding(h, ret_pos):
+        """h (B, T, D), ret_pos (B,) -> L2-normalised [RET] hidden states (B, D)."""
+        e = h[torch.arange(h.shape[0], device=h.device), ret_pos]
+        return F.normalize(e.float(), dim=-1)
+
+    def embed(self, batch: dict, images=None) -> torch.Tensor:
+        """The embedding (B, D): final hidden state at [RET], L2-normalised."""
+        return self.ret_embedding(self.forward(batch["tokens"], batch["attn"], images), batch["ret_pos"])
+
+    @torch.no_grad()
+    def generate(self, tokens, attn, images=None, max_new: int | None = None, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Summaries for left-padded prompts (B, P): greedy when temperature == 0, else sampled.
+
+        Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per row; all rows stop
+        when every row has ended) or after max_new tokens. Returns each row's summary ids without [RET]; the caller
+        appends [RET] and runs one teacher-forced pass for the embedding (and, in RL, the log-probs with gradient)."""
+        max_new = max_new or self.cfg.max_summary_len
+        B = tokens.shape[0]
+        cache = [dict() for _ in self.blocks]
+        h = self.forward(tokens, attn, images, cache=cache)
+        pos = attn.long().sum(1) - 1                                            # (B,) last real position
+        out = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=tokens.device)
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        for t in range(max_new):
+            logits = self.logits(h[:, -1]).float()                              # (B, V)
+            logits[:, self.pad_id] = float("-inf")                              # never a valid summary token
+            logits[:, self.img_id] = float("-inf")
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out[:, t] = nxt
+            done |= nxt == self.ret_id
+            if bool(done.all()) or t == max_new - 1:
+                break
+            attn = torch.cat([attn, ~done[:, None] | (nxt == self.ret_id)[:, None]], dim=1)
+            pos = pos + 1
+            h = self.forward(nxt[:, None], attn, None, cache=cache, positions=pos[:, None])
+        rows = []
+        for r in out.tolist():
+            r = r[:r.index(self.ret_id)] if self.ret_id in r else r
+            rows.append([i for i in r if i != self.pad_id])
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given (teacher forcing).
+
+
+class Retriever:
+    def __init__(self, model: ELVAModel, encoder):
+        self.model, self.enc = model, encoder
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def batch(self, items, instructions, summaries: list[list[int]] | None):
+        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device."""
+        from data import collate
+        prompts = [self.enc.prompt(it, ins) for it, ins in zip(items, instructions)]
+        b = collate(prompts, summaries, self.enc.pad, self.enc.ret)
+        dev = self.device
+        return {k: v.to(dev) for k, v in b.items()}, self.enc.images(items).to(dev)
+
+    @torch.no_grad()
+    def summarise(self, items, instructions, temperature=0.0, generator=None) -> list[list[int]]:
+        b, imgs = self.batch(items, instructions, None)
+        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=generator)
+
+    @torch.no_grad()
+    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None) -> tuple[torch.Tensor, list[str]]:
+        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading)."""
+        from contextlib import nullcontext
+        embs, texts = [], []
+        for i in range(0, len(items), batch_size):
+            its, ins = items[i:i + batch_size], instructions[i:i + batch_size]
+            with autocast or nullcontext():
+                summ = self.summarise(its, ins)
+                b, imgs = self.batch(its, ins, summ)
+                embs.append(self.model.embed(b, imgs).float())
+            texts += [self.enc.decode(s) for s in summ]
+        return torch.cat(embs), texts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + config.json + tokenizer.json in one folder, written atomically.
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # atomic on POSIX: a crash leaves either the old file or the new one, never half of one
+
+
+def save_checkpoint(folder, model: ELVAModel, tok, extra: dict | None = None):
+    """Write model.safetensors, config.json (model config + `extra`, e.g. the training args and step) and
+    tokenizer.json into `folder`, each via temp file + rename."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"model": asdict(model.cfg), **(extra or {})}
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+    _atomic_write(folder / "tokenizer.json", lambda p: tok.save(str(p)))
+    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def load_checkpoint(folder, device="cpu"):
+    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt file or a config mismatch."""
+    from safetensors.torch import load_file
+    from data import load_tokenizer
+    folder = Path(folder)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: missing {name}; expected a folder written by train.py")
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        cfg = ModelConfig(**meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {folder}: config.json is not a valid model config ({e})") from e
+    tok = load_tokenizer(folder / "tokenizer.json")
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as e:
+        raise ValueError(f"checkpoint {folder}: model.safetensors is corrupt or not safetensors ({e})") from e
+    model = ELVAModel(cfg, tok.token_to_id("[IMG]"), tok.token_to_id("[RET]"), tok.token_to_id("[PAD]"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {folder}: weights do not match config.json ({str(e).splitlines()[0]})") from e
+    return model.to(device), tok, meta
+
+
+if __name__ == "__main__":
+    for name, cfg in PRESETS.items():
+        m = ELVAModel(cfg, 3, 4, 0)
+        n = sum(p.numel() for p in m.parameters())
+        print(f"{name:6s} {n / 1e6:6.2f}M parameters, {cfg.n_img_tokens} image tokens, d_model {cfg.d_model}")

@@ -1,0 +1,329 @@
+"""
+Hand-written Triton kernels for batched similarity and ranking, each beside its pure-torch reference.
+
+    python kernels.py        # benchmark: every kernel against its reference (CUDA: do_bench; CPU: small sizes,
+                             # the Triton rows through Triton's interpreter)
+
+Where they are used (PAPER.md, Section 3.4 and evaluation):
+- cosine_scores(q [R, D], c [R, C, D]) -> [R, C]: an RL rollout scores its own candidate set (R = B*G rollouts,
+  C = 1 + N candidates). L2 normalisation is fused in; fp32 accumulation whatever the input dtype.
+- descending_ranks(scores [R, C]) -> int64 [R, C]: the ranked list the ranking reward reads;
+  rank_i = 1 + #{j: s_j > s_i} + #{j < i: s_j == s_i} (ties: the earlier index ranks first).
+- corpus_ranks(q [M, D], corpus [N, D], pos_index [M]) -> int64 [M]: each query's positive's rank over a whole
+  corpus, 1 + #{n != pos: cos(q, corpus_n) > cos(q, corpus_pos)}, streaming corpus tiles through tl.dot and counting,
+  never writing the [M, N] score matrix: memory O(M + N*D) instead of O(M*N). Recall@K and MRR follow from it.
+
+Every function takes backend = "auto" | "triton" | "torch". auto = Triton on CUDA tensors, the torch reference
+otherwise. "triton" on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 before triton is
+imported: this module sets it when no CUDA device is present (the tests rely on that), unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede `import triton`
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the torch references still work
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EPS = 1e-8  # norm floor: a zero vector scores 0 with everything instead of NaN (as F.normalize / F.cosine_similarity)
+
+
+def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return HAS_TRITON and on_cuda
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' but triton is not installed")
+    if not on_cuda and not INTERPRET:
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return True
+
+
+# ======================================================================================================================
+# 1. cosine_scores
+
+
+def cosine_scores_ref(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Reference. Memory traffic: reads q and c, but writes and re-reads normalised fp32 copies of both (c is the big
+    one: R*C*D*4 bytes twice more) before a batched matmul-vector product."""
+    qn = q.float() / q.float().norm(dim=-1, keepdim=True).clamp(min=EPS)            # (R, D)
+    cn = c.float() / c.float().norm(dim=-1, keepdim=True).clamp(min=EPS)            # (R, C, D)
+    return torch.bmm(cn, qn[:, :, None])[..., 0]                                    # (R, C)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _cosine_kernel(q_ptr, c_ptr, out_ptr,                  # pointers
+                       C, D,                                   # sizes
+                       stride_qr, stride_cr, stride_cc, stride_or,   # strides (last dims are contiguous)
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program: one rollout row r, BLOCK_C of its candidates; D is walked in BLOCK_D chunks, accumulating the
+        # dot products and both squared norms in fp32, so every input byte is read exactly once.
+        r = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            qv = tl.load(q_ptr + r * stride_qr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            cv = tl.load(c_ptr + r * stride_cr + offs_c[:, None] * stride_cc + offs_d[None, :],
+                         mask=(offs_c[:, None] < C) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+            dot += tl.sum(cv * qv[None, :], axis=1)
+            cc += tl.sum(cv * cv, axis=1)
+            qq += qv * qv
+        qn = tl.maximum(tl.sqrt(tl.sum(qq, axis=0)), 1e-8)
+        cn = tl.maximum(tl.sqrt(cc), 1e-8)
+        tl.store(out_ptr + r * stride_or + offs_c, dot / (qn * cn), mask=offs_c < C)
+
+
+def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """q [R, D], c [R, C, D] -> [R, C] float32 cosine similarities (row r scores its own candidates)."""
+    if q.dim() != 2 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
+        raise ValueError(f"cosine_scores expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and {tuple(c.shape)}")
+    if not _use_triton(backend, q, c):
+        return cosine_scores_ref(q, c)
+    q, c = q.contiguous(), c.contiguous()
+    R, C, D = c.shape
+    out = torch.empty(R, C, device=q.device, dtype=torch.float32)
+    BLOCK_C = min(64, triton.next_power_of_2(C))
+    BLOCK_D = min(128, triton.next_power_of_2(D))
+    _cosine_kernel[(R, triton.cdiv(C, BLOCK_C))](q, c, out, C, D, q.stride(0), c.stride(0), c.stride(1),
+                                                 out.stride(0), BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D)
+    return out
+
+
+# ======================================================================================================================
+# 2. descending_ranks
+
+
+def descending_ranks_ref(scores: torch.Tensor) -> torch.Tensor:
+    """Reference: a stable descending sort keeps tied elements in index order, which is exactly the tie rule.
+    Memory traffic: the sort reads and writes values and indices several times (O(C log C) passes per row)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices          # (R, C)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order)
+    return ranks.scatter_(-1, order, ar)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _ranks_kernel(s_ptr, out_ptr,                          # pointers
+                      C,                                       # sizes
+                      stride_sr, stride_or,                    # strides
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        # one program: BLOCK_I elements i of row r; their ranks count, over tiles of j, the scores above them and the
+        # equal scores at smaller indices. O(C^2) comparisons, but all in registers: for the rollout sizes (C ~ 100)
+        # this is one pass over the row, with no sort and no index writes.
+        r = tl.program_id(0)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        si = tl.load(s_ptr + r * stride_sr + offs_i, mask=offs_i < C, other=0.0)
+        count = tl.zeros((BLOCK_I,), dtype=tl.int32)
+        for j0 in range(0, C, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            sj = tl.load(s_ptr + r * stride_sr + offs_j, mask=offs_j < C, other=0.0)
+            before = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+            before = before & (offs_j[None, :] < C)
+            count += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(out_ptr + r * stride_or + offs_i, (count + 1).to(tl.int64), mask=offs_i < C)
+
+
+def descending_ranks(scores: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """scores [R, C] -> int64 [R, C] 1-based descending ranks; ties: the earlier index ranks first."""
+    if scores.dim() != 2:
+        raise ValueError(f"descending_ranks expects scores [R, C], got {tuple(scores.shape)}")
+    if not _use_triton(backend, scores):
+        return descending_ranks_ref(scores)
+    scores = scores.contiguous()
+    R, C = scores.shape
+    out = torch.empty(R, C, device=scores.device, dtype=torch.int64)
+    BLOCK_I = min(64, triton.next_power_of_2(C))
+    BLOCK_J = min(128, triton.next_power_of_2(C))
+    _ranks_kernel[(R, triton.cdiv(C, BLOCK_I))](scores, out, C, scores.stride(0), out.stride(0),
+                                                 BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J)
+    return out
+
+
+# ======================================================================================================================
+# 3. corpus_ranks
+
+
+def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, chunk: int = 65536):
+    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk] score
+    block to memory and reads it back to compare -- the traffic the kernel saves."""
+    # Only the corpus norms matter for the order (|q| is one positive factor per query), so, like the kernel, we
+    # compare dot(q, c) / |c| and never normalise q: the same arithmetic, hence the same answer on exact ties.
+    pos = corpus[pos_index]                                                          # (M, D)
+    s_pos = (q.float() * pos.float()).sum(-1) / pos.float().norm(dim=-1).clamp(min=EPS)   # (M,)
+    count = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    ar = torch.arange(q.shape[0], device=q.device)
+    for n0 in range(0, corpus.shape[0], chunk):
+        cc = corpus[n0:n0 + chunk]                                                   # (n, D)
+        s = (q @ cc.T).float() / cc.float().norm(dim=-1).clamp(min=EPS)              # (M, n) in the input dtype's mm
+        above = s > s_pos[:, None]
+        inside = (pos_index >= n0) & (pos_index < n0 + cc.shape[0])
+        above[ar[inside], pos_index[inside] - n0] = False                           # the positive never counts
+        count += above.sum(1)
+    return count + 1
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _corpus_kernel(q_ptr, c_ptr, pos_ptr, count_ptr,       # pointers
+                       M, N, D, n_per_split,                   # sizes
+                       stride_qm, stride_cn,                   # strides
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # grid (M blocks, corpus splits). A program owns BLOCK_M queries and a contiguous slice of the corpus; it
+        # streams that slice in BLOCK_N tiles, computes the tile's dot products with tl.dot (tensor cores) and the
+        # tile's squared norms from the same loaded bytes, and keeps only a count per query. Counts from different
+        # splits meet in one atomic add per query and program.
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0)
+        # the positive's score. Only the corpus norms matter for the order (|q| is one positive factor per query),
+        # so we compare dot(q, c) / |c| and never normalise q.
+        pdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        pnn = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            km = offs_k[None, :] < D
+            qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
+            pv = tl.load(c_ptr + pos[:, None] * stride_cn + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
+            qf, pf = qv.to(tl.float32), pv.to(tl.float32)
+            pdot += tl.sum(qf * pf, axis=1)
+            pnn += tl.sum(pf * pf, axis=1)
+        s_pos = pdot / tl.maximum(tl.sqrt(pnn), 1e-8)
+        count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        n_start = split * n_per_split
+        for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            nn = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                km = offs_k < D
+                qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                             mask=m_ok[:, None] & km[None, :], other=0.0)
+                cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
+                             mask=n_ok[:, None] & km[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
+                else:
+                    acc += tl.dot(qv, tl.trans(cv))
+                cf = cv.to(tl.float32)
+                nn += tl.sum(cf * cf, axis=1)
+            s = acc / tl.maximum(tl.sqrt(nn), 1e-8)[None, :]
+            above = (s > s_pos[:, None]) & n_ok[None, :] & (offs_n[None, :] != pos[:, None])
+            count += tl.sum(above.to(tl.int32), axis=1)
+        tl.atomic_add(count_ptr + offs_m, count, mask=m_ok)
+
+
+def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, backend: str = "auto",
+                 block_m: int = 64, block_n: int = 128) -> torch.Tensor:
+    """q [M, D], corpus [N, D], pos_index [M] int64 -> int64 [M]: 1 + #{n != pos: cos(q, c_n) > cos(q, c_pos)}."""
+    if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
+        raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, {tuple(corpus.shape)}")
+    if pos_index.shape != (q.shape[0],):
+        raise ValueError(f"pos_index must be [M] = [{q.shape[0]}], got {tuple(pos_index.shape)}")
+    if len(pos_index) and (int(pos_index.min()) < 0 or int(pos_index.max()) >= corpus.shape[0]):
+        raise ValueError(f"pos_index must lie in [0, {corpus.shape[0]}) (the corpus size)")
+    if not _use_triton(backend, q, corpus, pos_index):
+        return corpus_ranks_ref(q, corpus, pos_index)
+    q, corpus = q.contiguous(), corpus.contiguous()
+    M, D = q.shape
+    N = corpus.shape[0]
+    count = torch.zeros(M, device=q.device, dtype=torch.int32)
+    m_blocks = triton.cdiv(M, block_m)
+    # enough corpus splits to give every SM a few programs, each split a whole number of tiles
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(4 * n_sm, m_blocks)))
+    n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    splits = triton.cdiv(N, n_per_split)
+    BLOCK_K = min(64, max(16, triton.next_power_of_2(D)))
+    _corpus_kernel[(m_blocks, splits)](q, corpus, pos_index.to(torch.int64).contiguous(), count, M, N, D,
+                                       n_per_split, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
+                                       BLOCK_N=block_n, BLOCK_K=BLOCK_K, IEEE=q.dtype == torch.float32)
+    return count.to(torch.int64) + 1
+
+
+# ======================================================================================================================
+# Benchmark
+
+
+def _time(fn, cuda: bool, reps: int = 5) -> float:
+    """Median milliseconds: triton.testing.do_bench on CUDA, a plain timer elsewhere."""
+    if cuda:
+        return triton.testing.do_bench(fn)
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def benchmark():
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} | triton: "
+          f"{'interpreter' if INTERPRET else 'compiled'} | torch {torch.__version__}")
+    rows = []
+    # rollout sizes (issue 4): R = 512 rollouts, C = 101 candidates, D = 256. The interpreter gets a small slice.
+    R, C, D = (512, 101, 256) if cuda else (16, 101, 256)
+    q = torch.randn(R, D, device=dev)
+    c = torch.randn(R, C, D, device=dev)
+    gb = (q.numel() + c.numel()) * 4 / 1e9
+    ref = _time(lambda: cosine_scores(q, c, backend="torch"), cuda)
+    tri = _time(lambda: cosine_scores(q, c, backend="triton"), cuda)
+    rows.append((f"cosine_scores R={R} C={C} D={D} fp32", ref, tri, f"{gb / tri * 1e3:.1f} GB/s"))
+    s = torch.randn(R, C, device=dev)
+    ref_rk = _time(lambda: descending_ranks(s, backend="torch"), cuda)
+    tri_rk = _time(lambda: descending_ranks(s, backend="triton"), cuda)
+    rows.append((f"descending_ranks R={R} C={C}", ref_rk, tri_rk, f"{R * C * 12 / tri_rk / 1e6:.1f} GB/s"))
+    ref_both = _time(lambda: descending_ranks_ref(torch.bmm(c, q[:, :, None])[..., 0]), cuda)
+    tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda)
+    rows.append(("cosine_scores + descending_ranks vs bmm + sort", ref_both, tri_both, ""))
+    # corpus sizes (issue 4): M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
+    M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
+    dt = torch.bfloat16 if cuda else torch.float32
+    qc = torch.randn(M, D, device=dev, dtype=dt)
+    corpus = torch.randn(N, D, device=dev, dtype=dt)
+    pos = torch.randint(0, N, (M,), device=dev)
+    flops = 2 * M * N * D
+    ref_c = _time(lambda: corpus_ranks(qc, corpus, pos, backend="torch"), cuda)
+    tri_c = _time(lambda: corpus_ranks(qc, corpus, pos, backend="triton"), cuda)
+    mm = _time(lambda: qc @ corpus.T, cuda) if cuda else float("nan")
+    rows.append((f"corpus_ranks M={M} N={N} D={D} {str(dt)[6:]}", ref_c, tri_c,
+                 f"{flops / tri_c / 1e9:.1f} TFLOP/s" + (f" (torch.mm {flops / mm / 1e9:.1f} TFLOP/s = "
+                                                        f"{mm / tri_c * 100:.0f}% ceiling)" if cuda else "")))
+    print(f"| {'kernel':52s} | {'torch ms':>9s} | {'triton ms':>9s} | {'speed-up':>8s} | rate")
+    print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|{'-' * 10}|------")
+    for name, r_ms, t_ms, rate in rows:
+        print(f"| {name:52s} | {r_ms:9.3f} | {t_ms:9.3f} | {r_ms / t_ms:7.2f}x | {rate}")
+    if not cuda:
+        print("(CPU: the Triton column is Triton's *interpreter*, a correctness tool, so its times mean nothing; "
+              "run on a CUDA machine for the real comparison)")
+
+
+if __name__ == "__main__":
+    benchmark()
