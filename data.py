@@ -544,12 +544,13 @@ def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: 
     non-relevant candidates. The paper's reason for the mix: hard negatives alone make the reward distribution narrow
     and the GRPO advantages vanish."""
     Q, P = scores.shape
-    hard_ok = ~is_relevant & (scores <= threshold)
-    if (hard_ok.sum(1) < n_hard + n_rand).any():
-        raise ValueError(f"balanced_negatives: a query has fewer than n_hard + n_rand = {n_hard + n_rand} usable "
-                         f"candidates in a pool of {P}; enlarge the pool or lower the counts")
-    masked = scores.masked_fill(~hard_ok, float("-inf"))
-    hard = masked.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)   # (Q, n_hard)
+    if (~is_relevant).sum(1).min() < n_hard + n_rand:
+        raise ValueError(f"balanced_negatives: a query has fewer than n_hard + n_rand = {n_hard + n_rand} "
+                         f"non-relevant candidates in a pool of {P}; enlarge the pool or lower the counts")
+    # hard: the top of the below-threshold candidates; above-threshold ones only fill slots that would stay empty
+    # (a barely trained model may score almost everything above the threshold)
+    key = torch.where(scores <= threshold, scores, scores - 1e3).masked_fill(is_relevant, float("-inf"))
+    hard = key.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)      # (Q, n_hard)
     rest = ~is_relevant.clone()
     rest.scatter_(1, hard, False)
     noise = torch.rand(Q, P, generator=generator).masked_fill(~rest, -1.0)

@@ -1,0 +1,265 @@
+"""
+Evaluation: Recall@K / MRR on the four tasks, MRBench-mini, near-miss grain blindness, the grain-masking probe and
+the summary-swap diagnostic, for one or several checkpoints side by side.
+
+    python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
+
+Every embedding here is *generated* (PAPER.md, "Generative embeddings"): greedy summary, then [RET].
+- Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A hit at K means
+  any relevant item (exact relevance, data.relevant) is in the top K; the rank of the best-scoring relevant item comes
+  from kernels.corpus_ranks. Chance R@5 is about 5 / pool size.
+- MRBench-mini (paper Table 6 layout): queries with >= 2 grains, an equal number per task, in a pool made of every
+  query's positive and its one-grain near misses. Recall@5 per task and the average.
+- Near misses (grain blindness, paper Definition 2 in retrieval form): Recall@1 of the positive against only its own
+  near misses, and the pairwise win rate s(q, pos) > s(q, near miss) per kind (attribute, binding, relation, no-edit).
+- Grain-masking probe (paper's test): mean cosine distance between a query's embedding and the embedding of the same
+  query with one grain removed, per grain type; larger = the grain moves the embedding.
+- Summary swap (DESIGN.md risk 2): cosine distance between an input embedded with its own summary and with another
+  input's summary: how much the [RET] state depends on the summary, i.e. how much RL on summaries can move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import data
+import elva
+from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Mention, Scene, WorldConfig
+from kernels import corpus_ranks
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """eq (Q, D), ep (P, D), rel (Q, P) bool -> rank (Q,) of each query's best-scoring relevant candidate."""
+    if not rel.any(1).all():
+        raise ValueError("every query needs at least one relevant candidate in the pool")
+    scores = eq @ ep.T                                                         # (Q, P), only to pick the positive
+    pos_index = scores.masked_fill(~rel.to(scores.device), float("-inf")).argmax(1)
+    return corpus_ranks(eq, ep, pos_index).cpu()
+
+
+def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    out = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
+    out["MRR"] = (1.0 / ranks.float()).mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def embed_queries(ret: elva.Retriever, task: str, queries, autocast):
+    return ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast())[0]
+
+
+def embed_pool(ret: elva.Retriever, pool, autocast):
+    return ret.embed_items(pool, [None] * len(pool), autocast=autocast())[0]
+
+
+def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
+    out = {}
+    for task in TASKS:
+        queries, pool = world.standard_split(task, n_queries)
+        eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
+        rel = data.relevance_matrix(task, queries, pool)
+        out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, rel)), "pool": len(pool),
+                     "relevant_per_query": rel.sum(1).float().mean().item()}
+    out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS) for k in ("R@1", "R@5", "R@10", "MRR")}
+    return out
+
+
+def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
+    """-> (MRBench-mini R@5 per task, near-miss R@1 / pairwise win rates per task and kind, the benchmark itself)."""
+    bench = world.mrbench_mini(n_per_task)
+    mrb, near = {}, {}
+    for task, (queries, pool) in bench.items():
+        eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
+        rel = data.relevance_matrix(task, queries, pool)
+        ranks = ranks_of_best_positive(eq, ep, rel)
+        mrb[task] = (ranks <= 5).float().mean().item()
+        # near misses: pool = [pos_0, d_0..., pos_1, d_1..., ...] in query order
+        wins, top1, off = {}, [], 0
+        for i, q in enumerate(queries):
+            s_pos = float(eq[i] @ ep[off])
+            s_d = [float(eq[i] @ ep[off + 1 + j]) for j in range(len(q.distractors))]
+            top1.append(all(s_pos > s for s in s_d))
+            for (kind, _), s in zip(q.distractors, s_d):
+                wins.setdefault(kind, []).append(s_pos > s)
+            off += 1 + len(q.distractors)
+        near[task] = {"R@1": sum(top1) / len(top1), **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
+    mrb["avg"] = sum(mrb[t] for t in TASKS) / len(TASKS)
+    kinds = sorted({k for t in TASKS for k in near[t] if k.startswith("win_")})
+    near["avg"] = {"R@1": sum(near[t]["R@1"] for t in TASKS) / len(TASKS)}
+    for k in kinds:
+        vals = [near[t][k] for t in TASKS if k in near[t]]
+        near["avg"][k] = sum(vals) / len(vals)
+    return mrb, near, bench
+
+
+def masked_captions(cap: Caption) -> list[tuple[str, Caption]]:
+    """The caption with one grain removed, for each grain it states: (grain type, masked caption)."""
+    out = []
+    for i, m in enumerate(cap.mentions):
+        for g in ("color", "size"):
+            if getattr(m, g) is not None:
+                ms = list(cap.mentions)
+                ms[i] = Mention(**{**m.__dict__, g: None})
+                out.append(("attribute", Caption(tuple(ms), cap.relation)))
+    if cap.relation is not None:
+        out.append(("relation", Caption(cap.mentions, None)))
+    if len(cap.mentions) == 2:
+        out.append(("entity", Caption(cap.mentions[:1])))
+    return out
+
+
+def grain_masking_probe(ret, bench, n: int, autocast) -> dict:
+    """Mean cosine distance 1 - cos(f(q), f(q \\ {g})) over MRBench-mini queries (paper: 100 queries; 0.07 for the
+    contrastive baseline, 0.15 for ELVA). Text queries (t2i) drop an attribute, the relation or an object; image
+    queries (i2i) drop one object from the scene."""
+    full, masked, kinds = [], [], []
+    t2i = bench["t2i"][0][: n // 2]
+    i2i = bench["i2i"][0][: n - len(t2i)]
+    for q in t2i:
+        for kind, cap in masked_captions(q.item.caption):
+            full.append(q.item)
+            masked.append(data.Item(text=cap.text(), summary=cap.summary(), caption=cap))
+            kinds.append(kind)
+    for q in i2i:
+        objs = q.item.scene.objects
+        for o in objs:
+            if len(objs) > 1:
+                full.append(q.item)
+                rest = Scene.of([x for x in objs if x != o])
+                masked.append(data.Item(scene=rest, summary=rest.summary(), render_seed=q.item.render_seed))
+                kinds.append("entity (image)")
+    instr = [INSTRUCTIONS["t2i"] if it.scene is None else INSTRUCTIONS["i2i"] for it in full]
+    ef = ret.embed_items(full, instr, autocast=autocast())[0]
+    em = ret.embed_items(masked, instr, autocast=autocast())[0]
+    d = 1.0 - (ef * em).sum(-1)
+    out = {"all": d.mean().item()}
+    for k in sorted(set(kinds)):
+        out[k] = d[torch.tensor([x == k for x in kinds])].mean().item()
+    return out
+
+
+def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
+    """How far an embedding moves when its summary is swapped for another input's (same task, no instruction)."""
+    rng = random.Random(7)
+    scenes = rng.sample(world.splits["test"], min(n, len(world.splits["test"])))
+    items = [data.Item(scene=s, summary=s.summary(), render_seed=i) for i, s in enumerate(scenes)]
+    with autocast():
+        own = ret.summarise(items, [None] * len(items))
+        swapped = own[1:] + own[:1]
+        b1, imgs = ret.batch(items, [None] * len(items), own)
+        b2, _ = ret.batch(items, [None] * len(items), swapped)
+        e1 = ret.model.embed(b1, imgs)
+        e2 = ret.model.embed(b2, imgs)
+    other = e1.roll(-1, 0)
+    return {"swap_distance": (1 - (e1 * e2).sum(-1)).mean().item(),
+            "between_inputs": (1 - (e1 * other).sum(-1)).mean().item()}
+
+
+def mean_pairwise_cosine(e: torch.Tensor) -> float:
+    n = e.shape[0]
+    s = e @ e.T
+    return ((s.sum() - s.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dict:
+    model, tok, meta = elva.load_checkpoint(ckpt, device)
+    model.eval()
+    world = GrainWorld(WorldConfig(**meta["world"]))
+    ret = elva.Retriever(model, data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size))
+    t0 = time.time()
+    std = standard_split(ret, world, n_queries, autocast)
+    mrb, near, bench = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
+    probe = grain_masking_probe(ret, bench, 100, autocast)
+    swap = summary_swap(ret, world, 64, autocast)
+    pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
+    return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb, "near_miss": near,
+            "probe": probe, "swap": swap, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
+            "eval_seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def table(results: list[dict]) -> str:
+    names = [Path(r["ckpt"]).name for r in results]
+    w = max(12, *(len(n) for n in names))
+    rows = [("metric", names)]
+
+    def add(label, get):
+        vals = []
+        for r in results:
+            try:
+                vals.append(f"{get(r):.3f}")
+            except KeyError:
+                vals.append("-")
+        rows.append((label, vals))
+
+    std0 = results[0]["standard"]
+    for t in TASKS:
+        add(f"standard {t} R@1 / R@5 (pool {std0[t]['pool']})", lambda r, t=t: r["standard"][t]["R@5"])
+        rows[-1] = (rows[-1][0], [f"{r['standard'][t]['R@1']:.3f} / {r['standard'][t]['R@5']:.3f}" for r in results])
+    add("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"])
+    add("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"])
+    add("standard avg MRR", lambda r: r["standard"]["avg"]["MRR"])
+    for t in TASKS:
+        add(f"MRBench-mini {t} R@5", lambda r, t=t: r["mrbench"][t])
+    add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
+    add("near-miss avg R@1", lambda r: r["near_miss"]["avg"]["R@1"])
+    for k in sorted(k for k in results[0]["near_miss"]["avg"] if k.startswith("win_")):
+        add(f"near-miss win rate vs {k[4:]}", lambda r, k=k: r["near_miss"]["avg"][k])
+    for k in sorted(results[0]["probe"]):
+        add(f"grain-masking distance ({k})", lambda r, k=k: r["probe"][k])
+    add("summary-swap distance", lambda r: r["swap"]["swap_distance"])
+    add("  distance between inputs", lambda r: r["swap"]["between_inputs"])
+    add("mean pairwise cosine (i2i pool)", lambda r: r["mean_pairwise_cos"])
+    lw = max(len(label) for label, _ in rows)
+    lines = []
+    for i, (label, vals) in enumerate(rows):
+        lines.append(f"| {label:{lw}s} | " + " | ".join(f"{v:>{w}s}" for v in vals) + " |")
+        if i == 0:
+            lines.append("|" + "-" * (lw + 2) + "|" + "|".join("-" * (w + 2) for _ in vals) + "|")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat for a side-by-side table)")
+    p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
+    p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    results = []
+    for c in args.ckpt:
+        r = evaluate(c, args.queries, args.mrbench_per_task, device, autocast)
+        print(f"evaluated {c} (step {r['step']}) in {r['eval_seconds']:.0f}s", flush=True)
+        results.append(r)
+    print(table(results))
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
