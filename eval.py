@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -96,8 +97,12 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
                 wins.setdefault(kind, []).append(s_pos > s)
             off += 1 + len(q.distractors)
         near[task] = {"R@1": sum(top1) / len(top1), **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
+        # the top 5 of a few queries, for the retrieval picture
+        top = (eq[:4] @ ep.T).topk(5, dim=1).indices.cpu()
+        near[task]["examples"] = [[(int(j), bool(rel[i, j])) for j in top[i]] for i in range(top.shape[0])]
     mrb["avg"] = sum(mrb[t] for t in TASKS) / len(TASKS)
     kinds = sorted({k for t in TASKS for k in near[t] if k.startswith("win_")})
+    near["examples"] = {t: near[t].pop("examples") for t in TASKS}
     near["avg"] = {"R@1": sum(near[t]["R@1"] for t in TASKS) / len(TASKS)}
     for k in kinds:
         vals = [near[t][k] for t in TASKS if k in near[t]]
@@ -191,6 +196,92 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dic
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Pictures, drawn with Pillow (no plotting library)
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+
+
+def _smooth(ys, k):
+    out, acc = [], []
+    for y in ys:
+        acc = (acc + [y])[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "reward_mean", "R_margin", "R_rank",
+                                                             "top1", "kl", "tied_groups")):
+    """One panel per logged quantity, one line per stage folder (its log.jsonl), smoothed over 10 steps."""
+    from PIL import Image, ImageDraw
+    logs = {}
+    for d in stage_dirs:
+        path = Path(d) / "log.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"--curves: {path} not found; expected a stage folder written by train.py")
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        logs[f"{Path(d).parent.name}/{Path(d).name}"] = recs
+    keys = [k for k in keys if any(k in r for recs in logs.values() for r in recs)]
+    W, H, cols = 360, 220, 4
+    rows = (len(keys) + cols - 1) // cols
+    img = Image.new("RGB", (cols * W, rows * H + 24 + 16 * len(logs)), "white")
+    draw = ImageDraw.Draw(img)
+    for li, name in enumerate(logs):
+        draw.line([(10, 12 + 16 * li), (30, 12 + 16 * li)], fill=PALETTE[li % len(PALETTE)], width=3)
+        draw.text((36, 6 + 16 * li), name, fill="black")
+    top0 = 24 + 16 * len(logs)
+    for ki, key in enumerate(keys):
+        x0, y0 = (ki % cols) * W + 50, top0 + (ki // cols) * H + 20
+        pw, ph = W - 70, H - 50
+        series = {n: [(r["step"], r[key]) for r in recs if key in r] for n, recs in logs.items()}
+        ys = [y for pts in series.values() for _, y in pts]
+        if not ys:
+            continue
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1e-6
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
+        draw.text((x0, y0 - 16), key, fill="black")
+        draw.text((x0 - 46, y0 - 4), f"{hi:.3g}", fill="gray")
+        draw.text((x0 - 46, y0 + ph - 8), f"{lo:.3g}", fill="gray")
+        for li, (n, pts) in enumerate(series.items()):
+            if len(pts) < 2:
+                continue
+            xs = [x for x, _ in pts]
+            sm = _smooth([y for _, y in pts], 10)
+            xmax = max(xs) or 1
+            line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo))) for x, y in zip(xs, sm)]
+            draw.line(line, fill=PALETTE[li % len(PALETTE)], width=2)
+    img.save(out_png)
+
+
+def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i", "i2i"), per_task=2):
+    """For a few MRBench-mini queries: the query, then each checkpoint's top 5 (green frame: relevant)."""
+    from PIL import Image, ImageDraw
+    S, pad, qw = 64, 6, 230
+    rows = [(t, i, r) for t in tasks for i in range(per_task) for r in results]
+    img = Image.new("RGB", (qw + 5 * (S + pad) + 110, len(rows) * (S + pad) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 8), "query", fill="black")
+    draw.text((qw, 8), "top 5 (green: relevant, red: not)", fill="black")
+    for ri, (task, i, res) in enumerate(rows):
+        y = 28 + ri * (S + pad)
+        q = bench[task][0][i]
+        x = pad
+        if q.item.scene is not None:
+            img.paste(data.render(q.item.scene, S, q.item.render_seed), (x, y))
+            x += S + pad
+        text = q.item.text or "(image)"
+        for li, line in enumerate(textwrap.wrap(text, 22 if q.item.scene is not None else 34)):
+            draw.text((x, y + 4 + 12 * li), line, fill="black")
+        for j, (idx, ok) in enumerate(res["near_miss"]["examples"][task][i]):
+            c = bench[task][1][idx]
+            cx = qw + j * (S + pad)
+            img.paste(data.render(c.scene, S, c.render_seed), (cx, y))
+            draw.rectangle([cx, y, cx + S - 1, y + S - 1], outline=(0, 170, 0) if ok else (220, 0, 0), width=3)
+        draw.text((qw + 5 * (S + pad) + 4, y + S // 2 - 6), Path(res["ckpt"]).name, fill="black")
+    img.save(out_png)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Table
 
 
@@ -237,12 +328,20 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat for a side-by-side table)")
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint folder (repeat for a side-by-side table)")
     p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
     p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
+    p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
+    p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
     args = p.parse_args(argv)
+    if args.curves:
+        draw_curves(args.curves, args.curves_png)
+        print(f"wrote {args.curves_png}")
+        if not args.ckpt:
+            return
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -253,7 +352,13 @@ def main(argv=None):
         r = evaluate(c, args.queries, args.mrbench_per_task, device, autocast)
         print(f"evaluated {c} (step {r['step']}) in {r['eval_seconds']:.0f}s", flush=True)
         results.append(r)
+    if not results:
+        p.error("give at least one --ckpt (or --curves)")
     print(table(results))
+    if args.grid:
+        model_world = GrainWorld(WorldConfig(**json.loads((Path(args.ckpt[0]) / "config.json").read_text())["world"]))
+        draw_retrieval_grid(results, model_world.mrbench_mini(args.mrbench_per_task), args.grid)
+        print(f"wrote {args.grid}")
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2))
