@@ -447,7 +447,7 @@ class WorldConfig:
     n_train: int = 6000        # scenes (each gives endless captions and renders)
     n_val: int = 300
     n_test: int = 500          # the standard test pool: one candidate per test scene
-    image_size: int = 32
+    image_size: int = 36
 
 
 class GrainWorld:

@@ -108,8 +108,8 @@ class Block(nn.Module):
 
 @dataclass
 class ModelConfig:
-    image_size: int = 32        # input images are resized to this square
-    patch_size: int = 4         # ViT patch side; (image_size / patch_size)^2 patches
+    image_size: int = 36        # input images are resized to this square
+    patch_size: int = 6         # ViT patch side: 6x6 patches, merged 2x2 into 3x3 LM tokens, one per GrainWorld cell
     vit_dim: int = 96           # ViT width
     vit_layers: int = 3
     vit_heads: int = 4

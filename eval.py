@@ -58,8 +58,9 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
 # Benchmarks
 
 
-def embed_queries(ret: elva.Retriever, task: str, queries, autocast):
-    return ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast())[0]
+def embed_queries(ret: elva.Retriever, task: str, queries, autocast, with_texts=False):
+    e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast())
+    return (e, texts) if with_texts else e
 
 
 def embed_pool(ret: elva.Retriever, pool, autocast):
@@ -70,11 +71,13 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
     out = {}
     for task in TASKS:
         queries, pool = world.standard_split(task, n_queries)
-        eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
+        (eq, texts), ep = embed_queries(ret, task, queries, autocast, True), embed_pool(ret, pool, autocast)
         rel = data.relevance_matrix(task, queries, pool)
+        # how often the generated (greedy) summary of a query is exactly its reference summary
+        exact = sum(t == q.item.summary for t, q in zip(texts, queries)) / len(queries)
         out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, rel)), "pool": len(pool),
-                     "relevant_per_query": rel.sum(1).float().mean().item()}
-    out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS) for k in ("R@1", "R@5", "R@10", "MRR")}
+                     "relevant_per_query": rel.sum(1).float().mean().item(), "summary_exact": exact}
+    out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS) for k in ("R@1", "R@5", "R@10", "MRR", "summary_exact")}
     return out
 
 
@@ -253,6 +256,20 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
     img.save(out_png)
 
 
+def log_summary(stage_dir: str) -> str:
+    """Means of the logged quantities over the first and the last fifth of a stage's steps, and its wall time."""
+    recs = [json.loads(line) for line in (Path(stage_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+    n = max(1, len(recs) // 5)
+    keys = [k for k in recs[0] if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
+    parts = []
+    for k in keys:
+        a = sum(r[k] for r in recs[:n]) / n
+        b = sum(r[k] for r in recs[-n:]) / n
+        parts.append(f"{k} {a:.4f} -> {b:.4f}")
+    wall = recs[-1]["ms_per_step"] * len(recs) / 1000
+    return f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: " + ", ".join(parts)
+
+
 def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i", "i2i"), per_task=2):
     """For a few MRBench-mini queries: the query, then each checkpoint's top 5 (green frame: relevant)."""
     from PIL import Image, ImageDraw
@@ -306,6 +323,7 @@ def table(results: list[dict]) -> str:
     add("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"])
     add("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"])
     add("standard avg MRR", lambda r: r["standard"]["avg"]["MRR"])
+    add("query summaries exactly right", lambda r: r["standard"]["avg"]["summary_exact"])
     for t in TASKS:
         add(f"MRBench-mini {t} R@5", lambda r, t=t: r["mrbench"][t])
     add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
@@ -340,6 +358,8 @@ def main(argv=None):
     if args.curves:
         draw_curves(args.curves, args.curves_png)
         print(f"wrote {args.curves_png}")
+        for d in args.curves:
+            print(log_summary(d))
         if not args.ckpt:
             return
     name = args.device

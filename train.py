@@ -46,10 +46,10 @@ TRAIN_PRESETS = {
     "smoke": dict(n_train=400, n_test=120, steps=40, batch_size=16, lr=2e-3, rl_steps=6, rl_batch=2, group_size=4,
                   n_hard=2, n_rand=2, rl_queries=8, rl_pool_scenes=40, eval_queries=40, mrbench_per_task=10,
                   log_every=5),
-    "cpu": dict(n_train=6000, n_test=500, steps=1000, batch_size=48, lr=2e-3, rl_steps=150, rl_batch=2,
+    "cpu": dict(n_train=6000, n_test=500, steps=1000, batch_size=48, lr=1e-3, rl_steps=150, rl_batch=2,
                 group_size=8, n_hard=4, n_rand=4, rl_queries=200, rl_pool_scenes=300, eval_queries=200,
                 mrbench_per_task=100, log_every=25),
-    "gpu": dict(n_train=20000, n_test=1000, steps=6000, batch_size=128, lr=1e-3, rl_steps=400, rl_batch=8,
+    "gpu": dict(n_train=20000, n_test=1000, steps=6000, batch_size=128, lr=5e-4, rl_steps=400, rl_batch=8,
                 group_size=8, n_hard=16, n_rand=16, rl_queries=1000, rl_pool_scenes=1500, eval_queries=250,
                 mrbench_per_task=250, log_every=50),
 }
@@ -78,6 +78,8 @@ def get_args(argv=None):
     g.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     g.add_argument("--lm_weight", type=float, default=1.0, help="weight of the next-token loss on summaries")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--summary_dropout", type=float, default=0.5, help="fraction of items embedded with an empty "
+                   "summary in InfoNCE (ours; see contrastive_stage)")
     g.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     g = p.add_argument_group("ELVA stage (GRPO with rule-based ranking rewards)")
     g.add_argument("--elva_name", default="elva", help="checkpoint folder name of this run (e.g. control, no_margin)")
@@ -105,6 +107,8 @@ def get_args(argv=None):
     g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="margin of R_Margin (paper: not given)")
     g.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="weight of R_Rank's negative term (0 ablates "
                    "it; paper: not given)")
+    g.add_argument("--pathwise", type=float, default=0.0, help="ours, beyond the paper: weight of -R_total used "
+                   "as a differentiable loss through the embeddings, added to GRPO's (0: the paper's method)")
     g.add_argument("--toy_reward", action="store_true", help="replace the paper's reward by a verifiable toy one "
                    "(fraction of colour words in the rollout's summaries): checks that GRPO itself learns")
     g = p.add_argument_group("evaluation")
@@ -259,13 +263,18 @@ def in_batch_false_negatives(queries) -> torch.Tensor:
     return m
 
 
-def teacher_forced(retriever, items, instructions, autocast):
-    """Reference summaries, teacher-forced: -> (embeddings (N, D), summary-token log-probs (N, T), gen_mask)."""
+def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | None = None):
+    """Reference summaries, teacher-forced: -> (embeddings (N, D), summary-token log-probs (N, T), LM mask (N, T)).
+
+    drop[i] = True replaces item i's summary by an empty one ([RET] right after the prompt) and takes the row out of
+    the LM loss (summary dropout, ours: see contrastive_stage)."""
     enc = retriever.enc
-    b, imgs = retriever.batch(items, instructions, [enc.summary(it.summary) for it in items])
+    drop = drop or [False] * len(items)
+    b, imgs = retriever.batch(items, instructions, [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)])
     with autocast():
         logp, h = retriever.model.token_logprobs(b, imgs)
-    return retriever.model.ret_embedding(h, b["ret_pos"]), logp, b["gen_mask"]
+    lm_mask = b["gen_mask"] & ~torch.tensor(drop, device=logp.device)[:, None]
+    return retriever.model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
 
 def contrastive_stage(args, world, tok, device, autocast):
@@ -297,10 +306,15 @@ def contrastive_stage(args, world, tok, device, autocast):
         queries = world.sample_queries(rng, args.batch_size)
         items = [q.item for q in queries] + [q.positive for q in queries]
         instr = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
-        e, logp, gen_mask = teacher_forced(retriever, items, instr, autocast)
+        # Summary dropout (ours): with teacher-forced reference summaries, a query and its positive often carry
+        # near-identical summary text (for i2i the very same string), so InfoNCE can be met by reading the summary
+        # and never teaches the [RET] state to look at the input. Dropping the summary of a random part of the items
+        # makes InfoNCE train perception directly; the LM loss still teaches every kept summary.
+        drop = [rng.random() < args.summary_dropout for _ in items]
+        e, logp, gen_mask = teacher_forced(retriever, items, instr, autocast, drop)
         B = len(queries)
         l_nce = info_nce(e[:B], e[B:], args.tau, in_batch_false_negatives(queries).to(device))
-        l_lm = -logp.sum() / gen_mask.sum()
+        l_lm = -logp.sum() / gen_mask.sum().clamp(min=1)
         loss = l_nce + args.lm_weight * l_lm
         check_finite(loss, step, "contrastive")
         lr = lr_at(step, args.steps, args.lr, args.warmup)
@@ -398,9 +412,19 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step):
     policy.model.train()
     for _ in range(args.num_iterations):
         with autocast():
-            logp, _ = policy.model.token_logprobs(b, imgs, args.temperature)
+            logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
         loss, info = grpo_loss(logp.float(), ro["old_logp"], ref_logp.float(), A_seq, b["gen_mask"],
                                args.clip_eps, args.beta)
+        if args.pathwise > 0:
+            # ours, not the paper's: R_total is differentiable almost everywhere in the scores, so its gradient
+            # through the embeddings (of the sampled summaries) is added to GRPO's
+            B, G, K = *R.shape, ro["K"]
+            e = policy.model.ret_embedding(h, b["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
+            D = e.shape[-1]
+            sc = cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D),
+                               backend="torch").view(B, G, K - 1)                  # differentiable reference
+            R_path = total_reward(sc, args.alpha, args.epsilon, args.delta, args.gamma, backend="torch")
+            loss = loss - args.pathwise * R_path.mean()
         check_finite(loss, step, "elva")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -435,10 +459,11 @@ def control_step(args, policy, opt, batch, autocast, step):
     return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
 
 
-def elva_stage(args, world, device, autocast):
+def elva_stage(args, device, autocast):
     init = Path(args.init or Path(args.out) / "contrastive")
     folder = Path(args.out) / args.elva_name
     model, tok, init_meta = elva.load_checkpoint(init, device)
+    world = GrainWorld(WorldConfig(**init_meta["world"]))   # the stage-2 model's world; --seed varies only RL here
     enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
     ref_model = copy.deepcopy(model).eval()          # the frozen stage-2 model: KL anchor (and negative miner)
     for p in ref_model.parameters():
@@ -492,14 +517,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     print("args:", json.dumps(vars(args)))
     t0 = time.time()
-    world = GrainWorld(world_config(args))
-    tok = build_tokenizer(args, world)
-    print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
-          f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
     if "contrastive" in args.stages:
+        world = GrainWorld(world_config(args))
+        tok = build_tokenizer(args, world)
+        print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
+              f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
         contrastive_stage(args, world, tok, device, autocast)
     if "elva" in args.stages:
-        elva_stage(args, world, device, autocast)
+        elva_stage(args, device, autocast)
     if not args.no_eval:
         ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "model.safetensors").exists()]
         cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--out", str(out / "eval.json"),
