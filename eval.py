@@ -344,6 +344,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(results: list[dict]) -> str:
+    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown table)."""
+    import re
+    import statistics
+    groups = {}
+    for r in results:
+        name = re.sub(r"-s\d+$", "", Path(r["ckpt"]).name)
+        groups.setdefault(name, []).append(r)
+    cols = [("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"]),
+            ("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"]),
+            ("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"]),
+            ("near-miss R@1", lambda r: r["near_miss"]["avg"]["R@1"]),
+            ("win vs binding", lambda r: r["near_miss"]["avg"]["win_binding"]),
+            ("win vs relation", lambda r: r["near_miss"]["avg"]["win_relation"]),
+            ("grain-masking dist.", lambda r: r["probe"]["all"])]
+    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, rs in groups.items():
+        cells = []
+        for _, get in cols:
+            v = [get(r) for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint folder (repeat for a side-by-side table)")
@@ -354,6 +380,7 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
     p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
     p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
+    p.add_argument("--from_json", default=None, help="re-print the tables of an earlier --out JSON (no evaluation)")
     args = p.parse_args(argv)
     if args.curves:
         draw_curves(args.curves, args.curves_png)
@@ -367,7 +394,7 @@ def main(argv=None):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    results = []
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
     for c in args.ckpt:
         r = evaluate(c, args.queries, args.mrbench_per_task, device, autocast)
         print(f"evaluated {c} (step {r['step']}) in {r['eval_seconds']:.0f}s", flush=True)
@@ -375,6 +402,8 @@ def main(argv=None):
     if not results:
         p.error("give at least one --ckpt (or --curves)")
     print(table(results))
+    if len(results) > 1:
+        print(aggregate(results))
     if args.grid:
         model_world = GrainWorld(WorldConfig(**json.loads((Path(args.ckpt[0]) / "config.json").read_text())["world"]))
         draw_retrieval_grid(results, model_world.mrbench_mini(args.mrbench_per_task), args.grid)

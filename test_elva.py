@@ -482,7 +482,7 @@ def test_rollout_shapes(world, tok):
     ro = train.rollout(args, ret, rl_instances(world, 2, 3), torch.Generator().manual_seed(0), train.nullcontext)
     assert ro["scores"].shape == (2, 3, 1 + 3)
     assert ro["rewards"].shape == (2, 3)
-    assert ro["old_logp"].shape[0] == 2 * 3 * (2 + 3)
+    assert ro["logp"].shape[0] == 2 * 3 * (2 + 3) and ro["logp"].requires_grad
 
 
 def test_grpo_learns_toy_reward(world, tok):
@@ -513,3 +513,17 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     first = (out / "elva" / "model.safetensors").read_bytes()
     train.main(common + ["--resume"])
     assert (out / "elva" / "model.safetensors").read_bytes() == first   # complete stages are not re-run
+
+
+def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
+    ret = tiny_model(tok)
+    _, items, instr = some_items(world, 4)
+    drop = [True, False, True, False]
+    e, logp, lm_mask = train.teacher_forced(ret, items, instr, train.nullcontext, drop)
+    assert e.shape[0] == 4 and torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert lm_mask[0].sum() == 0 and lm_mask[2].sum() == 0           # dropped rows: no LM loss at all
+    assert lm_mask[1].sum() == len(ret.enc.summary(items[1].summary)) + 1
+    assert torch.all(logp[~lm_mask] == 0)
+    # a dropped row embeds the prompt alone: [RET] right after "ASSISTANT:"
+    b, imgs = ret.batch(items[:1], instr[:1], [[]])
+    assert torch.allclose(e[0], ret.model.embed(b, imgs)[0], atol=1e-5)

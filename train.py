@@ -43,8 +43,8 @@ from reward import DEFAULT_DELTA, DEFAULT_GAMMA, group_advantages, grpo_loss, to
 # Presets: sizes of the world and of each stage. The model sizes live in elva.PRESETS.
 
 TRAIN_PRESETS = {
-    "smoke": dict(n_train=400, n_test=120, steps=40, batch_size=16, lr=2e-3, rl_steps=6, rl_batch=2, group_size=4,
-                  n_hard=2, n_rand=2, rl_queries=8, rl_pool_scenes=40, eval_queries=40, mrbench_per_task=10,
+    "smoke": dict(n_train=400, n_test=60, steps=40, batch_size=16, lr=2e-3, rl_steps=6, rl_batch=2, group_size=4,
+                  n_hard=2, n_rand=2, rl_queries=8, rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6,
                   log_every=5),
     "cpu": dict(n_train=6000, n_test=500, steps=1000, batch_size=48, lr=1e-3, rl_steps=150, rl_batch=2,
                 group_size=8, n_hard=4, n_rand=4, rl_queries=200, rl_pool_scenes=300, eval_queries=200,
@@ -370,8 +370,9 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     """One GRPO rollout batch. For each of B instances and each of G rollouts, sample a summary for the query, the
     positive and every negative, embed all at [RET], score with cosine and reward the ranked list.
 
-    Returns a dict of flat tensors over S = B * G * (2 + N) sequences (order: instance, rollout, item) plus
-    scores (B, G, 1 + N) and rewards (B, G)."""
+    The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the first policy
+    update too (no second forward). Returns the batch, logp (S, T) and hidden states over S = B * G * (2 + N)
+    sequences (order: instance, rollout, item), scores (B, G, 1 + N) and rewards (B, G)."""
     G = args.group_size
     items, instr = [], []
     for q, negs in batch:
@@ -381,22 +382,22 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
             items += one
             instr += ins
     K = 2 + len(batch[0][1])
-    policy.model.eval()
     with autocast():
         summ = policy.summarise(items, instr, temperature=args.temperature, generator=gen)
     b, imgs = policy.batch(items, instr, summ)
-    with torch.no_grad(), autocast():
-        old_logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
-    e = policy.model.ret_embedding(h, b["ret_pos"]).view(len(batch), G, K, -1)  # (B, G, K, D)
-    B, D = len(batch), e.shape[-1]
-    scores = cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D)).view(B, G, K - 1)
+    with autocast():
+        logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
+    with torch.no_grad():
+        e = policy.model.ret_embedding(h, b["ret_pos"]).view(len(batch), G, K, -1)   # (B, G, K, D)
+        B, D = len(batch), e.shape[-1]
+        scores = cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D)).view(B, G, K - 1)
     if args.toy_reward:
         texts = [policy.enc.decode(s) for s in summ]
         R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
         parts = {"margin": torch.zeros(B, G), "rank": torch.zeros(B, G), "pos_rank": torch.ones(B, G)}
     else:
         R, parts = total_reward(scores.cpu(), args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True)
-    return {"batch": b, "images": imgs, "old_logp": old_logp.float(), "scores": scores, "rewards": R,
+    return {"batch": b, "images": imgs, "logp": logp.float(), "h": h, "scores": scores, "rewards": R,
             "parts": parts, "summ_len": sum(len(s) for s in summ) / len(summ), "K": K}
 
 
@@ -405,15 +406,18 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step):
     ro = rollout(args, policy, batch, gen, autocast)
     R = ro["rewards"]                                                          # (B, G)
     A = group_advantages(R)                                                    # (B, G)
-    A_seq = A[:, :, None].expand(-1, -1, ro["K"]).reshape(-1).to(ro["old_logp"].device)   # (S,): one per summary
+    A_seq = A[:, :, None].expand(-1, -1, ro["K"]).reshape(-1).to(ro["logp"].device)   # (S,): one per summary
     b, imgs = ro["batch"], ro["images"]
+    old_logp = ro["logp"].detach()                                             # the rollout policy's log-probs
     with torch.no_grad(), autocast():
         ref_logp, _ = ref_model.token_logprobs(b, imgs, args.temperature)
-    policy.model.train()
-    for _ in range(args.num_iterations):
-        with autocast():
-            logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
-        loss, info = grpo_loss(logp.float(), ro["old_logp"], ref_logp.float(), A_seq, b["gen_mask"],
+    for it in range(args.num_iterations):
+        if it == 0:
+            logp, h = ro["logp"], ro["h"]                                      # on-policy: ratio exactly 1
+        else:
+            with autocast():
+                logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
+        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, b["gen_mask"],
                                args.clip_eps, args.beta)
         if args.pathwise > 0:
             # ours, not the paper's: R_total is differentiable almost everywhere in the scores, so its gradient
