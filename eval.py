@@ -405,7 +405,7 @@ def main(argv=None):
     if len(results) > 1:
         print(aggregate(results))
     if args.grid:
-        model_world = GrainWorld(WorldConfig(**json.loads((Path(args.ckpt[0]) / "config.json").read_text())["world"]))
+        model_world = GrainWorld(WorldConfig(**json.loads((Path(results[0]["ckpt"]) / "config.json").read_text())["world"]))
         draw_retrieval_grid(results, model_world.mrbench_mini(args.mrbench_per_task), args.grid)
         print(f"wrote {args.grid}")
     if args.out:
