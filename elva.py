@@ -20,7 +20,6 @@ Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / tok
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -15,7 +15,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import argparse
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import elva
 import kernels
 import reward
 import train
-from data import COLORS, Caption, Item, Mention, Obj, Scene
+from data import Caption, Item, Mention, Obj, Scene
 
 # ----------------------------------------------------------------------------------------------------------------------
 # fixtures

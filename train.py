@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -494,7 +493,6 @@ def elva_stage(args, device, autocast):
     logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every)
     meta = {"world": init_meta["world"], "args": vars(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
-    order = random.Random(f"{args.seed}-rl-order")
     for step in range(start, args.rl_steps):
         gen.manual_seed(args.seed * 100003 + step)
         rng = random.Random(f"{args.seed}-rl-batch-{step}")
