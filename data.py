@@ -540,7 +540,8 @@ def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: 
     """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices [Q, n_hard+n_rand].
 
     Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the paper's guard
-    against unlabelled false negatives), keep the top n_hard of the rest. Random: n_rand uniformly from the remaining
+    against unlabelled false negatives), keep the top n_hard of the rest; above-threshold candidates only fill hard
+    slots that would otherwise stay empty. Random: n_rand uniformly from the remaining
     non-relevant candidates. The paper's reason for the mix: hard negatives alone make the reward distribution narrow
     and the GRPO advantages vanish."""
     Q, P = scores.shape

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -324,6 +325,20 @@ class Retriever:
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Device
+
+
+def resolve_device(name: str):
+    """The one device/dtype resolver (train.py and eval.py): cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = torch.device(name)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    print(f"device: {dev} | dtype: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | torch {torch.__version__}")
+    return dev, autocast
 
 
 # ----------------------------------------------------------------------------------------------------------------------

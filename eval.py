@@ -25,7 +25,6 @@ import json
 import random
 import textwrap
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -389,11 +388,7 @@ def main(argv=None):
             print(log_summary(d))
         if not args.ckpt:
             return
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    device, autocast = elva.resolve_device(args.device)
     results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
     for c in args.ckpt:
         r = evaluate(c, args.queries, args.mrbench_per_task, device, autocast)

@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import argparse
 import json
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -478,7 +479,7 @@ def rl_instances(world, n=2, n_neg=3):
 def test_rollout_shapes(world, tok):
     ret = tiny_model(tok)
     args = rl_args(group_size=3)
-    ro = train.rollout(args, ret, rl_instances(world, 2, 3), torch.Generator().manual_seed(0), train.nullcontext)
+    ro = train.rollout(args, ret, rl_instances(world, 2, 3), torch.Generator().manual_seed(0), nullcontext)
     assert ro["scores"].shape == (2, 3, 1 + 3)
     assert ro["rewards"].shape == (2, 3)
     assert ro["logp"].shape[0] == 2 * 3 * (2 + 3) and ro["logp"].requires_grad
@@ -494,7 +495,7 @@ def test_grpo_learns_toy_reward(world, tok):
     opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-2)
     inst = rl_instances(world, 1, 1)
     gen = torch.Generator().manual_seed(0)
-    rewards = [train.grpo_step(args, ret, ref, opt, inst, gen, train.nullcontext, s)["reward_mean"]
+    rewards = [train.grpo_step(args, ret, ref, opt, inst, gen, nullcontext, s)["reward_mean"]
                for s in range(40)]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.2, f"toy reward did not rise: first {first:.3f}, last {last:.3f}"
@@ -518,7 +519,7 @@ def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
     ret = tiny_model(tok)
     _, items, instr = some_items(world, 4)
     drop = [True, False, True, False]
-    e, logp, lm_mask = train.teacher_forced(ret, items, instr, train.nullcontext, drop)
+    e, logp, lm_mask = train.teacher_forced(ret, items, instr, nullcontext, drop)
     assert e.shape[0] == 4 and torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert lm_mask[0].sum() == 0 and lm_mask[2].sum() == 0           # dropped rows: no LM loss at all
     assert lm_mask[1].sum() == len(ret.enc.summary(items[1].summary)) + 1

@@ -25,7 +25,6 @@ import random
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,16 +136,6 @@ def resolve_args(args):
     return args
 
 
-def resolve_device(name: str):
-    """One device/dtype resolver: cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(name)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
-    print(f"device: {dev} | dtype: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | torch {torch.__version__}")
-    return dev, autocast
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Set-up shared by the stages
 
@@ -224,10 +213,16 @@ class Logger:
                   flush=True)
 
 
-def check_finite(loss: torch.Tensor, step: int, stage: str):
+def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: int, stage: str) -> torch.Tensor:
+    """Check the loss is finite, backward, clip the gradient norm to 1, step. Returns the pre-clip gradient norm."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()}; stopping rather than training on it "
                                  f"(the last good checkpoint is kept)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return gnorm
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,14 +310,10 @@ def contrastive_stage(args, world, tok, device, autocast):
         l_nce = info_nce(e[:B], e[B:], args.tau, in_batch_false_negatives(queries).to(device))
         l_lm = -logp.sum() / gen_mask.sum().clamp(min=1)
         loss = l_nce + args.lm_weight * l_lm
-        check_finite(loss, step, "contrastive")
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        gnorm = optimizer_step(opt, model, loss, step, "contrastive")
         logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
                           "grad_norm": gnorm.item()})
         if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
@@ -365,6 +356,12 @@ def toy_reward(texts: list[str]) -> float:
     return sum(w in data.COLORS for w in words) / max(1, len(words))
 
 
+def rollout_scores(e: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """e (B, G, K, D): per rollout the query's embedding then its K - 1 candidates' -> cosine scores (B, G, K - 1)."""
+    B, G, K, D = e.shape
+    return cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D), backend).view(B, G, K - 1)
+
+
 def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast):
     """One GRPO rollout batch. For each of B instances and each of G rollouts, sample a summary for the query, the
     positive and every negative, embed all at [RET], score with cosine and reward the ranked list.
@@ -388,8 +385,8 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
         logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
     with torch.no_grad():
         e = policy.model.ret_embedding(h, b["ret_pos"]).view(len(batch), G, K, -1)   # (B, G, K, D)
-        B, D = len(batch), e.shape[-1]
-        scores = cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D)).view(B, G, K - 1)
+        scores = rollout_scores(e)                                                  # (B, G, K - 1)
+    B = len(batch)
     if args.toy_reward:
         texts = [policy.enc.decode(s) for s in summ]
         R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
@@ -421,18 +418,11 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step):
         if args.pathwise > 0:
             # ours, not the paper's: R_total is differentiable almost everywhere in the scores, so its gradient
             # through the embeddings (of the sampled summaries) is added to GRPO's
-            B, G, K = *R.shape, ro["K"]
-            e = policy.model.ret_embedding(h, b["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
-            D = e.shape[-1]
-            sc = cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D),
-                               backend="torch").view(B, G, K - 1)                  # differentiable reference
+            e = policy.model.ret_embedding(h, b["ret_pos"]).view(*R.shape, ro["K"], -1)   # (B, G, K, D)
+            sc = rollout_scores(e, backend="torch")                        # the differentiable reference
             R_path = total_reward(sc, args.alpha, args.epsilon, args.delta, args.gamma, backend="torch")
             loss = loss - args.pathwise * R_path.mean()
-        check_finite(loss, step, "elva")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, policy.model, loss, step, "elva")
     tied = ((R.max(1).values - R.min(1).values) < 1e-6).float().mean()
     return {"loss": loss.item(), "reward_mean": R.mean().item(), "reward_std": R.std().item(),
             "R_margin": ro["parts"]["margin"].mean().item(), "R_rank": ro["parts"]["rank"].mean().item(),
@@ -454,11 +444,7 @@ def control_step(args, policy, opt, batch, autocast, step):
     l_nce = info_nce(e[:, 0], e[:, 1:], args.tau)
     l_lm = -logp.sum() / gen_mask.sum()
     loss = l_nce + args.lm_weight * l_lm
-    check_finite(loss, step, "control")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-    opt.step()
+    optimizer_step(opt, policy.model, loss, step, "control")
     return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
 
 
@@ -472,7 +458,6 @@ def elva_stage(args, device, autocast):
     for p in ref_model.parameters():
         p.requires_grad_(False)
     start = 0
-    opt = None
     if args.resume and (folder / "model.safetensors").exists():
         model, _, meta = elva.load_checkpoint(folder, device)
         start = meta["step"] + 1
@@ -513,7 +498,7 @@ def elva_stage(args, device, autocast):
 
 def main(argv=None):
     args = get_args(argv)
-    device, autocast = resolve_device(args.device)
+    device, autocast = elva.resolve_device(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
