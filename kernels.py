@@ -3,6 +3,7 @@ Hand-written Triton kernels for batched similarity and ranking, each beside its 
 
     python kernels.py        # benchmark: every kernel against its reference (CUDA: do_bench; CPU: small sizes,
                              # the Triton rows through Triton's interpreter)
+    python kernels.py --sweep  # CUDA: also time corpus_ranks over a few tile shapes
 
 Where they are used (PAPER.md, Section 3.4 and evaluation):
 - cosine_scores(q [R, D], c [R, C, D]) -> [R, C]: an RL rollout scores its own candidate set (R = B*G rollouts,
@@ -21,6 +22,7 @@ imported: this module sets it when no CUDA device is present (the tests rely on 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -91,7 +93,8 @@ if HAS_TRITON:
         tl.store(out_ptr + r * stride_or + offs_c, dot / (qn * cn), mask=offs_c < C)
 
 
-def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto", block_c: int = 16,
+                  num_warps: int = 4) -> torch.Tensor:
     """q [R, D], c [R, C, D] -> [R, C] float32 cosine similarities (row r scores its own candidates)."""
     if q.dim() != 2 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
         raise ValueError(f"cosine_scores expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and {tuple(c.shape)}")
@@ -100,10 +103,10 @@ def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto") -> to
     q, c = q.contiguous(), c.contiguous()
     R, C, D = c.shape
     out = torch.empty(R, C, device=q.device, dtype=torch.float32)
-    BLOCK_C = min(64, triton.next_power_of_2(C))
+    BLOCK_C = min(block_c, triton.next_power_of_2(C))
     BLOCK_D = min(128, triton.next_power_of_2(D))
     _cosine_kernel[(R, triton.cdiv(C, BLOCK_C))](q, c, out, C, D, q.stride(0), c.stride(0), c.stride(1),
-                                                 out.stride(0), BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D)
+                                                 out.stride(0), BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return out
 
 
@@ -166,14 +169,16 @@ def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Ten
     """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk] score
     block to memory and reads it back to compare -- the traffic the kernel saves."""
     # Only the corpus norms matter for the order (|q| is one positive factor per query), so, like the kernel, we
-    # compare dot(q, c) / |c| and never normalise q: the same arithmetic, hence the same answer on exact ties.
+    # compare dot(q, c) * (1 / |c|) and never normalise q: the same arithmetic (one IEEE multiply by the same
+    # precomputed reciprocal), hence the same answer on exact ties -- a duplicate of the positive ties it exactly.
+    inv_norm = _inverse_norms(corpus)                                                # (N,)
     pos = corpus[pos_index]                                                          # (M, D)
-    s_pos = (q.float() * pos.float()).sum(-1) / pos.float().norm(dim=-1).clamp(min=EPS)   # (M,)
+    s_pos = (q.float() * pos.float()).sum(-1) * inv_norm[pos_index]                  # (M,)
     count = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     ar = torch.arange(q.shape[0], device=q.device)
     for n0 in range(0, corpus.shape[0], chunk):
         cc = corpus[n0:n0 + chunk]                                                   # (n, D)
-        s = (q @ cc.T).float() / cc.float().norm(dim=-1).clamp(min=EPS)              # (M, n) in the input dtype's mm
+        s = (q @ cc.T).float() * inv_norm[n0:n0 + chunk]                             # (M, n) in the input dtype's mm
         above = s > s_pos[:, None]
         inside = (pos_index >= n0) & (pos_index < n0 + cc.shape[0])
         above[ar[inside], pos_index[inside] - n0] = False                           # the positive never counts
@@ -181,42 +186,44 @@ def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Ten
     return count + 1
 
 
+def _inverse_norms(corpus: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> fp32 [N]: 1 / max(|c_n|, EPS). One pass over the corpus, shared by every query block (the kernel
+    would otherwise recompute each norm once per block of queries, on the CUDA cores beside the tensor cores)."""
+    return 1.0 / corpus.float().norm(dim=-1).clamp(min=EPS)
+
+
 if HAS_TRITON:
     @triton.jit
-    def _corpus_kernel(q_ptr, c_ptr, pos_ptr, count_ptr,       # pointers
+    def _corpus_kernel(q_ptr, c_ptr, inv_ptr, pos_ptr, count_ptr,   # pointers
                        M, N, D, n_per_split,                   # sizes
                        stride_qm, stride_cn,                   # strides
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        IEEE: tl.constexpr):
         # grid (M blocks, corpus splits). A program owns BLOCK_M queries and a contiguous slice of the corpus; it
-        # streams that slice in BLOCK_N tiles, computes the tile's dot products with tl.dot (tensor cores) and the
-        # tile's squared norms from the same loaded bytes, and keeps only a count per query. Counts from different
-        # splits meet in one atomic add per query and program.
+        # streams that slice in BLOCK_N tiles, computes the tile's dot products with tl.dot (tensor cores), scales
+        # them by the precomputed 1/|c|, and keeps only a count per query. Counts from different splits meet in one
+        # atomic add per query and program.
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0)
-        # the positive's score. Only the corpus norms matter for the order (|q| is one positive factor per query),
-        # so we compare dot(q, c) / |c| and never normalise q.
+        # the positive's score, dot(q, c_pos) / |c_pos| (|q| is one positive factor per query: it cannot change the
+        # order, so q is never normalised)
         pdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        pnn = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             km = offs_k[None, :] < D
             qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
             pv = tl.load(c_ptr + pos[:, None] * stride_cn + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
-            qf, pf = qv.to(tl.float32), pv.to(tl.float32)
-            pdot += tl.sum(qf * pf, axis=1)
-            pnn += tl.sum(pf * pf, axis=1)
-        s_pos = pdot / tl.maximum(tl.sqrt(pnn), 1e-8)
+            pdot += tl.sum(qv.to(tl.float32) * pv.to(tl.float32), axis=1)
+        s_pos = pdot * tl.load(inv_ptr + pos, mask=m_ok, other=0.0)
         count = tl.zeros((BLOCK_M,), dtype=tl.int32)
         n_start = split * n_per_split
         for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            nn = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 km = offs_k < D
@@ -224,21 +231,21 @@ if HAS_TRITON:
                              mask=m_ok[:, None] & km[None, :], other=0.0)
                 cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
                              mask=n_ok[:, None] & km[None, :], other=0.0)
-                if IEEE:
+                if IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
                     acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
                 else:
                     acc += tl.dot(qv, tl.trans(cv))
-                cf = cv.to(tl.float32)
-                nn += tl.sum(cf * cf, axis=1)
-            s = acc / tl.maximum(tl.sqrt(nn), 1e-8)[None, :]
+            s = acc * tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]     # (BLOCK_M, BLOCK_N) cosines * |q|
             above = (s > s_pos[:, None]) & n_ok[None, :] & (offs_n[None, :] != pos[:, None])
             count += tl.sum(above.to(tl.int32), axis=1)
         tl.atomic_add(count_ptr + offs_m, count, mask=m_ok)
 
 
 def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, backend: str = "auto",
-                 block_m: int = 64, block_n: int = 128) -> torch.Tensor:
-    """q [M, D], corpus [N, D], pos_index [M] int64 -> int64 [M]: 1 + #{n != pos: cos(q, c_n) > cos(q, c_pos)}."""
+                 block_m: int = 256, block_n: int = 128, num_warps: int = 16, num_stages: int = 3) -> torch.Tensor:
+    """q [M, D], corpus [N, D], pos_index [M] int64 -> int64 [M]: 1 + #{n != pos: cos(q, c_n) > cos(q, c_pos)}.
+
+    The default tile (256 x 128, 16 warps) is the fastest of `python kernels.py --sweep` on an H100 (README)."""
     if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
         raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, {tuple(corpus.shape)}")
     if pos_index.shape != (q.shape[0],):
@@ -258,9 +265,11 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
     n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, n_per_split)
     BLOCK_K = min(64, max(16, triton.next_power_of_2(D)))
-    _corpus_kernel[(m_blocks, splits)](q, corpus, pos_index.to(torch.int64).contiguous(), count, M, N, D,
+    inv_norm = _inverse_norms(corpus)                                                # (N,) fp32
+    _corpus_kernel[(m_blocks, splits)](q, corpus, inv_norm, pos_index.to(torch.int64).contiguous(), count, M, N, D,
                                        n_per_split, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
-                                       BLOCK_N=block_n, BLOCK_K=BLOCK_K, IEEE=q.dtype == torch.float32)
+                                       BLOCK_N=block_n, BLOCK_K=BLOCK_K, IEEE=q.dtype == torch.float32,
+                                       num_warps=num_warps, num_stages=num_stages)
     return count.to(torch.int64) + 1
 
 
@@ -268,10 +277,14 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
 # Benchmark
 
 
-def _time(fn, cuda: bool, reps: int = 5) -> float:
-    """Median milliseconds: triton.testing.do_bench on CUDA, a plain timer elsewhere."""
+def _time(fn, cuda: bool, reps: int = 5, graph: bool = False) -> float:
+    """Median milliseconds: on CUDA triton.testing.do_bench (CUDA events around each call, so the host's launch
+    time counts when the kernel is shorter), or with graph=True the replays of a captured CUDA graph (GPU time
+    alone); a plain timer elsewhere."""
     if cuda:
-        return triton.testing.do_bench(fn)
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        return triton.testing.do_bench(fn, return_mode="median")
     fn()
     ts = []
     for _ in range(reps):
@@ -281,27 +294,38 @@ def _time(fn, cuda: bool, reps: int = 5) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def benchmark():
+def benchmark(sweep: bool = False):
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} | triton: "
           f"{'interpreter' if INTERPRET else 'compiled'} | torch {torch.__version__}")
+    if cuda:  # an idle GPU sits at a low clock: keep it busy for a second so the first rows are not timed slow
+        a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+        t_end = time.perf_counter() + 1.0
+        while time.perf_counter() < t_end:
+            a @ a
+        torch.cuda.synchronize()
     rows = []
     # rollout sizes (issue 4): R = 512 rollouts, C = 101 candidates, D = 256. The interpreter gets a small slice.
+    # These kernels run in microseconds, so on CUDA each row is timed twice: per call with events (the host's
+    # launch cost included, as in training) and as CUDA-graph replays (the GPU's own time).
     R, C, D = (512, 101, 256) if cuda else (16, 101, 256)
     q = torch.randn(R, D, device=dev)
     c = torch.randn(R, C, D, device=dev)
-    gb = (q.numel() + c.numel()) * 4 / 1e9
-    ref = _time(lambda: cosine_scores(q, c, backend="torch"), cuda)
-    tri = _time(lambda: cosine_scores(q, c, backend="triton"), cuda)
-    rows.append((f"cosine_scores R={R} C={C} D={D} fp32", ref, tri, f"{gb / tri * 1e3:.1f} GB/s"))
     s = torch.randn(R, C, device=dev)
-    ref_rk = _time(lambda: descending_ranks(s, backend="torch"), cuda)
-    tri_rk = _time(lambda: descending_ranks(s, backend="triton"), cuda)
-    rows.append((f"descending_ranks R={R} C={C}", ref_rk, tri_rk, f"{R * C * 12 / tri_rk / 1e6:.1f} GB/s"))
-    ref_both = _time(lambda: descending_ranks_ref(torch.bmm(c, q[:, :, None])[..., 0]), cuda)
-    tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda)
-    rows.append(("cosine_scores + descending_ranks vs bmm + sort", ref_both, tri_both, ""))
+    gb = (q.numel() + c.numel()) * 4 / 1e9
+    for graph in ([False, True] if cuda else [False]):
+        tag = " (graph)" if graph else ""
+        ref = _time(lambda: cosine_scores(q, c, backend="torch"), cuda, graph=graph)
+        tri = _time(lambda: cosine_scores(q, c, backend="triton"), cuda, graph=graph)
+        rows.append((f"cosine_scores R={R} C={C} D={D} fp32{tag}", ref, tri, f"{gb / tri * 1e3:.1f} GB/s"))
+        ref_rk = _time(lambda: descending_ranks(s, backend="torch"), cuda, graph=graph)
+        tri_rk = _time(lambda: descending_ranks(s, backend="triton"), cuda, graph=graph)
+        rows.append((f"descending_ranks R={R} C={C}{tag}", ref_rk, tri_rk, f"{R * C * 12 / tri_rk / 1e6:.1f} GB/s"))
+        ref_both = _time(lambda: descending_ranks_ref(torch.bmm(c, q[:, :, None])[..., 0]), cuda, graph=graph)
+        tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda,
+                         graph=graph)
+        rows.append((f"cosine + ranks vs bmm + argsort{tag}", ref_both, tri_both, ""))
     # corpus sizes (issue 4): M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
     M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
     dt = torch.bfloat16 if cuda else torch.float32
@@ -319,10 +343,36 @@ def benchmark():
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|{'-' * 10}|------")
     for name, r_ms, t_ms, rate in rows:
         print(f"| {name:52s} | {r_ms:9.3f} | {t_ms:9.3f} | {r_ms / t_ms:7.2f}x | {rate}")
+    if sweep and cuda:
+        # Tile shapes of corpus_ranks (the default first). The torch reference's bf16 matmul rounds every score to
+        # bf16 (8 mantissa bits) before comparing, the kernel compares fp32 accumulators: with a million candidates
+        # many lie within one bf16 step of the positive, so the two differ by a few ranks out of a million (on fp32
+        # inputs they agree exactly: the tests). The last columns count those differences.
+        ref_r = corpus_ranks(qc[:512], corpus, pos[:512], backend="torch")
+        print(f"\ncorpus_ranks tile sweep (M={M} N={N} D={D} {str(dt)[6:]}; torch.mm {mm:.3f} ms)")
+        print("| BLOCK_M | BLOCK_N | warps | stages | ms | % of torch.mm | queries != ref (of 512) | max |diff| |")
+        for bm, bn, w, st in [(256, 128, 16, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3), (256, 128, 8, 4),
+                              (256, 64, 8, 4), (128, 256, 8, 3), (128, 64, 4, 4)]:
+            try:
+                got = corpus_ranks(qc[:512], corpus, pos[:512], block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                d = (got - ref_r).abs()
+                t = _time(lambda: corpus_ranks(qc, corpus, pos, block_m=bm, block_n=bn, num_warps=w, num_stages=st),
+                          cuda)
+                print(f"| {bm} | {bn} | {w} | {st} | {t:.3f} | {mm / t * 100:.0f}% | {int((d > 0).sum())} | "
+                      f"{int(d.max())} |")
+            except Exception as e:  # e.g. out of shared memory for the larger tiles
+                print(f"| {bm} | {bn} | {w} | {st} | failed: {type(e).__name__}: {str(e)[:80]} |")
+        print(f"\ncosine_scores sweep (R={R} C={C} D={D} fp32, graph replays)")
+        print("| BLOCK_C | warps | ms | GB/s | max |err| |")
+        ref_s = cosine_scores(q, c, backend="torch")
+        for bc, w in [(16, 4), (64, 4), (32, 4), (16, 2), (32, 2), (128, 8)]:
+            err = (cosine_scores(q, c, block_c=bc, num_warps=w) - ref_s).abs().max().item()
+            t = _time(lambda: cosine_scores(q, c, block_c=bc, num_warps=w), cuda, graph=True)
+            print(f"| {bc} | {w} | {t:.4f} | {gb / t * 1e3:.0f} | {err:.1e} |")
     if not cuda:
         print("(CPU: the Triton column is Triton's *interpreter*, a correctness tool, so its times mean nothing; "
               "run on a CUDA machine for the real comparison)")
 
 
 if __name__ == "__main__":
-    benchmark()
+    benchmark(sweep="--sweep" in sys.argv)

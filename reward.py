@@ -90,6 +90,33 @@ def total_reward(scores: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6,
     return (R, {"margin": R_margin, "rank": R_rank, "pos_rank": r}) if return_parts else R
 
 
+def sequence_credit(S: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, delta: float = DEFAULT_DELTA,
+                    gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
+
+    In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward, so
+    the credit for one good summary is diluted by 1 + C - 1 others. Here each summary is scored for its own part,
+    holding the other summaries at what the group's other rollouts wrote:
+      query summary of rollout g:       mean over g' of R_total(query_g  vs  candidates of rollout g')
+      candidate j's summary of rollout g: mean over g' of R_total(query_g' vs  candidates of rollout g', with
+                                          candidate j's embedding taken from rollout g)
+    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), positive at j = 0.
+    Returns (B, G, 1 + C): the credit of each rollout's query summary, then of its C candidates' summaries.
+    If all G rollouts embed alike, every credit equals the rollout's R_total."""
+    if S.dim() != 4 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, candidate), "
+                         f"got {tuple(S.shape)}")
+    B, G, _, C = S.shape
+    R = lambda x: total_reward(x, alpha, epsilon, delta, gamma)                          # noqa: E731
+    credit_q = R(S).mean(dim=2)                                                     # (B, G): mean over g'
+    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                              # (B, G', C): the rollouts' own
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)                           # (C, C)
+    # X[b, g', g, j, :] = rollout g' 's scores with slot j taken from rollout g
+    X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])                # (B, G', G, C, C)
+    credit_c = R(X).mean(dim=1)                                                     # (B, G, C): mean over g'
+    return torch.cat([credit_q[..., None], credit_c], dim=-1)                       # (B, G, 1 + C)
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantage: rewards [B, G] -> (r - mean) / (std + eps) over each query's G rollouts.
 

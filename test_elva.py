@@ -9,9 +9,6 @@ input.
 
 import math
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (kernels.py also sets it without CUDA)
-
 import argparse
 import json
 import random
@@ -135,6 +132,33 @@ def test_group_advantages():
         reward.group_advantages(torch.ones(3, 1))
 
 
+def test_sequence_credit():
+    g = torch.Generator().manual_seed(0)
+    # all G rollouts embed alike: every summary's credit is the rollout's own R_total
+    s = torch.rand(3, 5, generator=g)                                    # (B, C)
+    S = s[:, None, None, :].expand(3, 4, 4, 5)                           # (B, G, G, C)
+    want = reward.total_reward(s)                                        # (B,)
+    assert torch.allclose(reward.sequence_credit(S), want[:, None, None].expand(3, 4, 6))
+    # by hand, G = 2: the query of rollout 0 meets the candidates of rollouts 0 and 1; candidate 1's summary of
+    # rollout 1 is scored inside rollouts 0 and 1 with its own score swapped in
+    S = torch.rand(1, 2, 2, 3, generator=g)
+    c = reward.sequence_credit(S)
+    R = reward.total_reward
+    assert torch.allclose(c[0, 0, 0], (R(S[0, 0, 0]) + R(S[0, 0, 1])) / 2)
+    x0 = S[0, 0, 0].clone(); x0[1] = S[0, 0, 1, 1]                      # rollout 0's list, slot 1 from rollout 1
+    x1 = S[0, 1, 1].clone()                                             # rollout 1's own list
+    assert torch.allclose(c[0, 1, 2], (R(x0) + R(x1)) / 2)
+    # a positive summary that scores higher earns more credit; a negative one that scores higher earns less
+    S = torch.full((1, 2, 2, 4), 0.2)
+    S[0, :, :, 0] = 0.5
+    S[0, :, 1, 0] = 0.9                                                  # rollout 1's positive summary: closer
+    S[0, :, 1, 2] = 0.6                                                  # rollout 1's negative 2 summary: closer
+    c = reward.sequence_credit(S)
+    assert c[0, 1, 1] > c[0, 0, 1] and c[0, 1, 3] < c[0, 0, 3]
+    with pytest.raises(ValueError, match="G, G, C"):
+        reward.sequence_credit(torch.rand(2, 3, 4))
+
+
 def test_grpo_loss_on_policy_no_kl_is_minus_mean_advantage():
     g = torch.Generator().manual_seed(1)
     logp = -torch.rand(6, 5, generator=g)
@@ -173,7 +197,10 @@ def test_grpo_clip_bounds_ratio():
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels against their torch references (interpreter on CPU; compiled on CUDA)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where Triton really runs: compiled on a CUDA machine, else through its interpreter on the CPU (kernels.py sets
+# TRITON_INTERPRET=1 before importing triton when there is no CUDA device).
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICE = DEVICES[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -192,7 +219,7 @@ def test_cosine_scores_kernel(device, R, C, D):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cosine_scores_low_precision_accumulates_fp32(dtype):
     g = torch.Generator().manual_seed(0)
-    q, c = torch.randn(4, 70, generator=g), torch.randn(4, 9, 70, generator=g)
+    q, c = torch.randn(4, 70, generator=g).to(DEVICE), torch.randn(4, 9, 70, generator=g).to(DEVICE)
     got = kernels.cosine_scores(q.to(dtype), c.to(dtype), backend="triton")
     ref = kernels.cosine_scores(q.to(dtype).float(), c.to(dtype).float(), backend="torch")
     assert (got - ref).abs().max().item() < 1e-5
@@ -226,6 +253,9 @@ def test_corpus_ranks_kernel(device, M, N, D, ties):
     else:
         q, corpus = torch.randn(M, D, generator=g), torch.randn(N, D, generator=g)
     pos = torch.randint(0, N, (M,), generator=g)
+    if ties:  # exact copies of a positive (and one scaled by 2) tie with it: they must not count as above it
+        corpus[(pos[0] + 1) % N] = corpus[pos[0]]
+        corpus[(pos[1] + 1) % N] = 2 * corpus[pos[1]]
     q, corpus, pos = q.to(device), corpus.to(device), pos.to(device)
     ref = kernels.corpus_ranks(q, corpus, pos, backend="torch")
     got = kernels.corpus_ranks(q, corpus, pos, backend="triton", block_m=32, block_n=64)  # corpus > one tile
@@ -250,7 +280,7 @@ def test_kernel_bad_input():
 
 
 def test_reward_uses_kernel_ranks():
-    s = torch.rand(4, 6)
+    s = torch.rand(4, 6, device=DEVICE)
     assert torch.allclose(reward.ranking_reward(s, backend="triton"), reward.ranking_reward(s, backend="torch"))
 
 

@@ -35,7 +35,7 @@ import data
 import elva
 from data import INSTRUCTIONS, TASKS, GrainWorld, WorldConfig
 from kernels import cosine_scores
-from reward import DEFAULT_DELTA, DEFAULT_GAMMA, group_advantages, grpo_loss, total_reward
+from reward import DEFAULT_DELTA, DEFAULT_GAMMA, group_advantages, grpo_loss, sequence_credit, total_reward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: sizes of the world and of each stage. The model sizes live in elva.PRESETS.
@@ -107,6 +107,9 @@ def get_args(argv=None):
                    "it; paper: not given)")
     g.add_argument("--pathwise", type=float, default=0.0, help="ours, beyond the paper: weight of -R_total used "
                    "as a differentiable loss through the embeddings, added to GRPO's (0: the paper's method)")
+    g.add_argument("--credit", default="rollout", choices=["rollout", "sequence"],
+                   help="rollout: the paper's, every summary of a rollout shares its reward; sequence: ours, each "
+                        "summary credited for its own part of the ranking (reward.sequence_credit)")
     g.add_argument("--toy_reward", action="store_true", help="replace the paper's reward by a verifiable toy one "
                    "(fraction of colour words in the rollout's summaries): checks that GRPO itself learns")
     g = p.add_argument_group("evaluation")
@@ -393,7 +396,7 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
         parts = {"margin": torch.zeros(B, G), "rank": torch.zeros(B, G), "pos_rank": torch.ones(B, G)}
     else:
         R, parts = total_reward(scores.cpu(), args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True)
-    return {"batch": b, "images": imgs, "logp": logp.float(), "h": h, "scores": scores, "rewards": R,
+    return {"batch": b, "images": imgs, "logp": logp.float(), "h": h, "e": e, "scores": scores, "rewards": R,
             "parts": parts, "summ_len": sum(len(s) for s in summ) / len(summ), "K": K}
 
 
@@ -401,8 +404,17 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step):
     """rollout -> reward -> group advantage -> clipped loss with KL (reward.grpo_loss), num_iterations updates."""
     ro = rollout(args, policy, batch, gen, autocast)
     R = ro["rewards"]                                                          # (B, G)
-    A = group_advantages(R)                                                    # (B, G)
-    A_seq = A[:, :, None].expand(-1, -1, ro["K"]).reshape(-1).to(ro["logp"].device)   # (S,): one per summary
+    K = ro["K"]
+    if args.credit == "sequence":  # ours: each summary's own credit, normalised over the group per item slot
+        en = torch.nn.functional.normalize(ro["e"].float(), dim=-1).cpu()    # (B, G, K, D)
+        S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])         # (B, G', G, K - 1)
+        credit = sequence_credit(S, args.alpha, args.epsilon, args.delta, args.gamma)   # (B, G, K)
+        A = group_advantages(credit.permute(0, 2, 1).reshape(-1, R.shape[1]))           # (B * K, G)
+        A_seq = A.view(R.shape[0], K, R.shape[1]).permute(0, 2, 1).reshape(-1)         # (S,) in (b, g, k) order
+    else:  # the paper's: one advantage per rollout, shared by all its summaries
+        A = group_advantages(R)                                                # (B, G)
+        A_seq = A[:, :, None].expand(-1, -1, K).reshape(-1)                    # (S,): one per summary
+    A_seq = A_seq.to(ro["logp"].device)
     b, imgs = ro["batch"], ro["images"]
     old_logp = ro["logp"].detach()                                             # the rollout policy's log-probs
     with torch.no_grad(), autocast():
