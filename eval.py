@@ -343,8 +343,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _log_stats(ckpt: str) -> dict:
+    """From a stage's log.jsonl (if there): its training minutes (mining excluded) and the reward's mean over the
+    first and the last fifth of its steps (GRPO runs only)."""
+    path = Path(ckpt) / "log.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not recs:
+        return {}
+    out = {"minutes": recs[-1]["ms_per_step"] * len(recs) / 60000}
+    if "reward_mean" in recs[0]:
+        n = max(1, len(recs) // 5)
+        out["reward"] = (sum(r["reward_mean"] for r in recs[:n]) / n, sum(r["reward_mean"] for r in recs[-n:]) / n)
+    return out
+
+
 def aggregate(results: list[dict]) -> str:
-    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown table)."""
+    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown table). Where the
+    checkpoint's log.jsonl is at hand, also the reward's first-fifth -> last-fifth means and the training minutes."""
     import re
     import statistics
     groups = {}
@@ -358,13 +375,20 @@ def aggregate(results: list[dict]) -> str:
             ("win vs binding", lambda r: r["near_miss"]["avg"]["win_binding"]),
             ("win vs relation", lambda r: r["near_miss"]["avg"]["win_relation"]),
             ("grain-masking dist.", lambda r: r["probe"]["all"])]
-    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " | reward first -> last fifth | train min |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
     for name, rs in groups.items():
         cells = []
         for _, get in cols:
             v = [get(r) for r in rs]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        logs = [_log_stats(r["ckpt"]) for r in rs]
+        rw = [lg["reward"] for lg in logs if "reward" in lg]
+        cells.append(f"{statistics.mean(a for a, _ in rw):.3f} -> {statistics.mean(b for _, b in rw):.3f}" if rw
+                     else "-")
+        mins = [f"{lg['minutes']:.1f}" for lg in logs if "minutes" in lg]
+        cells.append(" / ".join(mins) if mins else "-")
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -379,7 +403,8 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
     p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
     p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
-    p.add_argument("--from_json", default=None, help="re-print the tables of an earlier --out JSON (no evaluation)")
+    p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON files "
+                   "(no evaluation); several files are concatenated, e.g. runs/study/*.json")
     args = p.parse_args(argv)
     if args.curves:
         draw_curves(args.curves, args.curves_png)
@@ -389,7 +414,13 @@ def main(argv=None):
         if not args.ckpt:
             return
     device, autocast = elva.resolve_device(args.device)
-    results = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    results = []
+    for f in args.from_json or []:
+        try:
+            r = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--from_json {f}: cannot read it as the JSON that --out writes ({e})")
+        results += r if isinstance(r, list) else [r]
     for c in args.ckpt:
         r = evaluate(c, args.queries, args.mrbench_per_task, device, autocast)
         print(f"evaluated {c} (step {r['step']}) in {r['eval_seconds']:.0f}s", flush=True)
