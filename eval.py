@@ -175,6 +175,31 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
             "between_inputs": (1 - (e1 * other).sum(-1)).mean().item()}
 
 
+def summary_headroom(ret, bench, autocast) -> dict:
+    """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference* summary, and by an
+    empty one ([RET] right after the prompt). Against the greedy-summary score this bounds what better words alone
+    could buy -- all that GRPO's gradient can change -- and shows how much of the score the summary carries at all."""
+    out = {}
+    for mode in ("reference", "empty"):
+        r5 = []
+        for task, (queries, pool) in bench.items():
+            e = []
+            for items, instr in (([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries)),
+                                 (pool, [None] * len(pool))):
+                parts = []
+                for i in range(0, len(items), 256):
+                    its, ins = items[i:i + 256], instr[i:i + 256]
+                    summ = [ret.enc.summary(it.summary) if mode == "reference" else [] for it in its]
+                    with torch.no_grad(), autocast():
+                        b, imgs = ret.batch(its, ins, summ)
+                        parts.append(ret.model.embed(b, imgs).float())
+                e.append(torch.cat(parts))
+            rel = data.relevance_matrix(task, queries, pool)
+            r5.append((ranks_of_best_positive(e[0], e[1], rel) <= 5).float().mean().item())
+        out[mode] = sum(r5) / len(r5)
+    return out
+
+
 def mean_pairwise_cosine(e: torch.Tensor) -> float:
     n = e.shape[0]
     s = e @ e.T
@@ -191,9 +216,10 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dic
     mrb, near, bench = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
+    headroom = summary_headroom(ret, bench, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
     return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb, "near_miss": near,
-            "probe": probe, "swap": swap, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
+            "probe": probe, "swap": swap, "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
             "eval_seconds": time.time() - t0}
 
 
@@ -326,6 +352,8 @@ def table(results: list[dict]) -> str:
     for t in TASKS:
         add(f"MRBench-mini {t} R@5", lambda r, t=t: r["mrbench"][t])
     add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
+    add("  ... with reference summaries", lambda r: r["headroom"]["reference"])
+    add("  ... with empty summaries", lambda r: r["headroom"]["empty"])
     add("near-miss avg R@1", lambda r: r["near_miss"]["avg"]["R@1"])
     for k in sorted(k for k in results[0]["near_miss"]["avg"] if k.startswith("win_")):
         add(f"near-miss win rate vs {k[4:]}", lambda r, k=k: r["near_miss"]["avg"][k])
