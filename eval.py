@@ -402,13 +402,18 @@ def aggregate(results: list[dict]) -> str:
             ("near-miss R@1", lambda r: r["near_miss"]["avg"]["R@1"]),
             ("win vs binding", lambda r: r["near_miss"]["avg"]["win_binding"]),
             ("win vs relation", lambda r: r["near_miss"]["avg"]["win_relation"]),
-            ("grain-masking dist.", lambda r: r["probe"]["all"])]
+            ("grain-masking dist.", lambda r: r["probe"]["all"]),
+            ("MRBench-mini, reference summaries", lambda r: r["headroom"]["reference"])]
     lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " | reward first -> last fifth | train min |",
              "|---|---|" + "---|" * (len(cols) + 2)]
     for name, rs in groups.items():
         cells = []
         for _, get in cols:
-            v = [get(r) for r in rs]
+            try:
+                v = [get(r) for r in rs]
+            except KeyError:  # a result written before this column existed
+                cells.append("-")
+                continue
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
         logs = [_log_stats(r["ckpt"]) for r in rs]
