@@ -71,5 +71,5 @@ run() {  # name seed [flags...]
 export -f run
 export INIT OUT DEVICE PRESET
 echo "$RUNS" | sed 's/#.*//' | awk 'NF' | while read -r name seed flags; do
-  echo "$name-s$seed" | grep -Eq "$ONLY" && echo "$name $seed $flags"
+  echo "$name-s$seed" | grep -Eq "$ONLY" && echo "$name $seed $flags" | sed "s/[[:space:]]*$//"  # xargs -L joins a line ending in a blank to the next
 done | xargs -r -P "$JOBS" -L 1 bash -c 'run "$@"' _
