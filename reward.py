@@ -95,8 +95,8 @@ def sequence_credit(S: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, d
     """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
 
     In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward, so
-    the credit for one good summary is diluted by 1 + C - 1 others. Here each summary is scored for its own part,
-    holding the other summaries at what the group's other rollouts wrote:
+    one good summary's credit is shared with the C others it was sampled with. Here each summary is scored for its
+    own part, holding the other summaries at what the group's other rollouts wrote:
       query summary of rollout g:       mean over g' of R_total(query_g  vs  candidates of rollout g')
       candidate j's summary of rollout g: mean over g' of R_total(query_g' vs  candidates of rollout g', with
                                           candidate j's embedding taken from rollout g)
