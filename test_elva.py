@@ -545,6 +545,24 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert (out / "elva" / "model.safetensors").read_bytes() == first   # complete stages are not re-run
 
 
+def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
+    """eval.summary_headroom (MRBench-mini with reference / empty summaries) agrees with the training code's own
+    teacher-forced embeddings (train.teacher_forced, summary dropout for the empty case)."""
+    import eval as evaluation
+    ret = tiny_model(tok)
+    bench = world.mrbench_mini(3)
+    got = evaluation.summary_headroom(ret, bench, nullcontext)
+    for mode, drop_all in (("reference", False), ("empty", True)):
+        r5 = []
+        for task, (queries, pool) in bench.items():
+            qi, ins = [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)
+            eq = train.teacher_forced(ret, qi, ins, nullcontext, [drop_all] * len(qi))[0]
+            ep = train.teacher_forced(ret, pool, [None] * len(pool), nullcontext, [drop_all] * len(pool))[0]
+            ranks = evaluation.ranks_of_best_positive(eq, ep, data.relevance_matrix(task, queries, pool))
+            r5.append((ranks <= 5).float().mean().item())
+        assert abs(got[mode] - sum(r5) / len(r5)) < 1e-6, mode
+
+
 def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
     ret = tiny_model(tok)
     _, items, instr = some_items(world, 4)
