@@ -43,6 +43,8 @@ lr1e-4 0 --rl_lr 1e-4
 lr1e-4 1 --rl_lr 1e-4
 lr1e-4 2 --rl_lr 1e-4
 temp0.5 0 --temperature 0.5
+temp0.5 1 --temperature 0.5
+temp0.5 2 --temperature 0.5
 credit 0 --credit sequence
 credit 1 --credit sequence
 credit 2 --credit sequence
