@@ -8,7 +8,6 @@ input.
 """
 
 import math
-import os
 import argparse
 import json
 import random
