@@ -7,9 +7,9 @@ input.
     pytest -q -k reward       # just the rewards
 """
 
-import math
 import argparse
 import json
+import math
 import random
 from contextlib import nullcontext
 
