@@ -3,7 +3,7 @@ GrainWorld: a synthetic multi-grain image/text world where every grain is exact,
 
     python data.py            # draws a few scenes to grainworld_samples.png and prints their captions
 
-Why a synthetic world (PAPER.md, "grain blindness"): the paper's claim is that InfoNCE with random negatives leaves
+Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with random negatives leaves
 secondary grains (attributes, bindings, relations) under-trained. To measure that exactly we need a world in which
 the generator knows every grain of every scene, so that relevance ("does this image satisfy every grain the query
 states?") is decided by a rule, not by a human label.
@@ -46,7 +46,7 @@ COLS = ("left", "center", "right")
 RELATIONS = ("left of", "right of", "above", "below")
 RELATION_FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
-# The paper's template (PAPER.md, "Generative embeddings"). {image} becomes IMG_TOKENS placeholder tokens.
+# The paper's template (ELVA, Section 3.4, generative embeddings). {image} becomes the [IMG] placeholder tokens.
 PROMPT = ("Analyze and summarize the key information of the above input. "
           "Finally, append the special token [RET] to represent the entire input.")
 INSTRUCTIONS = {  # one instruction per task, M-BEIR style; candidates get none (as in M-BEIR's pools)
@@ -124,7 +124,7 @@ class Caption:
         return f"{self.mentions[0].words()} {self.relation or 'and'} {self.mentions[1].words()}"
 
     def n_grains(self) -> int:
-        """Entities, attributes and relations the caption states (PAPER.md: a query is a set of grains)."""
+        """Entities, attributes and relations the caption states (ELVA, Section 3.2: a query is a set of grains)."""
         n = sum(1 + (m.color is not None) + (m.size is not None) for m in self.mentions)
         return n + (self.relation is not None)
 
@@ -334,6 +334,11 @@ class Item:
     target: Scene | None = None     # for edits: the scene the query asks for
     edit: Edit | None = None        # for edits: the instruction, structured
     image_path: str | None = None   # real data: an image on disk instead of a scene
+    image: Image.Image | None = field(default=None, compare=False, hash=False)   # or an image in memory (PIL)
+
+    @property
+    def has_image(self) -> bool:
+        return self.scene is not None or self.image_path is not None or self.image is not None
 
 
 @dataclass
@@ -347,10 +352,11 @@ class Query:
 
 def relevant(task: str, q: Item, c: Item) -> bool:
     """The exact relevance rule: a candidate is relevant when it satisfies every grain the query states."""
+    # a candidate of the wrong modality (an in-batch caption for a text->image query, say) is never relevant
     if task == "t2i":
-        return satisfies(c.scene, q.caption)
+        return c.scene is not None and satisfies(c.scene, q.caption)
     if task == "i2t":
-        return satisfies(q.scene, c.caption)
+        return c.caption is not None and satisfies(q.scene, c.caption)
     if task == "i2i":
         return c.scene == q.scene
     if task == "it2i":
@@ -392,7 +398,9 @@ def make_query(task: str, rng: random.Random, scene: Scene) -> Query | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly one grain.
 
-def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int = 30) -> list[tuple[str, Item]]:
+def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int = 30,
+                exclude: set | frozenset = frozenset()) -> list[tuple[str, Item]]:
+    """Up to per_kind near misses of each kind; no near-miss scene is in `exclude` (the other splits' scenes)."""
     task, q, out = query.task, query.item, []
     if task == "it2i":
         # binding: the same edit applied to another object; no-edit: the source image itself; attribute: the right
@@ -405,7 +413,7 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
         cands += [("attribute", Edit(e.target, e.grain, v).apply(src)) for v in rng.sample(wrong, min(len(wrong), per_kind))]
         seen = {q.target}
         for kind, s in cands:
-            if s is not None and (s not in seen) and (kind == "no-edit" or s != src) and \
+            if s is not None and (s not in seen) and s not in exclude and (kind == "no-edit" or s != src) and \
                     sum(k == kind for k, _ in out) < per_kind:
                 seen.add(s)
                 out.append((kind, candidate_item(task, rng, s)))
@@ -427,7 +435,7 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
                 if pair is not None and len(pair) < 2:
                     break
                 s = scene_edit(rng, base, kind, pair)
-                if s is None or s == base:
+                if s is None or s == base or s in exclude:
                     continue
                 if task == "t2i" and satisfies(s, q.caption):
                     continue  # the edit touched a grain the caption does not state: not a near miss
@@ -464,6 +472,11 @@ class GrainWorld:
         self.splits = {"train": scenes[:cfg.n_train], "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
                        "test": scenes[cfg.n_train + cfg.n_val:]}
         self.heldout = set(scenes[cfg.n_train:])  # a training sibling must never be a val/test scene
+        self.train_scenes = set(self.splits["train"])  # nor may a test query's derived scene be a training scene
+
+    def outside(self, split: str) -> set:
+        """The scenes a split's derived scenes (edit targets, near misses, siblings) must avoid: the other splits'."""
+        return self.heldout if split == "train" else self.train_scenes
 
     def sample_queries(self, rng: random.Random, n: int, split: str = "train") -> list[Query]:
         """Random queries over the four tasks for the contrastive stage (fresh captions and renders each call)."""
@@ -483,8 +496,8 @@ class GrainWorld:
         queries = []
         for i in rng.sample(range(len(scenes)), min(n_queries, len(scenes))):
             q = make_query(task, rng, scenes[i])
-            if q is None:
-                continue
+            if q is None or (q.item.target is not None and q.item.target in self.outside(split)):
+                continue   # an edit whose result is another split's scene would leak that scene into this split
             if task == "it2i":
                 pool.append(q.positive)
             else:
@@ -502,9 +515,9 @@ class GrainWorld:
             queries, pool = [], []
             while len(queries) < n_per_task:
                 q = make_query(task, rng, rng.choice(self.splits[split]))
-                if q is None or q.n_grains < 2:
+                if q is None or q.n_grains < 2 or (q.item.target is not None and q.item.target in self.outside(split)):
                     continue
-                q.distractors = near_misses(rng, q, per_kind)
+                q.distractors = near_misses(rng, q, per_kind, exclude=self.outside(split))
                 if not q.distractors:
                     continue
                 queries.append(q)
@@ -528,12 +541,20 @@ class GrainWorld:
 
 
 def relevance_matrix(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
-    """[Q, P] bool: exact relevance of every pool item to every query."""
+    """[Q, P] bool: exact relevance of every pool item to every query (small pools: RL mining, tests)."""
     return torch.tensor([[relevant(task, q.item, c) for c in pool] for q in queries], dtype=torch.bool)
 
 
+def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
+    """[Q, P_max] int64: each query's relevant pool indices, -1 padding a shorter list -- the positives as index
+    lists that kernels.corpus_ranks takes, so that evaluation never builds a [Q, pool] matrix."""
+    lists = [[j for j, c in enumerate(pool) if relevant(task, q.item, c)] for q in queries]
+    width = max(1, max((len(x) for x in lists), default=1))
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Balanced negative sampling (PAPER.md, "Negative sampling for RL"): filtered hard negatives + random negatives.
+# Balanced negative sampling (ELVA, Section 3.4): filtered hard negatives + random negatives.
 
 def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
                        threshold: float, generator: torch.Generator) -> torch.Tensor:
@@ -658,9 +679,11 @@ def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], lis
 
 
 def load_image(item: Item, image_size: int) -> torch.Tensor:
-    """An item's image as a (3, H, W) tensor: a render of its scene, or its file on disk."""
+    """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file on disk."""
     if item.scene is not None:
         return image_tensor(render(item.scene, image_size, item.render_seed), image_size)
+    if item.image is not None:
+        return image_tensor(item.image, image_size)
     try:
         with Image.open(item.image_path) as img:
             return image_tensor(img, image_size)
@@ -670,7 +693,7 @@ def load_image(item: Item, image_size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Encoding and collation.
-# Sequence layout (PAPER.md template), left-padded so that every prompt ends in the same column and generation can
+# Sequence layout (the paper's template, Section 3.4), left-padded so that every prompt ends in the same column and generation can
 # append columns for the whole batch:
 #   [PAD]* [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET] [PAD]*
 
@@ -686,13 +709,20 @@ class Encoder:
     def _ids(self, s: str) -> list[int]:
         return self.tok.encode(s, add_special_tokens=False).ids
 
-    def prompt(self, item: Item, instruction: str | None) -> list[int]:
-        has_image = item.scene is not None or item.image_path is not None
-        if not has_image and not item.text.strip():
+    def prompt(self, item: Item, instruction: str | None, limit: int | None = None) -> list[int]:
+        """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt has at most `limit`
+        tokens (the template's fixed parts and the image are kept whole)."""
+        if not item.has_image and not item.text.strip():
             raise ValueError("empty query: an item needs a text or an image")
         words = " ".join(w for w in (instruction, item.text.strip()) if w)
         mid = self._ids(" " + words + ".") if words else []
-        return [self.bos, *self._user, *([self.img] * self.n_img_tokens if has_image else []), *mid, *self._tail]
+        head = [self.bos, *self._user, *([self.img] * self.n_img_tokens if item.has_image else [])]
+        if limit is not None and len(head) + len(mid) + len(self._tail) > limit:
+            mid = mid[:max(0, limit - len(head) - len(self._tail))]
+        return [*head, *mid, *self._tail]
+
+    def too_long(self, item: Item, instruction: str | None, cfg) -> bool:
+        return len(self.prompt(item, instruction)) > cfg.max_seq_len - cfg.max_summary_len - 1
 
     def summary(self, text: str) -> list[int]:
         return self._ids(" " + text)
@@ -702,7 +732,7 @@ class Encoder:
 
     def images(self, items: list[Item]) -> torch.Tensor:
         """(N_img, 3, H, W) for the items that carry an image, in order."""
-        imgs = [load_image(it, self.image_size) for it in items if it.scene is not None or it.image_path is not None]
+        imgs = [load_image(it, self.image_size) for it in items if it.has_image]
         if not imgs:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         return torch.stack(imgs)

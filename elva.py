@@ -1,5 +1,5 @@
 """
-The model: a tiny MLLM in the shape of Qwen2-VL whose embedding is *generated* (PAPER.md, "Generative embeddings").
+The model: a tiny MLLM in the shape of Qwen2-VL whose embedding is *generated* (ELVA, Section 3.4).
 
     python elva.py      # builds each preset, prints its parameter count and one embedding's shape
 
@@ -11,14 +11,17 @@ placed at the [IMG] placeholder tokens of the paper's template:
 
 -> causal decoder (RMSNorm, RoPE, SwiGLU) -> LM head (tied to the token embedding). The embedding of an input is the
 final hidden state at [RET], L2-normalised. Because the summary before [RET] is sampled, G rollouts of one input give G
-different embeddings: the variance that GRPO needs (PAPER.md, Section 3.4).
+different embeddings: the variance that GRPO needs (ELVA, Section 3.4: a fixed-token embedding would give G
+identical rollouts and no advantage).
 
-Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs, Retriever (tokenizer
-+ model: items -> embeddings with generated summaries), save_checkpoint / load_checkpoint.
+Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs, build_model,
+Retriever (model + tokenizer: items -> embeddings with generated summaries; from_pretrained, encode_text,
+encode_image, search), save_checkpoint / load_checkpoint (one folder, written as a unit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import nullcontext
@@ -28,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -226,6 +231,15 @@ class ELVAModel(nn.Module):
     def logits(self, h):
         return h @ self.tok_emb.weight.T                                        # tied LM head
 
+    def summary_logits(self, h, temperature: float = 1.0):
+        """The distribution summaries are sampled from, in fp32: the LM head's logits with [PAD] and [IMG] ruled out
+        (never a valid summary token), divided by the temperature. generate samples from it and token_logprobs scores
+        with it, so GRPO's ratio, gradient and KL use exactly the distribution that was sampled."""
+        logits = self.logits(h).float()
+        logits[..., self.pad_id] = float("-inf")
+        logits[..., self.img_id] = float("-inf")
+        return logits / temperature if temperature > 0 else logits
+
     def token_logprobs(self, batch: dict, images=None, temperature: float = 1.0):
         """Teacher-forced pass over full sequences (prompt + summary + [RET]).
 
@@ -233,11 +247,12 @@ class ELVAModel(nn.Module):
         in gen_mask (zero elsewhere); h are the final hidden states, so h[b, ret_pos[b]] is the embedding's source."""
         tokens, attn = batch["tokens"], batch["attn"]
         h = self.forward(tokens, attn, images)
-        logits = self.logits(h[:, :-1]).float() / temperature                  # predicts tokens[:, 1:]
+        logits = self.summary_logits(h[:, :-1], temperature)                   # (B, T-1, V), predicts tokens[:, 1:]
         lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]   # (B, T-1)
+        lp = torch.where(batch["gen_mask"][:, 1:], lp, torch.zeros_like(lp))   # -inf at [PAD] outside the summary
         logp = torch.zeros(tokens.shape, dtype=lp.dtype, device=tokens.device)
         logp[:, 1:] = lp
-        return logp * batch["gen_mask"], h
+        return logp, h
 
     @staticmethod
     def ret_embedding(h, ret_pos):
@@ -251,12 +266,14 @@ class ELVAModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, attn, images=None, max_new: int | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, return_ended: bool = False):
         """Summaries for left-padded prompts (B, P): greedy when temperature == 0, else sampled.
 
         Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per row; all rows stop
         when every row has ended) or after max_new tokens. Returns each row's summary ids without [RET]; the caller
-        appends [RET] and runs one teacher-forced pass for the embedding (and, in RL, the log-probs with gradient)."""
+        appends [RET] and runs one teacher-forced pass for the embedding (and, in RL, the log-probs with gradient).
+        With return_ended, also a list of bools: True where the row *sampled* [RET], False where it ran out of
+        tokens and the caller's [RET] is forced (a token the policy did not choose, so RL must not train it)."""
         max_new = max_new or self.cfg.max_summary_len
         B = tokens.shape[0]
         cache = [dict() for _ in self.blocks]
@@ -265,11 +282,9 @@ class ELVAModel(nn.Module):
         out = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=tokens.device)
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         for t in range(max_new):
-            logits = self.logits(h[:, -1]).float()                              # (B, V)
-            logits[:, self.pad_id] = float("-inf")                              # never a valid summary token
-            logits[:, self.img_id] = float("-inf")
+            logits = self.summary_logits(h[:, -1], temperature)                 # (B, V)
             if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
             else:
                 nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
@@ -280,11 +295,24 @@ class ELVAModel(nn.Module):
             attn = torch.cat([attn, ~done[:, None] | (nxt == self.ret_id)[:, None]], dim=1)
             pos = pos + 1
             h = self.forward(nxt[:, None], attn, None, cache=cache, positions=pos[:, None])
-        rows = []
+        rows, ended = [], []
         for r in out.tolist():
+            ended.append(self.ret_id in r)
             r = r[:r.index(self.ret_id)] if self.ret_id in r else r
             rows.append([i for i in r if i != self.pad_id])
-        return rows
+        return (rows, ended) if return_ended else rows
+
+    def vision_parameters(self):
+        """The vision tower and projector (Qwen2-VL's visual module, merger included): frozen in ELVA's stage 3."""
+        for mod in (self.patch_embed, self.vit, self.vit_norm, self.projector):
+            yield from mod.parameters()
+        yield self.vit_pos
+
+
+def build_model(cfg: ModelConfig, tok) -> ELVAModel:
+    """A fresh model whose special-token ids come from the tokenizer (the one way a model is made)."""
+    cfg.vocab_size = tok.get_vocab_size()
+    return ELVAModel(cfg, tok.token_to_id("[IMG]"), tok.token_to_id("[RET]"), tok.token_to_id("[PAD]"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -292,30 +320,46 @@ class ELVAModel(nn.Module):
 
 
 class Retriever:
-    def __init__(self, model: ELVAModel, encoder):
-        self.model, self.enc = model, encoder
+    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation, RL) or given
+    (teacher forcing). The public face is the one people know from CLIP and sentence-transformers:
+
+        r = Retriever.from_pretrained("runs/cpu/contrastive")
+        q = r.encode_text(["a red circle left of a blue square"], instruction=data.INSTRUCTIONS["t2i"])
+        c = r.encode_image(["a.png", "b.png"])
+        scores, indices = r.search(q, c, k=5)
+    """
+
+    def __init__(self, model: ELVAModel, tok, meta: dict | None = None):
+        self.model, self.tok, self.meta = model, tok, meta or {}
+        self.enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu") -> "Retriever":
+        model, tok, meta = load_checkpoint(folder, device)
+        return cls(model.eval(), tok, meta)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
     def batch(self, items, instructions, summaries: list[list[int]] | None):
-        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device."""
-        from data import collate
-        prompts = [self.enc.prompt(it, ins) for it, ins in zip(items, instructions)]
-        b = collate(prompts, summaries, self.enc.pad, self.enc.ret)
+        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device.
+        Prompts longer than the model's maximum length (minus room for the summary) are cut; see Encoder.prompt."""
+        limit = self.model.cfg.max_seq_len - self.model.cfg.max_summary_len - 1
+        prompts = [self.enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
+        b = data.collate(prompts, summaries, self.enc.pad, self.enc.ret)
         dev = self.device
         return {k: v.to(dev) for k, v in b.items()}, self.enc.images(items).to(dev)
 
     @torch.no_grad()
-    def summarise(self, items, instructions, temperature=0.0, generator=None) -> list[list[int]]:
+    def summarise(self, items, instructions, temperature=0.0, generator=None, return_ended=False):
         b, imgs = self.batch(items, instructions, None)
-        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=generator)
+        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=generator,
+                                   return_ended=return_ended)
 
     @torch.no_grad()
     def embed_items(self, items, instructions, batch_size: int = 256, autocast=None) -> tuple[torch.Tensor, list[str]]:
         """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading)."""
-        from contextlib import nullcontext
         embs, texts = [], []
         for i in range(0, len(items), batch_size):
             its, ins = items[i:i + batch_size], instructions[i:i + batch_size]
@@ -325,6 +369,37 @@ class Retriever:
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
+
+    # -- the public API ----------------------------------------------------------------------------------------------
+    def encode_text(self, texts: list[str], instruction: str | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (N, D) unit embeddings (generated summary, then [RET]). Over-long texts are cut to fit."""
+        items = [data.Item(text=t) for t in texts]
+        n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
+        if n_cut:
+            print(f"encode_text: {n_cut} of {len(items)} texts were cut to the model's maximum length")
+        return self.embed_items(items, [instruction] * len(items), batch_size)[0]
+
+    def encode_image(self, images, instruction: str | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Images (PIL images or paths) -> (N, D) unit embeddings."""
+        items = [data.Item(image_path=str(im)) if isinstance(im, (str, os.PathLike)) else data.Item(image=im)
+                 for im in images]
+        return self.embed_items(items, [instruction] * len(items), batch_size)[0]
+
+    @staticmethod
+    def search(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, k: int = 10, chunk: int = 65536):
+        """-> (scores (Q, k), indices (Q, k)): each query's k highest-cosine corpus items, best first. The corpus is
+        streamed in chunks with a running top-k, so memory is O(Q * (k + chunk)), never the whole [Q, N] matrix."""
+        q = F.normalize(query_embeddings.float(), dim=-1)
+        best_s = torch.empty(q.shape[0], 0, device=q.device)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+        for n0 in range(0, corpus_embeddings.shape[0], chunk):
+            c = F.normalize(corpus_embeddings[n0:n0 + chunk].float(), dim=-1)
+            s = q @ c.T                                                         # (Q, chunk)
+            s = torch.cat([best_s, s], 1)
+            i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=q.device).expand(q.shape[0], -1)], 1)
+            top = s.topk(min(k, s.shape[1]), dim=1)
+            best_s, best_i = top.values, i.gather(1, top.indices)
+        return best_s, best_i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,7 +417,10 @@ def resolve_device(name: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors weights + config.json + tokenizer.json in one folder, written atomically.
+# Checkpoints: one folder, written as a unit. The weights (and the optimizer state, for --resume) go to files named by
+# the step, then config.json is renamed into place: it names those files with their sha256 and is the commit point. A
+# crash before that rename leaves the previous config.json naming the previous files, which are deleted only after
+# it. So a folder always holds one whole checkpoint (or none); the loader verifies the hashes and refuses a mixed set.
 
 
 def _atomic_write(path: Path, write):
@@ -351,43 +429,110 @@ def _atomic_write(path: Path, write):
     os.replace(tmp, path)  # atomic on POSIX: a crash leaves either the old file or the new one, never half of one
 
 
-def save_checkpoint(folder, model: ELVAModel, tok, extra: dict | None = None):
-    """Write model.safetensors, config.json (model config + `extra`, e.g. the training args and step) and
-    tokenizer.json into `folder`, each via temp file + rename."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """AdamW state as named tensors for safetensors (no pickles): exp_avg / exp_avg_sq / step per parameter name."""
+    names = {p: n for n, p in model.named_parameters()}
+    state = {}
+    for p, s in opt.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            state[f"{names[p]}::{k}"] = s[k].detach().cpu().contiguous()
+        state[f"{names[p]}::step"] = torch.as_tensor(s["step"]).float().reshape(1).cpu()
+    return state
+
+
+def save_checkpoint(folder, model: ELVAModel, tok, extra: dict | None = None, optimizer=None):
+    """Write model-<step>.safetensors (+ optimizer-<step>.safetensors), tokenizer.json, then config.json: the model
+    config, `extra` (the run's arguments, world and step) and the files with their hashes."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    tag = f"{extra['step']:06d}" if "step" in extra else "final"
+    files = {"model": f"model-{tag}.safetensors", "tokenizer": "tokenizer.json"}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"model": asdict(model.cfg), **(extra or {})}
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-    _atomic_write(folder / "tokenizer.json", lambda p: tok.save(str(p)))
-    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _atomic_write(folder / files["model"], lambda p: save_file(state, str(p)))
+    if optimizer is not None:
+        files["optimizer"] = f"optimizer-{tag}.safetensors"
+        opt_state = optimizer_state(optimizer, model)
+        _atomic_write(folder / files["optimizer"], lambda p: save_file(opt_state, str(p)))
+    _atomic_write(folder / files["tokenizer"], lambda p: tok.save(str(p)))
+    meta = {"model": asdict(model.cfg), **extra, "files": {k: {"name": v, "sha256": _sha256(folder / v)}
+                                                            for k, v in files.items()}}
+    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))   # the commit point
+    keep = set(files.values())
+    for old in list(folder.glob("model-*.safetensors")) + list(folder.glob("optimizer-*.safetensors")):
+        if old.name not in keep:
+            old.unlink()
+
+
+def read_manifest(folder) -> dict:
+    """config.json of a checkpoint folder, with every file it names present and matching its sha256."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder written by train.py")
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        files = meta["files"]
+        ModelConfig(**meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest written by train.py "
+                         f"({type(e).__name__}: {e})") from e
+    for key, f in files.items():
+        path = folder / f["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by config.json (step "
+                                    f"{meta.get('step')}); the folder is incomplete")
+        if _sha256(path) != f["sha256"]:
+            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in config.json (step "
+                             f"{meta.get('step')}): a mixed or damaged checkpoint; refusing to load it")
+    return meta
 
 
 def load_checkpoint(folder, device="cpu"):
-    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt file or a config mismatch."""
+    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt or mixed file set, or a config that
+    does not match the weights."""
     from safetensors.torch import load_file
-    from data import load_tokenizer
     folder = Path(folder)
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {name}; expected a folder written by train.py")
+    meta = read_manifest(folder)
+    cfg = ModelConfig(**meta["model"])
+    tok = data.load_tokenizer(folder / meta["files"]["tokenizer"]["name"])
+    weights = folder / meta["files"]["model"]["name"]
     try:
-        meta = json.loads((folder / "config.json").read_text())
-        cfg = ModelConfig(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {folder}: config.json is not a valid model config ({e})") from e
-    tok = load_tokenizer(folder / "tokenizer.json")
-    try:
-        state = load_file(str(folder / "model.safetensors"))
+        state = load_file(str(weights))
     except Exception as e:
-        raise ValueError(f"checkpoint {folder}: model.safetensors is corrupt or not safetensors ({e})") from e
-    model = ELVAModel(cfg, tok.token_to_id("[IMG]"), tok.token_to_id("[RET]"), tok.token_to_id("[PAD]"))
+        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors ({e})") from e
     try:
+        cfg.validate()
+        model = build_model(cfg, tok)
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {folder}: weights do not match config.json ({str(e).splitlines()[0]})") from e
+    except (RuntimeError, ValueError) as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:600]
+        raise ValueError(f"checkpoint {folder}: weights do not match config.json ({detail})") from e
     return model.to(device), tok, meta
+
+
+def load_optimizer(folder, opt: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Restore the AdamW state saved with a checkpoint. Returns False (and the caller says so) if it has none."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    meta = read_manifest(folder)
+    if "optimizer" not in meta["files"]:
+        return False
+    state = load_file(str(folder / meta["files"]["optimizer"]["name"]))
+    for n, p in model.named_parameters():
+        if f"{n}::exp_avg" in state:
+            opt.state[p] = {"exp_avg": state[f"{n}::exp_avg"].to(p.device),
+                            "exp_avg_sq": state[f"{n}::exp_avg_sq"].to(p.device),
+                            "step": state[f"{n}::step"][0].clone()}
+    return True
 
 
 if __name__ == "__main__":

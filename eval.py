@@ -4,24 +4,29 @@ the summary-swap diagnostic, for one or several checkpoints side by side.
 
     python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
 
-Every embedding here is *generated* (PAPER.md, "Generative embeddings"): greedy summary, then [RET].
+Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [RET].
 - Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A hit at K means
   any relevant item (exact relevance, data.relevant) is in the top K; the rank of the best-scoring relevant item comes
-  from kernels.corpus_ranks. Chance R@5 is about 5 / pool size.
-- MRBench-mini (paper Table 6 layout): queries with >= 2 grains, an equal number per task, in a pool made of every
-  query's positive and its one-grain near misses. Recall@5 per task and the average.
-- Near misses (grain blindness, paper Definition 2 in retrieval form): Recall@1 of the positive against only its own
-  near misses, and the pairwise win rate s(q, pos) > s(q, near miss) per kind (attribute, binding, relation, no-edit).
-- Grain-masking probe (paper's test): mean cosine distance between a query's embedding and the embedding of the same
-  query with one grain removed, per grain type; larger = the grain moves the embedding.
-- Summary swap (DESIGN.md risk 2): cosine distance between an input embedded with its own summary and with another
-  input's summary: how much the [RET] state depends on the summary, i.e. how much RL on summaries can move.
+  from kernels.corpus_ranks with the positives as index lists (no [queries, pool] matrix). Ties are pessimistic: a
+  candidate scoring *equal* to the best positive ranks above it, so a collapsed model scores nothing. Chance R@5
+  depends on how many items are relevant (a short caption is satisfied by many scenes): the table prints it per task.
+- MRBench-mini (the paper's Table 6 layout): queries with >= 2 grains, an equal number per task, in a pool made of
+  every query's positive and its one-grain near misses. Recall@5 per task and the average.
+- Near misses (grain blindness, the paper's Definition 2 in Section 3.2, in retrieval form): Recall@1 of the positive
+  against only its own near misses, and the pairwise win rate s(q, pos) > s(q, near miss) per kind (attribute,
+  binding, relation, no-edit).
+- Grain-masking probe (the paper's test, Section 4): mean cosine distance between a query's embedding and the
+  embedding of the same query with one grain removed, per grain type; larger = the grain moves the embedding.
+- Summary swap: cosine distance between an input embedded with its own summary and with another input's summary:
+  how much the [RET] state depends on the summary, i.e. how much RL on summaries can move.
+- Non-finite embeddings (a broken model) rank last everywhere, and the table says how many there were.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import textwrap
 import time
@@ -38,13 +43,20 @@ from kernels import corpus_ranks
 # Metrics
 
 
-def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
-    """eq (Q, D), ep (P, D), rel (Q, P) bool -> rank (Q,) of each query's best-scoring relevant candidate."""
-    if not rel.any(1).all():
-        raise ValueError("every query needs at least one relevant candidate in the pool")
-    scores = eq @ ep.T                                                         # (Q, P), only to pick the positive
-    pos_index = scores.masked_fill(~rel.to(scores.device), float("-inf")).argmax(1)
-    return corpus_ranks(eq, ep, pos_index).cpu()
+def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """eq (Q, D), ep (P, D), positives (Q, P_max) int64 relevant pool indices (-1 pads) -> rank (Q,) of each query's
+    best-scoring relevant candidate among the non-relevant ones (pessimistic ties; NaN ranks last), streamed."""
+    return corpus_ranks(eq, ep, positives.to(eq.device)).cpu()
+
+
+def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
+    """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries with r relevant."""
+    import math
+    return sum(1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()) / len(n_relevant)
+
+
+def n_nonfinite(*embeddings: torch.Tensor) -> int:
+    return int(sum((~torch.isfinite(e).all(-1)).sum() for e in embeddings))
 
 
 def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
@@ -71,12 +83,16 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
     for task in TASKS:
         queries, pool = world.standard_split(task, n_queries)
         (eq, texts), ep = embed_queries(ret, task, queries, autocast, True), embed_pool(ret, pool, autocast)
-        rel = data.relevance_matrix(task, queries, pool)
+        pos = data.relevant_indices(task, queries, pool)                       # (Q, P_max), -1 pads
+        n_rel = (pos >= 0).sum(1)
         # how often the generated (greedy) summary of a query is exactly its reference summary
         exact = sum(t == q.item.summary for t, q in zip(texts, queries)) / len(queries)
-        out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, rel)), "pool": len(pool),
-                     "relevant_per_query": rel.sum(1).float().mean().item(), "summary_exact": exact}
-    out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS) for k in ("R@1", "R@5", "R@10", "MRR", "summary_exact")}
+        out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, pos)), "pool": len(pool),
+                     "relevant_per_query": n_rel.float().mean().item(), "summary_exact": exact,
+                     "chance_R@5": chance_recall(n_rel, len(pool), 5), "nonfinite": n_nonfinite(eq, ep)}
+    out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS)
+                  for k in ("R@1", "R@5", "R@10", "MRR", "summary_exact", "chance_R@5")}
+    out["nonfinite"] = sum(out[t]["nonfinite"] for t in TASKS)
     return out
 
 
@@ -86,8 +102,8 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
     mrb, near = {}, {}
     for task, (queries, pool) in bench.items():
         eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
-        rel = data.relevance_matrix(task, queries, pool)
-        ranks = ranks_of_best_positive(eq, ep, rel)
+        pos = data.relevant_indices(task, queries, pool)
+        ranks = ranks_of_best_positive(eq, ep, pos)
         mrb[task] = (ranks <= 5).float().mean().item()
         # near misses: pool = [pos_0, d_0..., pos_1, d_1..., ...] in query order
         wins, top1, off = {}, [], 0
@@ -100,8 +116,8 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
             off += 1 + len(q.distractors)
         near[task] = {"R@1": sum(top1) / len(top1), **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
         # the top 5 of a few queries, for the retrieval picture
-        top = (eq[:4] @ ep.T).topk(5, dim=1).indices.cpu()
-        near[task]["examples"] = [[(int(j), bool(rel[i, j])) for j in top[i]] for i in range(top.shape[0])]
+        top = elva.Retriever.search(eq[:4], ep, k=5)[1].cpu()
+        near[task]["examples"] = [[(int(j), bool((pos[i] == j).any())) for j in top[i]] for i in range(top.shape[0])]
     mrb["avg"] = sum(mrb[t] for t in TASKS) / len(TASKS)
     kinds = sorted({k for t in TASKS for k in near[t] if k.startswith("win_")})
     near["examples"] = {t: near[t].pop("examples") for t in TASKS}
@@ -129,8 +145,8 @@ def masked_captions(cap: Caption) -> list[tuple[str, Caption]]:
 
 
 def grain_masking_probe(ret, bench, n: int, autocast) -> dict:
-    """Mean cosine distance 1 - cos(f(q), f(q \\ {g})) over MRBench-mini queries (paper: 100 queries; 0.07 for the
-    contrastive baseline, 0.15 for ELVA). Text queries (t2i) drop an attribute, the relation or an object; image
+    """Mean cosine distance 1 - cos(f(q), f(q \\ {g})) over MRBench-mini queries (the paper: 100 queries; 0.07 for
+    the contrastive baseline, 0.15 for ELVA). Text queries (t2i) drop an attribute, the relation or an object; image
     queries (i2i) drop one object from the scene."""
     full, masked, kinds = [], [], []
     t2i = bench["t2i"][0][: n // 2]
@@ -194,8 +210,8 @@ def summary_headroom(ret, bench, autocast) -> dict:
                         b, imgs = ret.batch(its, ins, summ)
                         parts.append(ret.model.embed(b, imgs).float())
                 e.append(torch.cat(parts))
-            rel = data.relevance_matrix(task, queries, pool)
-            r5.append((ranks_of_best_positive(e[0], e[1], rel) <= 5).float().mean().item())
+            pos = data.relevant_indices(task, queries, pool)
+            r5.append((ranks_of_best_positive(e[0], e[1], pos) <= 5).float().mean().item())
         out[mode] = sum(r5) / len(r5)
     return out
 
@@ -207,12 +223,16 @@ def mean_pairwise_cosine(e: torch.Tensor) -> float:
 
 
 def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dict:
-    model, tok, meta = elva.load_checkpoint(ckpt, device)
-    model.eval()
+    ret = elva.Retriever.from_pretrained(ckpt, device)
+    meta = ret.meta
+    if not isinstance(meta.get("world"), dict):
+        raise SystemExit(f"--ckpt {ckpt}: config.json has no 'world' section; expected a checkpoint written by "
+                         f"train.py on GrainWorld")
     world = GrainWorld(WorldConfig(**meta["world"]))
-    ret = elva.Retriever(model, data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size))
     t0 = time.time()
     std = standard_split(ret, world, n_queries, autocast)
+    if std["nonfinite"]:
+        print(f"warning: {ckpt} gives {std['nonfinite']} non-finite embeddings on the standard split; they rank last")
     mrb, near, bench = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
@@ -343,7 +363,9 @@ def table(results: list[dict]) -> str:
 
     std0 = results[0]["standard"]
     for t in TASKS:
-        add(f"standard {t} R@1 / R@5 (pool {std0[t]['pool']})", lambda r, t=t: r["standard"][t]["R@5"])
+        chance = std0[t].get("chance_R@5")
+        add(f"standard {t} R@1 / R@5 (pool {std0[t]['pool']}" + (f", chance R@5 {chance:.3f})" if chance else ")"),
+            lambda r, t=t: r["standard"][t]["R@5"])
         rows[-1] = (rows[-1][0], [f"{r['standard'][t]['R@1']:.3f} / {r['standard'][t]['R@5']:.3f}" for r in results])
     add("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"])
     add("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"])
@@ -362,6 +384,7 @@ def table(results: list[dict]) -> str:
     add("summary-swap distance", lambda r: r["swap"]["swap_distance"])
     add("  distance between inputs", lambda r: r["swap"]["between_inputs"])
     add("mean pairwise cosine (i2i pool)", lambda r: r["mean_pairwise_cos"])
+    rows.append(("non-finite embeddings (standard split)", [str(r["standard"].get("nonfinite", "-")) for r in results]))
     lw = max(len(label) for label, _ in rows)
     lines = []
     for i, (label, vals) in enumerate(rows):
@@ -432,6 +455,7 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
     p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
     p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
@@ -446,6 +470,10 @@ def main(argv=None):
             print(log_summary(d))
         if not args.ckpt:
             return
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: expected an integer >= 1")
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                          args.threads or os.cpu_count() or 1)
     device, autocast = elva.resolve_device(args.device)
     results = []
     for f in args.from_json or []:

@@ -5,14 +5,19 @@ Hand-written Triton kernels for batched similarity and ranking, each beside its 
                              # the Triton rows through Triton's interpreter)
     python kernels.py --sweep  # CUDA: also time corpus_ranks over a few tile shapes
 
-Where they are used (PAPER.md, Section 3.4 and evaluation):
+Where they are used (the paper's Section 3.4, the rollout's ranked list, and the evaluation):
 - cosine_scores(q [R, D], c [R, C, D]) -> [R, C]: an RL rollout scores its own candidate set (R = B*G rollouts,
   C = 1 + N candidates). L2 normalisation is fused in; fp32 accumulation whatever the input dtype.
 - descending_ranks(scores [R, C]) -> int64 [R, C]: the ranked list the ranking reward reads;
-  rank_i = 1 + #{j: s_j > s_i} + #{j < i: s_j == s_i} (ties: the earlier index ranks first).
-- corpus_ranks(q [M, D], corpus [N, D], pos_index [M]) -> int64 [M]: each query's positive's rank over a whole
-  corpus, 1 + #{n != pos: cos(q, corpus_n) > cos(q, corpus_pos)}, streaming corpus tiles through tl.dot and counting,
-  never writing the [M, N] score matrix: memory O(M + N*D) instead of O(M*N). Recall@K and MRR follow from it.
+  rank_i = 1 + #{j: s_j > s_i} + #{j < i: s_j == s_i} (ties: the earlier index ranks first; NaN ranks below every
+  number, NaNs among themselves by index).
+- corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: the rank of each query's best
+  positive over a whole corpus, 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}. Pessimistic, like the
+  reward: a candidate that *ties* the positive ranks above it, so a collapsed model (every embedding equal) gets the
+  worst rank, never the best. The positive's score comes from the very same tile arithmetic as every other score (a
+  first, cheap pass over only the tiles that hold a positive), so an exact duplicate of the positive ties it exactly.
+  NaN: a NaN positive score is the worst rank; a NaN candidate never counts above. Corpus tiles stream through
+  tl.dot and are counted, never writing the [M, N] score matrix: memory O(M*P + N*D) instead of O(M*N).
 
 Every function takes backend = "auto" | "triton" | "torch". auto = Triton on CUDA tensors, the torch reference
 otherwise. "triton" on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 before triton is
@@ -115,9 +120,12 @@ def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto", block
 
 
 def descending_ranks_ref(scores: torch.Tensor) -> torch.Tensor:
-    """Reference: a stable descending sort keeps tied elements in index order, which is exactly the tie rule.
-    Memory traffic: the sort reads and writes values and indices several times (O(C log C) passes per row)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices          # (R, C)
+    """Reference: a stable descending sort keeps tied elements in index order, which is exactly the tie rule; a second
+    stable sort moves the NaNs to the end. Memory traffic: each sort reads and writes values and indices several
+    times (O(C log C) passes per row)."""
+    nan = torch.isnan(scores)
+    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices  # (R, C)
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
     ranks = torch.empty_like(order)
     ar = torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order)
     return ranks.scatter_(-1, order, ar)
@@ -139,14 +147,18 @@ if HAS_TRITON:
         for j0 in range(0, C, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             sj = tl.load(s_ptr + r * stride_sr + offs_j, mask=offs_j < C, other=0.0)
-            before = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
-            before = before & (offs_j[None, :] < C)
+            ni, nj = si[:, None] != si[:, None], sj[None, :] != sj[None, :]          # NaN masks (NaN != NaN)
+            # j is above i: a larger number, or any number above a NaN; or a tie (two equal numbers, two NaNs)
+            # at a smaller index
+            gt = (~nj & ~ni & (sj[None, :] > si[:, None])) | (~nj & ni)
+            tie = ((sj[None, :] == si[:, None]) | (nj & ni)) & (offs_j[None, :] < offs_i[:, None])
+            before = (gt | tie) & (offs_j[None, :] < C)
             count += tl.sum(before.to(tl.int32), axis=1)
         tl.store(out_ptr + r * stride_or + offs_i, (count + 1).to(tl.int64), mask=offs_i < C)
 
 
 def descending_ranks(scores: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """scores [R, C] -> int64 [R, C] 1-based descending ranks; ties: the earlier index ranks first."""
+    """scores [R, C] -> int64 [R, C] 1-based descending ranks; ties: the earlier index ranks first; NaN ranks last."""
     if scores.dim() != 2:
         raise ValueError(f"descending_ranks expects scores [R, C], got {tuple(scores.shape)}")
     if not _use_triton(backend, scores):
@@ -165,25 +177,18 @@ def descending_ranks(scores: torch.Tensor, backend: str = "auto") -> torch.Tenso
 # 3. corpus_ranks
 
 
-def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, chunk: int = 65536):
-    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk] score
-    block to memory and reads it back to compare -- the traffic the kernel saves."""
-    # Only the corpus norms matter for the order (|q| is one positive factor per query), so, like the kernel, we
-    # compare dot(q, c) * (1 / |c|) and never normalise q: the same arithmetic (one IEEE multiply by the same
-    # precomputed reciprocal), hence the same answer on exact ties -- a duplicate of the positive ties it exactly.
-    inv_norm = _inverse_norms(corpus)                                                # (N,)
-    pos = corpus[pos_index]                                                          # (M, D)
-    s_pos = (q.float() * pos.float()).sum(-1) * inv_norm[pos_index]                  # (M,)
-    count = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    ar = torch.arange(q.shape[0], device=q.device)
-    for n0 in range(0, corpus.shape[0], chunk):
-        cc = corpus[n0:n0 + chunk]                                                   # (n, D)
-        s = (q @ cc.T).float() * inv_norm[n0:n0 + chunk]                             # (M, n) in the input dtype's mm
-        above = s > s_pos[:, None]
-        inside = (pos_index >= n0) & (pos_index < n0 + cc.shape[0])
-        above[ar[inside], pos_index[inside] - n0] = False                           # the positive never counts
-        count += above.sum(1)
-    return count + 1
+def _positive_lists(pos_index: torch.Tensor, M: int, N: int) -> torch.Tensor:
+    """[M] or [M, P] positives (-1 pads a shorter list) -> int64 [M, P], checked."""
+    if pos_index.dim() == 1:
+        pos_index = pos_index[:, None]
+    if pos_index.dim() != 2 or pos_index.shape[0] != M:
+        raise ValueError(f"pos_index must be [M] or [M, P] with M = {M} (the queries), got {tuple(pos_index.shape)}")
+    pos_index = pos_index.to(torch.int64).contiguous()
+    if pos_index.numel() and (int(pos_index.min()) < -1 or int(pos_index.max()) >= N):
+        raise ValueError(f"pos_index must lie in [0, {N}) (the corpus size), -1 padding a shorter list")
+    if M and not bool((pos_index >= 0).any(1).all()):
+        raise ValueError("pos_index: every query needs at least one positive (a row of -1 has none)")
+    return pos_index
 
 
 def _inverse_norms(corpus: torch.Tensor) -> torch.Tensor:
@@ -192,84 +197,150 @@ def _inverse_norms(corpus: torch.Tensor) -> torch.Tensor:
     return 1.0 / corpus.float().norm(dim=-1).clamp(min=EPS)
 
 
+def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, chunk: int = 65536):
+    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk] score
+    block to memory and reads it back to compare -- the traffic the kernel saves.
+
+    Only the corpus norms matter for the order (|q| is one positive factor per query), so we compare
+    dot(q, c) * (1 / |c|) and never normalise q. Pass 1 scores the positives with exactly the arithmetic of pass 2
+    (the same chunk's matmul), so that a duplicate of the positive ties it bit for bit."""
+    M, N = q.shape[0], corpus.shape[0]
+    pos = _positive_lists(pos_index, M, N).to(q.device)                              # (M, P)
+    inv_norm = _inverse_norms(corpus)                                                # (N,)
+    chunk_scores = lambda n0: (q @ corpus[n0:n0 + chunk].T).float() * inv_norm[n0:n0 + chunk]   # noqa: E731 (M, n)
+    # pass 1: each positive's score, from the chunk that holds it
+    s_pos = torch.full(pos.shape, float("-inf"), device=q.device)                    # (M, P); -inf pads
+    for n0 in range(0, N, chunk):
+        inside = (pos >= n0) & (pos < n0 + chunk)                                    # (M, P)
+        if inside.any():
+            s = chunk_scores(n0)
+            m, j = inside.nonzero(as_tuple=True)
+            s_pos[m, j] = s[m, pos[m, j] - n0]
+    best = s_pos.max(dim=1).values                                                   # (M,); NaN propagates
+    # pass 2: count the non-positive candidates at or above the best positive (a NaN best: every one counts)
+    count = torch.zeros(M, dtype=torch.int64, device=q.device)
+    for n0 in range(0, N, chunk):
+        s = chunk_scores(n0)                                                         # (M, n)
+        above = (s >= best[:, None]) | torch.isnan(best)[:, None]
+        inside = (pos >= n0) & (pos < n0 + s.shape[1])
+        m, j = inside.nonzero(as_tuple=True)
+        above[m, pos[m, j] - n0] = False                                             # positives never count
+        count += above.sum(1)
+    return count + 1
+
+
 if HAS_TRITON:
     @triton.jit
-    def _corpus_kernel(q_ptr, c_ptr, inv_ptr, pos_ptr, count_ptr,   # pointers
-                       M, N, D, n_per_split,                   # sizes
-                       stride_qm, stride_cn,                   # strides
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr):
-        # grid (M blocks, corpus splits). A program owns BLOCK_M queries and a contiguous slice of the corpus; it
-        # streams that slice in BLOCK_N tiles, computes the tile's dot products with tl.dot (tensor cores), scales
-        # them by the precomputed 1/|c|, and keeps only a count per query. Counts from different splits meet in one
-        # atomic add per query and program.
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0)
-        # the positive's score, dot(q, c_pos) / |c_pos| (|q| is one positive factor per query: it cannot change the
-        # order, so q is never normalised)
-        pdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    def _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        # The scores of BLOCK_M queries against the corpus tile [n0, n0 + BLOCK_N): dot products with tl.dot (tensor
+        # cores) over BLOCK_K slices of D, scaled by the precomputed 1/|c|. Both kernels below call this one
+        # function, so a positive's score and every other score come from identical arithmetic.
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((offs_m.shape[0], BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            km = offs_k[None, :] < D
-            qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
-            pv = tl.load(c_ptr + pos[:, None] * stride_cn + offs_k[None, :], mask=m_ok[:, None] & km, other=0.0)
-            pdot += tl.sum(qv.to(tl.float32) * pv.to(tl.float32), axis=1)
-        s_pos = pdot * tl.load(inv_ptr + pos, mask=m_ok, other=0.0)
+            km = offs_k < D
+            qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=m_ok[:, None] & km[None, :],
+                         other=0.0)
+            cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :], mask=n_ok[:, None] & km[None, :],
+                         other=0.0)
+            if IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
+                acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
+            else:
+                acc += tl.dot(qv, tl.trans(cv))
+        s = acc * tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]          # (BLOCK_M, BLOCK_N) cosines * |q|
+        return s, offs_n, n_ok
+
+    @triton.jit
+    def _positive_scores_kernel(q_ptr, c_ptr, inv_ptr, pos_ptr, out_ptr,      # pointers
+                                M, N, D, P,                                   # sizes
+                                stride_qm, stride_cn,                         # strides
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                IEEE: tl.constexpr):
+        # grid (M blocks, corpus tiles). Pass 1: a program scores its tile only if the tile holds a positive of one
+        # of its queries (at most M * P of the N / BLOCK_N tiles do any work), and writes those positives' scores.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        n0 = tl.program_id(1) * BLOCK_N
+        hits = 0
+        for j in range(P):
+            pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
+            hits += tl.sum(((pj >= n0) & (pj < n0 + BLOCK_N)).to(tl.int32), axis=0)
+        if hits > 0:
+            s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
+                                           BLOCK_N, BLOCK_K, IEEE)
+            for j in range(P):
+                pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
+                here = (pj >= n0) & (pj < n0 + BLOCK_N) & m_ok
+                sp = tl.sum(tl.where(offs_n[None, :] == pj[:, None], s, 0.0), axis=1)   # picks one score (x + 0 = x)
+                tl.store(out_ptr + offs_m * P + j, sp, mask=here)
+
+    @triton.jit
+    def _corpus_kernel(q_ptr, c_ptr, inv_ptr, pos_ptr, best_ptr, count_ptr,   # pointers
+                       M, N, D, P, n_per_split,                               # sizes
+                       stride_qm, stride_cn,                                  # strides
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # grid (M blocks, corpus splits). Pass 2: a program owns BLOCK_M queries and a contiguous slice of the
+        # corpus; it streams that slice in BLOCK_N tiles and keeps only a count per query of the non-positive
+        # candidates scoring at or above the query's best positive. Counts from different splits meet in one atomic
+        # add per query and program.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        best = tl.load(best_ptr + offs_m, mask=m_ok, other=0.0)
+        best_nan = best != best
         count = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        n_start = split * n_per_split
+        n_start = tl.program_id(1) * n_per_split
         for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                km = offs_k < D
-                qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                             mask=m_ok[:, None] & km[None, :], other=0.0)
-                cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
-                             mask=n_ok[:, None] & km[None, :], other=0.0)
-                if IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
-                    acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
-                else:
-                    acc += tl.dot(qv, tl.trans(cv))
-            s = acc * tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]     # (BLOCK_M, BLOCK_N) cosines * |q|
-            above = (s > s_pos[:, None]) & n_ok[None, :] & (offs_n[None, :] != pos[:, None])
+            s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
+                                           BLOCK_N, BLOCK_K, IEEE)
+            above = ((s >= best[:, None]) | best_nan[:, None]) & n_ok[None, :]
+            for j in range(P):   # the query's own positives never count
+                pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
+                above = above & (offs_n[None, :] != pj[:, None])
             count += tl.sum(above.to(tl.int32), axis=1)
         tl.atomic_add(count_ptr + offs_m, count, mask=m_ok)
 
 
 def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, backend: str = "auto",
                  block_m: int = 256, block_n: int = 128, num_warps: int = 16, num_stages: int = 3) -> torch.Tensor:
-    """q [M, D], corpus [N, D], pos_index [M] int64 -> int64 [M]: 1 + #{n != pos: cos(q, c_n) > cos(q, c_pos)}.
+    """q [M, D], corpus [N, D], pos_index [M] or [M, P] int64 (each query's positives; -1 pads a shorter list)
+    -> int64 [M]: 1 + #{n not a positive: cos(q, c_n) >= max over the positives p of cos(q, c_p)}.
 
-    The default tile (256 x 128, 16 warps) is the fastest of `python kernels.py --sweep` on an H100 (README)."""
+    With one positive per query: 1 + #{n != pos: cos(q, c_n) >= cos(q, c_pos)}. Recall@K ("a hit if any positive
+    is in the top K") is rank <= K. The default tile (256 x 128, 16 warps) is the fastest of
+    `python kernels.py --sweep` on an H100."""
     if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
         raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, {tuple(corpus.shape)}")
-    if pos_index.shape != (q.shape[0],):
-        raise ValueError(f"pos_index must be [M] = [{q.shape[0]}], got {tuple(pos_index.shape)}")
-    if len(pos_index) and (int(pos_index.min()) < 0 or int(pos_index.max()) >= corpus.shape[0]):
-        raise ValueError(f"pos_index must lie in [0, {corpus.shape[0]}) (the corpus size)")
-    if not _use_triton(backend, q, corpus, pos_index):
-        return corpus_ranks_ref(q, corpus, pos_index)
-    q, corpus = q.contiguous(), corpus.contiguous()
     M, D = q.shape
     N = corpus.shape[0]
-    count = torch.zeros(M, device=q.device, dtype=torch.int32)
+    pos = _positive_lists(pos_index, M, N)
+    if not _use_triton(backend, q, corpus, pos_index):
+        return corpus_ranks_ref(q, corpus, pos)
+    q, corpus, pos = q.contiguous(), corpus.contiguous(), pos.to(q.device)
+    P = pos.shape[1]
+    BLOCK_K = min(64, max(16, triton.next_power_of_2(D)))
+    IEEE = q.dtype == torch.float32
+    inv_norm = _inverse_norms(corpus)                                                # (N,) fp32
     m_blocks = triton.cdiv(M, block_m)
-    # enough corpus splits to give every SM a few programs, each split a whole number of tiles
+    # pass 1: the positives' scores, from the tiles that hold them
+    s_pos = torch.full((M, P), float("-inf"), device=q.device, dtype=torch.float32)  # -inf pads
+    _positive_scores_kernel[(m_blocks, triton.cdiv(N, block_n))](
+        q, corpus, inv_norm, pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=BLOCK_K, IEEE=IEEE, num_warps=num_warps, num_stages=num_stages)
+    best = s_pos.max(dim=1).values.contiguous()                                      # (M,); NaN propagates
+    # pass 2: count. Enough corpus splits to give every SM a few programs, each split a whole number of tiles (so
+    # tiles start at multiples of block_n, as in pass 1)
+    count = torch.zeros(M, device=q.device, dtype=torch.int32)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(4 * n_sm, m_blocks)))
     n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, n_per_split)
-    BLOCK_K = min(64, max(16, triton.next_power_of_2(D)))
-    inv_norm = _inverse_norms(corpus)                                                # (N,) fp32
-    _corpus_kernel[(m_blocks, splits)](q, corpus, inv_norm, pos_index.to(torch.int64).contiguous(), count, M, N, D,
-                                       n_per_split, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
-                                       BLOCK_N=block_n, BLOCK_K=BLOCK_K, IEEE=q.dtype == torch.float32,
-                                       num_warps=num_warps, num_stages=num_stages)
+    _corpus_kernel[(m_blocks, splits)](q, corpus, inv_norm, pos, best, count, M, N, D, P, n_per_split,
+                                       q.stride(0), corpus.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                                       BLOCK_K=BLOCK_K, IEEE=IEEE, num_warps=num_warps, num_stages=num_stages)
     return count.to(torch.int64) + 1
 
 
@@ -306,7 +377,7 @@ def benchmark(sweep: bool = False):
             a @ a
         torch.cuda.synchronize()
     rows = []
-    # rollout sizes (issue 4): R = 512 rollouts, C = 101 candidates, D = 256. The interpreter gets a small slice.
+    # rollout sizes: R = 512 rollouts, C = 101 candidates, D = 256. The interpreter gets a small slice.
     # These kernels run in microseconds, so on CUDA each row is timed twice: per call with events (the host's
     # launch cost included, as in training) and as CUDA-graph replays (the GPU's own time).
     R, C, D = (512, 101, 256) if cuda else (16, 101, 256)
@@ -326,7 +397,7 @@ def benchmark(sweep: bool = False):
         tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda,
                          graph=graph)
         rows.append((f"cosine + ranks vs bmm + argsort{tag}", ref_both, tri_both, ""))
-    # corpus sizes (issue 4): M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
+    # corpus sizes: M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
     M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
     dt = torch.bfloat16 if cuda else torch.float32
     qc = torch.randn(M, D, device=dev, dtype=dt)

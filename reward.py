@@ -1,5 +1,5 @@
 """
-The paper's rule-based ranking rewards (PAPER.md, Section 3.4) and the GRPO pieces built on them, as pure functions.
+The paper's rule-based ranking rewards (ELVA, Section 3.4) and the GRPO pieces built on them, as pure functions.
 
     pytest -k reward        # the hand-computed cases in test_elva.py
 
@@ -8,16 +8,17 @@ Conventions: `scores` are cosine similarities of shape [..., C] with the positiv
 Nothing here needs gradients: as in the paper (and UME-R1), rewards are computed from the rollout's scores without
 gradient, and GRPO's gradient flows only through the log-probabilities of the sampled summary tokens.
 
-Choices the paper leaves open, and ours (README, "Choices the paper leaves open"):
-- log base: natural log (DESIGN.md).
+Choices the paper leaves open, and ours (each a flag of train.py; README, "Choices the paper leaves open"):
+- log base: natural log.
 - ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the positive: a collapsed
   model (all scores equal) gets the worst rank, not the best.
-- delta = 0.05 and gamma = 0.2: see DEFAULT_DELTA / DEFAULT_GAMMA.
+- delta = 0.05 (DEFAULT_DELTA) and gamma = auto_gamma(C): the rule that scales with the candidate count C.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,15 +28,34 @@ from kernels import descending_ranks
 # for the whole group and no signal; 0.05 is about the gap a trained model leaves between a positive and its one-grain
 # near miss in GrainWorld.
 DEFAULT_DELTA = 0.05
-# gamma: weight of R_Rank's negative term. The weights (ln k - 1) summed over the negatives' ranks 2..C are ~4.8 for
-# our default C = 9 (8 negatives), so gamma = 0.2 keeps the negative term (~0.2 * 4.8 * typical score) comparable to
-# the positive term s_(r) / (1 + ln r) <= 1. For the paper's 100 negatives the same rule gives gamma ~ 1/263.
-DEFAULT_GAMMA = 0.2
 
 
 def auto_gamma(n_candidates: int) -> float:
-    """1 / sum_{k=2}^{C} (ln k - 1): the gamma that makes the negative term's weights sum to one."""
-    return 1.0 / sum(math.log(k) - 1.0 for k in range(2, n_candidates + 1))
+    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over the ranks 2..C that
+    negatives fill then sum to one in absolute value, so the negative term stays comparable to the positive term
+    s_(r) / (1 + ln r) <= 1 whatever the candidate count C. C = 9 (8 negatives): 0.185; C = 33: 0.0186; the
+    paper's C = 101: 0.0037. A fixed gamma tuned at one C makes R_Rank almost all penalty at a larger one (gamma 0.2
+    at C = 33 gives the negatives' weights a sum of 10.7, against a positive term of at most 1). The absolute value
+    keeps small C sane: (ln k - 1) is negative at k = 2, and the plain sum is near zero at C = 4."""
+    if n_candidates < 2:
+        raise ValueError(f"auto_gamma needs C >= 2 candidates, got {n_candidates}")
+    return 1.0 / sum(abs(math.log(k) - 1.0) for k in range(2, n_candidates + 1))
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """R_total's constants in one place (ELVA, Section 3.4; alpha and epsilon from Table 4)."""
+    alpha: float = 0.4                  # weight of R_Margin (0 ablates it, Table 8)
+    epsilon: float = 0.6                # weight of R_Rank (0 ablates it, Table 8)
+    delta: float = DEFAULT_DELTA        # R_Margin's margin; the paper gives no value
+    gamma: float | None = None          # R_Rank's negative-term weight; None = auto_gamma(C); 0 ablates the term
+
+    def gamma_for(self, n_candidates: int) -> float:
+        return auto_gamma(n_candidates) if self.gamma is None else self.gamma
+
+    def __call__(self, scores: torch.Tensor, return_parts: bool = False, backend: str = "auto"):
+        """R_total of scores [..., C] (see total_reward)."""
+        return total_reward(scores, self.alpha, self.epsilon, self.delta, self.gamma, return_parts, backend)
 
 
 def _check(scores: torch.Tensor):
@@ -57,20 +77,22 @@ def ranks_with_positive_last(scores: torch.Tensor, backend: str = "auto") -> tup
 
 
 def margin_reward(scores: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor:
-    """R_Margin = max(0, cos(q, c_p) - max_n cos(q, c_n) - delta)   (PAPER.md, Section 3.4)."""
+    """R_Margin = max(0, cos(q, c_p) - max_n cos(q, c_n) - delta)   (ELVA, Section 3.4, margin reward)."""
     _check(scores)
     hardest = scores[..., 1:].max(dim=-1).values  # the hardest negative: highest cosine to the query
     return (scores[..., 0] - hardest - delta).clamp(min=0.0)
 
 
-def ranking_reward(scores: torch.Tensor, gamma: float = DEFAULT_GAMMA, backend: str = "auto",
+def ranking_reward(scores: torch.Tensor, gamma: float | None = None, backend: str = "auto",
                    return_rank: bool = False):
-    """R_Rank = s_(r) * 1/(1 + ln r)  -  gamma * sum_{k != r} s_(k) * (ln k - 1)   (PAPER.md, Section 3.4).
+    """R_Rank = s_(r) * 1/(1 + ln r)  -  gamma * sum_{k != r} s_(k) * (ln k - 1)   (ELVA, Section 3.4, ranking reward).
 
     s_(k) is the score at rank k of the rollout's sorted list and r the positive's rank. First term: a high score for
     the positive and a place near the top. Second term: a negative placed low (large k) is penalised more for keeping
     a high score, so near negatives may stay close while far ones are pushed away. Note (ln k - 1) < 0 for k <= 2:
-    the paper's formula *rewards* the negative at rank 2 (or 1) for scoring high."""
+    the paper's formula *rewards* the negative at rank 2 (or 1) for scoring high. gamma None: auto_gamma(C)."""
+    if gamma is None:
+        gamma = auto_gamma(scores.shape[-1])
     r, neg_ranks = ranks_with_positive_last(scores, backend)
     s_pos = scores[..., 0]
     pos_term = s_pos / (1.0 + torch.log(r.to(scores.dtype)))
@@ -80,8 +102,8 @@ def ranking_reward(scores: torch.Tensor, gamma: float = DEFAULT_GAMMA, backend: 
 
 
 def total_reward(scores: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, delta: float = DEFAULT_DELTA,
-                 gamma: float = DEFAULT_GAMMA, return_parts: bool = False, backend: str = "auto"):
-    """R_total = alpha * R_Margin + epsilon * R_Rank, alpha = 0.4, epsilon = 0.6 (PAPER.md, Table 4).
+                 gamma: float | None = None, return_parts: bool = False, backend: str = "auto"):
+    """R_total = alpha * R_Margin + epsilon * R_Rank, alpha = 0.4, epsilon = 0.6 (ELVA, Section 3.4 and Table 4).
 
     With return_parts, also {"margin": R_Margin, "rank": R_Rank, "pos_rank": r} for logging."""
     R_margin = margin_reward(scores, delta)
@@ -90,8 +112,7 @@ def total_reward(scores: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6,
     return (R, {"margin": R_margin, "rank": R_rank, "pos_rank": r}) if return_parts else R
 
 
-def sequence_credit(S: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, delta: float = DEFAULT_DELTA,
-                    gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+def sequence_credit(S: torch.Tensor, cfg: RewardConfig = RewardConfig()) -> torch.Tensor:
     """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
 
     In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward, so
@@ -107,7 +128,7 @@ def sequence_credit(S: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, d
         raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, candidate), "
                          f"got {tuple(S.shape)}")
     B, G, _, C = S.shape
-    R = lambda x: total_reward(x, alpha, epsilon, delta, gamma)                          # noqa: E731
+    R = cfg
     credit_q = R(S).mean(dim=2)                                                     # (B, G): mean over g'
     base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                              # (B, G', C): the rollouts' own
     eye = torch.eye(C, dtype=torch.bool, device=S.device)                           # (C, C)
@@ -139,7 +160,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
       KL     = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator; >= 0, and 0 where policy == reference)
       loss   = mean over tokens of (L_clip + beta * KL)
     Kept: clipping, KL to the frozen stage-2 model. Dropped: entropy bonus, value function (GRPO has none).
-    Returns (loss, {"kl": mean KL, "clip_frac": fraction of tokens where the clip is active})."""
+    Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": fraction of tokens where the min picks the clipped term because the
+    ratio fell below 1 - eps with A < 0, "clip_high": ... rose above 1 + eps with A > 0, "clip_frac": their sum}):
+    the tokens whose gradient the clip removes (TRL's clip_ratio/low_mean and clip_ratio/high_mean)."""
     A = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * A
@@ -151,6 +174,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     n = m.sum().clamp(min=1.0)
     loss = ((l_clip + beta * kl) * m).sum() / n
     with torch.no_grad():
-        clip_frac = (((ratio - 1.0).abs() > clip_eps).to(m.dtype) * m).sum() / n
+        low = ((ratio < 1.0 - clip_eps) & (A < 0)).to(m.dtype)
+        high = ((ratio > 1.0 + clip_eps) & (A > 0)).to(m.dtype)
+        clip_low, clip_high = (low * m).sum() / n, (high * m).sum() / n
         kl_mean = (kl * m).sum() / n
-    return loss, {"kl": kl_mean.detach(), "clip_frac": clip_frac}
+        pg_mean = (l_clip * m).sum() / n
+    return loss, {"kl": kl_mean.detach(), "pg": pg_mean.detach(), "clip_low": clip_low, "clip_high": clip_high,
+                  "clip_frac": clip_low + clip_high}

@@ -1,18 +1,24 @@
 """
-Training: the contrastive stage (InfoNCE on generated-embedding [RET] states) and the ELVA stage (GRPO with the
-paper's margin and ranking rewards over balanced negatives, KL to the stage-2 model). PAPER.md, Sections 3.2-3.4.
+Training: stage 2, the contrastive stage (InfoNCE on generated-embedding [RET] states, ELVA Section 3.3), and
+stage 3, ELVA (GRPO with the paper's margin and ranking rewards over balanced negatives, KL to the stage-2 model,
+Section 3.4).
 
     python train.py                       # default preset (gpu on CUDA, else cpu): contrastive -> ELVA -> eval table
-    python train.py --preset smoke        # the whole pipeline in under 2 minutes on 2 CPU cores
+    python train.py --preset smoke        # the whole pipeline in about a minute on 2 CPU cores
     python train.py --stages elva --rl_objective contrastive --elva_name control   # the equal-compute control
     python train.py --help                # every flag, grouped
 
-Outputs under --out (default runs/<preset>): tokenizer.json, one checkpoint folder per stage (model.safetensors,
-config.json with the resolved arguments, tokenizer.json, optimizer.safetensors for --resume), log.jsonl per stage,
-and eval.json from the final `python eval.py` run.
+Outputs under --out (default runs/<preset>): run.json (the arguments that shape the run), tokenizer.json, one
+checkpoint folder per stage (model-<step>.safetensors, optimizer-<step>.safetensors for --resume, tokenizer.json and
+config.json, which names them with their hashes and is written last), log.jsonl per stage, and eval.json from the
+final `python eval.py` run.
 
-Stage 1 of the paper (language-only NLI pretraining) has no counterpart here: our decoder learns its language from
+The paper's stage 1 (language-only NLI pretraining) has no counterpart here yet: our decoder learns its language from
 GrainWorld's text in stage 2 (README, "Choices the paper leaves open").
+
+File order: arguments -> set-up (threads, run folder, logging, the optimizer step) -> stage 2 -> stage 3 as the paper
+describes it (mining, rollout, the GRPO step) -> beyond the paper (our labelled variants and the equal-compute
+control) -> main.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +42,7 @@ import data
 import elva
 from data import INSTRUCTIONS, TASKS, GrainWorld, WorldConfig
 from kernels import cosine_scores
-from reward import DEFAULT_DELTA, DEFAULT_GAMMA, group_advantages, grpo_loss, sequence_credit, total_reward
+from reward import DEFAULT_DELTA, RewardConfig, group_advantages, grpo_loss, sequence_credit
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: sizes of the world and of each stage. The model sizes live in elva.PRESETS.
@@ -51,6 +58,8 @@ TRAIN_PRESETS = {
                 group_size=8, n_hard=16, n_rand=16, rl_queries=1000, rl_pool_scenes=1500, eval_queries=250,
                 mrbench_per_task=250, log_every=50),
 }
+# The arguments that decide the world, the tokenizer and the model's shape: a run folder keeps one value of each.
+SHAPING_ARGS = ("preset", "seed", "n_train", "n_test", "vocab_size")
 
 
 def get_args(argv=None):
@@ -61,7 +70,11 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for the world, the model and the sampling")
     g.add_argument("--stages", default="contrastive,elva", help="comma list of stages to run: contrastive, elva")
     g.add_argument("--resume", action="store_true", help="continue each stage from its last checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="reuse an --out folder made with other world / "
+                   "tokenizer arguments, starting it afresh (without it such a folder is refused)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores this "
+                   "process may use; with other jobs on the machine give each job its own cores)")
     g.add_argument("--log_every", type=int, default=None, help="steps between log lines")
     g.add_argument("--ckpt_every", type=int, default=250, help="steps between checkpoints")
     g.add_argument("--no_eval", action="store_true", help="skip the final evaluation table")
@@ -69,7 +82,7 @@ def get_args(argv=None):
     g.add_argument("--n_train", type=int, default=None, help="training scenes")
     g.add_argument("--n_test", type=int, default=None, help="test scenes (= the standard test pool size)")
     g.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size")
-    g = p.add_argument_group("contrastive stage (InfoNCE + next-token loss on reference summaries)")
+    g = p.add_argument_group("stage 2: contrastive (InfoNCE + next-token loss on reference summaries)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps")
     g.add_argument("--batch_size", type=int, default=None, help="queries per step (each with its positive)")
     g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
@@ -79,12 +92,9 @@ def get_args(argv=None):
     g.add_argument("--summary_dropout", type=float, default=0.5, help="fraction of items embedded with an empty "
                    "summary in InfoNCE (ours; see contrastive_stage)")
     g.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
-    g = p.add_argument_group("ELVA stage (GRPO with rule-based ranking rewards)")
+    g = p.add_argument_group("stage 3: ELVA (GRPO with rule-based ranking rewards)")
     g.add_argument("--elva_name", default="elva", help="checkpoint folder name of this run (e.g. control, no_margin)")
     g.add_argument("--init", default=None, help="start checkpoint (default <out>/contrastive: the stage-2 model)")
-    g.add_argument("--rl_objective", default="grpo", choices=["grpo", "contrastive"],
-                   help="grpo: the paper's ELVA; contrastive: the equal-compute control (InfoNCE on the same "
-                        "candidate sets, same steps and queries)")
     g.add_argument("--rl_steps", type=int, default=None, help="optimizer steps of the ELVA stage")
     g.add_argument("--rl_batch", type=int, default=None, help="queries per step")
     g.add_argument("--group_size", type=int, default=None, help="G: rollouts per query (paper 8)")
@@ -103,44 +113,143 @@ def get_args(argv=None):
     g.add_argument("--alpha", type=float, default=0.4, help="weight of R_Margin (paper 0.4; 0 ablates it)")
     g.add_argument("--epsilon", type=float, default=0.6, help="weight of R_Rank (paper 0.6; 0 ablates it)")
     g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="margin of R_Margin (paper: not given)")
-    g.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="weight of R_Rank's negative term (0 ablates "
-                   "it; paper: not given)")
-    g.add_argument("--pathwise", type=float, default=0.0, help="ours, beyond the paper: weight of -R_total used "
-                   "as a differentiable loss through the embeddings, added to GRPO's (0: the paper's method)")
+    g.add_argument("--gamma", default="auto", help="weight of R_Rank's negative term: 'auto' (1 / sum_k (ln k - 1) "
+                   "over the candidate count, reward.auto_gamma) or a number (0 ablates the term; paper: not given)")
+    g.add_argument("--train_vision", action="store_true", help="also train the vision tower and projector in stage 3 "
+                   "(the paper freezes the vision encoder)")
+    g = p.add_argument_group("stage 3, beyond the paper (ours; each off by default)")
+    g.add_argument("--rl_objective", default="grpo", choices=["grpo", "contrastive"],
+                   help="grpo: the paper's ELVA; contrastive: the equal-compute control (stage 2's loss on the same "
+                        "candidate sets, same steps and queries)")
+    g.add_argument("--reward", default="paper", choices=["paper", "toy", "length"],
+                   help="paper: R_total; toy: the fraction of colour words in the rollout's summaries; length: minus "
+                        "the rollout's mean summary length in tokens (targets known to be learnable: they check GRPO)")
     g.add_argument("--credit", default="rollout", choices=["rollout", "sequence"],
-                   help="rollout: the paper's, every summary of a rollout shares its reward; sequence: ours, each "
-                        "summary credited for its own part of the ranking (reward.sequence_credit)")
-    g.add_argument("--toy_reward", action="store_true", help="replace the paper's reward by a verifiable toy one "
-                   "(fraction of colour words in the rollout's summaries): checks that GRPO itself learns")
+                   help="rollout: the paper's, every summary of a rollout shares its reward; sequence: each summary "
+                        "credited for its own part of the ranking (reward.sequence_credit)")
+    g.add_argument("--pathwise", type=float, default=0.0, help="weight of -R_total used as a differentiable loss "
+                   "through the embeddings, added to GRPO's (0: the paper's method)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_queries", type=int, default=None, help="standard-split queries per task")
     g.add_argument("--mrbench_per_task", type=int, default=None, help="MRBench-mini queries per task")
-    args = p.parse_args(argv)
-    return resolve_args(args)
+    return resolve_args(p.parse_args(argv))
+
+
+def _fail(flag: str, value, expected: str):
+    raise SystemExit(f"{flag} {value!r}: expected {expected}")
 
 
 def resolve_args(args):
+    """Fill preset values, then check every flag's range before any work: one line naming the flag and the value."""
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
     if args.preset not in TRAIN_PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}; expected one of {list(TRAIN_PRESETS)}")
+        _fail("--preset", args.preset, f"one of {list(TRAIN_PRESETS)}")
     for k, v in TRAIN_PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if isinstance(args.stages, str):
+        args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in args.stages if s not in ("contrastive", "elva")]
-    if bad:
-        raise SystemExit(f"--stages: unknown stage(s) {bad}; expected contrastive and/or elva")
-    if args.group_size < 2 and args.rl_objective == "grpo":
-        raise SystemExit(f"--group_size must be >= 2 for GRPO (got {args.group_size}): advantages need a group")
+    if bad or not args.stages:
+        _fail("--stages", ",".join(args.stages), "a comma list of contrastive and/or elva")
+    if isinstance(args.gamma, str):
+        if args.gamma == "auto":
+            args.gamma = None
+        else:
+            try:
+                args.gamma = float(args.gamma)
+            except ValueError:
+                _fail("--gamma", args.gamma, "'auto' or a number")
+    positive_ints = ("steps", "rl_steps", "ckpt_every", "log_every", "rl_batch", "rl_queries", "rl_pool_scenes",
+                     "num_iterations", "eval_queries", "mrbench_per_task", "n_train", "n_test")
+    for k in positive_ints:
+        if getattr(args, k) < 1:
+            _fail(f"--{k}", getattr(args, k), "an integer >= 1")
+    for k in ("n_hard", "n_rand"):
+        if getattr(args, k) < 0:
+            _fail(f"--{k}", getattr(args, k), "an integer >= 0")
     if args.n_hard + args.n_rand < 1:
-        raise SystemExit("--n_hard + --n_rand must be >= 1: a ranking needs a negative")
+        _fail("--n_hard + --n_rand", args.n_hard + args.n_rand, ">= 1: a ranking needs a negative")
+    if args.batch_size < 2:
+        _fail("--batch_size", args.batch_size, ">= 2: with one query InfoNCE has no negative and learns nothing")
+    if args.rl_batch > len(TASKS) * args.rl_queries:
+        _fail("--rl_batch", args.rl_batch, f"<= the RL instances ({len(TASKS)} tasks x --rl_queries "
+                                          f"{args.rl_queries} = {len(TASKS) * args.rl_queries})")
+    if args.group_size < 2 and args.rl_objective == "grpo":
+        _fail("--group_size", args.group_size, ">= 2 for GRPO: advantages need a group")
+    for k in ("lr", "rl_lr", "temperature"):
+        v = getattr(args, k)
+        if not (math.isfinite(v) and v > 0):
+            _fail(f"--{k}", v, "a finite number > 0")
+    if not (math.isfinite(args.tau) and 0.005 <= args.tau <= 10):
+        _fail("--tau", args.tau, "a temperature in [0.005, 10] (smaller overflows the logits)")
+    for k in ("beta", "alpha", "epsilon", "delta", "weight_decay", "lm_weight", "pathwise"):
+        v = getattr(args, k)
+        if not (math.isfinite(v) and v >= 0):
+            _fail(f"--{k}", v, "a finite number >= 0")
+    if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma >= 0):
+        _fail("--gamma", args.gamma, "'auto' or a finite number >= 0")
+    for k, lo, hi in (("summary_dropout", 0, 1), ("warmup", 0, 1), ("clip_eps", 1e-6, 1), ("hard_threshold", -1, 1)):
+        v = getattr(args, k)
+        if not lo <= v <= hi:
+            _fail(f"--{k}", v, f"a number in [{lo}, {hi}]")
+    if args.vocab_size < 300:
+        _fail("--vocab_size", args.vocab_size, ">= 300 (256 byte symbols, 5 special tokens and some merges)")
+    if args.threads is not None and args.threads < 1:
+        _fail("--threads", args.threads, "an integer >= 1")
+    if args.device not in ("auto", "cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
+        _fail("--device", args.device, "auto, cpu, cuda, cuda:N or mps")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        _fail("--device", args.device, "a device this machine has: torch sees no CUDA GPU here (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        _fail("--device", args.device, "a device this machine has: MPS is not available here")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        _fail("--out", args.out, "a folder (this path is a file)")
+    args.reward_cfg = RewardConfig(args.alpha, args.epsilon, args.delta, args.gamma)
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Set-up shared by the stages
+# Set-up shared by the stages: threads, the run folder, the tokenizer, the schedule, logging, the optimizer step
+
+
+def set_threads(args) -> int:
+    """Torch's CPU threads: --threads, else the cores this process may use (its CPU affinity), not the machine's
+    count -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
+    n = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def check_run_folder(args):
+    """A run folder belongs to one world, tokenizer and model shape (run.json). Refuse to mix: a saved tokenizer
+    would silently override --vocab_size, another --seed would train on another world."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        _fail("--out", args.out, f"a folder this process can write ({e.strerror})")
+    shaping = {k: getattr(args, k) for k in SHAPING_ARGS}
+    path = out / "run.json"
+    if path.exists() and not args.overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        for k, v in shaping.items():
+            if k in old and old[k] != v:
+                raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} {old[k]!r}; use another "
+                                 f"--out, the same --{k}, or --overwrite to start that folder afresh")
+    elif args.overwrite:
+        for stale in ("tokenizer.json", "eval.json"):
+            (out / stale).unlink(missing_ok=True)
+    elva._atomic_write(path, lambda p: p.write_text(json.dumps(shaping, indent=2)))
 
 
 def world_config(args) -> WorldConfig:
@@ -150,10 +259,9 @@ def world_config(args) -> WorldConfig:
 
 def build_tokenizer(args, world: GrainWorld):
     path = Path(args.out) / "tokenizer.json"
-    if path.exists():
+    if path.exists():   # check_run_folder made sure it was trained with these arguments
         return data.load_tokenizer(path)
     tok = data.train_tokenizer(data.world_corpus(world, seed=args.seed), args.vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
     elva._atomic_write(path, lambda p: tok.save(str(p)))
     return tok
 
@@ -167,37 +275,18 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_optimizer(folder: Path, opt: torch.optim.Optimizer, model):
-    """AdamW state as safetensors (no pickles): exp_avg / exp_avg_sq per parameter name, step in the key."""
-    from safetensors.torch import save_file
-    names = {p: n for n, p in model.named_parameters()}
-    state = {}
-    for p, s in opt.state.items():
-        for k in ("exp_avg", "exp_avg_sq"):
-            state[f"{names[p]}::{k}"] = s[k].detach().cpu().contiguous()
-        state[f"{names[p]}::step"] = torch.as_tensor(s["step"]).float().reshape(1).cpu()
-    elva._atomic_write(folder / "optimizer.safetensors", lambda f: save_file(state, str(f)))
-
-
-def load_optimizer(folder: Path, opt: torch.optim.Optimizer, model):
-    from safetensors.torch import load_file
-    path = folder / "optimizer.safetensors"
-    if not path.is_file():
-        return
-    state = load_file(str(path))
-    for n, p in model.named_parameters():
-        if f"{n}::exp_avg" in state:
-            opt.state[p] = {"exp_avg": state[f"{n}::exp_avg"].to(p.device),
-                            "exp_avg_sq": state[f"{n}::exp_avg_sq"].to(p.device),
-                            "step": state[f"{n}::step"][0].clone()}
-
-
 class Logger:
-    """One plain line per log step and a JSONL record per step."""
+    """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a resumed one keeps
+    only the records up to the checkpoint it resumed from, so a log never holds a step twice."""
 
     def __init__(self, folder: Path, stage: str, total: int, start: int, every: int):
         folder.mkdir(parents=True, exist_ok=True)
-        self.f = open(folder / "log.jsonl", "a")
+        path = folder / "log.jsonl"
+        kept = []
+        if start > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
+        elva._atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+        self.f = open(path, "a")
         self.stage, self.total, self.start, self.every = stage, total, start, every
         self.t0 = time.time()
 
@@ -216,24 +305,62 @@ class Logger:
                   flush=True)
 
 
-def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: int, stage: str) -> torch.Tensor:
-    """Check the loss is finite, backward, clip the gradient norm to 1, step. Returns the pre-clip gradient norm."""
+def last_good(folder: Path) -> str:
+    """What a stop leaves behind, for the error message."""
+    try:
+        return f"the last checkpoint in {folder} (step {elva.read_manifest(folder)['step']}) is kept"
+    except (OSError, ValueError, KeyError):
+        return f"no checkpoint of this stage was written to {folder}"
+
+
+def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: int, stage: str,
+                   folder: Path) -> torch.Tensor:
+    """Check the loss and the gradient are finite, backward, clip the gradient norm to 1, step. A non-finite loss or
+    gradient stops the run before the update is applied (and so before anything is saved). -> pre-clip grad norm."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()}; stopping rather than training on it "
-                                 f"(the last good checkpoint is kept)")
+        raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
+                                 f"{last_good(folder)}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(gnorm):
+        raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
+                                 f"applying it; {last_good(folder)}")
     opt.step()
     return gnorm
 
 
+def save(folder: Path, model, tok, meta: dict, opt, step: int, stage: str):
+    """A checkpoint of the stage (weights + optimizer state, written as a unit) -- never of non-finite weights."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"{stage} step {step}: the weights became non-finite ({bad[0]}"
+                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saving them; "
+                                 f"{last_good(folder)}")
+    elva.save_checkpoint(folder, model, tok, {**meta, "step": step}, optimizer=opt)
+
+
+def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
+    """With --resume and a checkpoint in `folder`: load its weights and optimizer state (hashes verified) into model
+    and opt. -> the first step still to run (0 when starting afresh)."""
+    if not (args.resume and (folder / "config.json").exists()):
+        return 0
+    saved, _, meta = elva.load_checkpoint(folder, device)
+    model.load_state_dict(saved.state_dict())
+    if not elva.load_optimizer(folder, opt, model):
+        print(f"{stage}: warning: {folder} holds no optimizer state; resuming with a fresh AdamW")
+    print(f"{stage}: resumed from {folder} at step {meta['step'] + 1} (weights, optimizer state and tokenizer "
+          f"verified against config.json)")
+    return meta["step"] + 1
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 2: contrastive (InfoNCE on [RET] embeddings with teacher-forced reference summaries + next-token loss)
+# Stage 2: contrastive (ELVA Section 3.3). InfoNCE on [RET] embeddings with teacher-forced reference summaries, plus
+# the next-token loss that teaches our from-scratch model to write summaries at all (Qwen2-VL already can).
 
 
 def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg: torch.Tensor | None = None):
-    """L = -1/N sum_n log( exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau) )   (PAPER.md, stage 2).
+    """L = -1/N sum_n log( exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau) )   (ELVA, Section 3.3).
 
     eq (N, D), ec (N, M, D) or (M, D) unit vectors. With ec (M, D), candidate n is query n's positive (in-batch
     negatives); with ec (N, M, D), candidate 0 of each row is its positive. false_neg (N, M) bool masks candidates
@@ -250,12 +377,14 @@ def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg: torch.Te
 
 
 def in_batch_false_negatives(queries) -> torch.Tensor:
-    """(B, B) bool: candidate j (another query's positive) is relevant to query i, for the same task."""
+    """(B, B) bool: candidate j (query j's positive) is relevant to query i, whatever task query j came from.
+    Candidates are embedded without an instruction, so an image->image positive that satisfies a text->image caption
+    is a true match for that caption: it must not be pushed away as a negative."""
     B = len(queries)
     m = torch.zeros(B, B, dtype=torch.bool)
     for i, qi in enumerate(queries):
         for j, qj in enumerate(queries):
-            if i != j and qi.task == qj.task and data.relevant(qi.task, qi.item, qj.positive):
+            if i != j and data.relevant(qi.task, qi.item, qj.positive):
                 m[i, j] = True
     return m
 
@@ -274,64 +403,76 @@ def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | 
     return retriever.model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
 
+def stage2_loss(args, retriever, items, instr, rng: random.Random, autocast, group: int | None = None,
+                false_neg: torch.Tensor | None = None):
+    """Stage 2's loss: InfoNCE + lm_weight * next-token loss, with summary dropout. Items are laid out either as
+    [B queries, then their B positives] (group None: in-batch negatives, stage 2) or as rows of `group` items
+    [query, positive, negatives...] (the equal-compute control). -> (loss, InfoNCE, LM loss).
+
+    Summary dropout (ours): with teacher-forced reference summaries, a query and its positive often carry
+    near-identical summary text (for i2i the very same string), so InfoNCE can be met by reading the summary and
+    never teaches the [RET] state to look at the input. Dropping the summary of a random part of the items makes
+    InfoNCE train perception directly; the LM loss still teaches every kept summary."""
+    drop = [rng.random() < args.summary_dropout for _ in items]
+    e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
+    if group is None:
+        B = len(items) // 2
+        l_nce = info_nce(e[:B], e[B:], args.tau, false_neg)
+    else:
+        e = e.view(-1, group, e.shape[-1])                                      # (B, K, D)
+        l_nce = info_nce(e[:, 0], e[:, 1:], args.tau)
+    l_lm = -logp.sum() / lm_mask.sum().clamp(min=1)
+    return l_nce + args.lm_weight * l_lm, l_nce, l_lm
+
+
 def contrastive_stage(args, world, tok, device, autocast):
     folder = Path(args.out) / "contrastive"
     cfg = copy.deepcopy(elva.PRESETS[args.preset])
-    cfg.vocab_size = tok.get_vocab_size()
     torch.manual_seed(args.seed)
-    model = elva.ELVAModel(cfg, tok.token_to_id("[IMG]"), tok.token_to_id("[RET]"), tok.token_to_id("[PAD]")).to(device)
+    model = elva.build_model(cfg, tok).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    start = 0
-    if args.resume and (folder / "model.safetensors").exists():
-        model, _, meta = elva.load_checkpoint(folder, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-        load_optimizer(folder, opt, model)
-        start = meta["step"] + 1
-        print(f"contrastive: resumed from {folder} at step {start}")
+    start = resume_point(args, folder, model, opt, "contrastive", device)
     if start >= args.steps:
         print(f"contrastive: already complete ({args.steps} steps) in {folder}")
         return
     n = sum(p.numel() for p in model.parameters())
     print(f"contrastive: {n / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size} queries")
-    enc = data.Encoder(tok, cfg.n_img_tokens, cfg.image_size)
-    retriever = elva.Retriever(model, enc)
+    retriever = elva.Retriever(model, tok)
     logger = Logger(folder, "contrastive", args.steps, start, args.log_every)
-    meta = {"world": asdict(world.cfg), "args": vars(args), "stage": "contrastive"}
+    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "contrastive"}
     model.train()
     for step in range(start, args.steps):
-        rng = random.Random(f"{args.seed}-contrastive-{step}")   # per-step seed: --resume replays the same data
+        # the batch: B queries over the four tasks and their positives; a per-step seed, so --resume replays it
+        rng = random.Random(f"{args.seed}-contrastive-{step}")
         queries = world.sample_queries(rng, args.batch_size)
         items = [q.item for q in queries] + [q.positive for q in queries]
         instr = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
-        # Summary dropout (ours): with teacher-forced reference summaries, a query and its positive often carry
-        # near-identical summary text (for i2i the very same string), so InfoNCE can be met by reading the summary
-        # and never teaches the [RET] state to look at the input. Dropping the summary of a random part of the items
-        # makes InfoNCE train perception directly; the LM loss still teaches every kept summary.
-        drop = [rng.random() < args.summary_dropout for _ in items]
-        e, logp, gen_mask = teacher_forced(retriever, items, instr, autocast, drop)
-        B = len(queries)
-        l_nce = info_nce(e[:B], e[B:], args.tau, in_batch_false_negatives(queries).to(device))
-        l_lm = -logp.sum() / gen_mask.sum().clamp(min=1)
-        loss = l_nce + args.lm_weight * l_lm
+        # the loss: InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss
+        false_neg = in_batch_false_negatives(queries).to(device)
+        loss, l_nce, l_lm = stage2_loss(args, retriever, items, instr, rng, autocast, false_neg=false_neg)
+        # the update: warm-up + cosine schedule, clipped AdamW step
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        gnorm = optimizer_step(opt, model, loss, step, "contrastive")
+        gnorm = optimizer_step(opt, model, loss, step, "contrastive", folder)
         logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                          "grad_norm": gnorm.item()})
+                          "grad_norm": gnorm.item(), "masked_false_neg": int(false_neg.sum())})
         if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
-            elva.save_checkpoint(folder, model, tok, {**meta, "step": step})
-            save_optimizer(folder, opt, model)
+            save(folder, model, tok, meta, opt, step, "contrastive")
     print(f"contrastive: saved {folder}")
 
 
+def serializable(args) -> dict:
+    return {k: (v.__dict__ if isinstance(v, RewardConfig) else v) for k, v in vars(args).items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 3: ELVA. Balanced negatives mined with the stage-2 model, then GRPO over generated embeddings.
+# Stage 3: ELVA (Section 3.4). Balanced negatives mined with the stage-2 model, then GRPO over generated embeddings.
 
 
 def build_rl_instances(args, world, retriever, autocast):
     """For each task: RL queries on training scenes, each with its positive and n_hard + n_rand negatives mined from
-    a pool of train scenes and their one-grain siblings (PAPER.md, "Negative sampling for RL")."""
+    a pool of train scenes and their one-grain siblings (ELVA, Section 3.4, negative sampling)."""
     rng = random.Random(f"{args.seed}-rl-data")
     gen = torch.Generator().manual_seed(args.seed)
     instances = []
@@ -353,156 +494,248 @@ def build_rl_instances(args, world, retriever, autocast):
     return instances
 
 
-def toy_reward(texts: list[str]) -> float:
-    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
-    words = [w for t in texts for w in t.replace(";", " ").split()]
-    return sum(w in data.COLORS for w in words) / max(1, len(words))
-
-
 def rollout_scores(e: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """e (B, G, K, D): per rollout the query's embedding then its K - 1 candidates' -> cosine scores (B, G, K - 1)."""
     B, G, K, D = e.shape
     return cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D), backend).view(B, G, K - 1)
 
 
-def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast):
-    """One GRPO rollout batch. For each of B instances and each of G rollouts, sample a summary for the query, the
-    positive and every negative, embed all at [RET], score with cosine and reward the ranked list.
+@dataclass
+class Rollout:
+    """One GRPO rollout batch: B instances x G rollouts x K = 2 + N items (query, positive, N negatives), that is
+    S = B * G * K sequences in (instance, rollout, item) order."""
+    batch: dict               # tokens / attn / gen_mask / ret_pos, each (S, T) or (S,)
+    images: torch.Tensor      # (n_images, 3, H, W)
+    sampled: torch.Tensor     # (S, T) bool: the tokens the policy sampled -- the summary, and [RET] unless forced
+    logp: torch.Tensor        # (S, T) float32 log-probs of the tokens under the policy, with gradient
+    h: torch.Tensor           # (S, T, D) final hidden states, with gradient
+    e: torch.Tensor           # (B, G, K, D) unit [RET] embeddings, no gradient
+    scores: torch.Tensor      # (B, G, K - 1) cosine of each rollout's query to its positive (0) and negatives
+    summaries: list = field(default_factory=list)   # S sampled summaries (token ids)
+    queries: list = field(default_factory=list)     # the B instances' Query objects
 
-    The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the first policy
-    update too (no second forward). Returns the batch, logp (S, T) and hidden states over S = B * G * (2 + N)
-    sequences (order: instance, rollout, item), scores (B, G, 1 + N) and rewards (B, G)."""
-    G = args.group_size
+    @property
+    def shape(self):
+        return tuple(self.e.shape[:3])                                          # (B, G, K)
+
+
+def rollout_items(batch, G: int):
+    """The S = B * G * K items of a rollout batch, (instance, rollout, item) order, and their instructions: the
+    query gets its task's instruction, candidates none (as in M-BEIR's pools)."""
     items, instr = [], []
     for q, negs in batch:
-        one = [q.item, q.positive, *negs]
-        ins = [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
         for _ in range(G):
-            items += one
-            instr += ins
+            items += [q.item, q.positive, *negs]
+            instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
+    return items, instr
+
+
+def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast) -> Rollout:
+    """For each of B instances and each of G rollouts, sample a summary for the query, the positive and every
+    negative, embed all at [RET] and score each rollout's candidates against its query.
+
+    The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the first policy
+    update too (no second forward)."""
+    G = args.group_size
+    items, instr = rollout_items(batch, G)
     K = 2 + len(batch[0][1])
     with autocast():
-        summ = policy.summarise(items, instr, temperature=args.temperature, generator=gen)
+        summ, ended = policy.summarise(items, instr, temperature=args.temperature, generator=gen, return_ended=True)
     b, imgs = policy.batch(items, instr, summ)
+    # a [RET] appended after max_summary_len tokens was not sampled: it gets no advantage and no KL
+    forced = torch.tensor([not x for x in ended], device=b["gen_mask"].device)
+    sampled = b["gen_mask"].clone()
+    sampled[torch.arange(len(items), device=sampled.device)[forced], b["ret_pos"][forced]] = False
     with autocast():
         logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
     with torch.no_grad():
         e = policy.model.ret_embedding(h, b["ret_pos"]).view(len(batch), G, K, -1)   # (B, G, K, D)
         scores = rollout_scores(e)                                                  # (B, G, K - 1)
-    B = len(batch)
-    if args.toy_reward:
-        texts = [policy.enc.decode(s) for s in summ]
-        R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
-        parts = {"margin": torch.zeros(B, G), "rank": torch.zeros(B, G), "pos_rank": torch.ones(B, G)}
-    else:
-        R, parts = total_reward(scores.cpu(), args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True)
-    return {"batch": b, "images": imgs, "logp": logp.float(), "h": h, "e": e, "scores": scores, "rewards": R,
-            "parts": parts, "summ_len": sum(len(s) for s in summ) / len(summ), "K": K}
+    return Rollout(b, imgs, sampled, logp.float(), h, e, scores, summ, [q for q, _ in batch])
 
 
-def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step):
-    """rollout -> reward -> group advantage -> clipped loss with KL (reward.grpo_loss), num_iterations updates."""
+def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: Path) -> dict:
+    """ELVA's GRPO step (Section 3.4), in the paper's order:
+      1. rollout     G sampled summaries of every item -> [RET] embeddings -> each rollout's ranked candidate list
+      2. reward      R_total = alpha R_Margin + epsilon R_Rank of each rollout's list
+      3. advantage   A = (R - mean) / (std + eps) over the query's G rollouts, shared by all the rollout's summaries
+      4. loss        PPO-clipped policy gradient on the sampled summary tokens + beta * KL(k3) to the stage-2 model
+      5. update      clipped AdamW step (num_iterations > 1: more updates on the same rollouts, ratio != 1)
+    Our labelled variants (--reward, --credit, --pathwise) replace step 2, 3 or add to 4: see BEYOND_THE_PAPER."""
+    variant = BEYOND_THE_PAPER
+    # 1. rollout
     ro = rollout(args, policy, batch, gen, autocast)
-    R = ro["rewards"]                                                          # (B, G)
-    K = ro["K"]
-    if args.credit == "sequence":  # ours: each summary's own credit, normalised over the group per item slot
-        en = torch.nn.functional.normalize(ro["e"].float(), dim=-1).cpu()    # (B, G, K, D)
-        S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])         # (B, G', G, K - 1)
-        credit = sequence_credit(S, args.alpha, args.epsilon, args.delta, args.gamma)   # (B, G, K)
-        A = group_advantages(credit.permute(0, 2, 1).reshape(-1, R.shape[1]))           # (B * K, G)
-        A_seq = A.view(R.shape[0], K, R.shape[1]).permute(0, 2, 1).reshape(-1)         # (S,) in (b, g, k) order
-    else:  # the paper's: one advantage per rollout, shared by all its summaries
-        A = group_advantages(R)                                                # (B, G)
-        A_seq = A[:, :, None].expand(-1, -1, K).reshape(-1)                    # (S,): one per summary
-    A_seq = A_seq.to(ro["logp"].device)
-    b, imgs = ro["batch"], ro["images"]
-    old_logp = ro["logp"].detach()                                             # the rollout policy's log-probs
+    B, G, K = ro.shape
+    # 2. reward, from the scores alone (no gradient)
+    if args.reward == "paper":
+        R, parts = args.reward_cfg(ro.scores.cpu(), return_parts=True)      # (B, G)
+    else:
+        R, parts = variant["reward"](args, ro, policy)
+    # 3. group advantage, one per rollout, the same for each of its K summaries
+    A = group_advantages(R)                                                    # (B, G)
+    A_seq = A[:, :, None].expand(B, G, K).reshape(-1)                          # (S,)
+    if args.credit != "rollout":
+        A_seq = variant["credit"](args, ro)
+    A_seq = A_seq.to(ro.logp.device)
+    # 4. loss: the rollout policy's log-probs are the "old" ones; the frozen stage-2 model is the KL reference
+    old_logp = ro.logp.detach()
     with torch.no_grad(), autocast():
-        ref_logp, _ = ref_model.token_logprobs(b, imgs, args.temperature)
+        ref_logp, _ = ref_model.token_logprobs(ro.batch, ro.images, args.temperature)
+    logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
     for it in range(args.num_iterations):
-        if it == 0:
-            logp, h = ro["logp"], ro["h"]                                      # on-policy: ratio exactly 1
-        else:
+        if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
             with autocast():
-                logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
-        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, b["gen_mask"],
-                               args.clip_eps, args.beta)
+                logp, h = policy.model.token_logprobs(ro.batch, ro.images, args.temperature)
+        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta)
         if args.pathwise > 0:
-            # ours, not the paper's: R_total is differentiable almost everywhere in the scores, so its gradient
-            # through the embeddings (of the sampled summaries) is added to GRPO's
-            e = policy.model.ret_embedding(h, b["ret_pos"]).view(*R.shape, ro["K"], -1)   # (B, G, K, D)
-            sc = rollout_scores(e, backend="torch")                        # the differentiable reference
-            R_path = total_reward(sc, args.alpha, args.epsilon, args.delta, args.gamma, backend="torch")
-            loss = loss - args.pathwise * R_path.mean()
-        optimizer_step(opt, policy.model, loss, step, "elva")
-    tied = ((R.max(1).values - R.min(1).values) < 1e-6).float().mean()
-    return {"loss": loss.item(), "reward_mean": R.mean().item(), "reward_std": R.std().item(),
-            "R_margin": ro["parts"]["margin"].mean().item(), "R_rank": ro["parts"]["rank"].mean().item(),
-            "top1": (ro["parts"]["pos_rank"] == 1).float().mean().item(), "tied_groups": tied.item(),
-            "kl": info["kl"].item(), "clip_frac": info["clip_frac"].item(), "summary_len": ro["summ_len"]}
+            loss = loss + variant["pathwise"](args, ro, policy, h)
+        # 5. update
+        optimizer_step(opt, policy.model, loss, step, "elva", folder)
+    return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy)}
 
 
-def control_step(args, policy, opt, batch, autocast, step):
-    """The equal-compute control: InfoNCE over the same candidate sets (positive + the mined negatives) with
-    teacher-forced reference summaries and the next-token loss, one optimizer step per batch as GRPO takes."""
-    policy.model.train()
-    items, instr = [], []
-    for q, negs in batch:
-        items += [q.item, q.positive, *negs]
-        instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
-    e, logp, gen_mask = teacher_forced(policy, items, instr, autocast)
-    K = 2 + len(batch[0][1])
-    e = e.view(len(batch), K, -1)                                              # (B, K, D)
-    l_nce = info_nce(e[:, 0], e[:, 1:], args.tau)
-    l_lm = -logp.sum() / gen_mask.sum()
-    loss = l_nce + args.lm_weight * l_lm
-    optimizer_step(opt, policy.model, loss, step, "control")
-    return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
+def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
+    """What one log line says about the step's signal. `tied_groups`: groups whose G rewards all tie (no gradient).
+    `corr_len` / `corr_exact`: the mean, over groups, of the correlation between a rollout's reward and its summaries'
+    mean length / whether its query summary is exactly the reference -- what the reward pays for. `pg` / `kl_term`:
+    the policy-gradient part of the loss and beta * KL. `adv_query`: the share of the batch's |advantage| mass (over
+    sampled tokens) that sits on query summaries rather than candidate summaries."""
+    B, G, K = ro.shape
+    lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
+    exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
+                           for g in range(G)] for b, q in enumerate(ro.queries)])                    # (B, G)
+
+    def group_corr(x, y):   # mean over groups of Pearson's r; a group where either side is constant counts 0
+        x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        den = (x.norm(dim=1) * y.norm(dim=1))
+        return torch.where(den > 1e-12, (x * y).sum(1) / den.clamp(min=1e-12), torch.zeros_like(den)).mean().item()
+
+    tok_adv = A_seq.abs().cpu()[:, None] * ro.sampled.cpu().float()                                 # (S, T)
+    per_item = tok_adv.sum(1).view(B, G, K)
+    out = {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
+           "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
+           "top1": (parts["pos_rank"] == 1).float().mean().item(),
+           "tied_groups": ((R.max(1).values - R.min(1).values) < 1e-6).float().mean().item(),
+           "kl": info["kl"].item(), "clip_low": info["clip_low"].item(), "clip_high": info["clip_high"].item(),
+           "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
+           "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
+           "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
+           "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item()}
+    return out
 
 
 def elva_stage(args, device, autocast):
     init = Path(args.init or Path(args.out) / "contrastive")
     folder = Path(args.out) / args.elva_name
-    model, tok, init_meta = elva.load_checkpoint(init, device)
+    ref = elva.Retriever.from_pretrained(init, device)  # the frozen stage-2 model: KL anchor and negative miner
+    init_meta = ref.meta
+    if "world" not in init_meta:
+        _fail("--init", str(init), "a stage-2 checkpoint whose config.json has a 'world' section")
     world = GrainWorld(WorldConfig(**init_meta["world"]))   # the stage-2 model's world; --seed varies only RL here
-    enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
-    ref_model = copy.deepcopy(model).eval()          # the frozen stage-2 model: KL anchor (and negative miner)
-    for p in ref_model.parameters():
+    model = copy.deepcopy(ref.model).train()                 # the policy starts as the stage-2 model
+    for p in ref.model.parameters():
         p.requires_grad_(False)
-    start = 0
-    if args.resume and (folder / "model.safetensors").exists():
-        model, _, meta = elva.load_checkpoint(folder, device)
-        start = meta["step"] + 1
-        print(f"{args.elva_name}: resumed from {folder} at step {start}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.98))
-    if start:
-        load_optimizer(folder, opt, model)
+    # the paper freezes the vision encoder and trains the language model (with LoRA, at 7B; our decoder is small
+    # enough to train whole): the vision tower and projector stay as stage 2 left them unless --train_vision
+    if not args.train_vision:
+        for p in model.vision_parameters():
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    start = resume_point(args, folder, model, opt, args.elva_name, device)
     if start >= args.rl_steps:
         print(f"{args.elva_name}: already complete ({args.rl_steps} steps) in {folder}")
         return
     t0 = time.time()
-    instances = build_rl_instances(args, world, elva.Retriever(ref_model, enc), autocast)
+    instances = build_rl_instances(args, world, ref, autocast)
+    C = 1 + args.n_hard + args.n_rand
     print(f"{args.elva_name}: mined {len(instances)} RL instances ({args.n_hard} hard + {args.n_rand} random "
-          f"negatives each) in {time.time() - t0:.0f}s; objective {args.rl_objective}"
-          f"{' (toy reward)' if args.toy_reward else ''}, {args.rl_steps} steps x {args.rl_batch} queries x "
-          f"G={args.group_size}")
-    policy = elva.Retriever(model, enc)
+          f"negatives each) in {time.time() - t0:.0f}s; objective {args.rl_objective}, reward {args.reward}, "
+          f"{args.rl_steps} steps x {args.rl_batch} queries x G={args.group_size}; alpha {args.alpha}, epsilon "
+          f"{args.epsilon}, delta {args.delta}, gamma {args.reward_cfg.gamma_for(C):.4f}"
+          f"{' (auto for C = %d candidates)' % C if args.gamma is None else ''}; trains "
+          f"{sum(p.numel() for p in trainable) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters{' (vision frozen)' if not args.train_vision else ''}")
+    policy = elva.Retriever(model, ref.tok)
     logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every)
-    meta = {"world": init_meta["world"], "args": vars(args), "stage": "elva", "init": str(init)}
+    meta = {"world": init_meta["world"], "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
     for step in range(start, args.rl_steps):
+        # per-step seeds for the batch and the sampling, so --resume replays the same steps
         gen.manual_seed(args.seed * 100003 + step)
         rng = random.Random(f"{args.seed}-rl-batch-{step}")
         batch = rng.sample(instances, args.rl_batch)
         if args.rl_objective == "grpo":
-            rec = grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step)
+            rec = grpo_step(args, policy, ref.model, opt, batch, gen, autocast, step, folder)
         else:
-            rec = control_step(args, policy, opt, batch, autocast, step)
+            rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
         logger.log(step, rec)
         if (step + 1) % args.ckpt_every == 0 or step == args.rl_steps - 1:
-            elva.save_checkpoint(folder, model, tok, {**meta, "step": step})
-            save_optimizer(folder, opt, model)
+            save(folder, model, ref.tok, meta, opt, step, args.elva_name)
     print(f"{args.elva_name}: saved {folder} ({time.time() - t0:.0f}s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Beyond the paper: our labelled variants of stage 3, each off by default, and the equal-compute control.
+
+
+def toy_reward(texts: list[str]) -> float:
+    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
+    words = [w for t in texts for w in t.replace(";", " ").split()]
+    return sum(w in data.COLORS for w in words) / max(1, len(words))
+
+
+def lexical_reward(args, ro: Rollout, policy) -> tuple[torch.Tensor, dict]:
+    """--reward toy | length: a reward we know GRPO can reach, computed from the rollout's summaries alone.
+    toy: the fraction of colour words; length: minus the mean summary length in tokens (on worlds where the model's
+    own summaries hurt retrieval, writing less is a policy that ranks better)."""
+    B, G, K = ro.shape
+    if args.reward == "toy":
+        texts = [policy.enc.decode(s) for s in ro.summaries]
+        R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
+    else:
+        R = -torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K).mean(2)
+    _, parts = args.reward_cfg(ro.scores.cpu(), return_parts=True)   # still logged: does the ranking move?
+    return R, parts
+
+
+def sequence_credit_advantages(args, ro: Rollout) -> torch.Tensor:
+    """--credit sequence: each summary's own credit (reward.sequence_credit), normalised over the group per item
+    slot. -> (S,) advantages in (instance, rollout, item) order."""
+    B, G, K = ro.shape
+    en = ro.e.float().cpu()                                                    # (B, G, K, D)
+    S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])             # (B, G', G, K - 1)
+    credit = sequence_credit(S, args.reward_cfg)                               # (B, G, K)
+    A = group_advantages(credit.permute(0, 2, 1).reshape(-1, G))               # (B * K, G)
+    return A.view(B, K, G).permute(0, 2, 1).reshape(-1)                        # (S,)
+
+
+def pathwise_loss(args, ro: Rollout, policy, h) -> torch.Tensor:
+    """--pathwise w: R_total is differentiable almost everywhere in the scores, so -w * R_total's gradient through
+    the embeddings (of the sampled summaries) is added to GRPO's."""
+    e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(*ro.shape, -1)   # (B, G, K, D)
+    R_path = args.reward_cfg(rollout_scores(e, backend="torch"), backend="torch")  # the differentiable reference
+    return -args.pathwise * R_path.mean()
+
+
+BEYOND_THE_PAPER = {"reward": lexical_reward, "credit": sequence_credit_advantages, "pathwise": pathwise_loss}
+
+
+def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_meta: dict) -> dict:
+    """The equal-compute control (--rl_objective contrastive): stage 2 continued -- stage 2's exact loss (InfoNCE
+    with summary dropout + next-token loss, its tau, lm_weight and dropout rate) -- over the same candidate sets
+    (positive + the mined negatives), one optimizer step per batch as GRPO takes."""
+    stage2 = argparse.Namespace(**{k: init_meta.get("args", {}).get(k, getattr(args, k))
+                                   for k in ("tau", "lm_weight", "summary_dropout")})
+    policy.model.train()
+    items, instr = [], []
+    for q, negs in batch:
+        items += [q.item, q.positive, *negs]
+        instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
+    rng = random.Random(f"{args.seed}-control-{step}")
+    loss, l_nce, l_lm = stage2_loss(stage2, policy, items, instr, rng, autocast, group=2 + len(batch[0][1]))
+    optimizer_step(opt, policy.model, loss, step, "control", folder)
+    return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -510,11 +743,13 @@ def elva_stage(args, device, autocast):
 
 def main(argv=None):
     args = get_args(argv)
+    threads = set_threads(args)
     device, autocast = elva.resolve_device(args.device)
+    print(f"threads: {threads}")
+    check_run_folder(args)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("args:", json.dumps(vars(args)))
+    print("args:", json.dumps(serializable(args)))
     t0 = time.time()
     if "contrastive" in args.stages:
         world = GrainWorld(world_config(args))
@@ -525,14 +760,14 @@ def main(argv=None):
     if "elva" in args.stages:
         elva_stage(args, device, autocast)
     if not args.no_eval:
-        ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "model.safetensors").exists()]
+        ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "config.json").exists()]
         cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--out", str(out / "eval.json"),
                "--queries", str(args.eval_queries), "--mrbench_per_task", str(args.mrbench_per_task),
-               "--device", str(device)]
+               "--device", str(device), "--threads", str(threads)]
         for c in ckpts:
             cmd += ["--ckpt", str(out / c)]
         print("eval:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)   # eval.py is a program of its own; no module imports it (DESIGN.md)
+        subprocess.run(cmd, check=True)   # eval.py is a program of its own: nothing imports it
     print(f"total time {(time.time() - t0) / 60:.1f} min")
 
 
