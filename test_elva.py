@@ -746,3 +746,186 @@ def test_chance_recall_by_hand():
     # pool 10, one relevant: 5/10; all relevant: 1; 2 relevant: 1 - C(8,5)/C(10,5) = 1 - 56/252
     assert evaluation.chance_recall(torch.tensor([1]), 10, 5) == pytest.approx(0.5)
     assert evaluation.chance_recall(torch.tensor([10, 2]), 10, 5) == pytest.approx((1 + 1 - 56 / 252) / 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What happens when things go wrong: each case gets a named one-line error, or is handled (README table)
+
+SMOKE = ["--preset", "smoke", "--stages", "contrastive", "--steps", "6", "--ckpt_every", "3", "--no_eval"]
+
+
+def test_nan_model_scores_nothing(world, tok):
+    """A model with NaN weights must never score well: its embeddings rank last and the table counts them."""
+    import eval as evaluation
+    ret = tiny_model(tok)
+    with torch.no_grad():
+        for p in ret.model.parameters():
+            p.fill_(float("nan"))
+    out = evaluation.standard_split(ret, world, 10, nullcontext)
+    assert out["avg"]["R@5"] == 0.0 and out["avg"]["R@1"] == 0.0
+    assert out["nonfinite"] > 0
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+    (["--steps", "-5"], "--steps -5: expected"),
+    (["--ckpt_every", "0"], "--ckpt_every 0: expected"),
+    (["--log_every", "0"], "--log_every 0: expected"),
+    (["--rl_batch", "0"], "--rl_batch 0: expected"),
+    (["--rl_batch", "33"], "--rl_batch 33: expected <= the RL instances"),
+    (["--batch_size", "1"], "--batch_size 1: expected >= 2"),
+    (["--tau", "1e-30"], "--tau 1e-30: expected a temperature"),
+    (["--lr", "inf"], "--lr inf: expected a finite number > 0"),
+    (["--rl_lr", "inf"], "--rl_lr inf: expected a finite number > 0"),
+    (["--rl_lr", "nan"], "--rl_lr nan: expected"),
+    (["--beta", "-1"], "--beta -1.0: expected"),
+    (["--summary_dropout", "2"], "--summary_dropout 2.0: expected a number in"),
+    (["--group_size", "1"], "--group_size 1: expected >= 2"),
+    (["--threads", "0"], "--threads 0: expected"),
+    (["--vocab_size", "10"], "--vocab_size 10: expected >= 300"),
+    (["--stages", "pretrain"], "--stages 'pretrain': expected"),
+    (["--device", "tpu"], "--device 'tpu': expected"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device 'cuda': expected a device this machine has")]))
+def test_bad_flags_are_named_before_any_work(flags, pattern, tmp_path):
+    with pytest.raises(SystemExit, match=pattern.replace("(", r"\(").replace("+", r"\+")):
+        train.get_args(["--preset", "smoke", "--out", str(tmp_path / "x"), *flags])
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_must_be_a_writable_folder(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(SystemExit, match="--out .*expected a folder"):
+        train.get_args(["--preset", "smoke", "--out", str(f)])
+    # a folder that cannot be made or written (here: below a file; a read-only folder fails the same way, but root,
+    # as CI runs, may write anywhere)
+    with pytest.raises(SystemExit, match="--out .*: expected a folder this process can write"):
+        train.check_run_folder(train.get_args(["--preset", "smoke", "--out", str(f / "run")]))
+
+
+def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
+    ret = tiny_model(tok)
+    model = ret.model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a NaN gradient: the step is refused before the update
+    loss = model.tok_emb.weight.sum() * float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan; stopping before applying it; no checkpoint"):
+        train.optimizer_step(opt, model, loss, 0, "contrastive", tmp_path / "stage")
+    # a finite loss whose gradient is NaN (injected by a hook)
+    hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="gradient norm is nan; stopping before applying it"):
+        train.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")
+    hook.remove()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # non-finite weights are never saved; the message names the checkpoint that is kept
+    train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 4, "contrastive")
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"non-finite \(norm.weight\); not saving them; the last checkpoint "
+                                                 r"in .* \(step 4\) is kept"):
+        train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 5, "contrastive")
+    assert elva.read_manifest(tmp_path / "stage")["step"] == 4
+
+
+def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
+    """A kill between the files of a save leaves the previous checkpoint whole; a mixed set is refused."""
+    ret = tiny_model(tok)
+    folder = tmp_path / "ck"
+    opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-3)
+    elva.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 19}, optimizer=opt)
+    saved = {k: v.clone() for k, v in ret.model.state_dict().items()}
+    with torch.no_grad():
+        ret.model.norm.weight.add_(1.0)
+    real = elva._atomic_write
+
+    def killed_before_config(path, write):   # the new weights and optimizer land, config.json never does
+        if path.name == "config.json":
+            raise KeyboardInterrupt
+        real(path, write)
+    monkeypatch.setattr(elva, "_atomic_write", killed_before_config)
+    with pytest.raises(KeyboardInterrupt):
+        elva.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 29}, optimizer=opt)
+    monkeypatch.setattr(elva, "_atomic_write", real)
+    model, _, meta = elva.load_checkpoint(folder)
+    assert meta["step"] == 19 and all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    # a file swapped under the manifest: refused, naming the file
+    meta = json.loads((folder / "config.json").read_text())
+    stray = folder / "model-000029.safetensors"
+    (folder / meta["files"]["model"]["name"]).write_bytes(stray.read_bytes())
+    with pytest.raises(ValueError, match="model-000019.safetensors does not match the sha256 .* mixed"):
+        elva.load_checkpoint(folder)
+    # a tokenizer from another run: refused the same way
+    elva.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 30}, optimizer=opt)
+    other = data.train_tokenizer(["a completely different corpus of words"] * 3, 300)
+    other.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer.json does not match the sha256"):
+        elva.load_checkpoint(folder)
+    # a missing optimizer file: named
+    elva.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 31}, optimizer=opt)
+    (folder / "optimizer-000031.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing optimizer-000031.safetensors"):
+        elva.load_optimizer(folder, opt, ret.model)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model-000031.safetensors"]   # old ones gone
+
+
+def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, monkeypatch):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    train.main(SMOKE + ["--out", a])
+    train.main(SMOKE + ["--out", c])
+    assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(c) / "contrastive")   # deterministic
+    real = train.Logger.log
+
+    def dying(self, step, rec):   # killed during step 4, after the step-2 checkpoint
+        if step == 4:
+            raise KeyboardInterrupt
+        real(self, step, rec)
+    monkeypatch.setattr(train.Logger, "log", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(SMOKE + ["--out", b])
+    monkeypatch.setattr(train.Logger, "log", real)
+    train.main(SMOKE + ["--out", b, "--resume"])
+    assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(b) / "contrastive")
+    for run in (a, b):
+        steps = [json.loads(line)["step"] for line in (Path(run) / "contrastive" / "log.jsonl").read_text().splitlines()]
+        assert steps == list(range(6)), run
+    # a second fresh run into the same folder starts a fresh log
+    train.main(SMOKE + ["--out", a])
+    assert (Path(a) / "contrastive" / "log.jsonl").read_text().count("\n") == 6
+
+
+def test_a_run_folder_keeps_its_world(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(SMOKE + ["--out", out, "--steps", "1"])
+    for flags, name in ((["--seed", "1"], "--seed 1"), (["--vocab_size", "400"], "--vocab_size 400"),
+                        (["--n_train", "300"], "--n_train 300")):
+        with pytest.raises(SystemExit, match=f"{name}: the folder .* holds a run made with"):
+            train.main(SMOKE + ["--out", out, "--steps", "1", *flags])
+    train.main(SMOKE + ["--out", out, "--steps", "1", "--vocab_size", "400", "--overwrite"])
+    assert data.load_tokenizer(Path(out) / "tokenizer.json").get_vocab_size() <= 400
+    assert elva.load_checkpoint(Path(out) / "contrastive")[0].cfg.vocab_size <= 400
+
+
+def test_eval_inputs_are_checked(world, tok, tmp_path):
+    import eval as evaluation
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"step": 0})                # no world section
+    with pytest.raises(SystemExit, match="config.json has no 'world' section"):
+        evaluation.evaluate(str(tmp_path / "ck"), 5, 2, "cpu", nullcontext)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["model"]["n_layers"] = 3
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match config.json .*blocks.2"):     # the details, not cut off
+        elva.load_checkpoint(tmp_path / "ck")
+
+
+def test_threads_follow_the_cores_this_process_may_use():
+    import os
+    before = torch.get_num_threads()
+    try:
+        args = train.get_args(["--preset", "smoke"])
+        assert train.set_threads(args) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        args = train.get_args(["--preset", "smoke", "--threads", "1"])
+        assert train.set_threads(args) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
