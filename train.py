@@ -225,8 +225,9 @@ def set_threads(args) -> int:
 
 
 def check_run_folder(args):
-    """A run folder belongs to one world, tokenizer and model shape (run.json). Refuse to mix: a saved tokenizer
-    would silently override --vocab_size, another --seed would train on another world."""
+    """A run folder belongs to one world, tokenizer and model shape (run.json), which the contrastive stage makes.
+    Refuse to mix: a saved tokenizer would silently override --vocab_size, another --seed would train on another
+    world. (An ELVA-only run takes its world and tokenizer from --init: its --seed varies only the RL sampling.)"""
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +236,8 @@ def check_run_folder(args):
         probe.unlink()
     except OSError as e:
         _fail("--out", args.out, f"a folder this process can write ({e.strerror})")
+    if "contrastive" not in args.stages:
+        return
     shaping = {k: getattr(args, k) for k in SHAPING_ARGS}
     path = out / "run.json"
     if path.exists() and not args.overwrite:
