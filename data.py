@@ -762,6 +762,21 @@ def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id:
     return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
 
 
+def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:
+    """The summary part alone, for prompts whose states are shared (ELVAModel.shared_prefix_logprobs): summary +
+    [RET], right-padded. Returns tokens / attn / gen_mask (S, Ts) and ret_pos (S,), positions within the part."""
+    S = len(summaries)
+    Ts = max(len(s) + 1 for s in summaries)
+    tokens = torch.full((S, Ts), pad_id, dtype=torch.long)
+    attn = torch.zeros(S, Ts, dtype=torch.bool)
+    ret_pos = torch.empty(S, dtype=torch.long)
+    for i, s in enumerate(summaries):
+        tokens[i, :len(s) + 1] = torch.tensor(list(s) + [ret_id])
+        attn[i, :len(s) + 1] = True
+        ret_pos[i] = len(s)
+    return {"tokens": tokens, "attn": attn, "gen_mask": attn.clone(), "ret_pos": ret_pos}
+
+
 if __name__ == "__main__":
     world = GrainWorld(WorldConfig())
     rng = random.Random(0)

@@ -264,20 +264,46 @@ class ELVAModel(nn.Module):
         """The embedding (B, D): final hidden state at [RET], L2-normalised."""
         return self.ret_embedding(self.forward(batch["tokens"], batch["attn"], images), batch["ret_pos"])
 
+    def shared_prefix_logprobs(self, rb: dict, temperature: float = 1.0):
+        """Teacher-forced pass over summaries that continue *shared* prompts (GRPO's G rollouts of one item share its
+        prompt): each prompt runs once, its KV cache is expanded over the rows that continue it, and only the
+        summary tokens run per row. The same numbers as token_logprobs over the full sequences (a test checks),
+        with the prompt's compute and memory divided by G; gradients flow into the shared prompt states.
+
+        rb: prompt_tokens / prompt_attn (U, P) left-padded, images, index (S,) -- row s continues prompt index[s] --
+        and the summary part tokens / attn / gen_mask (S, Ts), ret_pos (S,) from data.collate_summaries.
+        Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
+        cache = [dict() for _ in self.blocks]
+        hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)   # (U, P, D)
+        idx = rb["index"]
+        cache = [{"k": c["k"].index_select(0, idx), "v": c["v"].index_select(0, idx)} for c in cache]
+        attn = torch.cat([rb["prompt_attn"].index_select(0, idx), rb["attn"]], dim=1)      # (S, P + Ts)
+        h = self.forward(rb["tokens"], attn, None, cache=cache)                           # (S, Ts, D)
+        # summary token t is predicted from the state before it: the prompt's last state (every prompt ends in
+        # the last column: left padding) for t = 0, then the summary's own states
+        prev = torch.cat([hp[:, -1:].index_select(0, idx), h[:, :-1]], dim=1)             # (S, Ts, D)
+        logits = self.summary_logits(prev, temperature)                                   # (S, Ts, V)
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, rb["tokens"][..., None])[..., 0]
+        return torch.where(rb["gen_mask"], lp, torch.zeros_like(lp)), h
+
     @torch.no_grad()
     def generate(self, tokens, attn, images=None, max_new: int | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, return_ended: bool = False):
+                 generator: torch.Generator | None = None, return_ended: bool = False, index=None):
         """Summaries for left-padded prompts (B, P): greedy when temperature == 0, else sampled.
 
         Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per row; all rows stop
         when every row has ended) or after max_new tokens. Returns each row's summary ids without [RET]; the caller
         appends [RET] and runs one teacher-forced pass for the embedding (and, in RL, the log-probs with gradient).
         With return_ended, also a list of bools: True where the row *sampled* [RET], False where it ran out of
-        tokens and the caller's [RET] is forced (a token the policy did not choose, so RL must not train it)."""
+        tokens and the caller's [RET] is forced (a token the policy did not choose, so RL must not train it).
+        With index (S,), the prompts are read once and row s continues prompt index[s] (GRPO's G rollouts)."""
         max_new = max_new or self.cfg.max_summary_len
-        B = tokens.shape[0]
         cache = [dict() for _ in self.blocks]
         h = self.forward(tokens, attn, images, cache=cache)
+        if index is not None:   # expand the prompts' states and KV cache over the rows that continue them
+            h, attn = h[:, -1:].index_select(0, index), attn.index_select(0, index)
+            cache = [{"k": c["k"].index_select(0, index), "v": c["v"].index_select(0, index)} for c in cache]
+        B = h.shape[0]
         pos = attn.long().sum(1) - 1                                            # (B,) last real position
         out = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=tokens.device)
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)

@@ -410,6 +410,40 @@ def _log_stats(ckpt: str) -> dict:
     return out
 
 
+def ladder_table(folder: str) -> str:
+    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as study.sh writes),
+    its reward and budget, and how its reward, KL and summaries moved from the first to the last fifth of its steps.
+    t = (last - first) / the standard error of that difference over the per-step means: "rises clearly" is t > 3."""
+    import statistics
+    rows = ["| run | reward | lr | beta | reward first -> last fifth | t | KL last fifth | summary length | "
+            "query summaries exact | MRBench-mini avg R@5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cfg_path in sorted(Path(folder).glob("*/config.json")):
+        run = cfg_path.parent
+        meta = json.loads(cfg_path.read_text())
+        a = meta.get("args", {})
+        if meta.get("stage") != "elva" or a.get("rl_objective") != "grpo" or not (run / "log.jsonl").exists():
+            continue
+        recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        n = max(2, len(recs) // 5)
+        first, last = recs[:n], recs[-n:]
+
+        def mean(rs, k):
+            return statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else float("nan")
+        r0, r1 = [r["reward_mean"] for r in first], [r["reward_mean"] for r in last]
+        se = (statistics.variance(r0) / len(r0) + statistics.variance(r1) / len(r1)) ** 0.5
+        t = (statistics.mean(r1) - statistics.mean(r0)) / se if se > 0 else float("nan")
+        res = run.parent / f"{run.name}.json"
+        mrb = "-"
+        if res.exists():
+            r = json.loads(res.read_text())
+            mrb = f"{(r[0] if isinstance(r, list) else r)['mrbench']['avg']:.3f}"
+        rows.append(f"| {run.name} | {a.get('reward', 'paper')} | {a.get('rl_lr'):g} | {a.get('beta'):g} | "
+                    f"{statistics.mean(r0):.3f} -> {statistics.mean(r1):.3f} | {t:+.1f} | {mean(last, 'kl'):.4f} | "
+                    f"{mean(first, 'summary_len'):.1f} -> {mean(last, 'summary_len'):.1f} | "
+                    f"{mean(first, 'query_exact'):.3f} -> {mean(last, 'query_exact'):.3f} | {mrb} |")
+    return "\n".join(rows)
+
+
 def aggregate(results: list[dict]) -> str:
     """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown table). Where the
     checkpoint's log.jsonl is at hand, also the reward's first-fifth -> last-fifth means and the training minutes."""
@@ -460,9 +494,14 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
     p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
     p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
+    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder (study.sh "
+                   "writes one) and exit")
     p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON files "
                    "(no evaluation); several files are concatenated, e.g. runs/study/*.json")
     args = p.parse_args(argv)
+    if args.ladder:
+        print(ladder_table(args.ladder))
+        return
     if args.curves:
         draw_curves(args.curves, args.curves_png)
         print(f"wrote {args.curves_png}")

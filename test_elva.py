@@ -568,6 +568,7 @@ def test_rollout_shapes(world, tok):
     assert ro.shape == (2, 3, 2 + 3) and ro.scores.shape == (2, 3, 1 + 3)
     assert args.reward_cfg(ro.scores).shape == (2, 3)
     assert ro.logp.shape[0] == 2 * 3 * (2 + 3) and ro.logp.requires_grad
+    assert ro.batch["prompt_tokens"].shape[0] == 2 * (2 + 3)                 # each item's prompt held once
 
 
 def test_grpo_learns_toy_reward(world, tok, tmp_path):
@@ -683,13 +684,11 @@ def test_forced_ret_is_not_trained(world, tok):
     args = rl_args(group_size=2)
     ro = train.rollout(args, ret, rl_instances(world, 1, 2), torch.Generator().manual_seed(0), nullcontext)
     rows = torch.arange(len(ro.summaries))
-    at_ret = ro.sampled[rows, ro.batch["ret_pos"]]
-    items, instr = train.rollout_items(rl_instances(world, 1, 2), 2)     # the same items, the same sampling seed
-    _, ended = ret.summarise(items, instr, 1.0, torch.Generator().manual_seed(0), return_ended=True)
-    assert at_ret.tolist() == ended and not all(ended)
+    assert ro.sampled[rows, ro.batch["ret_pos"]].tolist() == ro.ended and not all(ro.ended)
+    assert all(len(s) == 2 for s, ended in zip(ro.summaries, ro.ended) if not ended)
     # every other summary token is trained
     assert torch.equal(ro.sampled | (ro.batch["gen_mask"] & ~ro.sampled), ro.batch["gen_mask"])
-    assert int((ro.batch["gen_mask"] & ~ro.sampled).sum()) == ended.count(False)
+    assert int((ro.batch["gen_mask"] & ~ro.sampled).sum()) == ro.ended.count(False)
 
 
 def test_logprobs_use_the_sampled_distribution(world, tok):
@@ -929,3 +928,28 @@ def test_threads_follow_the_cores_this_process_may_use():
         assert train.set_threads(args) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_shared_prompts_give_the_full_pass_numbers(world, tok):
+    """GRPO's G rollouts share each item's prompt: computing it once (KV cache expanded over the rollouts) gives the
+    same log-probs, embeddings and gradients as the plain pass over every full sequence; generation with shared
+    prompts samples what generation over repeated prompts samples."""
+    ret = tiny_model(tok, seed=4)
+    inst = rl_instances(world, 2, 2)
+    ro = train.rollout(rl_args(group_size=3), ret, inst, torch.Generator().manual_seed(0), nullcontext)
+    items, instr = train.rollout_items(inst, 3)
+    b, imgs = ret.batch(items, instr, ro.summaries)                         # the full sequences, each on its own
+    logp, h = ret.model.token_logprobs(b, imgs)
+    S, T = b["tokens"].shape
+    P = b["tokens"].shape[1] - ro.batch["tokens"].shape[1]                  # the summary part starts at column P
+    assert torch.allclose(logp[:, P:], ro.logp, atol=1e-5)
+    e_full = ret.model.ret_embedding(h, b["ret_pos"])
+    assert torch.allclose(e_full.view(ro.e.shape), ro.e, atol=1e-5)
+    g_full = torch.autograd.grad(logp.sum() + e_full.sum(), ret.model.tok_emb.weight)[0]
+    e_shared = ret.model.ret_embedding(ro.h, ro.batch["ret_pos"])
+    g_shared = torch.autograd.grad(ro.logp.sum() + e_shared.sum(), ret.model.tok_emb.weight)[0]
+    assert torch.allclose(g_full, g_shared, atol=1e-5)
+    pb, _ = ret.batch(items, instr, None)
+    plain = ret.model.generate(pb["tokens"], pb["attn"], imgs, temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert plain == ro.summaries

@@ -506,15 +506,17 @@ def rollout_scores(e: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 @dataclass
 class Rollout:
     """One GRPO rollout batch: B instances x G rollouts x K = 2 + N items (query, positive, N negatives), that is
-    S = B * G * K sequences in (instance, rollout, item) order."""
-    batch: dict               # tokens / attn / gen_mask / ret_pos, each (S, T) or (S,)
-    images: torch.Tensor      # (n_images, 3, H, W)
-    sampled: torch.Tensor     # (S, T) bool: the tokens the policy sampled -- the summary, and [RET] unless forced
-    logp: torch.Tensor        # (S, T) float32 log-probs of the tokens under the policy, with gradient
-    h: torch.Tensor           # (S, T, D) final hidden states, with gradient
+    S = B * G * K sequences in (instance, rollout, item) order. The G rollouts of an item share its prompt, which is
+    held once (U = B * K prompts); the per-sequence tensors cover the summary part: the summary, then [RET]."""
+    batch: dict               # prompt_tokens / prompt_attn (U, P), images, index (S,): the prompt of each sequence;
+                              # tokens / attn / gen_mask (S, Ts) and ret_pos (S,): the summary part
+    sampled: torch.Tensor     # (S, Ts) bool: the tokens the policy sampled -- the summary, and [RET] unless forced
+    logp: torch.Tensor        # (S, Ts) float32 log-probs of those tokens under the policy, with gradient
+    h: torch.Tensor           # (S, Ts, D) final hidden states of the summary part, with gradient
     e: torch.Tensor           # (B, G, K, D) unit [RET] embeddings, no gradient
     scores: torch.Tensor      # (B, G, K - 1) cosine of each rollout's query to its positive (0) and negatives
     summaries: list = field(default_factory=list)   # S sampled summaries (token ids)
+    ended: list = field(default_factory=list)       # S bools: the summary sampled its [RET] (False: forced)
     queries: list = field(default_factory=list)     # the B instances' Query objects
 
     @property
@@ -522,9 +524,9 @@ class Rollout:
         return tuple(self.e.shape[:3])                                          # (B, G, K)
 
 
-def rollout_items(batch, G: int):
-    """The S = B * G * K items of a rollout batch, (instance, rollout, item) order, and their instructions: the
-    query gets its task's instruction, candidates none (as in M-BEIR's pools)."""
+def rollout_items(batch, G: int = 1):
+    """The items of a rollout batch, (instance, rollout, item) order, and their instructions: the query gets its
+    task's instruction, candidates none (as in M-BEIR's pools). G = 1: each item once (the shared prompts)."""
     items, instr = [], []
     for q, negs in batch:
         for _ in range(G):
@@ -537,24 +539,30 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     """For each of B instances and each of G rollouts, sample a summary for the query, the positive and every
     negative, embed all at [RET] and score each rollout's candidates against its query.
 
-    The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the first policy
-    update too (no second forward)."""
-    G = args.group_size
-    items, instr = rollout_items(batch, G)
-    K = 2 + len(batch[0][1])
+    Each item's prompt is read once and shared by its G rollouts (generation and the teacher-forced pass expand
+    its KV cache). The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the
+    first policy update too (no second forward)."""
+    B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
+    items, instr = rollout_items(batch)                                        # U = B * K unique items
+    pb, images = policy.batch(items, instr, None)                              # prompts (U, P), left-padded
+    dev = pb["tokens"].device
+    # row (b, g, k) continues prompt b * K + k
+    index = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)).expand(B, G, K).reshape(-1)
     with autocast():
-        summ, ended = policy.summarise(items, instr, temperature=args.temperature, generator=gen, return_ended=True)
-    b, imgs = policy.batch(items, instr, summ)
+        summ, ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
+                                            generator=gen, return_ended=True, index=index)
+    sb = {k: v.to(dev) for k, v in data.collate_summaries(summ, policy.enc.pad, policy.enc.ret).items()}
+    rb = {"prompt_tokens": pb["tokens"], "prompt_attn": pb["attn"], "images": images, "index": index, **sb}
     # a [RET] appended after max_summary_len tokens was not sampled: it gets no advantage and no KL
-    forced = torch.tensor([not x for x in ended], device=b["gen_mask"].device)
-    sampled = b["gen_mask"].clone()
-    sampled[torch.arange(len(items), device=sampled.device)[forced], b["ret_pos"][forced]] = False
+    forced = ~torch.tensor(ended, device=dev)
+    sampled = sb["gen_mask"].clone()
+    sampled[torch.arange(len(summ), device=dev)[forced], sb["ret_pos"][forced]] = False
     with autocast():
-        logp, h = policy.model.token_logprobs(b, imgs, args.temperature)
+        logp, h = policy.model.shared_prefix_logprobs(rb, args.temperature)
     with torch.no_grad():
-        e = policy.model.ret_embedding(h, b["ret_pos"]).view(len(batch), G, K, -1)   # (B, G, K, D)
+        e = policy.model.ret_embedding(h, sb["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
         scores = rollout_scores(e)                                                  # (B, G, K - 1)
-    return Rollout(b, imgs, sampled, logp.float(), h, e, scores, summ, [q for q, _ in batch])
+    return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, [q for q, _ in batch])
 
 
 def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: Path) -> dict:
@@ -583,12 +591,12 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
     # 4. loss: the rollout policy's log-probs are the "old" ones; the frozen stage-2 model is the KL reference
     old_logp = ro.logp.detach()
     with torch.no_grad(), autocast():
-        ref_logp, _ = ref_model.token_logprobs(ro.batch, ro.images, args.temperature)
+        ref_logp, _ = ref_model.shared_prefix_logprobs(ro.batch, args.temperature)
     logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
     for it in range(args.num_iterations):
         if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
             with autocast():
-                logp, h = policy.model.token_logprobs(ro.batch, ro.images, args.temperature)
+                logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
         loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta)
         if args.pathwise > 0:
             loss = loss + variant["pathwise"](args, ro, policy, h)
