@@ -19,22 +19,20 @@ mkdir -p "$OUT"
 # name seed [flags...] -- the run's checkpoint lands in $OUT/<name>-s<seed>
 RUNS=$(cat <<'LIST'
 elva 0                                                         # ELVA as the paper describes it
+control 0 --rl_objective contrastive                           # equal compute: stage 2 continued on the same sets
+toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0             # the learnability ladder (seed 0): three rewards
+length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0       # through the same GRPO code at growing budgets
+paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0                        # (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
+toy 0 --reward toy
+length 0 --reward length
+toy_lr1e-4_b0 0 --reward toy --rl_lr 1e-4 --beta 0
+length_lr1e-4_b0 0 --reward length --rl_lr 1e-4 --beta 0
+paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0
+toy_lr1e-4 0 --reward toy --rl_lr 1e-4
 elva 1
 elva 2
-control 0 --rl_objective contrastive                           # equal compute: stage 2 continued on the same sets
 control 1 --rl_objective contrastive
 control 2 --rl_objective contrastive
-toy 0 --reward toy                                             # the learnability ladder (seed 0): three rewards
-toy_lr1e-4 0 --reward toy --rl_lr 1e-4                         # through the same GRPO code at growing budgets
-toy_lr1e-4_b0 0 --reward toy --rl_lr 1e-4 --beta 0
-toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0
-length 0 --reward length
-length_lr1e-4 0 --reward length --rl_lr 1e-4
-length_lr1e-4_b0 0 --reward length --rl_lr 1e-4 --beta 0
-length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0
-paper_lr1e-4 0 --rl_lr 1e-4                                    # (the paper's reward at lr 1e-5 is elva-s0)
-paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0
-paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0
 LIST
 )
 run() {  # name seed [flags...]
