@@ -251,6 +251,37 @@ def caption_edit(rng: random.Random, cap: Caption, kind: str) -> Caption | None:
     raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
 
 
+def entailed_caption(rng: random.Random, cap: Caption) -> Caption | None:
+    """A caption the premise `cap` entails, reworded: a subset of its grains (an attribute dropped, one of two objects
+    dropped) or the same grains from the other side ("a B right of an A" for "an A left of a B")."""
+    ms, options = cap.mentions, []
+    for i, m in enumerate(ms):
+        for g in ("color", "size"):
+            if getattr(m, g) is not None:
+                kept = list(ms)
+                kept[i] = Mention(**{**m.__dict__, g: None})
+                options.append(Caption(tuple(kept), cap.relation))
+    if len(ms) == 2:
+        options += [Caption(ms[:1]), Caption(ms[1:]),
+                    Caption((ms[1], ms[0]), RELATION_FLIP[cap.relation] if cap.relation else None)]
+    return rng.choice(options) if options else None
+
+
+def nli_triplet(rng: random.Random, scene: Scene, tries: int = 10) -> tuple[Caption, Caption, Caption] | None:
+    """(premise, entailed, contradiction) for the paper's stage 1 in miniature (language-only NLI pairs): a caption
+    of the scene with at least two grains, a caption it entails, and the premise with one grain contradicted (an
+    attribute changed, colours swapped between its objects, its relation reversed) that the scene does not satisfy."""
+    for _ in range(tries):
+        premise = random_caption(rng, scene)
+        if premise.n_grains() < 2:
+            continue
+        hyp = entailed_caption(rng, premise)
+        contra = caption_edit(rng, premise, rng.choice(("attribute", "binding", "relation")))
+        if hyp is not None and contra is not None and not satisfies(scene, contra):
+            return premise, hyp, contra
+    return None
+
+
 @dataclass(frozen=True)
 class Edit:
     """An edit instruction for the (image, text) -> image task: set one grain of one object."""

@@ -953,3 +953,36 @@ def test_shared_prompts_give_the_full_pass_numbers(world, tok):
     plain = ret.model.generate(pb["tokens"], pb["attn"], imgs, temperature=1.0,
                                generator=torch.Generator().manual_seed(0))
     assert plain == ro.summaries
+
+
+def test_nli_triplets_and_the_text_stage(tmp_path, world):
+    """Stage 1 in miniature: every premise holds of its scene, so does the caption it entails (and the entailed
+    caption holds of every scene the premise holds of, checked over the world), the contradiction does not; then
+    `--stages text,contrastive` trains stage 1 and starts stage 2 from it."""
+    rng = random.Random(0)
+    scenes = world.splits["train"]
+    n = 0
+    for s in scenes[:60]:
+        t = data.nli_triplet(rng, s)
+        if t is None:
+            continue
+        premise, hyp, contra = t
+        n += 1
+        assert data.satisfies(s, premise) and data.satisfies(s, hyp) and not data.satisfies(s, contra)
+        assert hyp.text() != premise.text() and premise.n_grains() >= 2
+        assert all(data.satisfies(o, hyp) for o in scenes if data.satisfies(o, premise))   # entailment
+    assert n >= 50
+    out = tmp_path / "run"
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps", "1",
+                "--out", str(out), "--no_eval"])
+    text = elva.load_checkpoint(out / "text")[0]
+    assert elva.read_manifest(out / "text")["step"] == 2
+    stage2 = elva.load_checkpoint(out / "contrastive")[0]
+    fresh = elva.build_model(elva.ModelConfig(**elva.read_manifest(out / "text")["model"]),
+                             data.load_tokenizer(out / "tokenizer.json"))
+    # one step of stage 2 moved the weights a little from stage 1's, not from a fresh model's
+    d_text = sum((a - b).abs().sum() for a, b in zip(text.parameters(), stage2.parameters()))
+    d_fresh = sum((a - b).abs().sum() for a, b in zip(fresh.parameters(), stage2.parameters()))
+    assert d_text < d_fresh
+    with pytest.raises(SystemExit, match="text together with contrastive"):
+        train.get_args(["--stages", "text,elva"])

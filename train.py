@@ -13,10 +13,10 @@ checkpoint folder per stage (model-<step>.safetensors, optimizer-<step>.safetens
 config.json, which names them with their hashes and is written last), log.jsonl per stage, and eval.json from the
 final `python eval.py` run.
 
-The paper's stage 1 (language-only NLI pretraining) has no counterpart here yet: our decoder learns its language from
-GrainWorld's text in stage 2 (README, "Choices the paper leaves open").
+The paper's stage 1 (language-only NLI pretraining) is `--stages text,contrastive,elva`, off by default: NLI-style
+triplets made from GrainWorld captions (text_stage). Without it the decoder learns its language in stage 2.
 
-File order: arguments -> set-up (threads, run folder, logging, the optimizer step) -> stage 2 -> stage 3 as the paper
+File order: arguments -> set-up (threads, run folder, logging, the optimizer step) -> stages 1-2 -> stage 3 as the paper
 describes it (mining, rollout, the GRPO step) -> beyond the paper (our labelled variants and the equal-compute
 control) -> main.
 """
@@ -48,13 +48,13 @@ from reward import DEFAULT_DELTA, RewardConfig, group_advantages, grpo_loss, seq
 # Presets: sizes of the world and of each stage. The model sizes live in elva.PRESETS.
 
 TRAIN_PRESETS = {
-    "smoke": dict(n_train=400, n_test=60, steps=40, batch_size=16, lr=2e-3, rl_steps=6, rl_batch=2, group_size=4,
+    "smoke": dict(n_train=400, n_test=60, text_steps=10, steps=40, batch_size=16, lr=2e-3, rl_steps=6, rl_batch=2, group_size=4,
                   n_hard=2, n_rand=2, rl_queries=8, rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6,
                   log_every=5),
-    "cpu": dict(n_train=6000, n_test=500, steps=1000, batch_size=48, lr=1e-3, rl_steps=150, rl_batch=2,
+    "cpu": dict(n_train=6000, n_test=500, text_steps=300, steps=1000, batch_size=48, lr=1e-3, rl_steps=150, rl_batch=2,
                 group_size=8, n_hard=4, n_rand=4, rl_queries=200, rl_pool_scenes=300, eval_queries=200,
                 mrbench_per_task=100, log_every=25),
-    "gpu": dict(n_train=20000, n_test=1000, steps=6000, batch_size=128, lr=5e-4, rl_steps=400, rl_batch=8,
+    "gpu": dict(n_train=20000, n_test=1000, text_steps=1000, steps=6000, batch_size=128, lr=5e-4, rl_steps=400, rl_batch=8,
                 group_size=8, n_hard=16, n_rand=16, rl_queries=1000, rl_pool_scenes=1500, eval_queries=250,
                 mrbench_per_task=250, log_every=50),
 }
@@ -68,7 +68,8 @@ def get_args(argv=None):
     g.add_argument("--preset", default=None, choices=list(TRAIN_PRESETS), help="sizes; default gpu on CUDA, else cpu")
     g.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     g.add_argument("--seed", type=int, default=0, help="seed for the world, the model and the sampling")
-    g.add_argument("--stages", default="contrastive,elva", help="comma list of stages to run: contrastive, elva")
+    g.add_argument("--stages", default="contrastive,elva", help="comma list of stages to run: text (the paper's "
+                   "stage 1, language-only NLI pretraining), contrastive, elva")
     g.add_argument("--resume", action="store_true", help="continue each stage from its last checkpoint in --out")
     g.add_argument("--overwrite", action="store_true", help="reuse an --out folder made with other world / "
                    "tokenizer arguments, starting it afresh (without it such a folder is refused)")
@@ -82,6 +83,9 @@ def get_args(argv=None):
     g.add_argument("--n_train", type=int, default=None, help="training scenes")
     g.add_argument("--n_test", type=int, default=None, help="test scenes (= the standard test pool size)")
     g.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size")
+    g = p.add_argument_group("stage 1: text (language-only InfoNCE on NLI-style caption triplets; off by default)")
+    g.add_argument("--text_steps", type=int, default=None, help="optimizer steps of the text stage (batch, lr, tau "
+                   "and dropout as stage 2's)")
     g = p.add_argument_group("stage 2: contrastive (InfoNCE + next-token loss on reference summaries)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps")
     g.add_argument("--batch_size", type=int, default=None, help="queries per step (each with its positive)")
@@ -151,9 +155,11 @@ def resolve_args(args):
     args.out = args.out or f"runs/{args.preset}"
     if isinstance(args.stages, str):
         args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in args.stages if s not in ("contrastive", "elva")]
+    bad = [s for s in args.stages if s not in ("text", "contrastive", "elva")]
     if bad or not args.stages:
-        _fail("--stages", ",".join(args.stages), "a comma list of contrastive and/or elva")
+        _fail("--stages", ",".join(args.stages), "a comma list of text, contrastive and/or elva")
+    if "text" in args.stages and "contrastive" not in args.stages:
+        _fail("--stages", ",".join(args.stages), "text together with contrastive (stage 2 starts from stage 1)")
     if isinstance(args.gamma, str):
         if args.gamma == "auto":
             args.gamma = None
@@ -162,7 +168,7 @@ def resolve_args(args):
                 args.gamma = float(args.gamma)
             except ValueError:
                 _fail("--gamma", args.gamma, "'auto' or a number")
-    positive_ints = ("steps", "rl_steps", "ckpt_every", "log_every", "rl_batch", "rl_queries", "rl_pool_scenes",
+    positive_ints = ("steps", "text_steps", "rl_steps", "ckpt_every", "log_every", "rl_batch", "rl_queries", "rl_pool_scenes",
                      "num_iterations", "eval_queries", "mrbench_per_task", "n_train", "n_test")
     for k in positive_ints:
         if getattr(args, k) < 1:
@@ -407,9 +413,10 @@ def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | 
 
 
 def stage2_loss(args, retriever, items, instr, rng: random.Random, autocast, group: int | None = None,
-                false_neg: torch.Tensor | None = None):
+                false_neg: torch.Tensor | None = None, n_queries: int | None = None):
     """Stage 2's loss: InfoNCE + lm_weight * next-token loss, with summary dropout. Items are laid out either as
-    [B queries, then their B positives] (group None: in-batch negatives, stage 2) or as rows of `group` items
+    [B queries, then the candidates: their B positives first, then any extra negatives] (group None: in-batch
+    negatives, stages 1 and 2; n_queries = B, default half the items) or as rows of `group` items
     [query, positive, negatives...] (the equal-compute control). -> (loss, InfoNCE, LM loss).
 
     Summary dropout (ours): with teacher-forced reference summaries, a query and its positive often carry
@@ -419,7 +426,7 @@ def stage2_loss(args, retriever, items, instr, rng: random.Random, autocast, gro
     drop = [rng.random() < args.summary_dropout for _ in items]
     e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
     if group is None:
-        B = len(items) // 2
+        B = n_queries or len(items) // 2
         l_nce = info_nce(e[:B], e[B:], args.tau, false_neg)
     else:
         e = e.view(-1, group, e.shape[-1])                                      # (B, K, D)
@@ -428,11 +435,60 @@ def stage2_loss(args, retriever, items, instr, rng: random.Random, autocast, gro
     return l_nce + args.lm_weight * l_lm, l_nce, l_lm
 
 
+def text_stage(args, world, tok, device, autocast):
+    """The paper's stage 1 (Sec. 3.3, after LamRA) in miniature: language-only InfoNCE on NLI-style triplets. Each
+    query is a caption of a training scene; its positive a caption the premise entails, reworded; its hard negative
+    the premise with one grain contradicted (data.nli_triplet). In-batch negatives too; a candidate the query's scene
+    satisfies is masked. Same model, template, summaries and dropout as stage 2, no images."""
+    folder = Path(args.out) / "text"
+    torch.manual_seed(args.seed)
+    model = elva.build_model(copy.deepcopy(elva.PRESETS[args.preset]), tok).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    start = resume_point(args, folder, model, opt, "text", device)
+    if start >= args.text_steps:
+        print(f"text: already complete ({args.text_steps} steps) in {folder}")
+        return
+    print(f"text: {args.text_steps} steps x {args.batch_size} NLI triplets")
+    retriever = elva.Retriever(model, tok)
+    logger = Logger(folder, "text", args.text_steps, start, args.log_every)
+    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "text"}
+    model.train()
+    for step in range(start, args.text_steps):
+        # the batch: B (scene, premise, entailed, contradiction); a per-step seed, so --resume replays it
+        rng = random.Random(f"{args.seed}-text-{step}")
+        scenes, triplets = [], []
+        while len(triplets) < args.batch_size:
+            s = rng.choice(world.splits["train"])
+            t = data.nli_triplet(rng, s)
+            if t is not None:
+                scenes.append(s)
+                triplets.append(t)
+        caps = [t[0] for t in triplets] + [t[1] for t in triplets] + [t[2] for t in triplets]
+        items = [data.Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
+        # candidates: B entailed captions then B contradictions; mask any the query's scene satisfies
+        false_neg = torch.tensor([[j != i and data.satisfies(s, c) for j, c in enumerate(caps[len(scenes):])]
+                                  for i, s in enumerate(scenes)], device=device)              # (B, 2B)
+        loss, l_nce, l_lm = stage2_loss(args, retriever, items, [None] * len(items), rng, autocast,
+                                        false_neg=false_neg, n_queries=len(scenes))
+        lr = lr_at(step, args.text_steps, args.lr, args.warmup)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        gnorm = optimizer_step(opt, model, loss, step, "text", folder)
+        logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
+                          "grad_norm": gnorm.item()})
+        if (step + 1) % args.ckpt_every == 0 or step == args.text_steps - 1:
+            save(folder, model, tok, meta, opt, step, "text")
+    print(f"text: saved {folder}")
+
+
 def contrastive_stage(args, world, tok, device, autocast):
     folder = Path(args.out) / "contrastive"
     cfg = copy.deepcopy(elva.PRESETS[args.preset])
     torch.manual_seed(args.seed)
     model = elva.build_model(cfg, tok).to(device)
+    if "text" in args.stages:   # stage 2 starts from stage 1
+        model.load_state_dict(elva.load_checkpoint(Path(args.out) / "text", device)[0].state_dict())
+        print(f"contrastive: starts from {Path(args.out) / 'text'} (stage 1)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start = resume_point(args, folder, model, opt, "contrastive", device)
     if start >= args.steps:
@@ -767,6 +823,8 @@ def main(argv=None):
         tok = build_tokenizer(args, world)
         print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
               f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
+        if "text" in args.stages:
+            text_stage(args, world, tok, device, autocast)
         contrastive_stage(args, world, tok, device, autocast)
     if "elva" in args.stages:
         elva_stage(args, device, autocast)
