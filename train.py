@@ -79,6 +79,9 @@ def get_args(argv=None):
     g.add_argument("--log_every", type=int, default=None, help="steps between log lines")
     g.add_argument("--ckpt_every", type=int, default=250, help="steps between checkpoints")
     g.add_argument("--no_eval", action="store_true", help="skip the final evaluation table")
+    g.add_argument("--profile", action="store_true", help="print where a step's time goes (ms per phase over steps "
+                   "1-10 of each stage: data, forward, backward, optimizer; in stage 3 also generate, score, "
+                   "reference), then go on training")
     g = p.add_argument_group("world (GrainWorld)")
     g.add_argument("--n_train", type=int, default=None, help="training scenes")
     g.add_argument("--n_test", type=int, default=None, help="test scenes (= the standard test pool size)")
@@ -314,6 +317,49 @@ class Logger:
                   flush=True)
 
 
+def phase(name: str):
+    """Label a phase of a step for --profile (torch.profiler.record_function: next to free when not profiling)."""
+    return torch.profiler.record_function(f"phase/{name}")
+
+
+class Profiler:
+    """--profile: runs torch.profiler over steps first..first+n-1 of a stage, then prints the mean milliseconds per
+    step of each phase() label and of the whole step (wall clock). On CUDA the table also shows the GPU's time per
+    phase, so a reader sees whether the GPU waits on the host."""
+
+    def __init__(self, enabled: bool, stage: str, start: int, total: int, n: int = 10):
+        self.enabled, self.stage = enabled, stage
+        self.first = min(start + 1, total - 1)                 # step `start` warms up (allocations, caches)
+        self.last = min(self.first + n, total) - 1
+        self.prof, self.t0 = None, 0.0
+
+    def step_begins(self, step: int):
+        if self.enabled and step == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                            if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.start()
+            self.t0 = time.perf_counter()
+
+    def step_ends(self, step: int):
+        if self.prof is None or step != self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - self.t0) * 1000
+        self.prof.stop()
+        n = self.last - self.first + 1
+        rows = [(e.key[len("phase/"):], e.cpu_time_total / 1000 / n, getattr(e, "device_time_total", 0) / 1000 / n)
+                for e in self.prof.key_averages() if e.key.startswith("phase/")]
+        print(f"{self.stage} profile, steps {self.first}-{self.last} (ms per step; host time includes the host's "
+              f"waits on the GPU):")
+        print(f"| phase | host ms | GPU ms |\n|---|---|---|")
+        for name, host, dev in sorted(rows, key=lambda r: -r[1]):
+            print(f"| {name} | {host:.1f} | {dev:.1f} |")
+        print(f"| whole step (wall) | {wall / n:.1f} | |", flush=True)
+        self.prof = None
+
+
 def last_good(folder: Path) -> str:
     """What a stop leaves behind, for the error message."""
     try:
@@ -330,12 +376,14 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
         raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
                                  f"{last_good(folder)}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not torch.isfinite(gnorm):
-        raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
-                                 f"applying it; {last_good(folder)}")
-    opt.step()
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(gnorm):
+            raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
+                                     f"applying it; {last_good(folder)}")
+        opt.step()
     return gnorm
 
 
@@ -405,8 +453,10 @@ def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | 
     the LM loss (summary dropout, ours: see contrastive_stage)."""
     enc = retriever.enc
     drop = drop or [False] * len(items)
-    b, imgs = retriever.batch(items, instructions, [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)])
-    with autocast():
+    with phase("data"):   # render the images, tokenise, collate
+        b, imgs = retriever.batch(items, instructions, [[] if d else enc.summary(it.summary)
+                                                        for it, d in zip(items, drop)])
+    with phase("forward"), autocast():
         logp, h = retriever.model.token_logprobs(b, imgs)
     lm_mask = b["gen_mask"] & ~torch.tensor(drop, device=logp.device)[:, None]
     return retriever.model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
@@ -451,10 +501,12 @@ def text_stage(args, world, tok, device, autocast):
     print(f"text: {args.text_steps} steps x {args.batch_size} NLI triplets")
     retriever = elva.Retriever(model, tok)
     logger = Logger(folder, "text", args.text_steps, start, args.log_every)
+    prof = Profiler(args.profile, "text", start, args.text_steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "text"}
     model.train()
     for step in range(start, args.text_steps):
         # the batch: B (scene, premise, entailed, contradiction); a per-step seed, so --resume replays it
+        prof.step_begins(step)
         rng = random.Random(f"{args.seed}-text-{step}")
         scenes, triplets = [], []
         while len(triplets) < args.batch_size:
@@ -476,6 +528,7 @@ def text_stage(args, world, tok, device, autocast):
         gnorm = optimizer_step(opt, model, loss, step, "text", folder)
         logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
                           "grad_norm": gnorm.item()})
+        prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.text_steps - 1:
             save(folder, model, tok, meta, opt, step, "text")
     print(f"text: saved {folder}")
@@ -498,16 +551,19 @@ def contrastive_stage(args, world, tok, device, autocast):
     print(f"contrastive: {n / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size} queries")
     retriever = elva.Retriever(model, tok)
     logger = Logger(folder, "contrastive", args.steps, start, args.log_every)
+    prof = Profiler(args.profile, "contrastive", start, args.steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "contrastive"}
     model.train()
     for step in range(start, args.steps):
         # the batch: B queries over the four tasks and their positives; a per-step seed, so --resume replays it
+        prof.step_begins(step)
         rng = random.Random(f"{args.seed}-contrastive-{step}")
-        queries = world.sample_queries(rng, args.batch_size)
-        items = [q.item for q in queries] + [q.positive for q in queries]
-        instr = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
+        with phase("data"):
+            queries = world.sample_queries(rng, args.batch_size)
+            items = [q.item for q in queries] + [q.positive for q in queries]
+            instr = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
+            false_neg = in_batch_false_negatives(queries).to(device)
         # the loss: InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss
-        false_neg = in_batch_false_negatives(queries).to(device)
         loss, l_nce, l_lm = stage2_loss(args, retriever, items, instr, rng, autocast, false_neg=false_neg)
         # the update: warm-up + cosine schedule, clipped AdamW step
         lr = lr_at(step, args.steps, args.lr, args.warmup)
@@ -516,6 +572,7 @@ def contrastive_stage(args, world, tok, device, autocast):
         gnorm = optimizer_step(opt, model, loss, step, "contrastive", folder)
         logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
                           "grad_norm": gnorm.item(), "masked_false_neg": int(false_neg.sum())})
+        prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
             save(folder, model, tok, meta, opt, step, "contrastive")
     print(f"contrastive: saved {folder}")
@@ -600,11 +657,12 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     first policy update too (no second forward)."""
     B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
     items, instr = rollout_items(batch)                                        # U = B * K unique items
-    pb, images = policy.batch(items, instr, None)                              # prompts (U, P), left-padded
+    with phase("data"):
+        pb, images = policy.batch(items, instr, None)                          # prompts (U, P), left-padded
     dev = pb["tokens"].device
     # row (b, g, k) continues prompt b * K + k
     index = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)).expand(B, G, K).reshape(-1)
-    with autocast():
+    with phase("generate"), autocast():
         summ, ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
                                             generator=gen, return_ended=True, index=index)
     sb = {k: v.to(dev) for k, v in data.collate_summaries(summ, policy.enc.pad, policy.enc.ret).items()}
@@ -613,9 +671,9 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     forced = ~torch.tensor(ended, device=dev)
     sampled = sb["gen_mask"].clone()
     sampled[torch.arange(len(summ), device=dev)[forced], sb["ret_pos"][forced]] = False
-    with autocast():
+    with phase("forward"), autocast():
         logp, h = policy.model.shared_prefix_logprobs(rb, args.temperature)
-    with torch.no_grad():
+    with phase("score"), torch.no_grad():
         e = policy.model.ret_embedding(h, sb["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
         scores = rollout_scores(e)                                                  # (B, G, K - 1)
     return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, [q for q, _ in batch])
@@ -646,7 +704,7 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
     A_seq = A_seq.to(ro.logp.device)
     # 4. loss: the rollout policy's log-probs are the "old" ones; the frozen stage-2 model is the KL reference
     old_logp = ro.logp.detach()
-    with torch.no_grad(), autocast():
+    with phase("reference"), torch.no_grad(), autocast():
         ref_logp, _ = ref_model.shared_prefix_logprobs(ro.batch, args.temperature)
     logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
     for it in range(args.num_iterations):
@@ -727,7 +785,9 @@ def elva_stage(args, device, autocast):
     logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every)
     meta = {"world": init_meta["world"], "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
+    prof = Profiler(args.profile, args.elva_name, start, args.rl_steps)
     for step in range(start, args.rl_steps):
+        prof.step_begins(step)
         # per-step seeds for the batch and the sampling, so --resume replays the same steps
         gen.manual_seed(args.seed * 100003 + step)
         rng = random.Random(f"{args.seed}-rl-batch-{step}")
@@ -737,6 +797,7 @@ def elva_stage(args, device, autocast):
         else:
             rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
         logger.log(step, rec)
+        prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.rl_steps - 1:
             save(folder, model, ref.tok, meta, opt, step, args.elva_name)
     print(f"{args.elva_name}: saved {folder} ({time.time() - t0:.0f}s)")
