@@ -1,7 +1,8 @@
 """
 GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything data-shaped.
 
-    python data.py            # draws a few scenes to grainworld_samples.png and prints their captions
+    python data.py                       # draws a few scenes to grainworld_samples.png and prints their captions
+    python data.py --mbeir_sample DIR    # writes a small M-BEIR-format folder (no downloads) to try eval.py --mbeir
 
 Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with random negatives leaves
 secondary grains (attributes, bindings, relations) under-trained. To measure that exactly we need a world in which
@@ -649,9 +650,14 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Readers for real retrieval data: the M-BEIR jsonl format (query file + candidate pool file).
-#   query:     {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list", "task_id"?}
-#   candidate: {"did", "txt", "img_path", "modality"}
+# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR root:
+#   query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path", "query_modality",
+#                                                          "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
+#   cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl, cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
+#                                                         {"did", "txt", "img_path", "modality", "src_content"}
+#   instructions/query_instructions.tsv                   header; query modality, candidate modality, ..., dataset id,
+#                                                         then one or more prompts
+# Ids are "<dataset_id>:<n>"; image paths are relative to the root. Texts may be null or "".
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
@@ -670,15 +676,16 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             missing = [k for k in required if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected {list(required)}")
+            row["_line"] = n
             rows.append(row)
     return rows
 
 
-def _real_item(path: Path, n: int, text, img, image_root: Path) -> Item:
+def _real_item(path: Path, n: int, text, img, image_root: Path, check_image: bool = True) -> Item:
     text = (text or "").strip()
     if img:
         img_path = image_root / img
-        if not img_path.is_file():
+        if check_image and not img_path.is_file():
             raise FileNotFoundError(f"{path}:{n}: image {img_path} not found")
         return Item(text=text, image_path=str(img_path))
     if not text:
@@ -686,27 +693,199 @@ def _real_item(path: Path, n: int, text, img, image_root: Path) -> Item:
     return Item(text=text)
 
 
-def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
-    """Read an M-BEIR style query file and candidate pool -> (query items, pool items, positive pool indices)."""
-    queries_path, pool_path, image_root = Path(queries_path), Path(pool_path), Path(image_root)
-    cands = _read_jsonl(pool_path, ("did", "txt", "img_path", "modality"))
-    index = {}
-    pool = []
-    for n, c in enumerate(cands, 1):
-        index[str(c["did"])] = len(pool)
-        pool.append(_real_item(pool_path, n, c["txt"], c["img_path"], image_root))
-    rows = _read_jsonl(queries_path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
-    items, positives = [], []
-    for n, r in enumerate(rows, 1):
-        items.append(_real_item(queries_path, n, r["query_txt"], r["query_img_path"], image_root))
+def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
+    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality): [prompts]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected instructions/query_instructions.tsv")
+    out = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines[1:], 2):   # the first line is the header
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        prompts = [p.strip() for p in parts[4:] if p.strip()]
+        if len(parts) < 5 or not prompts:
+            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate modality, task, dataset "
+                             f"id and at least one prompt; got {len(parts)} fields")
+        out[(parts[3].strip(), parts[0].strip(), parts[1].strip())] = prompts
+    return out
+
+
+@dataclass
+class MBeirPool:
+    """A candidate pool: items, their ids and modalities, and where each id sits."""
+    path: Path
+    items: list[Item]
+    dids: list[str]
+    modalities: list[str]
+    index: dict[str, int]
+
+
+def read_mbeir_pool(path, image_root, check_images: bool = True) -> MBeirPool:
+    path = Path(path)
+    rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
+    items, dids, mods, index = [], [], [], {}
+    for r in rows:
+        did = str(r["did"])
+        if did in index:
+            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at record "
+                             f"{index[did] + 1})")
+        index[did] = len(items)
+        items.append(_real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images))
+        dids.append(did)
+        mods.append(str(r["modality"]))
+    return MBeirPool(path, items, dids, mods, index)
+
+
+@dataclass
+class MBeirQueries:
+    """The queries of one M-BEIR task file, with what evaluation and training need of each."""
+    path: Path
+    items: list[Item]
+    qids: list[str]
+    task_ids: list[int | None]
+    modalities: list[str]
+    instructions: list[str | None]
+    positives: list[list[int]]      # pool indices, after UniIR's same-dataset filter
+    negatives: list[list[int]]      # pool indices of neg_cand_list entries found in the pool (often empty)
+
+
+def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
+                       same_dataset_positives: bool = True, check_images: bool = True) -> MBeirQueries:
+    """Read a query file against a pool. Like UniIR's evaluation, only positives from the query's own dataset count
+    (OVEN and InfoSeek list positives from other datasets' pools); every positive left must be in the pool. With
+    `instructions`, each query gets UniIR's first prompt for (its dataset, its modality, its positive's modality)."""
+    path = Path(path)
+    rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
+    out = MBeirQueries(path, [], [], [], [], [], [], [])
+    for r in rows:
+        n, qid = r["_line"], str(r["qid"])
         pos = r["pos_cand_list"]
         if not isinstance(pos, list) or not pos:
-            raise ValueError(f"{queries_path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
-        unknown = [p for p in pos if str(p) not in index]
-        if unknown:
-            raise ValueError(f"{queries_path}:{n}: positive candidate(s) {unknown} are not in the pool {pool_path}")
-        positives.append({index[str(p)] for p in pos})
-    return items, pool, positives
+            raise ValueError(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
+        dataset = qid.split(":")[0]
+        kept = [str(p) for p in pos if not same_dataset_positives or str(p).split(":")[0] == dataset]
+        if not kept:
+            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset {dataset}")
+        missing = [p for p in kept if p not in pool.index]
+        if missing:
+            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not in the pool "
+                             f"{pool.path}")
+        instruction = None
+        if instructions is not None:
+            key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
+            if key not in instructions:
+                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
+                                 f"candidate modality {key[2]!r} in query_instructions.tsv")
+            instruction = instructions[key][0]
+        out.items.append(_real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images))
+        out.qids.append(qid)
+        out.task_ids.append(r.get("task_id"))
+        out.modalities.append(str(r["query_modality"]))
+        out.instructions.append(instruction)
+        out.positives.append([pool.index[p] for p in kept])
+        out.negatives.append([pool.index[str(d)] for d in (r.get("neg_cand_list") or []) if str(d) in pool.index])
+    return out
+
+
+def mbeir_tasks(root, split: str = "test") -> list[str]:
+    """The task names ("mscoco_task0", ...) that have a query file for this split."""
+    files = sorted((Path(root) / "query" / split).glob(f"mbeir_*_{split}.jsonl"))
+    return [f.name[len("mbeir_"):-len(f"_{split}.jsonl")] for f in files]
+
+
+def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
+    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own) or 'union'."""
+    root = Path(root)
+    q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
+    if pool == "local":
+        p = root / "cand_pool" / "local" / f"mbeir_{task}_cand_pool.jsonl"
+    elif pool == "union":
+        p = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
+    else:
+        raise ValueError(f"pool must be 'local' or 'union', got {pool!r}")
+    return q, p
+
+
+def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
+    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool indices)."""
+    pool = read_mbeir_pool(pool_path, image_root)
+    qs = read_mbeir_queries(queries_path, pool, image_root, same_dataset_positives=False)
+    return qs.items, pool.items, [set(p) for p in qs.positives]
+
+
+def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
+    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target instruction)], the
+    first target being the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]."""
+    path = Path(path)
+    out = []
+    for r in _read_jsonl(path, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")):
+        n = r["_line"]
+        texts, imgs = r["tgt_text"] or [], r["tgt_img_path"] or []
+        if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
+            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
+        width = max(len(texts), len(imgs))
+        texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
+        query = _real_item(path, n, r["qry_text"], r["qry_img_path"], Path(image_root))
+        targets = [_real_item(path, n, t, i, Path(image_root)) for t, i in zip(texts, imgs)]
+        out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
+    return out
+
+
+def write_mbeir_sample(root) -> Path:
+    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for trying the commands:
+    two datasets ("9": text->image and image->text; "8": (image, text)->(image, text)), local and union pools, qrels,
+    instructions, non-square JPEGs, null and empty texts, image+text candidates, a positive from another dataset
+    (dropped by the same-dataset filter) and empty negative lists."""
+    root = Path(root)
+    rng = random.Random(0)
+    world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
+    scenes = world.splits["train"]
+    (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
+        render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
+    img = lambda i: f"mbeir_images/sample/{i}.jpg"                                  # noqa: E731
+    caps = [full_caption(rng, s) for s in scenes]
+    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text candidates
+    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": img(i), "modality": "image",
+                  "src_content": None} for i in range(12)]
+    pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
+                  "src_content": None} for i in range(12)]
+    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": img(i), "modality": "image,text",
+              "src_content": None} for i in range(12)]
+    t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(), "query_img_path": None,
+           "query_modality": "text", "query_src_content": None,
+           "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [], "task_id": 0}
+          for i in range(6)]
+    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": img(i), "query_modality": "image",
+           "query_src_content": None, "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"],
+           "task_id": 3} for i in range(6)]
+    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": img(i),
+           "query_modality": "image,text", "query_src_content": None, "pos_cand_list": [f"8:{i}"],
+           "neg_cand_list": [], "task_id": 8} for i in range(6)]
+    files = {
+        "query/test/mbeir_sample_task0_test.jsonl": t0, "query/test/mbeir_sample_task3_test.jsonl": t3,
+        "query/test/mbeir_samplecirr_task8_test.jsonl": t8,
+        "cand_pool/local/mbeir_sample_task0_cand_pool.jsonl": pool9_img,
+        "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
+        "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
+        "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
+    }
+    for name, rows in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if name.startswith("query/"):
+            qrels = root / "qrels" / "test" / Path(name).name.replace("_test.jsonl", "_test_qrels.txt")
+            qrels.parent.mkdir(parents=True, exist_ok=True)
+            qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
+    (root / "instructions").mkdir(exist_ok=True)
+    (root / "instructions" / "query_instructions.tsv").write_text(
+        "query_modality\tcand_modality\ttask\tdataset_id\tprompt_1\tprompt_2\n"
+        "text\timage\t0\t9\tRetrieve an image that matches the given caption.\tFind a matching picture.\n"
+        "image\ttext\t3\t9\tFind a caption that describes the given image.\t\n"
+        "image,text\timage,text\t8\t8\tRetrieve the same scene with its words.\t\n")
+    return root
 
 
 def load_image(item: Item, image_size: int) -> torch.Tensor:
@@ -809,6 +988,10 @@ def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> d
 
 
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--mbeir_sample":   # python data.py --mbeir_sample DIR
+        print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(sys.argv[2])}")
+        sys.exit(0)
     world = GrainWorld(WorldConfig())
     rng = random.Random(0)
     qs = world.sample_queries(rng, 8)

@@ -986,3 +986,126 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
     assert d_text < d_fresh
     with pytest.raises(SystemExit, match="text together with contrastive"):
         train.get_args(["--stages", "text,elva"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: M-BEIR in UniIR's layout, on the repository's own sample (data.write_mbeir_sample)
+
+
+@pytest.fixture(scope="module")
+def mbeir(tmp_path_factory):
+    return data.write_mbeir_sample(tmp_path_factory.mktemp("mbeir"))
+
+
+def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
+    ins = data.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
+    assert ins[("9", "text", "image")] == ["Retrieve an image that matches the given caption.",
+                                           "Find a matching picture."]
+    assert data.mbeir_tasks(mbeir) == ["sample_task0", "sample_task3", "samplecirr_task8"]
+    q, p = data.mbeir_paths(mbeir, "sample_task0", pool="union")
+    pool = data.read_mbeir_pool(p, mbeir)
+    qs = data.read_mbeir_queries(q, pool, mbeir, ins)
+    assert qs.qids[0] == "9:0" and qs.task_ids[0] == 0 and qs.modalities[0] == "text"
+    assert qs.instructions[0] == "Retrieve an image that matches the given caption."   # UniIR's first prompt
+    assert qs.positives[0] == [pool.index["9:0"]]            # "8:0" is another dataset's: dropped, as UniIR does
+    assert data.read_mbeir(q, p, mbeir)[2][0] == {pool.index["9:0"], pool.index["8:0"]}   # the unfiltered form
+    # null and empty candidate texts are image-only items; image+text candidates keep both
+    assert pool.items[pool.index["9:1"]].text == "" and pool.items[pool.index["9:0"]].text == ""
+    both = pool.items[pool.index["8:3"]]
+    assert both.text == "picture 3" and both.image_path.endswith("3.jpg") and pool.modalities[pool.index["8:3"]] == "image,text"
+    q3, p3 = data.mbeir_paths(mbeir, "sample_task3")
+    pool3 = data.read_mbeir_pool(p3, mbeir)
+    qs3 = data.read_mbeir_queries(q3, pool3, mbeir, ins)
+    assert qs3.negatives[0] == [pool3.index["9:101"]] and qs3.items[0].text == "" and qs3.items[0].image_path
+    img = data.load_image(qs3.items[0], 36)
+    assert img.shape == (3, 36, 36)                           # a non-square JPEG, resized
+
+
+def test_mbeir_bad_input_names_file_and_line(mbeir, tmp_path):
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(mbeir, root)
+    ins = data.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    q, p = data.mbeir_paths(root, "sample_task0")
+    pool = data.read_mbeir_pool(p, root)
+    lines = q.read_text().splitlines()
+    cases = [
+        ('{"qid": "9:0", "query_txt": "x"', "mbeir_sample_task0_test.jsonl:2: malformed JSON"),
+        (json.dumps({"qid": "9:9", "query_txt": "x", "query_img_path": None, "query_modality": "text"}),
+         r"mbeir_sample_task0_test.jsonl:2: record lacks field\(s\) \['pos_cand_list'\]"),
+        (json.dumps({"qid": "9:9", "query_txt": "x", "query_img_path": "gone.jpg", "query_modality": "text",
+                     "pos_cand_list": ["9:1"]}), "mbeir_sample_task0_test.jsonl:2: image .*gone.jpg not found"),
+        (json.dumps({"qid": "9:9", "query_txt": "x", "query_img_path": None, "query_modality": "text",
+                     "pos_cand_list": ["9:777"]}), r"test.jsonl:2: positive candidate\(s\) \['9:777'\] .* not in the pool"),
+        (json.dumps({"qid": "9:9", "query_txt": "x", "query_img_path": None, "query_modality": "audio",
+                     "pos_cand_list": ["9:1"]}), "test.jsonl:2: no instruction for dataset 9, query modality 'audio'"),
+    ]
+    for bad, pattern in cases:
+        q.write_text("\n".join([lines[0], bad]) + "\n")
+        with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+            data.read_mbeir_queries(q, pool, root, ins)
+    p.write_text(p.read_text() + json.dumps({"did": "9:0", "txt": "dup", "img_path": None, "modality": "text"}) + "\n")
+    with pytest.raises(ValueError, match=r"cand_pool.jsonl:13: candidate id '9:0' appears twice"):
+        data.read_mbeir_pool(p, root)
+
+
+def test_retrieval_metrics_by_hand():
+    import eval as evaluation
+    ranks = torch.tensor([1, 3, 12])
+    m = evaluation.recall_mrr(ranks)
+    assert m["R@1"] == pytest.approx(1 / 3) and m["R@5"] == pytest.approx(2 / 3) and m["R@10"] == pytest.approx(2 / 3)
+    assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
+    # NDCG@10: query 0 has positives {4, 7}, retrieved at ranks 2 and 3; query 1 has {9}, retrieved first
+    top = torch.tensor([[0, 4, 7, 1, 2, 3, 5, 6, 8, 10], [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    want0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert evaluation.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
+
+
+def test_streamed_search_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    q, c = torch.randn(7, 16, generator=g), torch.randn(300, 16, generator=g)
+    s, i = elva.Retriever.search(q, c, k=5, chunk=64)                  # streamed in chunks of 64
+    dense = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T
+    ds, di = dense.topk(5, dim=1)
+    assert torch.equal(i, di) and torch.allclose(s, ds, atol=1e-6)
+
+
+def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
+    import eval as evaluation
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
+    run = tmp_path / "run.trec"
+    args = ["--ckpt", str(tmp_path / "ck"), "--mbeir", str(mbeir), "--run_file", str(run), "--run_depth", "4",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m.json"), "--threads", "1"]
+    evaluation.main(args)
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert set(res) == {"sample_task0", "sample_task3", "samplecirr_task8", "avg"}
+    for r in res.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
+        assert r["R@1"] <= r["R@5"] <= r["R@10"]
+    rows = [line.split() for line in run.read_text().splitlines()]
+    assert len(rows) == 18 * 4 and all(len(r) == 6 and r[1] == "Q0" and r[5] == "elva" for r in rows)
+    assert [int(r[3]) for r in rows[:4]] == [1, 2, 3, 4] and float(rows[0][4]) >= float(rows[1][4])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    capsys.readouterr()
+    evaluation.main(args)                                               # the second time, the pools come cached
+    assert capsys.readouterr().out.count("pool embeddings from the cache") == 3
+    again = json.loads((tmp_path / "m.json").read_text())
+    strip = lambda d: {t: {k: v for k, v in r.items() if k != "seconds"} for t, r in d.items()}   # noqa: E731
+    assert strip(again) == strip(res)                                  # the cached embeddings are the same
+
+
+def test_retriever_api(world, tok, tmp_path, capsys):
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
+    r = elva.Retriever.from_pretrained(tmp_path / "ck")
+    long_text = "a red circle " * 200
+    e = r.encode_text(["a red circle", long_text], instruction=data.INSTRUCTIONS["t2i"])
+    assert "1 of 2 texts were cut" in capsys.readouterr().out
+    assert e.shape == (2, r.model.cfg.d_model) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+    img = data.render(world.splits["test"][0], 36, 0)
+    img.save(tmp_path / "a.png")
+    c = r.encode_image([img, str(tmp_path / "a.png")])
+    assert torch.allclose(c[0], c[1], atol=1e-5)                       # a PIL image and its file embed alike
+    scores, idx = r.search(e, c, k=1)
+    assert idx.shape == (2, 1) and scores.shape == (2, 1)
