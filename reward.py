@@ -151,14 +151,14 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.2):
+              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.2, n_tokens: float | None = None):
     """The GRPO objective per summary token, averaged over all generated tokens of the batch.
 
     logp, old_logp, ref_logp, mask: (S, T) -- S sequences; advantages: (S,), each sequence's rollout advantage.
       ratio  = exp(logp - old_logp)                      (= 1 on the first update of an on-policy batch)
       L_clip = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
       KL     = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator; >= 0, and 0 where policy == reference)
-      loss   = mean over tokens of (L_clip + beta * KL)
+      loss   = mean over tokens of (L_clip + beta * KL)   (n_tokens: the denominator, when the batch is split)
     Kept: clipping, KL to the frozen stage-2 model. Dropped: entropy bonus, value function (GRPO has none).
     Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": fraction of tokens where the min picks the clipped term because the
     ratio fell below 1 - eps with A < 0, "clip_high": ... rose above 1 + eps with A > 0, "clip_frac": their sum}):
@@ -171,7 +171,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1.0
     m = mask.to(logp.dtype)
-    n = m.sum().clamp(min=1.0)
+    n = m.sum().clamp(min=1.0) if n_tokens is None else torch.tensor(max(n_tokens, 1.0), dtype=logp.dtype)
     loss = ((l_clip + beta * kl) * m).sum() / n
     with torch.no_grad():
         low = ((ratio < 1.0 - clip_eps) & (A < 0)).to(m.dtype)

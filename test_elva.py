@@ -1109,3 +1109,63 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert torch.allclose(c[0], c[1], atol=1e-5)                       # a PIL image and its file embed alike
     scores, idx = r.search(e, c, k=1)
     assert idx.shape == (2, 1) and scores.shape == (2, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchrun: two processes (gloo, CPU) against one with the same global batch
+
+
+def _two_process_worker(rank, ports, argv_sets, out):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for port, argv in zip(ports, argv_sets):   # one rendezvous per run, as torchrun gives each launch its own
+        os.environ["MASTER_PORT"] = str(port)
+        train.main(argv)
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    # evaluation: the corpus split over the two processes, counts added with all_reduce
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    g = torch.Generator().manual_seed(0)
+    q, corpus = torch.randint(-2, 3, (20, 16), generator=g).float(), torch.randint(-2, 3, (101, 16), generator=g).float()
+    pos = torch.randint(0, 101, (20, 3), generator=g)
+    pos[::3, 2] = -1
+    half = 51
+    shard, offset = (corpus[:half], 0) if rank == 0 else (corpus[half:], half)
+    got = kernels.corpus_ranks_sharded(q, shard, pos, offset)
+    torch.save(got, f"{out}/ranks{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    common = ["--preset", "smoke", "--steps", "3", "--rl_steps", "2", "--no_eval", "--threads", "1", "--device", "cpu"]
+    runs = lambda out: [common + ["--stages", "contrastive", "--out", str(out)],                      # noqa: E731
+                        common + ["--stages", "elva", "--rl_objective", "contrastive", "--elva_name", "control",
+                                  "--out", str(out)]]
+    for argv in runs(tmp_path / "one"):
+        train.main(argv)
+    mp.spawn(_two_process_worker, args=(ports, runs(tmp_path / "two"), str(tmp_path)), nprocs=2, join=True)
+    for stage, keys in (("contrastive", ("loss", "infonce", "lm")), ("control", ("loss", "infonce", "lm"))):
+        one, two = ([json.loads(line) for line in (tmp_path / run / stage / "log.jsonl").read_text().splitlines()]
+                    for run in ("one", "two"))
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            for k in keys:   # the same loss, up to float summation order (tolerance 1e-4)
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-4), (stage, a["step"], k)
+        w1 = elva.load_checkpoint(tmp_path / "one" / stage)[0].state_dict()
+        w2 = elva.load_checkpoint(tmp_path / "two" / stage)[0].state_dict()
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1), stage
+    g = torch.Generator().manual_seed(0)
+    q, corpus = torch.randint(-2, 3, (20, 16), generator=g).float(), torch.randint(-2, 3, (101, 16), generator=g).float()
+    pos = torch.randint(0, 101, (20, 3), generator=g)
+    pos[::3, 2] = -1
+    want = kernels.corpus_ranks(q, corpus, pos, backend="torch")
+    for r in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"ranks{r}.pt"), want)

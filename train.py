@@ -7,6 +7,7 @@ Section 3.4).
     python train.py --preset smoke        # the whole pipeline in about a minute on 2 CPU cores
     python train.py --stages elva --rl_objective contrastive --elva_name control   # the equal-compute control
     python train.py --help                # every flag, grouped
+    torchrun --nproc_per_node=N train.py  # the same, data-parallel over N processes (GPUs, or CPU with gloo)
 
 Outputs under --out (default runs/<preset>): run.json (the arguments that shape the run), tokenizer.json, one
 checkpoint folder per stage (model-<step>.safetensors, optimizer-<step>.safetensors for --resume, tokenizer.json and
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -291,7 +293,12 @@ class Logger:
     """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a resumed one keeps
     only the records up to the checkpoint it resumed from, so a log never holds a step twice."""
 
-    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int):
+    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int, writer: bool = True):
+        self.writer = writer   # under torchrun only the first process writes and prints
+        self.stage, self.total, self.start, self.every = stage, total, start, every
+        self.t0 = time.time()
+        if not writer:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "log.jsonl"
         kept = []
@@ -299,10 +306,10 @@ class Logger:
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
         elva._atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         self.f = open(path, "a")
-        self.stage, self.total, self.start, self.every = stage, total, start, every
-        self.t0 = time.time()
 
     def log(self, step: int, rec: dict):
+        if not self.writer:
+            return
         elapsed = time.time() - self.t0
         done = step + 1 - self.start
         ms = 1000 * elapsed / max(1, done)
@@ -360,6 +367,104 @@ class Profiler:
         self.prof = None
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Data parallelism (torchrun). Every process builds the same global batch from the same per-step seed and takes its
+# share; gradients are averaged over the processes before the optimizer step, so the processes keep identical
+# weights. This is what DistributedDataParallel does, written out: our model is driven through several methods
+# (generate, token_logprobs, shared_prefix_logprobs), not one forward() that DDP could wrap. Without torchrun every
+# helper here is the identity.
+
+
+def init_distributed(args):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU share (gloo)."""
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.world_size == 1:
+        return
+    for name, n in (("--batch_size", args.batch_size), ("--rl_batch", args.rl_batch)):
+        if n % args.world_size:
+            _fail(name, n, f"a multiple of the {args.world_size} processes (each takes an equal share)")
+    if args.rank > 0:   # one voice: only the first process prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    nccl = torch.cuda.is_available() and not args.device.startswith("cpu")
+    dist.init_process_group("nccl" if nccl else "gloo")
+    if nccl:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+
+
+def world_of(args) -> int:
+    return getattr(args, "world_size", 1) if args is not None else 1
+
+
+def rank_of(args) -> int:
+    return getattr(args, "rank", 0) if args is not None else 0
+
+
+def barrier(args):
+    if world_of(args) > 1:
+        dist.barrier()
+
+
+def my_share(xs, args, rank: int | None = None):
+    """This process's contiguous share of a global batch (a list or a tensor's rows)."""
+    n = len(xs) // world_of(args)
+    r = rank_of(args) if rank is None else rank
+    return xs[r * n:(r + 1) * n]
+
+
+def my_share_of_items(flags: list, args, blocks: int) -> list:
+    """Per-item flags of a global batch laid out as `blocks` equal blocks ([queries, positives, ...]) -> the flags
+    of this process's items, laid out the same way."""
+    n = len(flags) // blocks
+    return [f for k in range(blocks) for f in my_share(flags[k * n:(k + 1) * n], args)]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every process the gradient of the summed losses w.r.t. its own rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)                                  # every process's loss depends on every row
+        r = dist.get_rank()
+        return grad[r * ctx.rows:(r + 1) * ctx.rows]
+
+
+def gather(x: torch.Tensor, args) -> torch.Tensor:
+    return x if world_of(args) == 1 else _GatherWithGrad.apply(x)
+
+
+def average_gradients(model, args):
+    """Average every trainable parameter's gradient over the processes, in one flat all_reduce."""
+    if world_of(args) == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]   # a share without images
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_of(args)
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def averaged(rec: dict, args) -> dict:
+    """A log record's numbers averaged over the processes (the global batch's values)."""
+    if world_of(args) == 1:
+        return rec
+    keys = [k for k, v in rec.items() if isinstance(v, (int, float))]
+    v = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(v)
+    return {**rec, **{k: x / world_of(args) for k, x in zip(keys, v.tolist())}}
+
+
 def last_good(folder: Path) -> str:
     """What a stop leaves behind, for the error message."""
     try:
@@ -369,15 +474,17 @@ def last_good(folder: Path) -> str:
 
 
 def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: int, stage: str,
-                   folder: Path) -> torch.Tensor:
-    """Check the loss and the gradient are finite, backward, clip the gradient norm to 1, step. A non-finite loss or
-    gradient stops the run before the update is applied (and so before anything is saved). -> pre-clip grad norm."""
+                   folder: Path, args=None) -> torch.Tensor:
+    """Check the loss and the gradient are finite, backward, average the gradients over processes (torchrun), clip
+    the gradient norm to 1, step. A non-finite loss or gradient stops the run before the update is applied (and so
+    before anything is saved). -> pre-clip grad norm."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
                                  f"{last_good(folder)}")
     opt.zero_grad(set_to_none=True)
     with phase("backward"):
         loss.backward()
+        average_gradients(model, args)
     with phase("optimizer"):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not torch.isfinite(gnorm):
@@ -387,14 +494,16 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
     return gnorm
 
 
-def save(folder: Path, model, tok, meta: dict, opt, step: int, stage: str):
+def save(folder: Path, model, tok, meta: dict, opt, step: int, stage: str, args=None):
     """A checkpoint of the stage (weights + optimizer state, written as a unit) -- never of non-finite weights."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"{stage} step {step}: the weights became non-finite ({bad[0]}"
                                  f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saving them; "
                                  f"{last_good(folder)}")
-    elva.save_checkpoint(folder, model, tok, {**meta, "step": step}, optimizer=opt)
+    if rank_of(args) == 0:   # one writer: every process holds the same weights
+        elva.save_checkpoint(folder, model, tok, {**meta, "step": step}, optimizer=opt)
+    barrier(args)
 
 
 def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
@@ -416,15 +525,17 @@ def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
 # the next-token loss that teaches our from-scratch model to write summaries at all (Qwen2-VL already can).
 
 
-def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg: torch.Tensor | None = None):
+def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg: torch.Tensor | None = None,
+             target_offset: int = 0):
     """L = -1/N sum_n log( exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau) )   (ELVA, Section 3.3).
 
     eq (N, D), ec (N, M, D) or (M, D) unit vectors. With ec (M, D), candidate n is query n's positive (in-batch
     negatives); with ec (N, M, D), candidate 0 of each row is its positive. false_neg (N, M) bool masks candidates
-    known to be relevant (GrainWorld knows them), so that a true match is never pushed away as a negative."""
+    known to be relevant (GrainWorld knows them), so that a true match is never pushed away as a negative.
+    target_offset: with candidates gathered from several processes, query n's positive is column offset + n."""
     if ec.dim() == 2:
         logits = eq @ ec.T / tau                                               # (N, M)
-        target = torch.arange(eq.shape[0], device=eq.device)
+        target = torch.arange(eq.shape[0], device=eq.device) + target_offset
     else:
         logits = torch.einsum("nd,nmd->nm", eq, ec) / tau                      # (N, M)
         target = torch.zeros(eq.shape[0], dtype=torch.long, device=eq.device)
@@ -462,26 +573,35 @@ def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | 
     return retriever.model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
 
-def stage2_loss(args, retriever, items, instr, rng: random.Random, autocast, group: int | None = None,
+def stage2_loss(args, retriever, items, instr, drop: list[bool], autocast, group: int | None = None,
                 false_neg: torch.Tensor | None = None, n_queries: int | None = None):
-    """Stage 2's loss: InfoNCE + lm_weight * next-token loss, with summary dropout. Items are laid out either as
-    [B queries, then the candidates: their B positives first, then any extra negatives] (group None: in-batch
-    negatives, stages 1 and 2; n_queries = B, default half the items) or as rows of `group` items
-    [query, positive, negatives...] (the equal-compute control). -> (loss, InfoNCE, LM loss).
+    """Stage 2's loss: InfoNCE + lm_weight * next-token loss, with summary dropout (`drop`, one flag per item). Items
+    are laid out either as [B queries, then the candidates: their B positives first, then any extra negatives]
+    (group None: in-batch negatives, stages 1 and 2; n_queries = B, default half the items) or as rows of `group`
+    items [query, positive, negatives...] (the equal-compute control). -> (loss, InfoNCE, LM loss).
 
     Summary dropout (ours): with teacher-forced reference summaries, a query and its positive often carry
     near-identical summary text (for i2i the very same string), so InfoNCE can be met by reading the summary and
     never teaches the [RET] state to look at the input. Dropping the summary of a random part of the items makes
-    InfoNCE train perception directly; the LM loss still teaches every kept summary."""
-    drop = [rng.random() < args.summary_dropout for _ in items]
+    InfoNCE train perception directly; the LM loss still teaches every kept summary.
+
+    Under torchrun each process holds its share of the batch: in-batch candidates are gathered from every process
+    (gradients flow back to their owners), and the LM loss is normalised by the global token count, so that the
+    mean of the processes' losses is the loss of one process over the whole batch."""
     e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
     if group is None:
         B = n_queries or len(items) // 2
-        l_nce = info_nce(e[:B], e[B:], args.tau, false_neg)
+        ec = gather(e[B:], args)                                                # (world * candidates, D)
+        l_nce = info_nce(e[:B], ec, args.tau, false_neg, target_offset=rank_of(args) * (len(items) - B))
     else:
         e = e.view(-1, group, e.shape[-1])                                      # (B, K, D)
         l_nce = info_nce(e[:, 0], e[:, 1:], args.tau)
-    l_lm = -logp.sum() / lm_mask.sum().clamp(min=1)
+    if world_of(args) > 1:
+        n_tok = lm_mask.sum().float()
+        dist.all_reduce(n_tok)
+        l_lm = -logp.sum() * world_of(args) / n_tok.clamp(min=1)
+    else:
+        l_lm = -logp.sum() / lm_mask.sum().clamp(min=1)
     return l_nce + args.lm_weight * l_lm, l_nce, l_lm
 
 
@@ -500,7 +620,7 @@ def text_stage(args, world, tok, device, autocast):
         return
     print(f"text: {args.text_steps} steps x {args.batch_size} NLI triplets")
     retriever = elva.Retriever(model, tok)
-    logger = Logger(folder, "text", args.text_steps, start, args.log_every)
+    logger = Logger(folder, "text", args.text_steps, start, args.log_every, rank_of(args) == 0)
     prof = Profiler(args.profile, "text", start, args.text_steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "text"}
     model.train()
@@ -515,22 +635,29 @@ def text_stage(args, world, tok, device, autocast):
             if t is not None:
                 scenes.append(s)
                 triplets.append(t)
+        all_triplets = triplets
+        # this process's share: B / world triplets; candidates, gathered over the processes, come per process as
+        # [its entailed captions, its contradictions]; a candidate the query's scene satisfies is masked
+        scenes, triplets = my_share(scenes, args), my_share(triplets, args)
+        drop = [rng.random() < args.summary_dropout for _ in range(3 * args.batch_size)]
+        b = len(triplets)
+        cols = [c for r in range(world_of(args)) for k in (1, 2)
+                for c in [t[k] for t in my_share(all_triplets, args, r)]]
         caps = [t[0] for t in triplets] + [t[1] for t in triplets] + [t[2] for t in triplets]
         items = [data.Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
-        # candidates: B entailed captions then B contradictions; mask any the query's scene satisfies
-        false_neg = torch.tensor([[j != i and data.satisfies(s, c) for j, c in enumerate(caps[len(scenes):])]
-                                  for i, s in enumerate(scenes)], device=device)              # (B, 2B)
-        loss, l_nce, l_lm = stage2_loss(args, retriever, items, [None] * len(items), rng, autocast,
-                                        false_neg=false_neg, n_queries=len(scenes))
+        false_neg = torch.tensor([[j != rank_of(args) * 2 * b + i and data.satisfies(s, c) for j, c in enumerate(cols)]
+                                  for i, s in enumerate(scenes)], device=device)              # (b, 2B)
+        loss, l_nce, l_lm = stage2_loss(args, retriever, items, [None] * len(items), my_share_of_items(drop, args, 3),
+                                        autocast, false_neg=false_neg, n_queries=b)
         lr = lr_at(step, args.text_steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        gnorm = optimizer_step(opt, model, loss, step, "text", folder)
-        logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                          "grad_norm": gnorm.item()})
+        gnorm = optimizer_step(opt, model, loss, step, "text", folder, args)
+        logger.log(step, averaged({"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
+                                   "grad_norm": gnorm.item()}, args))
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.text_steps - 1:
-            save(folder, model, tok, meta, opt, step, "text")
+            save(folder, model, tok, meta, opt, step, "text", args)
     print(f"text: saved {folder}")
 
 
@@ -550,7 +677,7 @@ def contrastive_stage(args, world, tok, device, autocast):
     n = sum(p.numel() for p in model.parameters())
     print(f"contrastive: {n / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size} queries")
     retriever = elva.Retriever(model, tok)
-    logger = Logger(folder, "contrastive", args.steps, start, args.log_every)
+    logger = Logger(folder, "contrastive", args.steps, start, args.log_every, rank_of(args) == 0)
     prof = Profiler(args.profile, "contrastive", start, args.steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "contrastive"}
     model.train()
@@ -559,22 +686,27 @@ def contrastive_stage(args, world, tok, device, autocast):
         prof.step_begins(step)
         rng = random.Random(f"{args.seed}-contrastive-{step}")
         with phase("data"):
-            queries = world.sample_queries(rng, args.batch_size)
-            items = [q.item for q in queries] + [q.positive for q in queries]
-            instr = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
-            false_neg = in_batch_false_negatives(queries).to(device)
+            queries = world.sample_queries(rng, args.batch_size)               # the global batch
+            drop = [rng.random() < args.summary_dropout for _ in range(2 * len(queries))]
+            # this process's share (all of it without torchrun): its queries, their positives; the candidates of
+            # InfoNCE are every process's positives, so the false-negative mask has a row per local query
+            mine = my_share(queries, args)
+            items = [q.item for q in mine] + [q.positive for q in mine]
+            instr = [INSTRUCTIONS[q.task] for q in mine] + [None] * len(mine)
+            false_neg = my_share(in_batch_false_negatives(queries), args).to(device)      # (b, B)
         # the loss: InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss
-        loss, l_nce, l_lm = stage2_loss(args, retriever, items, instr, rng, autocast, false_neg=false_neg)
+        loss, l_nce, l_lm = stage2_loss(args, retriever, items, instr, my_share_of_items(drop, args, 2), autocast,
+                                        false_neg=false_neg)
         # the update: warm-up + cosine schedule, clipped AdamW step
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        gnorm = optimizer_step(opt, model, loss, step, "contrastive", folder)
-        logger.log(step, {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                          "grad_norm": gnorm.item(), "masked_false_neg": int(false_neg.sum())})
+        gnorm = optimizer_step(opt, model, loss, step, "contrastive", folder, args)
+        logger.log(step, averaged({"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
+                                   "grad_norm": gnorm.item(), "masked_false_neg": int(false_neg.sum())}, args))
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
-            save(folder, model, tok, meta, opt, step, "contrastive")
+            save(folder, model, tok, meta, opt, step, "contrastive", args)
     print(f"contrastive: saved {folder}")
 
 
@@ -711,12 +843,23 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
         if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
             with autocast():
                 logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
-        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta)
+        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta,
+                               n_tokens=global_tokens(ro.sampled, args))
         if args.pathwise > 0:
             loss = loss + variant["pathwise"](args, ro, policy, h)
         # 5. update
-        optimizer_step(opt, policy.model, loss, step, "elva", folder)
+        optimizer_step(opt, policy.model, loss, step, "elva", folder, args)
     return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy)}
+
+
+def global_tokens(mask: torch.Tensor, args) -> float | None:
+    """Under torchrun: the sampled tokens of the whole batch / the processes, so that the token-mean of grpo_loss
+    averaged over the processes is the token-mean over the whole batch. None (the local count) otherwise."""
+    if world_of(args) == 1:
+        return None
+    n = mask.sum().float()
+    dist.all_reduce(n)
+    return float(n) / world_of(args)
 
 
 def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
@@ -782,24 +925,24 @@ def elva_stage(args, device, autocast):
           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters{' (vision frozen)' if not args.train_vision else ''}")
     policy = elva.Retriever(model, ref.tok)
-    logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every)
+    logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every, rank_of(args) == 0)
     meta = {"world": init_meta["world"], "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
     prof = Profiler(args.profile, args.elva_name, start, args.rl_steps)
     for step in range(start, args.rl_steps):
         prof.step_begins(step)
         # per-step seeds for the batch and the sampling, so --resume replays the same steps
-        gen.manual_seed(args.seed * 100003 + step)
+        gen.manual_seed(args.seed * 100003 + step + 7919 * rank_of(args))   # each process samples its own rollouts
         rng = random.Random(f"{args.seed}-rl-batch-{step}")
-        batch = rng.sample(instances, args.rl_batch)
+        batch = my_share(rng.sample(instances, args.rl_batch), args)       # the global batch, then this share
         if args.rl_objective == "grpo":
             rec = grpo_step(args, policy, ref.model, opt, batch, gen, autocast, step, folder)
         else:
             rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
-        logger.log(step, rec)
+        logger.log(step, averaged(rec, args))
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.rl_steps - 1:
-            save(folder, model, ref.tok, meta, opt, step, args.elva_name)
+            save(folder, model, ref.tok, meta, opt, step, args.elva_name, args)
     print(f"{args.elva_name}: saved {folder} ({time.time() - t0:.0f}s)")
 
 
@@ -854,15 +997,17 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
     with summary dropout + next-token loss, its tau, lm_weight and dropout rate) -- over the same candidate sets
     (positive + the mined negatives), one optimizer step per batch as GRPO takes."""
     stage2 = argparse.Namespace(**{k: init_meta.get("args", {}).get(k, getattr(args, k))
-                                   for k in ("tau", "lm_weight", "summary_dropout")})
+                                   for k in ("tau", "lm_weight", "summary_dropout")},
+                                world_size=world_of(args), rank=rank_of(args))
     policy.model.train()
     items, instr = [], []
     for q, negs in batch:
         items += [q.item, q.positive, *negs]
         instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
     rng = random.Random(f"{args.seed}-control-{step}")
-    loss, l_nce, l_lm = stage2_loss(stage2, policy, items, instr, rng, autocast, group=2 + len(batch[0][1]))
-    optimizer_step(opt, policy.model, loss, step, "control", folder)
+    drop = my_share([rng.random() < stage2.summary_dropout for _ in range(len(items) * world_of(args))], args)
+    loss, l_nce, l_lm = stage2_loss(stage2, policy, items, instr, drop, autocast, group=2 + len(batch[0][1]))
+    optimizer_step(opt, policy.model, loss, step, "control", folder, args)
     return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
 
 
@@ -871,17 +1016,23 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
 
 def main(argv=None):
     args = get_args(argv)
+    init_distributed(args)
     threads = set_threads(args)
     device, autocast = elva.resolve_device(args.device)
-    print(f"threads: {threads}")
-    check_run_folder(args)
+    print(f"threads: {threads}" + (f" | process {args.rank} of {args.world_size}" if args.world_size > 1 else ""))
+    if args.rank == 0:
+        check_run_folder(args)
+    barrier(args)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     print("args:", json.dumps(serializable(args)))
     t0 = time.time()
     if "contrastive" in args.stages:
         world = GrainWorld(world_config(args))
-        tok = build_tokenizer(args, world)
+        if args.rank == 0:
+            build_tokenizer(args, world)
+        barrier(args)
+        tok = build_tokenizer(args, world)   # the first process trained and wrote it
         print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
               f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
         if "text" in args.stages:
@@ -889,7 +1040,7 @@ def main(argv=None):
         contrastive_stage(args, world, tok, device, autocast)
     if "elva" in args.stages:
         elva_stage(args, device, autocast)
-    if not args.no_eval:
+    if not args.no_eval and args.rank == 0:
         ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "config.json").exists()]
         cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--out", str(out / "eval.json"),
                "--queries", str(args.eval_queries), "--mrbench_per_task", str(args.mrbench_per_task),
@@ -899,6 +1050,9 @@ def main(argv=None):
         print("eval:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)   # eval.py is a program of its own: nothing imports it
     print(f"total time {(time.time() - t0) / 60:.1f} min")
+    if args.world_size > 1:
+        barrier(args)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
