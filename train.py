@@ -138,6 +138,10 @@ def get_args(argv=None):
                         "credited for its own part of the ranking (reward.sequence_credit)")
     g.add_argument("--pathwise", type=float, default=0.0, help="weight of -R_total used as a differentiable loss "
                    "through the embeddings, added to GRPO's (0: the paper's method)")
+    g.add_argument("--anchor", type=float, default=0.0, help="weight of an embedding anchor: the mean cosine distance "
+                   "between the policy's and the stage-2 model's [RET] embeddings of the same sampled (input, "
+                   "summary) pairs, so that GRPO changes the words while the map from words to embeddings stays "
+                   "(0: the paper's method)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_queries", type=int, default=None, help="standard-split queries per task")
     g.add_argument("--mrbench_per_task", type=int, default=None, help="MRBench-mini queries per task")
@@ -196,7 +200,7 @@ def resolve_args(args):
             _fail(f"--{k}", v, "a finite number > 0")
     if not (math.isfinite(args.tau) and 0.005 <= args.tau <= 10):
         _fail("--tau", args.tau, "a temperature in [0.005, 10] (smaller overflows the logits)")
-    for k in ("beta", "alpha", "epsilon", "delta", "weight_decay", "lm_weight", "pathwise"):
+    for k in ("beta", "alpha", "epsilon", "delta", "weight_decay", "lm_weight", "pathwise", "anchor"):
         v = getattr(args, k)
         if not (math.isfinite(v) and v >= 0):
             _fail(f"--{k}", v, "a finite number >= 0")
@@ -818,7 +822,8 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
       3. advantage   A = (R - mean) / (std + eps) over the query's G rollouts, shared by all the rollout's summaries
       4. loss        PPO-clipped policy gradient on the sampled summary tokens + beta * KL(k3) to the stage-2 model
       5. update      clipped AdamW step (num_iterations > 1: more updates on the same rollouts, ratio != 1)
-    Our labelled variants (--reward, --credit, --pathwise) replace step 2, 3 or add to 4: see BEYOND_THE_PAPER."""
+    Our labelled variants (--reward, --credit, --pathwise, --anchor) replace step 2, 3 or add to 4: see
+    BEYOND_THE_PAPER."""
     variant = BEYOND_THE_PAPER
     # 1. rollout
     ro = rollout(args, policy, batch, gen, autocast)
@@ -837,7 +842,8 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
     # 4. loss: the rollout policy's log-probs are the "old" ones; the frozen stage-2 model is the KL reference
     old_logp = ro.logp.detach()
     with phase("reference"), torch.no_grad(), autocast():
-        ref_logp, _ = ref_model.shared_prefix_logprobs(ro.batch, args.temperature)
+        ref_logp, ref_h = ref_model.shared_prefix_logprobs(ro.batch, args.temperature)
+        e_ref = ref_model.ret_embedding(ref_h, ro.batch["ret_pos"])           # (S, D): the stage-2 map, same words
     logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
     for it in range(args.num_iterations):
         if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
@@ -847,9 +853,12 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
                                n_tokens=global_tokens(ro.sampled, args))
         if args.pathwise > 0:
             loss = loss + variant["pathwise"](args, ro, policy, h)
+        if args.anchor > 0:
+            loss = loss + variant["anchor"](args, ro, policy, h, e_ref)
         # 5. update
         optimizer_step(opt, policy.model, loss, step, "elva", folder, args)
-    return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy)}
+    drift = (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item()
+    return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy), "drift": drift}
 
 
 def global_tokens(mask: torch.Tensor, args) -> float | None:
@@ -867,7 +876,9 @@ def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
     `corr_len` / `corr_exact`: the mean, over groups, of the correlation between a rollout's reward and its summaries'
     mean length / whether its query summary is exactly the reference -- what the reward pays for. `pg` / `kl_term`:
     the policy-gradient part of the loss and beta * KL. `adv_query`: the share of the batch's |advantage| mass (over
-    sampled tokens) that sits on query summaries rather than candidate summaries."""
+    sampled tokens) that sits on query summaries rather than candidate summaries. (grpo_step adds `drift`: the mean
+    cosine distance between the policy's and the stage-2 model's embeddings of the same sampled words -- how far
+    the map from words to embeddings has moved, which the policy gradient does not see.)"""
     B, G, K = ro.shape
     lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
     exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
@@ -989,7 +1000,18 @@ def pathwise_loss(args, ro: Rollout, policy, h) -> torch.Tensor:
     return -args.pathwise * R_path.mean()
 
 
-BEYOND_THE_PAPER = {"reward": lexical_reward, "credit": sequence_credit_advantages, "pathwise": pathwise_loss}
+def anchor_loss(args, ro: Rollout, policy, h, e_ref) -> torch.Tensor:
+    """--anchor w: w * mean(1 - cos(policy embedding, stage-2 embedding)) over the rollout's sequences, the same
+    (input, sampled summary) pairs through both models. GRPO's gradient only sees the log-probs of the words; but
+    the same weights also make the embeddings, so each update moves the map from words to embeddings too, and the
+    reward the next rollout sees has shifted under the policy (the ladder: at lr 1e-3 the paper's reward *falls*).
+    The anchor holds that map near stage 2's, so that what changes is which words are written."""
+    e = policy.model.ret_embedding(h, ro.batch["ret_pos"])                    # (S, D), with gradient
+    return args.anchor * (1 - (e * e_ref).sum(-1)).mean()
+
+
+BEYOND_THE_PAPER = {"reward": lexical_reward, "credit": sequence_credit_advantages, "pathwise": pathwise_loss,
+                    "anchor": anchor_loss}
 
 
 def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_meta: dict) -> dict:
