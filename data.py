@@ -972,6 +972,14 @@ def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id:
     return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
 
 
+def encode_batch(enc: Encoder, items: list[Item], instructions: list, summaries: list[list[int]] | None,
+                 limit: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Items -> (collated token tensors, images (N_img, 3, H, W)) on the CPU: everything a step needs that involves
+    no model (rendering, tokenising, padding), so that DataLoader workers can make it ahead of the step."""
+    prompts = [enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
+    return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
+
+
 def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:
     """The summary part alone, for prompts whose states are shared (ELVAModel.shared_prefix_logprobs): summary +
     [RET], right-padded. Returns tokens / attn / gen_mask (S, Ts) and ret_pos (S,), positions within the part."""

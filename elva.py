@@ -371,11 +371,13 @@ class Retriever:
     def batch(self, items, instructions, summaries: list[list[int]] | None):
         """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device.
         Prompts longer than the model's maximum length (minus room for the summary) are cut; see Encoder.prompt."""
-        limit = self.model.cfg.max_seq_len - self.model.cfg.max_summary_len - 1
-        prompts = [self.enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
-        b = data.collate(prompts, summaries, self.enc.pad, self.enc.ret)
+        b, imgs = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
         dev = self.device
-        return {k: v.to(dev) for k, v in b.items()}, self.enc.images(items).to(dev)
+        return {k: v.to(dev, non_blocking=True) for k, v in b.items()}, imgs.to(dev, non_blocking=True)
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.model.cfg.max_seq_len - self.model.cfg.max_summary_len - 1
 
     @torch.no_grad()
     def summarise(self, items, instructions, temperature=0.0, generator=None, return_ended=False):

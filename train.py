@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -78,6 +79,9 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores this "
                    "process may use; with other jobs on the machine give each job its own cores)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader processes that render and tokenise the "
+                   "next batches of stages 1-2 while the device trains (default: 0 on a CPU, whose cores do the "
+                   "training; up to 4 beside a GPU)")
     g.add_argument("--log_every", type=int, default=None, help="steps between log lines")
     g.add_argument("--ckpt_every", type=int, default=250, help="steps between checkpoints")
     g.add_argument("--no_eval", action="store_true", help="skip the final evaluation table")
@@ -214,6 +218,8 @@ def resolve_args(args):
         _fail("--vocab_size", args.vocab_size, ">= 300 (256 byte symbols, 5 special tokens and some merges)")
     if args.threads is not None and args.threads < 1:
         _fail("--threads", args.threads, "an integer >= 1")
+    if args.workers is not None and args.workers < 0:
+        _fail("--workers", args.workers, "an integer >= 0")
     if args.device not in ("auto", "cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
         _fail("--device", args.device, "auto, cpu, cuda, cuda:N or mps")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -571,14 +577,19 @@ def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | 
     with phase("data"):   # render the images, tokenise, collate
         b, imgs = retriever.batch(items, instructions, [[] if d else enc.summary(it.summary)
                                                         for it, d in zip(items, drop)])
+    return teacher_forced_on(retriever.model, b, imgs, torch.tensor(drop), autocast)
+
+
+def teacher_forced_on(model, b: dict, imgs: torch.Tensor, drop: torch.Tensor, autocast):
+    """teacher_forced on an encoded batch (tensors on the model's device; drop (N,) bool)."""
     with phase("forward"), autocast():
-        logp, h = retriever.model.token_logprobs(b, imgs)
-    lm_mask = b["gen_mask"] & ~torch.tensor(drop, device=logp.device)[:, None]
-    return retriever.model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
+        logp, h = model.token_logprobs(b, imgs)
+    lm_mask = b["gen_mask"] & ~drop.to(logp.device)[:, None]
+    return model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
 
 def stage2_loss(args, retriever, items, instr, drop: list[bool], autocast, group: int | None = None,
-                false_neg: torch.Tensor | None = None, n_queries: int | None = None):
+                false_neg: torch.Tensor | None = None, n_queries: int | None = None, encoded=None):
     """Stage 2's loss: InfoNCE + lm_weight * next-token loss, with summary dropout (`drop`, one flag per item). Items
     are laid out either as [B queries, then the candidates: their B positives first, then any extra negatives]
     (group None: in-batch negatives, stages 1 and 2; n_queries = B, default half the items) or as rows of `group`
@@ -591,12 +602,18 @@ def stage2_loss(args, retriever, items, instr, drop: list[bool], autocast, group
 
     Under torchrun each process holds its share of the batch: in-batch candidates are gathered from every process
     (gradients flow back to their owners), and the LM loss is normalised by the global token count, so that the
-    mean of the processes' losses is the loss of one process over the whole batch."""
-    e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
+    mean of the processes' losses is the loss of one process over the whole batch.
+    encoded: (batch, images) already made by a DataLoader worker (make_stage2_inputs); items are then unused."""
+    if encoded is None:
+        e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
+    else:
+        e, logp, lm_mask = teacher_forced_on(retriever.model, *encoded, torch.tensor(drop), autocast)
+    if n_queries is None and encoded is not None:
+        n_queries = len(drop) // 2
     if group is None:
         B = n_queries or len(items) // 2
         ec = gather(e[B:], args)                                                # (world * candidates, D)
-        l_nce = info_nce(e[:B], ec, args.tau, false_neg, target_offset=rank_of(args) * (len(items) - B))
+        l_nce = info_nce(e[:B], ec, args.tau, false_neg, target_offset=rank_of(args) * (e.shape[0] - B))
     else:
         e = e.view(-1, group, e.shape[-1])                                      # (B, K, D)
         l_nce = info_nce(e[:, 0], e[:, 1:], args.tau)
@@ -607,6 +624,81 @@ def stage2_loss(args, retriever, items, instr, drop: list[bool], autocast, group
     else:
         l_lm = -logp.sum() / lm_mask.sum().clamp(min=1)
     return l_nce + args.lm_weight * l_lm, l_nce, l_lm
+
+
+def make_text_inputs(args, world, enc, limit, step: int) -> dict:
+    """Stage 1's step `step` without the model: B (scene, premise, entailed, contradiction) from the step's seed (so
+    --resume and any number of workers replay the same batch), this process's share, the dropout flags, the
+    false-negative mask (a candidate the query's scene satisfies), and the encoded tensors on the CPU."""
+    rng = random.Random(f"{args.seed}-text-{step}")
+    scenes, triplets = [], []
+    while len(triplets) < args.batch_size:
+        s = rng.choice(world.splits["train"])
+        t = data.nli_triplet(rng, s)
+        if t is not None:
+            scenes.append(s)
+            triplets.append(t)
+    all_triplets = triplets
+    # this process's share: B / world triplets; candidates, gathered over the processes, come per process as
+    # [its entailed captions, its contradictions]
+    scenes, triplets = my_share(scenes, args), my_share(triplets, args)
+    drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(3 * args.batch_size)], args, 3)
+    b = len(triplets)
+    cols = [c for r in range(world_of(args)) for k in (1, 2) for c in [t[k] for t in my_share(all_triplets, args, r)]]
+    caps = [t[0] for t in triplets] + [t[1] for t in triplets] + [t[2] for t in triplets]
+    items = [data.Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
+    false_neg = torch.tensor([[j != rank_of(args) * 2 * b + i and data.satisfies(s, c) for j, c in enumerate(cols)]
+                              for i, s in enumerate(scenes)])                                 # (b, 2B)
+    summaries = [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)]
+    return {"encoded": data.encode_batch(enc, items, [None] * len(items), summaries, limit), "drop": drop,
+            "false_neg": false_neg, "n_queries": b}
+
+
+def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
+    """Stage 2's step `step` without the model: the global batch of B queries over the four tasks and their
+    positives from the step's seed, this process's share, the dropout flags, the false-negative mask (the candidates
+    of InfoNCE are every process's positives, so it has a row per local query) and the encoded tensors (CPU)."""
+    rng = random.Random(f"{args.seed}-contrastive-{step}")
+    queries = world.sample_queries(rng, args.batch_size)                       # the global batch
+    drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(2 * len(queries))], args, 2)
+    mine = my_share(queries, args)
+    items = [q.item for q in mine] + [q.positive for q in mine]
+    instr = [INSTRUCTIONS[q.task] for q in mine] + [None] * len(mine)
+    summaries = [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)]
+    return {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
+            "false_neg": my_share(in_batch_false_negatives(queries), args), "n_queries": len(mine)}
+
+
+class StepStream(torch.utils.data.IterableDataset):
+    """The inputs of steps start..stop-1, one per item, made by make(step). With n DataLoader workers, worker w makes
+    steps start + w, start + w + n, ...; the DataLoader hands them back round-robin, so in step order."""
+
+    def __init__(self, make, start: int, stop: int):
+        self.make, self.start, self.stop = make, start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + w, self.stop, n):
+            yield self.make(step)
+
+
+def step_inputs(args, make, start: int, stop: int, device):
+    """Iterate over the steps' inputs: made in DataLoader workers ahead of the step (--workers), in pinned memory
+    beside a GPU, so that rendering and tokenising overlap the device's work; made in place with 0 workers."""
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else
+                                                             min(4, max(1, (os.cpu_count() or 2) - 1)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked after the tokenizer is made
+    return iter(torch.utils.data.DataLoader(StepStream(make, start, stop), batch_size=None, num_workers=workers,
+                                            pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
+
+
+def stage_step(args, retriever, inputs, autocast, device):
+    """Stages 1-2: the loss of one step from its prepared inputs."""
+    b, imgs = inputs["encoded"]
+    encoded = ({k: v.to(device, non_blocking=True) for k, v in b.items()}, imgs.to(device, non_blocking=True))
+    return stage2_loss(args, retriever, None, None, inputs["drop"], autocast, false_neg=inputs["false_neg"].to(device),
+                       n_queries=inputs["n_queries"], encoded=encoded)
 
 
 def text_stage(args, world, tok, device, autocast):
@@ -628,31 +720,14 @@ def text_stage(args, world, tok, device, autocast):
     prof = Profiler(args.profile, "text", start, args.text_steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "text"}
     model.train()
+    inputs = step_inputs(args, functools.partial(make_text_inputs, args, world, retriever.enc, retriever.prompt_limit),
+                         start, args.text_steps, device)
     for step in range(start, args.text_steps):
-        # the batch: B (scene, premise, entailed, contradiction); a per-step seed, so --resume replays it
         prof.step_begins(step)
-        rng = random.Random(f"{args.seed}-text-{step}")
-        scenes, triplets = [], []
-        while len(triplets) < args.batch_size:
-            s = rng.choice(world.splits["train"])
-            t = data.nli_triplet(rng, s)
-            if t is not None:
-                scenes.append(s)
-                triplets.append(t)
-        all_triplets = triplets
-        # this process's share: B / world triplets; candidates, gathered over the processes, come per process as
-        # [its entailed captions, its contradictions]; a candidate the query's scene satisfies is masked
-        scenes, triplets = my_share(scenes, args), my_share(triplets, args)
-        drop = [rng.random() < args.summary_dropout for _ in range(3 * args.batch_size)]
-        b = len(triplets)
-        cols = [c for r in range(world_of(args)) for k in (1, 2)
-                for c in [t[k] for t in my_share(all_triplets, args, r)]]
-        caps = [t[0] for t in triplets] + [t[1] for t in triplets] + [t[2] for t in triplets]
-        items = [data.Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
-        false_neg = torch.tensor([[j != rank_of(args) * 2 * b + i and data.satisfies(s, c) for j, c in enumerate(cols)]
-                                  for i, s in enumerate(scenes)], device=device)              # (b, 2B)
-        loss, l_nce, l_lm = stage2_loss(args, retriever, items, [None] * len(items), my_share_of_items(drop, args, 3),
-                                        autocast, false_neg=false_neg, n_queries=b)
+        # the batch: B (premise, entailed, contradiction) triplets, made from the step's seed (make_text_inputs)
+        with phase("data"):
+            batch = next(inputs)
+        loss, l_nce, l_lm = stage_step(args, retriever, batch, autocast, device)
         lr = lr_at(step, args.text_steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
@@ -685,22 +760,17 @@ def contrastive_stage(args, world, tok, device, autocast):
     prof = Profiler(args.profile, "contrastive", start, args.steps)
     meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "contrastive"}
     model.train()
+    inputs = step_inputs(args, functools.partial(make_stage2_inputs, args, world, retriever.enc,
+                                                 retriever.prompt_limit), start, args.steps, device)
     for step in range(start, args.steps):
-        # the batch: B queries over the four tasks and their positives; a per-step seed, so --resume replays it
         prof.step_begins(step)
-        rng = random.Random(f"{args.seed}-contrastive-{step}")
+        # the batch: B queries over the four tasks and their positives, made from the step's seed (so --resume
+        # replays it) by make_stage2_inputs, in DataLoader workers when there are any
         with phase("data"):
-            queries = world.sample_queries(rng, args.batch_size)               # the global batch
-            drop = [rng.random() < args.summary_dropout for _ in range(2 * len(queries))]
-            # this process's share (all of it without torchrun): its queries, their positives; the candidates of
-            # InfoNCE are every process's positives, so the false-negative mask has a row per local query
-            mine = my_share(queries, args)
-            items = [q.item for q in mine] + [q.positive for q in mine]
-            instr = [INSTRUCTIONS[q.task] for q in mine] + [None] * len(mine)
-            false_neg = my_share(in_batch_false_negatives(queries), args).to(device)      # (b, B)
+            batch = next(inputs)
         # the loss: InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss
-        loss, l_nce, l_lm = stage2_loss(args, retriever, items, instr, my_share_of_items(drop, args, 2), autocast,
-                                        false_neg=false_neg)
+        loss, l_nce, l_lm = stage_step(args, retriever, batch, autocast, device)
+        false_neg = batch["false_neg"]
         # the update: warm-up + cosine schedule, clipped AdamW step
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for gr in opt.param_groups:
