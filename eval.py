@@ -407,12 +407,12 @@ def log_summary(stage_dir: str) -> str:
     return f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: " + ", ".join(parts)
 
 
-def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i", "i2i"), per_task=2):
+def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"), per_task=1):
     """For a few MRBench-mini queries: the query, then each checkpoint's top 5 (green frame: relevant)."""
     from PIL import Image, ImageDraw
     S, pad, qw = 64, 6, 230
     rows = [(t, i, r) for t in tasks for i in range(per_task) for r in results]
-    img = Image.new("RGB", (qw + 5 * (S + pad) + 110, len(rows) * (S + pad) + 30), "white")
+    img = Image.new("RGB", (qw + 5 * (S + pad) + 200, len(rows) * (S + pad) + 30), "white")
     draw = ImageDraw.Draw(img)
     draw.text((pad, 8), "query", fill="black")
     draw.text((qw, 8), "top 5 (green: relevant, red: not)", fill="black")

@@ -34,6 +34,8 @@ elva 2
 control 1 --rl_objective contrastive
 control 2 --rl_objective contrastive
 anchor_length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0 --anchor 10   # ours: the embedding anchor
+anchor_length_lr1e-3_b0 1 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
+anchor_length_lr1e-3_b0 2 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
 anchor_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 10
 anchor1_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 1
 anchor_paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0 --anchor 10
