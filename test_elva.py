@@ -1180,3 +1180,21 @@ def test_dataloader_workers_change_nothing_but_speed(tmp_path):
     train.main(base + ["--out", str(tmp_path / "w2"), "--workers", "2"])
     for stage in ("text", "contrastive"):
         assert weights_bytes(tmp_path / "w0" / stage) == weights_bytes(tmp_path / "w2" / stage), stage
+
+
+def test_sample_query_only_fixes_candidate_summaries(world, tok):
+    """--sample query (ours): candidates keep their greedy summary in every rollout and are not trained; the queries'
+    summaries are sampled."""
+    ret = tiny_model(tok, seed=2)
+    inst = rl_instances(world, 2, 2)
+    ro = train.rollout(rl_args(group_size=3, sample="query"), ret, inst, torch.Generator().manual_seed(0), nullcontext)
+    B, G, K = ro.shape
+    summ = [ro.summaries[(b * G + g) * K:(b * G + g + 1) * K] for b in range(B) for g in range(G)]
+    for b in range(B):
+        rows = summ[b * G:(b + 1) * G]
+        assert all(r[1:] == rows[0][1:] for r in rows)                # candidates: the same words in every rollout
+    assert len({tuple(r[0]) for r in summ}) > 1                        # queries: sampled
+    trained = ro.sampled.any(1).view(B, G, K)
+    assert not trained[:, :, 1:].any() and trained[:, :, 0].all()
+    items, instr = train.rollout_items(inst)
+    assert ret.summarise(items[1:K], instr[1:K]) == summ[0][1:]       # the greedy summaries

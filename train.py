@@ -142,6 +142,10 @@ def get_args(argv=None):
                         "credited for its own part of the ranking (reward.sequence_credit)")
     g.add_argument("--pathwise", type=float, default=0.0, help="weight of -R_total used as a differentiable loss "
                    "through the embeddings, added to GRPO's (0: the paper's method)")
+    g.add_argument("--sample", default="all", choices=["all", "query"],
+                   help="all: the paper's, every summary of a rollout is sampled; query: only the query's, the "
+                        "candidates keep their greedy summaries (not trained), so a group's rewards differ by the "
+                        "query's words alone")
     g.add_argument("--anchor", type=float, default=0.0, help="weight of an embedding anchor: the mean cosine distance "
                    "between the policy's and the stage-2 model's [RET] embeddings of the same sampled (input, "
                    "summary) pairs, so that GRPO changes the words while the map from words to embeddings stays "
@@ -869,14 +873,19 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     # row (b, g, k) continues prompt b * K + k
     index = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)).expand(B, G, K).reshape(-1)
     with phase("generate"), autocast():
-        summ, ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
-                                            generator=gen, return_ended=True, index=index)
+        if args.sample == "all":   # the paper: every summary of every rollout is sampled
+            summ, ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
+                                                generator=gen, return_ended=True, index=index)
+            fixed = torch.zeros(len(index), dtype=torch.bool, device=dev)
+        else:
+            summ, ended, fixed = BEYOND_THE_PAPER["sample"](args, policy, pb, images, index, gen, K)
     sb = {k: v.to(dev) for k, v in data.collate_summaries(summ, policy.enc.pad, policy.enc.ret).items()}
     rb = {"prompt_tokens": pb["tokens"], "prompt_attn": pb["attn"], "images": images, "index": index, **sb}
     # a [RET] appended after max_summary_len tokens was not sampled: it gets no advantage and no KL
     forced = ~torch.tensor(ended, device=dev)
     sampled = sb["gen_mask"].clone()
     sampled[torch.arange(len(summ), device=dev)[forced], sb["ret_pos"][forced]] = False
+    sampled[fixed] = False                                                     # (--sample query: not sampled)
     with phase("forward"), autocast():
         logp, h = policy.model.shared_prefix_logprobs(rb, args.temperature)
     with phase("score"), torch.no_grad():
@@ -1080,8 +1089,29 @@ def anchor_loss(args, ro: Rollout, policy, h, e_ref) -> torch.Tensor:
     return args.anchor * (1 - (e * e_ref).sum(-1)).mean()
 
 
+def sample_queries_only(args, policy, pb, images, index, gen, K):
+    """--sample query: sample the G summaries of each query; give each candidate its greedy summary, the same in
+    every rollout (and not trained). Within a group the candidates' embeddings are then identical, so the rewards
+    differ by the query's words alone: each rollout's advantage is the credit of exactly one sampled summary.
+    -> (summaries, ended, fixed (S,) bool: rows whose summary was not sampled), rows in (instance, rollout, item)."""
+    is_query = index % K == 0                                                  # (S,): item 0 of each rollout
+    q_rows = is_query.nonzero()[:, 0]
+    sampled, s_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
+                                             generator=gen, return_ended=True, index=index[q_rows])
+    greedy, g_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=0.0, return_ended=True)
+    summ, ended, it = [], [], iter(zip(sampled, s_ended))
+    for s, u in enumerate(index.tolist()):
+        if is_query[s]:
+            a, b = next(it)
+        else:
+            a, b = greedy[u], g_ended[u]
+        summ.append(a)
+        ended.append(b)
+    return summ, ended, ~is_query
+
+
 BEYOND_THE_PAPER = {"reward": lexical_reward, "credit": sequence_credit_advantages, "pathwise": pathwise_loss,
-                    "anchor": anchor_loss}
+                    "anchor": anchor_loss, "sample": sample_queries_only}
 
 
 def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_meta: dict) -> dict:
