@@ -713,7 +713,8 @@ def text_stage(args, world, tok, device, autocast):
     folder = Path(args.out) / "text"
     torch.manual_seed(args.seed)
     model = elva.build_model(copy.deepcopy(elva.PRESETS[args.preset]), tok).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
     start = resume_point(args, folder, model, opt, "text", device)
     if start >= args.text_steps:
         print(f"text: already complete ({args.text_steps} steps) in {folder}")
@@ -752,7 +753,8 @@ def contrastive_stage(args, world, tok, device, autocast):
     if "text" in args.stages:   # stage 2 starts from stage 1
         model.load_state_dict(elva.load_checkpoint(Path(args.out) / "text", device)[0].state_dict())
         print(f"contrastive: starts from {Path(args.out) / 'text'} (stage 1)")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
     start = resume_point(args, folder, model, opt, "contrastive", device)
     if start >= args.steps:
         print(f"contrastive: already complete ({args.steps} steps) in {folder}")
@@ -999,7 +1001,8 @@ def elva_stage(args, device, autocast):
         for p in model.vision_parameters():
             p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(trainable, lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
     start = resume_point(args, folder, model, opt, args.elva_name, device)
     if start >= args.rl_steps:
         print(f"{args.elva_name}: already complete ({args.rl_steps} steps) in {folder}")
