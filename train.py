@@ -710,84 +710,63 @@ def text_stage(args, world, tok, device, autocast):
     query is a caption of a training scene; its positive a caption the premise entails, reworded; its hard negative
     the premise with one grain contradicted (data.nli_triplet). In-batch negatives too; a candidate the query's scene
     satisfies is masked. Same model, template, summaries and dropout as stage 2, no images."""
-    folder = Path(args.out) / "text"
-    torch.manual_seed(args.seed)
-    model = elva.build_model(copy.deepcopy(elva.PRESETS[args.preset]), tok).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")
-    start = resume_point(args, folder, model, opt, "text", device)
-    if start >= args.text_steps:
-        print(f"text: already complete ({args.text_steps} steps) in {folder}")
-        return
-    print(f"text: {args.text_steps} steps x {args.batch_size} NLI triplets")
-    retriever = elva.Retriever(model, tok)
-    logger = Logger(folder, "text", args.text_steps, start, args.log_every, rank_of(args) == 0)
-    prof = Profiler(args.profile, "text", start, args.text_steps)
-    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "text"}
-    model.train()
-    inputs = step_inputs(args, functools.partial(make_text_inputs, args, world, retriever.enc, retriever.prompt_limit),
-                         start, args.text_steps, device)
-    for step in range(start, args.text_steps):
-        prof.step_begins(step)
-        # the batch: B (premise, entailed, contradiction) triplets, made from the step's seed (make_text_inputs)
-        with phase("data"):
-            batch = next(inputs)
-        loss, l_nce, l_lm = stage_step(args, retriever, batch, autocast, device)
-        lr = lr_at(step, args.text_steps, args.lr, args.warmup)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        gnorm = optimizer_step(opt, model, loss, step, "text", folder, args)
-        logger.log(step, averaged({"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                                   "grad_norm": gnorm.item()}, args))
-        prof.step_ends(step)
-        if (step + 1) % args.ckpt_every == 0 or step == args.text_steps - 1:
-            save(folder, model, tok, meta, opt, step, "text", args)
-    print(f"text: saved {folder}")
+    embedding_stage(args, world, tok, device, autocast, "text", args.text_steps, make_text_inputs, None,
+                    "NLI triplets")
 
 
 def contrastive_stage(args, world, tok, device, autocast):
-    folder = Path(args.out) / "contrastive"
-    cfg = copy.deepcopy(elva.PRESETS[args.preset])
+    """Stage 2 (Sec. 3.3): InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss,
+    from stage 1's weights when this run has the text stage."""
+    init = Path(args.out) / "text" if "text" in args.stages else None
+    embedding_stage(args, world, tok, device, autocast, "contrastive", args.steps, make_stage2_inputs, init,
+                    "queries")
+
+
+def embedding_stage(args, world, tok, device, autocast, name: str, steps: int, make_inputs, init: Path | None,
+                    what: str):
+    """The loop of stages 1 and 2: a fresh model (or `init`'s weights), then per step: the batch (made from the
+    step's seed by make_inputs, in DataLoader workers when there are any, so --resume replays it) -> stage2_loss ->
+    warm-up + cosine learning rate -> clipped AdamW step -> log; a checkpoint every ckpt_every steps and at the end."""
+    folder = Path(args.out) / name
     torch.manual_seed(args.seed)
-    model = elva.build_model(cfg, tok).to(device)
-    if "text" in args.stages:   # stage 2 starts from stage 1
-        model.load_state_dict(elva.load_checkpoint(Path(args.out) / "text", device)[0].state_dict())
-        print(f"contrastive: starts from {Path(args.out) / 'text'} (stage 1)")
+    model = elva.build_model(copy.deepcopy(elva.PRESETS[args.preset]), tok).to(device)
+    if init is not None:
+        model.load_state_dict(elva.load_checkpoint(init, device)[0].state_dict())
+        print(f"{name}: starts from {init}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                             fused=device.type == "cuda")
-    start = resume_point(args, folder, model, opt, "contrastive", device)
-    if start >= args.steps:
-        print(f"contrastive: already complete ({args.steps} steps) in {folder}")
+    start = resume_point(args, folder, model, opt, name, device)
+    if start >= steps:
+        print(f"{name}: already complete ({steps} steps) in {folder}")
         return
-    n = sum(p.numel() for p in model.parameters())
-    print(f"contrastive: {n / 1e6:.2f}M parameters, {args.steps} steps x {args.batch_size} queries")
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps x "
+          f"{args.batch_size} {what}")
     retriever = elva.Retriever(model, tok)
-    logger = Logger(folder, "contrastive", args.steps, start, args.log_every, rank_of(args) == 0)
-    prof = Profiler(args.profile, "contrastive", start, args.steps)
-    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": "contrastive"}
+    logger = Logger(folder, name, steps, start, args.log_every, rank_of(args) == 0)
+    prof = Profiler(args.profile, name, start, steps)
+    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": name}
     model.train()
-    inputs = step_inputs(args, functools.partial(make_stage2_inputs, args, world, retriever.enc,
-                                                 retriever.prompt_limit), start, args.steps, device)
-    for step in range(start, args.steps):
+    inputs = step_inputs(args, functools.partial(make_inputs, args, world, retriever.enc, retriever.prompt_limit),
+                         start, steps, device)
+    for step in range(start, steps):
         prof.step_begins(step)
-        # the batch: B queries over the four tasks and their positives, made from the step's seed (so --resume
-        # replays it) by make_stage2_inputs, in DataLoader workers when there are any
+        # the batch, made ahead from the step's seed
         with phase("data"):
             batch = next(inputs)
         # the loss: InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss
         loss, l_nce, l_lm = stage_step(args, retriever, batch, autocast, device)
-        false_neg = batch["false_neg"]
         # the update: warm-up + cosine schedule, clipped AdamW step
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        lr = lr_at(step, steps, args.lr, args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        gnorm = optimizer_step(opt, model, loss, step, "contrastive", folder, args)
+        gnorm = optimizer_step(opt, model, loss, step, name, folder, args)
         logger.log(step, averaged({"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                                   "grad_norm": gnorm.item(), "masked_false_neg": int(false_neg.sum())}, args))
+                                   "grad_norm": gnorm.item(), "masked_false_neg": int(batch["false_neg"].sum())},
+                                  args))
         prof.step_ends(step)
-        if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
-            save(folder, model, tok, meta, opt, step, "contrastive", args)
-    print(f"contrastive: saved {folder}")
+        if (step + 1) % args.ckpt_every == 0 or step == steps - 1:
+            save(folder, model, tok, meta, opt, step, name, args)
+    print(f"{name}: saved {folder}")
 
 
 def serializable(args) -> dict:
