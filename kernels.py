@@ -19,6 +19,8 @@ Where they are used (the paper's Section 3.4, the rollout's ranked list, and the
   NaN: a NaN positive score is the worst rank; a NaN candidate never counts above. Corpus tiles stream through
   tl.dot and are counted, never writing the [M, N] score matrix: memory O(M*P + N*D) instead of O(M*N).
 
+corpus_ranks_sharded runs the same two passes on a corpus split over torchrun processes, with one all_reduce each.
+
 Every function takes backend = "auto" | "triton" | "torch". auto = Triton on CUDA tensors, the torch reference
 otherwise. "triton" on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 before triton is
 imported: this module sets it when no CUDA device is present (the tests rely on that), unless the variable is set.
