@@ -276,7 +276,7 @@ class ELVAModel(nn.Module):
         cache = [dict() for _ in self.blocks]
         hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)   # (U, P, D)
         idx = rb["index"]
-        cache = [{"k": c["k"].index_select(0, idx), "v": c["v"].index_select(0, idx)} for c in cache]
+        cache = expand_cache(cache, idx)
         attn = torch.cat([rb["prompt_attn"].index_select(0, idx), rb["attn"]], dim=1)      # (S, P + Ts)
         h = self.forward(rb["tokens"], attn, None, cache=cache)                           # (S, Ts, D)
         # summary token t is predicted from the state before it: the prompt's last state (every prompt ends in
@@ -302,7 +302,7 @@ class ELVAModel(nn.Module):
         h = self.forward(tokens, attn, images, cache=cache)
         if index is not None:   # expand the prompts' states and KV cache over the rows that continue them
             h, attn = h[:, -1:].index_select(0, index), attn.index_select(0, index)
-            cache = [{"k": c["k"].index_select(0, index), "v": c["v"].index_select(0, index)} for c in cache]
+            cache = expand_cache(cache, index)
         B = h.shape[0]
         pos = attn.long().sum(1) - 1                                            # (B,) last real position
         out = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=tokens.device)
@@ -333,6 +333,12 @@ class ELVAModel(nn.Module):
         for mod in (self.patch_embed, self.vit, self.vit_norm, self.projector):
             yield from mod.parameters()
         yield self.vit_pos
+
+
+def expand_cache(cache: list[dict], index: torch.Tensor) -> list[dict]:
+    """A KV cache of U prompts -> one for S rows, row s continuing prompt index[s] (each layer's k, v: (U, H, P, hd)
+    -> (S, H, P, hd)). Gradients flow back into the shared prompt states."""
+    return [{"k": c["k"].index_select(0, index), "v": c["v"].index_select(0, index)} for c in cache]
 
 
 def build_model(cfg: ModelConfig, tok) -> ELVAModel:
@@ -432,6 +438,12 @@ class Retriever:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Device
+
+
+def default_threads() -> int:
+    """Torch's CPU threads by default: the cores this process may use (its CPU affinity), not the machine's count --
+    two jobs sharing two cores ran 12x slower with two threads each than with one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(name: str):
@@ -547,11 +559,12 @@ def load_checkpoint(folder, device="cpu"):
     return model.to(device), tok, meta
 
 
-def load_optimizer(folder, opt: torch.optim.Optimizer, model: nn.Module) -> bool:
-    """Restore the AdamW state saved with a checkpoint. Returns False (and the caller says so) if it has none."""
+def load_optimizer(folder, opt: torch.optim.Optimizer, model: nn.Module, meta: dict | None = None) -> bool:
+    """Restore the AdamW state saved with a checkpoint (meta: its manifest, if already read and verified). Returns
+    False (and the caller says so) if it has none."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    meta = read_manifest(folder)
+    meta = meta or read_manifest(folder)
     if "optimizer" not in meta["files"]:
         return False
     state = load_file(str(folder / meta["files"]["optimizer"]["name"]))

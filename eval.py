@@ -16,7 +16,7 @@ Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [R
 - Near misses (grain blindness, the paper's Definition 2 in Section 3.2, in retrieval form): Recall@1 of the positive
   against only its own near misses, and the pairwise win rate s(q, pos) > s(q, near miss) per kind (attribute,
   binding, relation, no-edit).
-- Grain-masking probe (the paper's test, Section 4): mean cosine distance between a query's embedding and the
+- Grain-masking probe (the paper's grain-masking test): mean cosine distance between a query's embedding and the
   embedding of the same query with one grain removed, per grain type; larger = the grain moves the embedding.
 - Summary swap: cosine distance between an input embedded with its own summary and with another input's summary:
   how much the [RET] state depends on the summary, i.e. how much RL on summaries can move.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import textwrap
 import time
@@ -611,8 +610,7 @@ def main(argv=None):
             return
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: expected an integer >= 1")
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-                          args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or elva.default_threads())
     device, autocast = elva.resolve_device(args.device)
     if args.mbeir:
         if len(args.ckpt) != 1:

@@ -207,17 +207,17 @@ def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Ten
     dot(q, c) * (1 / |c|) and never normalise q. Pass 1 scores the positives with exactly the arithmetic of pass 2
     (the same chunk's matmul), so that a duplicate of the positive ties it bit for bit."""
     pos = _positive_lists(pos_index, q.shape[0], corpus.shape[0]).to(q.device)      # (M, P)
-    best = _positive_scores_ref(q, corpus, pos, chunk).max(dim=1).values             # (M,); NaN propagates
-    return _count_ref(q, corpus, pos, best, chunk) + 1
+    inv_norm = _inverse_norms(corpus)                                                # (N,), shared by both passes
+    best = _positive_scores_ref(q, corpus, inv_norm, pos, chunk).max(dim=1).values   # (M,); NaN propagates
+    return _count_ref(q, corpus, inv_norm, pos, best, chunk) + 1
 
 
 def _chunk_scores(q, corpus, inv_norm, n0, chunk):
     return (q @ corpus[n0:n0 + chunk].T).float() * inv_norm[n0:n0 + chunk]          # (M, n)
 
 
-def _positive_scores_ref(q, corpus, pos, chunk: int = 65536) -> torch.Tensor:
+def _positive_scores_ref(q, corpus, inv_norm, pos, chunk: int = 65536) -> torch.Tensor:
     """Pass 1: (M, P) scores of the positives found in this corpus (-inf for padding and for those not in it)."""
-    inv_norm = _inverse_norms(corpus)                                                # (N,)
     s_pos = torch.full(pos.shape, float("-inf"), device=q.device)                    # (M, P)
     for n0 in range(0, corpus.shape[0], chunk):
         inside = (pos >= n0) & (pos < n0 + chunk)                                    # (M, P)
@@ -228,9 +228,8 @@ def _positive_scores_ref(q, corpus, pos, chunk: int = 65536) -> torch.Tensor:
     return s_pos
 
 
-def _count_ref(q, corpus, pos, best, chunk: int = 65536) -> torch.Tensor:
+def _count_ref(q, corpus, inv_norm, pos, best, chunk: int = 65536) -> torch.Tensor:
     """Pass 2: per query, the non-positive candidates scoring at or above `best` (a NaN best: every one counts)."""
-    inv_norm = _inverse_norms(corpus)
     count = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for n0 in range(0, corpus.shape[0], chunk):
         s = _chunk_scores(q, corpus, inv_norm, n0, chunk)                            # (M, n)
@@ -330,8 +329,9 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
     if not _use_triton(backend, q, corpus, pos_index):
         return corpus_ranks_ref(q, corpus, pos)
     tiles = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-    best = _positive_scores_triton(q, corpus, pos, **tiles).max(dim=1).values        # (M,); NaN propagates
-    return _count_triton(q, corpus, pos, best, **tiles) + 1
+    inv_norm = _inverse_norms(corpus)                                                # (N,), shared by both passes
+    best = _positive_scores_triton(q, corpus, inv_norm, pos, **tiles).max(dim=1).values   # (M,); NaN propagates
+    return _count_triton(q, corpus, inv_norm, pos, best, **tiles) + 1
 
 
 def corpus_ranks_sharded(q: torch.Tensor, shard: torch.Tensor, pos_index: torch.Tensor, offset: int,
@@ -346,14 +346,15 @@ def corpus_ranks_sharded(q: torch.Tensor, shard: torch.Tensor, pos_index: torch.
     local = torch.where((pos >= offset) & (pos < offset + shard.shape[0]), pos - offset, -1).to(torch.int64)
     local = local.to(q.device)
     use = _use_triton(backend, q, shard, pos_index)
-    s_pos = _positive_scores_triton(q, shard, local) if use else _positive_scores_ref(q, shard, local)
+    inv_norm = _inverse_norms(shard)
+    s_pos = (_positive_scores_triton if use else _positive_scores_ref)(q, shard, inv_norm, local)
     best = s_pos.max(dim=1).values                                                   # (M,), -inf if none here
     nan = torch.isnan(best).to(torch.int32)
     best = torch.nan_to_num(best, nan=float("-inf")).contiguous()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=group)
     best = torch.where(nan.bool(), torch.full_like(best, float("nan")), best)
-    count = _count_triton(q, shard, local, best) if use else _count_ref(q, shard, local, best)
+    count = (_count_triton if use else _count_ref)(q, shard, inv_norm, local, best)
     count = count.to(torch.int64)
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return count + 1
@@ -364,19 +365,21 @@ def _check_corpus_args(q, corpus):
         raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, {tuple(corpus.shape)}")
 
 
-def _positive_scores_triton(q, corpus, pos, block_m=256, block_n=128, num_warps=16, num_stages=3) -> torch.Tensor:
+def _positive_scores_triton(q, corpus, inv_norm, pos, block_m=256, block_n=128, num_warps=16,
+                            num_stages=3) -> torch.Tensor:
     """Pass 1 on the GPU: (M, P) positives' scores from the tiles that hold them (-inf pads)."""
     q, corpus, pos = q.contiguous(), corpus.contiguous(), pos.to(q.device).contiguous()
     (M, D), N, P = q.shape, corpus.shape[0], pos.shape[1]
     s_pos = torch.full((M, P), float("-inf"), device=q.device, dtype=torch.float32)
     _positive_scores_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        q, corpus, _inverse_norms(corpus), pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0),
+        q, corpus, inv_norm, pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     return s_pos
 
 
-def _count_triton(q, corpus, pos, best, block_m=256, block_n=128, num_warps=16, num_stages=3) -> torch.Tensor:
+def _count_triton(q, corpus, inv_norm, pos, best, block_m=256, block_n=128, num_warps=16,
+                  num_stages=3) -> torch.Tensor:
     """Pass 2 on the GPU: int64 (M,) counts of non-positives at or above `best`. Enough corpus splits to give every
     SM a few programs, each split a whole number of tiles (so tiles start at multiples of block_n, as in pass 1)."""
     q, corpus, pos = q.contiguous(), corpus.contiguous(), pos.to(q.device).contiguous()
@@ -387,7 +390,7 @@ def _count_triton(q, corpus, pos, best, block_m=256, block_n=128, num_warps=16, 
     splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(4 * n_sm, m_blocks)))
     n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, n_per_split)
-    _corpus_kernel[(m_blocks, splits)](q, corpus, _inverse_norms(corpus), pos, best.float().contiguous(), count,
+    _corpus_kernel[(m_blocks, splits)](q, corpus, inv_norm, pos, best.float().contiguous(), count,
                                        M, N, D, P, n_per_split, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
                                        BLOCK_N=block_n, BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
                                        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)

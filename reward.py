@@ -160,9 +160,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
       KL     = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator; >= 0, and 0 where policy == reference)
       loss   = mean over tokens of (L_clip + beta * KL)   (n_tokens: the denominator, when the batch is split)
     Kept: clipping, KL to the frozen stage-2 model. Dropped: entropy bonus, value function (GRPO has none).
-    Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": fraction of tokens where the min picks the clipped term because the
-    ratio fell below 1 - eps with A < 0, "clip_high": ... rose above 1 + eps with A > 0, "clip_frac": their sum}):
-    the tokens whose gradient the clip removes (TRL's clip_ratio/low_mean and clip_ratio/high_mean)."""
+    Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": the fraction of
+    tokens where the min picks the clipped term because the ratio fell below 1 - eps with A < 0, "clip_high": ...
+    rose above 1 + eps with A > 0, "clip_frac": their sum}): the tokens whose gradient the clip removes (TRL's
+    clip_ratio/low_mean and clip_ratio/high_mean)."""
     A = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * A

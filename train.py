@@ -242,9 +242,8 @@ def resolve_args(args):
 
 
 def set_threads(args) -> int:
-    """Torch's CPU threads: --threads, else the cores this process may use (its CPU affinity), not the machine's
-    count -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
-    n = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Torch's CPU threads: --threads, else the cores this process may use (elva.default_threads)."""
+    n = args.threads or elva.default_threads()
     torch.set_num_threads(n)
     return n
 
@@ -527,7 +526,7 @@ def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
         return 0
     saved, _, meta = elva.load_checkpoint(folder, device)
     model.load_state_dict(saved.state_dict())
-    if not elva.load_optimizer(folder, opt, model):
+    if not elva.load_optimizer(folder, opt, model, meta):
         print(f"{stage}: warning: {folder} holds no optimizer state; resuming with a fresh AdamW")
     print(f"{stage}: resumed from {folder} at step {meta['step'] + 1} (weights, optimizer state and tokenizer "
           f"verified against config.json)")
@@ -571,16 +570,19 @@ def in_batch_false_negatives(queries) -> torch.Tensor:
     return m
 
 
+def reference_summaries(enc, items, drop: list[bool]) -> list[list[int]]:
+    """Each item's reference summary ids, or none where summary dropout drops it."""
+    return [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)]
+
+
 def teacher_forced(retriever, items, instructions, autocast, drop: list[bool] | None = None):
     """Reference summaries, teacher-forced: -> (embeddings (N, D), summary-token log-probs (N, T), LM mask (N, T)).
 
     drop[i] = True replaces item i's summary by an empty one ([RET] right after the prompt) and takes the row out of
-    the LM loss (summary dropout, ours: see contrastive_stage)."""
-    enc = retriever.enc
+    the LM loss (summary dropout, ours: see stage2_loss)."""
     drop = drop or [False] * len(items)
     with phase("data"):   # render the images, tokenise, collate
-        b, imgs = retriever.batch(items, instructions, [[] if d else enc.summary(it.summary)
-                                                        for it, d in zip(items, drop)])
+        b, imgs = retriever.batch(items, instructions, reference_summaries(retriever.enc, items, drop))
     return teacher_forced_on(retriever.model, b, imgs, torch.tensor(drop), autocast)
 
 
@@ -612,8 +614,6 @@ def stage2_loss(args, retriever, items, instr, drop: list[bool], autocast, group
         e, logp, lm_mask = teacher_forced(retriever, items, instr, autocast, drop)
     else:
         e, logp, lm_mask = teacher_forced_on(retriever.model, *encoded, torch.tensor(drop), autocast)
-    if n_queries is None and encoded is not None:
-        n_queries = len(drop) // 2
     if group is None:
         B = n_queries or len(items) // 2
         ec = gather(e[B:], args)                                                # (world * candidates, D)
@@ -653,7 +653,7 @@ def make_text_inputs(args, world, enc, limit, step: int) -> dict:
     items = [data.Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
     false_neg = torch.tensor([[j != rank_of(args) * 2 * b + i and data.satisfies(s, c) for j, c in enumerate(cols)]
                               for i, s in enumerate(scenes)])                                 # (b, 2B)
-    summaries = [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)]
+    summaries = reference_summaries(enc, items, drop)
     return {"encoded": data.encode_batch(enc, items, [None] * len(items), summaries, limit), "drop": drop,
             "false_neg": false_neg, "n_queries": b}
 
@@ -668,7 +668,7 @@ def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
     mine = my_share(queries, args)
     items = [q.item for q in mine] + [q.positive for q in mine]
     instr = [INSTRUCTIONS[q.task] for q in mine] + [None] * len(mine)
-    summaries = [[] if d else enc.summary(it.summary) for it, d in zip(items, drop)]
+    summaries = reference_summaries(enc, items, drop)
     return {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
             "false_neg": my_share(in_batch_false_negatives(queries), args), "n_queries": len(mine)}
 
@@ -882,8 +882,8 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
       3. advantage   A = (R - mean) / (std + eps) over the query's G rollouts, shared by all the rollout's summaries
       4. loss        PPO-clipped policy gradient on the sampled summary tokens + beta * KL(k3) to the stage-2 model
       5. update      clipped AdamW step (num_iterations > 1: more updates on the same rollouts, ratio != 1)
-    Our labelled variants (--reward, --credit, --pathwise, --anchor) replace step 2, 3 or add to 4: see
-    BEYOND_THE_PAPER."""
+    Our labelled variants (--sample, --reward, --credit, --pathwise, --anchor) change step 1's sampling, replace step
+    2 or 3, or add to 4: see BEYOND_THE_PAPER."""
     variant = BEYOND_THE_PAPER
     # 1. rollout
     ro = rollout(args, policy, batch, gen, autocast)
@@ -905,20 +905,20 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
         ref_logp, ref_h = ref_model.shared_prefix_logprobs(ro.batch, args.temperature)
         e_ref = ref_model.ret_embedding(ref_h, ro.batch["ret_pos"])           # (S, D): the stage-2 map, same words
     logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
+    n_tokens = global_tokens(ro.sampled, args)                                 # None without torchrun
     for it in range(args.num_iterations):
         if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
             with autocast():
                 logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
         loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta,
-                               n_tokens=global_tokens(ro.sampled, args))
+                               n_tokens=n_tokens)
         if args.pathwise > 0:
             loss = loss + variant["pathwise"](args, ro, policy, h)
         if args.anchor > 0:
             loss = loss + variant["anchor"](args, ro, policy, h, e_ref)
         # 5. update
         optimizer_step(opt, policy.model, loss, step, "elva", folder, args)
-    drift = (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item()
-    return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy), "drift": drift}
+    return {"loss": loss.item(), **diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref)}
 
 
 def global_tokens(mask: torch.Tensor, args) -> float | None:
@@ -931,14 +931,14 @@ def global_tokens(mask: torch.Tensor, args) -> float | None:
     return float(n) / world_of(args)
 
 
-def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
+def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy, e_ref) -> dict:
     """What one log line says about the step's signal. `tied_groups`: groups whose G rewards all tie (no gradient).
     `corr_len` / `corr_exact`: the mean, over groups, of the correlation between a rollout's reward and its summaries'
     mean length / whether its query summary is exactly the reference -- what the reward pays for. `pg` / `kl_term`:
     the policy-gradient part of the loss and beta * KL. `adv_query`: the share of the batch's |advantage| mass (over
-    sampled tokens) that sits on query summaries rather than candidate summaries. (grpo_step adds `drift`: the mean
-    cosine distance between the policy's and the stage-2 model's embeddings of the same sampled words -- how far
-    the map from words to embeddings has moved, which the policy gradient does not see.)"""
+    sampled tokens) that sits on query summaries rather than candidate summaries. `drift`: the mean cosine distance
+    between the policy's and the stage-2 model's (e_ref) embeddings of the same sampled words -- how far the map from
+    words to embeddings has moved, which the policy gradient does not see."""
     B, G, K = ro.shape
     lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
     exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
@@ -951,7 +951,7 @@ def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
 
     tok_adv = A_seq.abs().cpu()[:, None] * ro.sampled.cpu().float()                                 # (S, T)
     per_item = tok_adv.sum(1).view(B, G, K)
-    out = {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
+    return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
            "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
            "top1": (parts["pos_rank"] == 1).float().mean().item(),
            "tied_groups": ((R.max(1).values - R.min(1).values) < 1e-6).float().mean().item(),
@@ -959,8 +959,8 @@ def diagnostics(args, ro: Rollout, R, parts, A_seq, info, policy) -> dict:
            "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
            "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
-           "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item()}
-    return out
+           "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
+           "drift": (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item()}
 
 
 def elva_stage(args, device, autocast):
