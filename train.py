@@ -105,6 +105,13 @@ def get_args(argv=None):
     g.add_argument("--summary_dropout", type=float, default=0.5, help="fraction of items embedded with an empty "
                    "summary in InfoNCE (ours; see contrastive_stage)")
     g.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
+    g = p.add_argument_group("stage 2, beyond the paper (ours; each off by default)")
+    g.add_argument("--summary_dropout_end", type=float, default=None, help="anneal summary dropout linearly from "
+                   "--summary_dropout to this value over stage 2's steps (default: constant)")
+    g.add_argument("--own_summaries", type=float, default=0.0, help="fraction of the items that keep a summary whose "
+                   "summary is the model's own greedy one (no LM loss on it) instead of the reference")
+    g.add_argument("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which "
+                   "--own_summaries starts")
     g = p.add_argument_group("stage 3: ELVA (GRPO with rule-based ranking rewards)")
     g.add_argument("--elva_name", default="elva", help="checkpoint folder name of this run (e.g. control, no_margin)")
     g.add_argument("--init", default=None, help="start checkpoint (default <out>/contrastive: the stage-2 model)")
@@ -214,9 +221,10 @@ def resolve_args(args):
             _fail(f"--{k}", v, "a finite number >= 0")
     if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma >= 0):
         _fail("--gamma", args.gamma, "'auto' or a finite number >= 0")
-    for k, lo, hi in (("summary_dropout", 0, 1), ("warmup", 0, 1), ("clip_eps", 1e-6, 1), ("hard_threshold", -1, 1)):
+    for k, lo, hi in (("summary_dropout", 0, 1), ("summary_dropout_end", 0, 1), ("own_summaries", 0, 1),
+                      ("own_from", 0, 1), ("warmup", 0, 1), ("clip_eps", 1e-6, 1), ("hard_threshold", -1, 1)):
         v = getattr(args, k)
-        if not lo <= v <= hi:
+        if v is not None and not lo <= v <= hi:
             _fail(f"--{k}", v, f"a number in [{lo}, {hi}]")
     if args.vocab_size < 300:
         _fail("--vocab_size", args.vocab_size, ">= 300 (256 byte symbols, 5 special tokens and some merges)")
@@ -664,13 +672,26 @@ def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
     of InfoNCE are every process's positives, so it has a row per local query) and the encoded tensors (CPU)."""
     rng = random.Random(f"{args.seed}-contrastive-{step}")
     queries = world.sample_queries(rng, args.batch_size)                       # the global batch
-    drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(2 * len(queries))], args, 2)
+    p_drop = dropout_at(args, step)
+    drop = my_share_of_items([rng.random() < p_drop for _ in range(2 * len(queries))], args, 2)
     mine = my_share(queries, args)
     items = [q.item for q in mine] + [q.positive for q in mine]
     instr = [INSTRUCTIONS[q.task] for q in mine] + [None] * len(mine)
     summaries = reference_summaries(enc, items, drop)
-    return {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
-            "false_neg": my_share(in_batch_false_negatives(queries), args), "n_queries": len(mine)}
+    out = {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
+           "false_neg": my_share(in_batch_false_negatives(queries), args), "n_queries": len(mine)}
+    if args.own_summaries > 0 and step >= args.own_from * args.steps:   # ours: see own_summaries_inputs
+        own_rng = random.Random(f"{args.seed}-own-{step}")
+        own = my_share_of_items([own_rng.random() < args.own_summaries for _ in range(2 * len(queries))], args, 2)
+        out.update(own=[o and not d for o, d in zip(own, drop)], items=items, instr=instr)
+    return out
+
+
+def dropout_at(args, step: int) -> float:
+    """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end, ours) annealed linearly."""
+    if args.summary_dropout_end is None:
+        return args.summary_dropout
+    return args.summary_dropout + (args.summary_dropout_end - args.summary_dropout) * step / max(1, args.steps - 1)
 
 
 class StepStream(torch.utils.data.IterableDataset):
@@ -699,9 +720,30 @@ def step_inputs(args, make, start: int, stop: int, device):
 
 def stage_step(args, retriever, inputs, autocast, device):
     """Stages 1-2: the loss of one step from its prepared inputs."""
+    if any(inputs.get("own", ())):
+        return own_summaries_step(args, retriever, inputs, autocast, device)
     b, imgs = inputs["encoded"]
     encoded = ({k: v.to(device, non_blocking=True) for k, v in b.items()}, imgs.to(device, non_blocking=True))
     return stage2_loss(args, retriever, None, None, inputs["drop"], autocast, false_neg=inputs["false_neg"].to(device),
+                       n_queries=inputs["n_queries"], encoded=encoded)
+
+
+def own_summaries_step(args, retriever, inputs, autocast, device):
+    """Ours (--own_summaries): stage 2 reading its own words. Stage 2 learns its embedding from reference summaries
+    but is evaluated (and, in stage 3, rewarded) on the summaries it generates; here the items flagged `own` get the
+    model's current greedy summary instead, so InfoNCE also teaches the [RET] state to make use of -- or to discount
+    -- the words the model really writes. Those rows stay out of the next-token loss (they are not references)."""
+    items, instr, own, drop = inputs["items"], inputs["instr"], inputs["own"], inputs["drop"]
+    idx = [i for i, o in enumerate(own) if o]
+    with torch.no_grad(), phase("generate"), autocast():
+        written = retriever.summarise([items[i] for i in idx], [instr[i] for i in idx])
+    summaries = reference_summaries(retriever.enc, items, drop)
+    for i, s in zip(idx, written):
+        summaries[i] = s
+    with phase("data"):
+        encoded = retriever.batch(items, instr, summaries)
+    no_lm = [d or o for d, o in zip(drop, own)]
+    return stage2_loss(args, retriever, None, None, no_lm, autocast, false_neg=inputs["false_neg"].to(device),
                        n_queries=inputs["n_queries"], encoded=encoded)
 
 
@@ -1103,6 +1145,9 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
     stage2 = argparse.Namespace(**{k: init_meta.get("args", {}).get(k, getattr(args, k))
                                    for k in ("tau", "lm_weight", "summary_dropout")},
                                 world_size=world_of(args), rank=rank_of(args))
+    end = init_meta.get("args", {}).get("summary_dropout_end")
+    if end is not None:   # an annealed stage 2 is continued at its final rate
+        stage2.summary_dropout = end
     policy.model.train()
     items, instr = [], []
     for q, negs in batch:
