@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -380,6 +380,7 @@ class Query:
     positive: Item
     n_grains: int = 0
     distractors: list[tuple[str, Item]] = field(default_factory=list)  # (kind, item): MRBench-mini near misses
+    instruction: str | None = None  # real data: the query's own instruction (GrainWorld: INSTRUCTIONS[task])
 
 
 def relevant(task: str, q: Item, c: Item) -> bool:
@@ -722,7 +723,17 @@ class MBeirPool:
     index: dict[str, int]
 
 
-def read_mbeir_pool(path, image_root, check_images: bool = True) -> MBeirPool:
+def _summary_of(path: Path, row: dict, summary_field: str | None) -> str:
+    """The reference summary of a record: its `summary_field` (training on real data that has one), else none."""
+    if summary_field is None or row.get(summary_field) is None:
+        return ""
+    if not isinstance(row[summary_field], str):
+        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is {type(row[summary_field]).__name__}; "
+                         f"expected a string (the summary) or null")
+    return row[summary_field].strip()
+
+
+def read_mbeir_pool(path, image_root, check_images: bool = True, summary_field: str | None = None) -> MBeirPool:
     path = Path(path)
     rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
     items, dids, mods, index = [], [], [], {}
@@ -732,7 +743,8 @@ def read_mbeir_pool(path, image_root, check_images: bool = True) -> MBeirPool:
             raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at record "
                              f"{index[did] + 1})")
         index[did] = len(items)
-        items.append(_real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images))
+        item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images)
+        items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
         dids.append(did)
         mods.append(str(r["modality"]))
     return MBeirPool(path, items, dids, mods, index)
@@ -752,7 +764,8 @@ class MBeirQueries:
 
 
 def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
-                       same_dataset_positives: bool = True, check_images: bool = True) -> MBeirQueries:
+                       same_dataset_positives: bool = True, check_images: bool = True,
+                       summary_field: str | None = None) -> MBeirQueries:
     """Read a query file against a pool. Like UniIR's evaluation, only positives from the query's own dataset count
     (OVEN and InfoSeek list positives from other datasets' pools); every positive left must be in the pool. With
     `instructions`, each query gets UniIR's first prompt for (its dataset, its modality, its positive's modality)."""
@@ -779,7 +792,8 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
                 raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
                                  f"candidate modality {key[2]!r} in query_instructions.tsv")
             instruction = instructions[key][0]
-        out.items.append(_real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images))
+        item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images)
+        out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
         out.qids.append(qid)
         out.task_ids.append(r.get("task_id"))
         out.modalities.append(str(r["query_modality"]))
@@ -806,6 +820,62 @@ def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tu
     else:
         raise ValueError(f"pool must be 'local' or 'union', got {pool!r}")
     return q, p
+
+
+@dataclass
+class MBeirTrain:
+    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local pools merged by id)
+    and every query of the training tasks against it. queries[i] carries its task name, item, first positive and
+    UniIR instruction; positives[i] / negatives[i] are pool indices (negatives: the neg_cand_list entries)."""
+    root: Path
+    tasks: list[str]
+    split: str
+    pool_kind: str              # "union" or "local"
+    summary_field: str | None
+    pool: MBeirPool
+    queries: list[Query]
+    positives: list[list[int]]
+    negatives: list[list[int]]
+
+    def texts(self) -> list[str]:
+        """The text a tokenizer for this data is trained on."""
+        return ([PROMPT, "USER:", "ASSISTANT:"] + sorted({q.instruction for q in self.queries if q.instruction})
+                + [t for q in self.queries for t in (q.item.text, q.item.summary) if t]
+                + [t for it in self.pool.items for t in (it.text, it.summary) if t])
+
+
+def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "union",
+                     summary_field: str | None = None) -> MBeirTrain:
+    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for `split`) and the pool
+    they retrieve from, checking every record and image first. Instructions as in UniIR; same-dataset positives."""
+    root = Path(root)
+    known = mbeir_tasks(root, split)
+    tasks = known if tasks == ["all"] else tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under {root / 'query' / split}; "
+                         f"expected some of {known}")
+    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    paths = [mbeir_paths(root, t, split, pool) for t in tasks]
+    merged = MBeirPool(paths[0][1], [], [], [], {})
+    for ppath in dict.fromkeys(p for _, p in paths):   # each pool file once; an id kept once
+        part = read_mbeir_pool(ppath, root, summary_field=summary_field)
+        for item, did, mod in zip(part.items, part.dids, part.modalities):
+            if did not in merged.index:
+                merged.index[did] = len(merged.items)
+                merged.items.append(item)
+                merged.dids.append(did)
+                merged.modalities.append(mod)
+    out = MBeirTrain(root, tasks, split, pool, summary_field, merged, [], [], [])
+    for task, (qpath, _) in zip(tasks, paths):
+        qs = read_mbeir_queries(qpath, merged, root, instructions, summary_field=summary_field)
+        for item, ins, pos, neg in zip(qs.items, qs.instructions, qs.positives, qs.negatives):
+            out.queries.append(Query(task, item, merged.items[pos[0]], instruction=ins))
+            out.positives.append(pos)
+            out.negatives.append([n for n in neg if n not in pos])
+    if len(merged.items) < 2:
+        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); training needs negatives")
+    return out
 
 
 def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
@@ -872,11 +942,22 @@ def write_mbeir_sample(root) -> Path:
         "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
         "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
     }
+    for name in [n for n in files if n.startswith("query/test/")]:   # a train split too, for train.py --mbeir
+        files[name.replace("/test/", "/train/").replace("_test.jsonl", "_train.jsonl")] = files[name]
+    files["cand_pool/global/mbeir_union_train_cand_pool.jsonl"] = files["cand_pool/global/mbeir_union_test_cand_pool.jsonl"]
+    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among 4
+    files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
+                                       "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
+                                       "tgt_img_path": [img((i + k) % 12) for k in range(4)]} for i in range(8)]
+    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": img(i),
+                                       "tgt_inst": "", "tgt_text": [caps[(i + k) % 12].text() for k in range(4)],
+                                       "tgt_img_path": []} for i in range(8)]
     for name, rows in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         if name.startswith("query/"):
-            qrels = root / "qrels" / "test" / Path(name).name.replace("_test.jsonl", "_test_qrels.txt")
+            split = name.split("/")[1]
+            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl", f"_{split}_qrels.txt")
             qrels.parent.mkdir(parents=True, exist_ok=True)
             qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
     (root / "instructions").mkdir(exist_ok=True)

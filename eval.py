@@ -4,6 +4,7 @@ the summary-swap diagnostic, for one or several checkpoints side by side.
 
     python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
     python eval.py --ckpt runs/cpu/contrastive --mbeir ROOT [--tasks all] [--pool local|union] [--run_file run.trec]
+    python eval.py --ckpt runs/cpu/contrastive --mmeb ROOT/mmeb/*.jsonl --mmeb_images ROOT   # MMEB rows
 
 Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [RET].
 - Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A hit at K means
@@ -325,6 +326,37 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
     return out
 
 
+def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
+    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
+    chance level (mean of 1 / targets). Every file is read and checked before any embedding."""
+    loaded = [(p, data.read_mmeb(p, image_root)) for p in paths]
+    out = {}
+    for path, rows in loaded:
+        t0 = time.time()
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast())[0]
+        et = ret.embed_items([t for r in rows for t in r[2]], [r[3] for r in rows for _ in r[2]], batch_size,
+                             autocast=autocast())[0]
+        ranks, off = [], 0
+        for i, r in enumerate(rows):
+            s = et[off:off + len(r[2])] @ eq[i]                                  # (targets,)
+            off += len(r[2])
+            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
+        ranks = torch.tensor(ranks, dtype=torch.float64)
+        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
+                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
+    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
+    return out
+
+
+def mmeb_table(results: dict) -> str:
+    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
+    return "\n".join(lines)
+
+
 def mbeir_table(results: dict) -> str:
     lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
@@ -593,6 +625,10 @@ def main(argv=None):
     g.add_argument("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
     g.add_argument("--run_depth", type=int, default=100, help="candidates per query in the run file")
     g.add_argument("--cache", default=None, help="folder for cached pool embeddings (default: <ckpt>/mbeir_cache)")
+    g = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line")
+    g.add_argument("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
+                   "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
+    g.add_argument("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
     p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder (study.sh "
                    "writes one) and exit")
     p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON files "
@@ -612,6 +648,19 @@ def main(argv=None):
         p.error(f"--threads {args.threads}: expected an integer >= 1")
     torch.set_num_threads(args.threads or elva.default_threads())
     device, autocast = elva.resolve_device(args.device)
+    if args.mmeb:
+        if len(args.ckpt) != 1:
+            p.error("--mmeb evaluates one --ckpt at a time")
+        ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
+        try:
+            res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images {args.mmeb_images})") \
+                from None
+        print(mmeb_table(res))
+        if args.out:
+            elva._atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(res, indent=2)))
+        return
     if args.mbeir:
         if len(args.ckpt) != 1:
             p.error("--mbeir evaluates one --ckpt at a time")

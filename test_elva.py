@@ -1095,6 +1095,85 @@ def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
     assert strip(again) == strip(res)                                  # the cached embeddings are the same
 
 
+def test_read_mbeir_train_merges_pools_and_keeps_negatives(mbeir):
+    src = data.read_mbeir_train(mbeir, ["sample_task0", "sample_task3"], split="train", pool="local")
+    assert len(src.queries) == 12 and len(src.pool.items) == 24         # two local pools merged by id
+    q = src.queries[0]
+    assert q.task == "sample_task0" and q.instruction == "Retrieve an image that matches the given caption."
+    assert src.pool.dids[src.positives[0][0]] == "9:0" and q.positive is src.pool.items[src.positives[0][0]]
+    assert [src.pool.dids[j] for j in src.negatives[6]] == ["9:101"]    # task 3's neg_cand_list, as pool indices
+    assert "Retrieve an image that matches the given caption." in src.texts()
+    with pytest.raises(ValueError, match=r"\['nights_task4'\] have no query file"):
+        data.read_mbeir_train(mbeir, ["nights_task4"])
+
+
+def test_mbeir_stage2_batch_masks_positives(mbeir):
+    src = data.read_mbeir_train(mbeir, ["all"])                         # union pool: ids 9:*, 8:*
+    args = train.get_args(["--preset", "smoke", "--mbeir", str(mbeir), "--batch_size", "16"])
+    tok = data.train_tokenizer(src.texts(), 400)
+    enc = data.Encoder(tok, 4, 32)
+    b = train.make_mbeir_inputs(args, src, enc, 100, step=3)
+    assert b["encoded"][0]["tokens"].shape[0] == 3 * 16 and b["false_neg"].shape == (16, 32)
+    rng = random.Random(f"{args.seed}-mbeir-3")                         # replay the draw: queries, then positives
+    qi = [rng.randrange(len(src.queries)) for _ in range(16)]
+    pos = [rng.choice(src.positives[i]) for i in qi]
+    for k, i in enumerate(qi):
+        assert not b["false_neg"][k, k]                                  # the query's own target stays the target
+        for c, j in enumerate(pos):
+            assert bool(b["false_neg"][k, c]) == (c != k and j in src.positives[i])
+    assert b["false_neg"].any()                                          # the sample repeats queries: some match
+
+
+def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--preset", "smoke", "--mbeir", str(mbeir), "--steps", "3", "--rl_steps", "2", "--out", str(out),
+                "--threads", "1", "--vocab_size", "400"])
+    meta = elva.read_manifest(out / "elva")
+    assert meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"] and "world" not in meta
+    tok = data.load_tokenizer(out / "tokenizer.json")
+    caption = data.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
+    assert len(tok.encode(caption).ids) < len(caption.encode()) / 2      # BPE merges learnt from the real text
+    for c in ("contrastive", "elva"):
+        res = json.loads((out / f"eval_{c}.json").read_text())
+        assert set(res) == {"sample_task0", "sample_task3", "samplecirr_task8", "avg"}
+    with pytest.raises(SystemExit, match="--mbeir .*: expected an M-BEIR root holding query/train/"):
+        train.get_args(["--mbeir", str(tmp_path)])
+
+
+def test_mmeb_eval_by_hand(tmp_path):
+    import eval as evaluation
+    rows = [{"qry_inst": "", "qry_text": "q0", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["a", "b", "c"],
+             "tgt_img_path": []},
+            {"qry_inst": "", "qry_text": "q1", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["d", "e"],
+             "tgt_img_path": []},
+            {"qry_inst": "", "qry_text": "q2", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["f", "g", "h", "i"],
+             "tgt_img_path": []}]
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vec = {"q0": [1, 0], "a": [1, 0], "b": [0, 1], "c": [-1, 0],        # positive first: rank 1
+           "q1": [1, 0], "d": [0, 1], "e": [0, 1],                      # a tie with the positive: rank 2
+           "q2": [1, 0], "f": [float("nan"), 0], "g": [1, 0], "h": [0, 1], "i": [1, 0]}   # NaN positive: last (4)
+
+    class Fake:
+        def embed_items(self, items, instructions, batch_size=256, autocast=None):
+            return torch.tensor([vec[it.text] for it in items], dtype=torch.float32), []
+
+    res = evaluation.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
+    assert res["toy"]["P@1"] == pytest.approx(1 / 3) and res["toy"]["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+    assert res["toy"]["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and res["toy"]["nonfinite"] == 1
+
+
+def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):
+    import eval as evaluation
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
+    files = sorted(str(f) for f in (mbeir / "mmeb").glob("*.jsonl"))
+    evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--mmeb_images", str(mbeir), "--threads", "1"])
+    assert "| sample_t2i | 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--mmeb: .*sample_i2t.jsonl:1: image .* not found"):
+        evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--threads", "1"])
+
+
 def test_retriever_api(world, tok, tmp_path, capsys):
     ret = tiny_model(tok)
     elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})

@@ -62,7 +62,8 @@ TRAIN_PRESETS = {
                 mrbench_per_task=250, log_every=50),
 }
 # The arguments that decide the world, the tokenizer and the model's shape: a run folder keeps one value of each.
-SHAPING_ARGS = ("preset", "seed", "n_train", "n_test", "vocab_size")
+SHAPING_ARGS = ("preset", "seed", "n_train", "n_test", "vocab_size", "mbeir", "train_tasks", "mbeir_split",
+                "mbeir_pool", "summary_field")
 
 
 def get_args(argv=None):
@@ -88,6 +89,19 @@ def get_args(argv=None):
     g.add_argument("--profile", action="store_true", help="print where a step's time goes (ms per phase over steps "
                    "1-10 of each stage: data, forward, backward, optimizer; in stage 3 also generate, score, "
                    "reference), then go on training")
+    g = p.add_argument_group("real data: M-BEIR in UniIR's layout instead of GrainWorld (python data.py "
+                             "--mbeir_sample DIR writes a sample)")
+    g.add_argument("--mbeir", default=None, help="the M-BEIR root: both stages train on its queries and pool, the "
+                   "tokenizer on its text, and the evaluation is eval.py --mbeir on its test split")
+    g.add_argument("--train_tasks", default="all", help="comma list of training tasks (e.g. mscoco_task0,"
+                   "visualnews_task0) or all: those with a query file under query/<--mbeir_split>/")
+    g.add_argument("--mbeir_split", default="train", help="the query split to train on")
+    g.add_argument("--mbeir_pool", default="union", choices=["union", "local"], help="train against the union pool "
+                   "of the split, or the training tasks' local pools merged")
+    g.add_argument("--summary_field", default=None, help="a record field holding a reference summary (M-BEIR has "
+                   "none: summaries are then empty, and the next-token loss only teaches [RET])")
+    g.add_argument("--eval_tasks", default=None, help="tasks of the final evaluation on the test split (default: "
+                   "the training tasks that have a test query file)")
     g = p.add_argument_group("world (GrainWorld)")
     g.add_argument("--n_train", type=int, default=None, help="training scenes")
     g.add_argument("--n_test", type=int, default=None, help="test scenes (= the standard test pool size)")
@@ -184,6 +198,15 @@ def resolve_args(args):
         _fail("--stages", ",".join(args.stages), "a comma list of text, contrastive and/or elva")
     if "text" in args.stages and "contrastive" not in args.stages:
         _fail("--stages", ",".join(args.stages), "text together with contrastive (stage 2 starts from stage 1)")
+    if args.mbeir is not None:
+        if not (Path(args.mbeir) / "query" / args.mbeir_split).is_dir():
+            _fail("--mbeir", args.mbeir, f"an M-BEIR root holding query/{args.mbeir_split}/ (and cand_pool/, "
+                                         f"instructions/)")
+        if "text" in args.stages:
+            _fail("--stages", ",".join(args.stages), "contrastive and/or elva with --mbeir (the text stage's NLI "
+                                                     "triplets are made from GrainWorld captions)")
+    args.train_tasks = [t.strip() for t in args.train_tasks.split(",") if t.strip()] \
+        if isinstance(args.train_tasks, str) else args.train_tasks
     if isinstance(args.gamma, str):
         if args.gamma == "auto":
             args.gamma = None
@@ -292,13 +315,37 @@ def world_config(args) -> WorldConfig:
                        image_size=elva.PRESETS[args.preset].image_size)
 
 
-def build_tokenizer(args, world: GrainWorld):
+def build_tokenizer(args, source):
+    """The run's BPE tokenizer, trained once on the source's text (GrainWorld's captions, or the M-BEIR data's)."""
     path = Path(args.out) / "tokenizer.json"
     if path.exists():   # check_run_folder made sure it was trained with these arguments
         return data.load_tokenizer(path)
-    tok = data.train_tokenizer(data.world_corpus(world, seed=args.seed), args.vocab_size)
+    lines = source.texts() if isinstance(source, data.MBeirTrain) else data.world_corpus(source, seed=args.seed)
+    tok = data.train_tokenizer(lines, args.vocab_size)
     elva._atomic_write(path, lambda p: tok.save(str(p)))
     return tok
+
+
+def read_source(args, meta: dict | None = None):
+    """The training data: GrainWorld (built from --seed and the preset, or a checkpoint's 'world' section), or
+    M-BEIR (--mbeir, or a checkpoint's 'mbeir' section), read and checked whole before any work."""
+    m = (meta or {}).get("mbeir") or (meta is None and args.mbeir and {
+        "root": args.mbeir, "tasks": args.train_tasks, "split": args.mbeir_split, "pool": args.mbeir_pool,
+        "summary_field": args.summary_field})
+    if m:
+        try:
+            return data.read_mbeir_train(m["root"], m["tasks"], m["split"], m["pool"], m["summary_field"])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--mbeir {m['root']}: {e}") from None
+    return GrainWorld(WorldConfig(**meta["world"]) if meta else world_config(args))
+
+
+def source_meta(source) -> dict:
+    """What a checkpoint records of its training data, so that the next stage and eval.py can rebuild it."""
+    if isinstance(source, data.MBeirTrain):
+        return {"mbeir": {"root": str(source.root), "tasks": source.tasks, "split": source.split,
+                          "pool": source.pool_kind, "summary_field": source.summary_field}}
+    return {"world": source.cfg.__dict__}
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -687,6 +734,34 @@ def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
     return out
 
 
+def make_mbeir_inputs(args, src: data.MBeirTrain, enc, limit, step: int) -> dict:
+    """Stage 2's step on M-BEIR: B queries drawn from the training tasks, for each one positive (any of its
+    positives) and one extra candidate -- an entry of its neg_cand_list where the data gives one, else a random pool
+    candidate -- laid out like stage 1's triplets: [queries, positives, extras]. The mask takes out every in-batch
+    candidate that is one of the query's positives."""
+    rng = random.Random(f"{args.seed}-mbeir-{step}")
+    qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]    # the global batch
+    pos = [rng.choice(src.positives[i]) for i in qi]
+    extra = []
+    for i in qi:
+        if src.negatives[i]:
+            extra.append(rng.choice(src.negatives[i]))
+        else:
+            j = rng.randrange(len(src.pool.items))
+            extra.append(j if j not in src.positives[i] else (j + 1) % len(src.pool.items))
+    drop = my_share_of_items([rng.random() < dropout_at(args, step) for _ in range(3 * args.batch_size)], args, 3)
+    mine, b = my_share(qi, args), len(qi) // world_of(args)
+    items = ([src.queries[i].item for i in mine] + [src.pool.items[j] for j in my_share(pos, args)]
+             + [src.pool.items[j] for j in my_share(extra, args)])
+    instr = [src.queries[i].instruction for i in mine] + [None] * (2 * b)
+    cols = [j for r in range(world_of(args)) for j in my_share(pos, args, r) + my_share(extra, args, r)]
+    false_neg = torch.tensor([[c != rank_of(args) * 2 * b + k and j in src.positives[i] for c, j in enumerate(cols)]
+                              for k, i in enumerate(mine)])                                  # (b, 2B)
+    summaries = reference_summaries(enc, items, drop)
+    return {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
+            "false_neg": false_neg, "n_queries": b}
+
+
 def dropout_at(args, step: int) -> float:
     """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end, ours) annealed linearly."""
     if args.summary_dropout_end is None:
@@ -758,10 +833,10 @@ def text_stage(args, world, tok, device, autocast):
 
 def contrastive_stage(args, world, tok, device, autocast):
     """Stage 2 (Sec. 3.3): InfoNCE over in-batch negatives (true matches masked) + the summaries' next-token loss,
-    from stage 1's weights when this run has the text stage."""
+    from stage 1's weights when this run has the text stage. `world`: GrainWorld, or M-BEIR's training data."""
     init = Path(args.out) / "text" if "text" in args.stages else None
-    embedding_stage(args, world, tok, device, autocast, "contrastive", args.steps, make_stage2_inputs, init,
-                    "queries")
+    make = make_mbeir_inputs if isinstance(world, data.MBeirTrain) else make_stage2_inputs
+    embedding_stage(args, world, tok, device, autocast, "contrastive", args.steps, make, init, "queries")
 
 
 def embedding_stage(args, world, tok, device, autocast, name: str, steps: int, make_inputs, init: Path | None,
@@ -786,7 +861,7 @@ def embedding_stage(args, world, tok, device, autocast, name: str, steps: int, m
     retriever = elva.Retriever(model, tok)
     logger = Logger(folder, name, steps, start, args.log_every, rank_of(args) == 0)
     prof = Profiler(args.profile, name, start, steps)
-    meta = {"world": world.cfg.__dict__, "args": serializable(args), "stage": name}
+    meta = {**source_meta(world), "args": serializable(args), "stage": name}
     model.train()
     inputs = step_inputs(args, functools.partial(make_inputs, args, world, retriever.enc, retriever.prompt_limit),
                          start, steps, device)
@@ -843,6 +918,35 @@ def build_rl_instances(args, world, retriever, autocast):
     return instances
 
 
+def build_rl_instances_mbeir(args, src: data.MBeirTrain, retriever, autocast):
+    """build_rl_instances on M-BEIR: per training task, rl_queries queries, each with its first positive, n_hard
+    hard negatives -- its neg_cand_list entries first, then mined: the stage-2 model's top-scoring non-positives
+    (below --hard_threshold) of a pool sample of rl_pool_scenes candidates -- and n_rand random ones."""
+    rng = random.Random(f"{args.seed}-rl-data")
+    gen = torch.Generator().manual_seed(args.seed)
+    instances = []
+    for task in src.tasks:
+        mine = [i for i, q in enumerate(src.queries) if q.task == task]
+        mine = rng.sample(mine, min(args.rl_queries, len(mine)))
+        cand = sorted(set(rng.sample(range(len(src.pool.items)), min(args.rl_pool_scenes, len(src.pool.items))))
+                      | {j for i in mine for j in src.negatives[i]})
+        rel = torch.tensor([[j in src.positives[i] for j in cand] for i in mine])           # (Q, P)
+        if (~rel).sum(1).min() < args.n_hard + args.n_rand:
+            raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining sample has fewer than "
+                             f"--n_hard + --n_rand = {args.n_hard + args.n_rand} non-positive candidates")
+        eq, _ = retriever.embed_items([src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
+                                      autocast=autocast())
+        ep, _ = retriever.embed_items([src.pool.items[j] for j in cand], [None] * len(cand), autocast=autocast())
+        scores = (eq @ ep.T).cpu()                                                           # (Q, P) stage-2 cosines
+        # the data's own hard negatives (neg_cand_list) score the threshold itself: above every mined candidate
+        listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
+        key = torch.where(listed, torch.full_like(scores, args.hard_threshold), scores)
+        neg = data.balanced_negatives(key, rel, args.n_hard, args.n_rand, args.hard_threshold, gen)
+        for i, idx in zip(mine, neg.tolist()):
+            instances.append((src.queries[i], [src.pool.items[cand[j]] for j in idx]))
+    return instances
+
+
 def rollout_scores(e: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """e (B, G, K, D): per rollout the query's embedding then its K - 1 candidates' -> cosine scores (B, G, K - 1)."""
     B, G, K, D = e.shape
@@ -870,6 +974,11 @@ class Rollout:
         return tuple(self.e.shape[:3])                                          # (B, G, K)
 
 
+def instruction_of(q: data.Query) -> str:
+    """A query's instruction: its own (real data) or its task's (GrainWorld)."""
+    return q.instruction if q.instruction is not None else INSTRUCTIONS[q.task]
+
+
 def rollout_items(batch, G: int = 1):
     """The items of a rollout batch, (instance, rollout, item) order, and their instructions: the query gets its
     task's instruction, candidates none (as in M-BEIR's pools). G = 1: each item once (the shared prompts)."""
@@ -877,7 +986,7 @@ def rollout_items(batch, G: int = 1):
     for q, negs in batch:
         for _ in range(G):
             items += [q.item, q.positive, *negs]
-            instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
+            instr += [instruction_of(q)] + [None] * (1 + len(negs))
     return items, instr
 
 
@@ -1010,9 +1119,9 @@ def elva_stage(args, device, autocast):
     folder = Path(args.out) / args.elva_name
     ref = elva.Retriever.from_pretrained(init, device)  # the frozen stage-2 model: KL anchor and negative miner
     init_meta = ref.meta
-    if "world" not in init_meta:
-        _fail("--init", str(init), "a stage-2 checkpoint whose config.json has a 'world' section")
-    world = GrainWorld(WorldConfig(**init_meta["world"]))   # the stage-2 model's world; --seed varies only RL here
+    if not isinstance(init_meta.get("world"), dict) and not isinstance(init_meta.get("mbeir"), dict):
+        _fail("--init", str(init), "a stage-2 checkpoint whose config.json has a 'world' (or 'mbeir') section")
+    world = read_source(args, init_meta)   # the stage-2 model's data; --seed varies only RL here
     model = copy.deepcopy(ref.model).train()                 # the policy starts as the stage-2 model
     for p in ref.model.parameters():
         p.requires_grad_(False)
@@ -1029,7 +1138,8 @@ def elva_stage(args, device, autocast):
         print(f"{args.elva_name}: already complete ({args.rl_steps} steps) in {folder}")
         return
     t0 = time.time()
-    instances = build_rl_instances(args, world, ref, autocast)
+    instances = (build_rl_instances_mbeir if isinstance(world, data.MBeirTrain) else build_rl_instances)(
+        args, world, ref, autocast)
     C = 1 + args.n_hard + args.n_rand
     print(f"{args.elva_name}: mined {len(instances)} RL instances ({args.n_hard} hard + {args.n_rand} random "
           f"negatives each) in {time.time() - t0:.0f}s; objective {args.rl_objective}, reward {args.reward}, "
@@ -1040,7 +1150,7 @@ def elva_stage(args, device, autocast):
           f"parameters{' (vision frozen)' if not args.train_vision else ''}")
     policy = elva.Retriever(model, ref.tok)
     logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every, rank_of(args) == 0)
-    meta = {"world": init_meta["world"], "args": serializable(args), "stage": "elva", "init": str(init)}
+    meta = {**source_meta(world), "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
     prof = Profiler(args.profile, args.elva_name, start, args.rl_steps)
     for step in range(start, args.rl_steps):
@@ -1152,7 +1262,7 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
     items, instr = [], []
     for q, negs in batch:
         items += [q.item, q.positive, *negs]
-        instr += [INSTRUCTIONS[q.task]] + [None] * (1 + len(negs))
+        instr += [instruction_of(q)] + [None] * (1 + len(negs))
     rng = random.Random(f"{args.seed}-control-{step}")
     drop = my_share([rng.random() < stage2.summary_dropout for _ in range(len(items) * world_of(args))], args)
     loss, l_nce, l_lm = stage2_loss(stage2, policy, items, instr, drop, autocast, group=2 + len(batch[0][1]))
@@ -1161,6 +1271,23 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_mbeir_run(args, out: Path, device, threads: int):
+    """After training on M-BEIR: eval.py --mbeir on the test split, per checkpoint of this run (its own process)."""
+    tasks = args.eval_tasks or ",".join(t for t in args.train_tasks if t in data.mbeir_tasks(args.mbeir, "test"))
+    if args.train_tasks == ["all"] and not args.eval_tasks:
+        tasks = "all"
+    if not tasks or not data.mbeir_tasks(args.mbeir, "test"):
+        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
+        return
+    for c in ("contrastive", args.elva_name):
+        if (out / c / "config.json").exists():
+            cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--ckpt", str(out / c), "--mbeir",
+                   args.mbeir, "--tasks", tasks, "--split", "test", "--out", str(out / f"eval_{c}.json"),
+                   "--device", str(device), "--threads", str(threads)]
+            print("eval:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
 
 
 def main(argv=None):
@@ -1177,19 +1304,25 @@ def main(argv=None):
     print("args:", json.dumps(serializable(args)))
     t0 = time.time()
     if "contrastive" in args.stages:
-        world = GrainWorld(world_config(args))
+        world = read_source(args)
         if args.rank == 0:
             build_tokenizer(args, world)
         barrier(args)
         tok = build_tokenizer(args, world)   # the first process trained and wrote it
-        print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
-              f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
+        if isinstance(world, data.MBeirTrain):
+            print(f"M-BEIR: {len(world.queries)} training queries of {world.tasks} against a pool of "
+                  f"{len(world.pool.items)} | tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
+        else:
+            print(f"world: {len(world.splits['train'])} train / {len(world.splits['test'])} test scenes | "
+                  f"tokenizer: {tok.get_vocab_size()} tokens ({time.time() - t0:.1f}s)")
         if "text" in args.stages:
             text_stage(args, world, tok, device, autocast)
         contrastive_stage(args, world, tok, device, autocast)
     if "elva" in args.stages:
         elva_stage(args, device, autocast)
-    if not args.no_eval and args.rank == 0:
+    if not args.no_eval and args.rank == 0 and args.mbeir:
+        evaluate_mbeir_run(args, out, device, threads)
+    elif not args.no_eval and args.rank == 0:
         ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "config.json").exists()]
         cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--out", str(out / "eval.json"),
                "--queries", str(args.eval_queries), "--mrbench_per_task", str(args.mrbench_per_task),
