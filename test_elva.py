@@ -827,6 +827,36 @@ def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
     assert elva.read_manifest(tmp_path / "stage")["step"] == 4
 
 
+def test_fused_optimizer_checks_on_the_device_and_stops_at_the_next_read(world, tok, tmp_path):
+    """The GPU path (a fused AdamW; CPU has one too): a non-finite step is skipped on the device, without a host
+    synchronisation, and the run stops when the verdicts are read (a log step, or before any checkpoint)."""
+    ret = tiny_model(tok)
+    model = ret.model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    train.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")   # a good step
+    after_good = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model.norm.weight].items()}
+    hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
+    train.optimizer_step(opt, model, model.norm.weight.sum(), 1, "contrastive", tmp_path / "stage")   # no raise yet
+    hook.remove()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_good.items())   # the update was skipped
+    assert all(torch.equal(v, opt.state[model.norm.weight][k]) for k, v in moments.items())   # step count too
+    with pytest.raises(FloatingPointError, match="contrastive step 1: the gradient norm is nan; its update was not "
+                                                 "applied; stopping; no checkpoint"):
+        train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 1, "contrastive")
+    assert not (tmp_path / "stage" / "config.json").exists()
+
+
+def test_lazy_log_reads_the_device_once_per_line_and_writes_every_step(tmp_path):
+    log = train.Logger(tmp_path, "contrastive", total=7, start=0, every=3)
+    for step in range(7):
+        log.log(step, {"loss": torch.tensor(float(step)), "lr": 0.1, "masked_false_neg": step}, lazy=True)
+        lines = (tmp_path / "log.jsonl").read_text().splitlines()
+        assert len(lines) == {0: 1, 1: 1, 2: 1, 3: 4, 4: 4, 5: 4, 6: 7}[step]   # written at steps 0, 3 and the last
+    recs = [json.loads(x) for x in lines]
+    assert [r["loss"] for r in recs] == [float(i) for i in range(7)] and recs[5]["masked_false_neg"] == 5
+
+
 def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
     """A kill between the files of a save leaves the previous checkpoint whole; a mixed set is refused."""
     ret = tiny_model(tok)
@@ -1213,7 +1243,25 @@ def _two_process_worker(rank, ports, argv_sets, out):
     shard, offset = (corpus[:half], 0) if rank == 0 else (corpus[half:], half)
     got = kernels.corpus_ranks_sharded(q, shard, pos, offset)
     torch.save(got, f"{out}/ranks{rank}.pt")
+    # GRPO's loss on this process's half of the same rollouts, normalised by the global token count
+    logp, old, ref, A, mask = _grpo_tensors()
+    mine = slice(rank * 4, rank * 4 + 4)
+    x = logp[mine].clone().requires_grad_()
+    loss, _ = reward.grpo_loss(x, old[mine], ref[mine], A[mine], mask[mine], 0.2, 0.2,
+                               n_tokens=train.global_tokens(mask[mine], argparse.Namespace(world_size=2, rank=rank)))
+    loss.backward()
+    torch.save((loss.detach(), x.grad), f"{out}/grpo{rank}.pt")
     dist.destroy_process_group()
+
+
+def _grpo_tensors():
+    """8 rollout sequences of 5 tokens (policy, old and reference log-probs, advantages, sampled mask)."""
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(8, 5, generator=g) * 3
+    old, ref = logp + 0.1 * torch.randn(8, 5, generator=g), logp + 0.3 * torch.randn(8, 5, generator=g)
+    mask = torch.rand(8, 5, generator=g) > 0.3
+    mask[:4, :] = True                                                  # the two halves hold different token counts
+    return logp, old, ref, torch.randn(8, generator=g), mask
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
@@ -1248,6 +1296,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     want = kernels.corpus_ranks(q, corpus, pos, backend="torch")
     for r in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"ranks{r}.pt"), want)
+    # GRPO under torchrun: each process samples its own rollouts (its own seed), so a 2-process run is not the same
+    # draw as a 1-process run; for the same rollouts, the processes' mean loss and averaged gradient are the batch's
+    logp, old, ref, A, mask = _grpo_tensors()
+    x = logp.clone().requires_grad_()
+    loss, _ = reward.grpo_loss(x, old, ref, A, mask, 0.2, 0.2)
+    loss.backward()
+    (l0, g0), (l1, g1) = (torch.load(tmp_path / f"grpo{r}.pt") for r in (0, 1))
+    assert ((l0 + l1) / 2).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.allclose(torch.cat([g0, g1]) / 2, x.grad, atol=1e-7)    # average_gradients divides by 2
 
 
 def test_dataloader_workers_change_nothing_but_speed(tmp_path):

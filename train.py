@@ -365,6 +365,7 @@ class Logger:
         self.writer = writer   # under torchrun only the first process writes and prints
         self.stage, self.total, self.start, self.every = stage, total, start, every
         self.t0 = time.time()
+        self.buffer = []       # records not yet read from the device (log with lazy=True)
         if not writer:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -375,10 +376,26 @@ class Logger:
         elva._atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         self.f = open(path, "a")
 
-    def log(self, step: int, rec: dict):
+    def log(self, step: int, rec: dict, args=None, lazy: bool = False):
+        """Record step `step`. Values may be 0-d tensors: with lazy (on a GPU), records wait in a buffer and are
+        read from the device together at the next print step (one synchronisation per log line, not per step);
+        otherwise at once. Under torchrun every process calls this; the values are averaged over processes."""
+        self.buffer.append((step, time.time(), rec))
+        if lazy and not (step % self.every == 0 or step == self.total - 1):
+            return
+        buffered, self.buffer = self.buffer, []
+        # every tensor value of the buffered records, read from the device at once
+        tensors = [v.detach().float().reshape(()) for _, _, r in buffered for v in r.values()
+                   if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+        for step_i, t, r in buffered:
+            vals = {k: next(read) if isinstance(v, torch.Tensor) else v for k, v in r.items()}
+            self._write(step_i, t, averaged(vals, args))
+
+    def _write(self, step: int, now: float, rec: dict):
         if not self.writer:
             return
-        elapsed = time.time() - self.t0
+        elapsed = now - self.t0
         done = step + 1 - self.start
         ms = 1000 * elapsed / max(1, done)
         rec = {"stage": self.stage, "step": step, "ms_per_step": round(ms, 1), **rec}
@@ -545,7 +562,25 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
                    folder: Path, args=None) -> torch.Tensor:
     """Check the loss and the gradient are finite, backward, average the gradients over processes (torchrun), clip
     the gradient norm to 1, step. A non-finite loss or gradient stops the run before the update is applied (and so
-    before anything is saved). -> pre-clip grad norm."""
+    before anything is saved). -> pre-clip grad norm.
+
+    With a fused AdamW (on CUDA) the check costs no host synchronisation: the optimizer is told on the device
+    (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss or gradient is not finite, and
+    the host reads the verdicts at the next log step or checkpoint (check_updates), where the run stops."""
+    if opt.defaults.get("fused"):
+        opt.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+            average_gradients(model, args)
+        with phase("optimizer"):
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))).float()   # 1: skip it
+            opt.step()
+            opt.found_inf = None
+        if not hasattr(opt, "pending"):
+            opt.pending = []
+        opt.pending.append((step, loss.detach(), gnorm.detach()))
+        return gnorm
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
                                  f"{last_good(folder)}")
@@ -562,8 +597,23 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
     return gnorm
 
 
+def check_updates(opt: torch.optim.Optimizer, stage: str, folder: Path):
+    """Read the verdicts of the updates a fused optimizer checked on the device (optimizer_step), in one
+    synchronisation: stop at the first step whose loss or gradient was not finite (its update was not applied)."""
+    pending, opt.pending = getattr(opt, "pending", []), []
+    if not pending:
+        return
+    values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in pending]).tolist()
+    for (step, _, _), (loss, gnorm) in zip(pending, values):
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+            raise FloatingPointError(f"{stage} step {step}: {what}; its update was not applied; stopping; "
+                                     f"{last_good(folder)}")
+
+
 def save(folder: Path, model, tok, meta: dict, opt, step: int, stage: str, args=None):
     """A checkpoint of the stage (weights + optimizer state, written as a unit) -- never of non-finite weights."""
+    check_updates(opt, stage, folder)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"{stage} step {step}: the weights became non-finite ({bad[0]}"
@@ -877,9 +927,12 @@ def embedding_stage(args, world, tok, device, autocast, name: str, steps: int, m
         for gr in opt.param_groups:
             gr["lr"] = lr
         gnorm = optimizer_step(opt, model, loss, step, name, folder, args)
-        logger.log(step, averaged({"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item(), "lr": lr,
-                                   "grad_norm": gnorm.item(), "masked_false_neg": int(batch["false_neg"].sum())},
-                                  args))
+        # the log: on a GPU the values stay on the device until the next log line (no synchronisation per step)
+        logger.log(step, {"loss": loss.detach(), "infonce": l_nce.detach(), "lm": l_lm.detach(), "lr": lr,
+                          "grad_norm": gnorm.detach(), "masked_false_neg": int(batch["false_neg"].sum())},
+                   args, lazy=device.type == "cuda")
+        if step % args.log_every == 0:
+            check_updates(opt, name, folder)
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == steps - 1:
             save(folder, model, tok, meta, opt, step, name, args)
@@ -1163,7 +1216,7 @@ def elva_stage(args, device, autocast):
             rec = grpo_step(args, policy, ref.model, opt, batch, gen, autocast, step, folder)
         else:
             rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
-        logger.log(step, averaged(rec, args))
+        logger.log(step, rec, args)
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.rl_steps - 1:
             save(folder, model, ref.tok, meta, opt, step, args.elva_name, args)
