@@ -11,6 +11,8 @@ Where they are used (the paper's Section 3.4, the rollout's ranked list, and the
 - descending_ranks(scores [R, C]) -> int64 [R, C]: the ranked list the ranking reward reads;
   rank_i = 1 + #{j: s_j > s_i} + #{j < i: s_j == s_i} (ties: the earlier index ranks first; NaN ranks below every
   number, NaNs among themselves by index).
+- cosine_ranks(q [R, D], c [R, C, D]) -> (scores, ranks): the two above fused in one kernel, the scores ranked
+  while still in registers; positive_last=True gives the reward's pessimistic rank of the positive in column 0.
 - corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: the rank of each query's best
   positive over a whole corpus, 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}. Pessimistic, like the
   reward: a candidate that *ties* the positive ranks above it, so a collapsed model (every embedding equal) gets the
@@ -173,6 +175,76 @@ def descending_ranks(scores: torch.Tensor, backend: str = "auto") -> torch.Tenso
     _ranks_kernel[(R, triton.cdiv(C, BLOCK_I))](scores, out, C, scores.stride(0), out.stride(0),
                                                  BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J)
     return out
+
+
+# ======================================================================================================================
+# 2b. cosine_ranks: cosine_scores and descending_ranks fused (the rollout's scored and ranked list in one launch)
+
+
+def cosine_ranks_ref(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False):
+    """Reference: cosine_scores_ref then descending_ranks_ref. positive_last: rank column 0 as if it stood after the
+    last column (the reward's pessimistic rule: a negative that ties the positive ranks above it)."""
+    s = cosine_scores_ref(q, c)                                                     # (R, C)
+    if not positive_last:
+        return s, descending_ranks_ref(s)
+    moved = descending_ranks_ref(torch.cat([s[:, 1:], s[:, :1]], dim=1))
+    return s, torch.cat([moved[:, -1:], moved[:, :-1]], dim=1)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _cosine_ranks_kernel(q_ptr, c_ptr, s_ptr, rank_ptr,        # pointers
+                             C, D,                                  # sizes
+                             stride_qr, stride_cr, stride_cc, stride_sr, stride_kr,   # strides
+                             POS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program: one rollout row, all of its C <= BLOCK_C candidates. The scores are computed as in
+        # _cosine_kernel and never leave the registers before they are ranked as in _ranks_kernel: one read of q and
+        # c, one write of scores and ranks, one launch instead of two.
+        r = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_C)
+        dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            qv = tl.load(q_ptr + r * stride_qr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            cv = tl.load(c_ptr + r * stride_cr + offs[:, None] * stride_cc + offs_d[None, :],
+                         mask=(offs[:, None] < C) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+            dot += tl.sum(cv * qv[None, :], axis=1)
+            cc += tl.sum(cv * cv, axis=1)
+            qq += qv * qv
+        s = dot / (tl.maximum(tl.sqrt(tl.sum(qq, axis=0)), 1e-8) * tl.maximum(tl.sqrt(cc), 1e-8))   # (BLOCK_C,)
+        tl.store(s_ptr + r * stride_sr + offs, s, mask=offs < C)
+        # ranks: the tie order is the column index, except that with POS_LAST column 0 counts as index C
+        order = tl.where((offs == 0) & POS_LAST, C, offs)
+        si, sj = s[:, None], s[None, :]
+        ni, nj = si != si, sj != sj                                  # NaN masks
+        gt = (~nj & ~ni & (sj > si)) | (~nj & ni)
+        tie = ((sj == si) | (nj & ni)) & (order[None, :] < order[:, None])
+        before = (gt | tie) & (offs[None, :] < C)
+        tl.store(rank_ptr + r * stride_kr + offs, (tl.sum(before.to(tl.int32), axis=1) + 1).to(tl.int64),
+                 mask=offs < C)
+
+
+def cosine_ranks(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False, backend: str = "auto",
+                 num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [R, D], c [R, C, D] -> (scores [R, C] float32, ranks [R, C] int64): cosine_scores and descending_ranks in
+    one kernel (C <= 256: a rollout's candidate list). positive_last: column 0 is the positive and ties rank it
+    below every equal negative, so ranks[:, 0] is the reward's pessimistic rank of the positive."""
+    if q.dim() != 2 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
+        raise ValueError(f"cosine_ranks expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and {tuple(c.shape)}")
+    if not _use_triton(backend, q, c) or c.shape[1] > 256:
+        return cosine_ranks_ref(q, c, positive_last)
+    q, c = q.contiguous(), c.contiguous()
+    R, C, D = c.shape
+    scores = torch.empty(R, C, device=q.device, dtype=torch.float32)
+    ranks = torch.empty(R, C, device=q.device, dtype=torch.int64)
+    BLOCK_C = triton.next_power_of_2(C)
+    BLOCK_D = min(64 if BLOCK_C > 64 else 128, triton.next_power_of_2(D))
+    _cosine_ranks_kernel[(R,)](q, c, scores, ranks, C, D, q.stride(0), c.stride(0), c.stride(1), scores.stride(0),
+                               ranks.stride(0), POS_LAST=positive_last, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+                               num_warps=num_warps)
+    return scores, ranks
 
 
 # ======================================================================================================================
@@ -450,6 +522,8 @@ def benchmark(sweep: bool = False):
         tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda,
                          graph=graph)
         rows.append((f"cosine + ranks vs bmm + argsort{tag}", ref_both, tri_both, ""))
+        tri_fused = _time(lambda: cosine_ranks(q, c, positive_last=True, backend="triton"), cuda, graph=graph)
+        rows.append((f"cosine_ranks (fused) vs bmm + argsort{tag}", ref_both, tri_fused, ""))
     # corpus sizes: M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
     M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
     dt = torch.bfloat16 if cuda else torch.float32

@@ -246,6 +246,27 @@ def test_descending_ranks_kernel_with_ties(device, R, C):
     assert not torch.equal(out, got.cpu())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("R,C,D", [(3, 2, 5), (4, 101, 37), (2, 9, 300)])
+def test_cosine_ranks_fused_kernel(device, R, C, D):
+    g = torch.Generator().manual_seed(C)
+    # candidates drawn from a few directions: exact score ties, also with the positive (column 0)
+    dirs = torch.randn(3, D, generator=g)
+    q = torch.randn(R, D, generator=g)
+    c = dirs[torch.randint(0, 3, (R, C), generator=g)] * torch.randint(1, 3, (R, C, 1), generator=g)
+    c[0, 1] = float("nan")                                              # a NaN candidate ranks last
+    q, c = q.to(device), c.to(device)
+    for last in (False, True):
+        s_ref, k_ref = kernels.cosine_ranks(q, c, positive_last=last, backend="torch")
+        s, k = kernels.cosine_ranks(q, c, positive_last=last, backend="triton")
+        assert (s.nan_to_num(9) - s_ref.nan_to_num(9)).abs().max().item() < 1e-5
+        assert torch.equal(k.cpu(), k_ref.cpu())
+    # positive_last gives the reward's rule: 1 + #{negatives scoring >= the positive} (NaN negatives never count)
+    pos_rank, _ = reward.ranks_with_positive_last(s_ref.cpu())
+    assert torch.equal(k[:, 0].cpu(), pos_rank)
+    assert any((s_ref[r, 1:] == s_ref[r, 0]).any() for r in range(R)) or C == 2   # the ties were exercised
+
+
 def dense_best_positive_ranks(q, corpus, positives):
     """The definition, densely in float64: 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}."""
     qn = torch.nn.functional.normalize(q.cpu().double(), dim=-1)
