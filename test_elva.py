@@ -926,10 +926,10 @@ def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, mon
     assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(c) / "contrastive")   # deterministic
     real = train.Logger.log
 
-    def dying(self, step, rec):   # killed during step 4, after the step-2 checkpoint
+    def dying(self, step, rec, *a, **k):   # killed during step 4, after the step-2 checkpoint
         if step == 4:
             raise KeyboardInterrupt
-        real(self, step, rec)
+        real(self, step, rec, *a, **k)
     monkeypatch.setattr(train.Logger, "log", dying)
     with pytest.raises(KeyboardInterrupt):
         train.main(SMOKE + ["--out", b])
