@@ -1329,13 +1329,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_dataloader_workers_change_nothing_but_speed(tmp_path):
-    """Stages 1-2 make their batches in DataLoader workers from per-step seeds: any number of workers trains the
+    """Every stage makes its batches in DataLoader workers from per-step seeds: any number of workers trains the
     same bytes."""
-    base = ["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps", "4", "--no_eval",
-            "--threads", "1"]
+    base = ["--preset", "smoke", "--stages", "text,contrastive,elva", "--text_steps", "3", "--steps", "4",
+            "--rl_steps", "2", "--no_eval", "--threads", "1"]
     train.main(base + ["--out", str(tmp_path / "w0"), "--workers", "0"])
     train.main(base + ["--out", str(tmp_path / "w2"), "--workers", "2"])
-    for stage in ("text", "contrastive"):
+    for stage in ("text", "contrastive", "elva"):
         assert weights_bytes(tmp_path / "w0" / stage) == weights_bytes(tmp_path / "w2" / stage), stage
 
 

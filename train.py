@@ -1054,7 +1054,17 @@ def rollout_items(batch, G: int = 1):
     return items, instr
 
 
-def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast) -> Rollout:
+def make_rl_inputs(args, instances, enc, limit, step: int) -> dict:
+    """The ELVA stage's step `step` without the model (a DataLoader worker can make it ahead): the global batch of
+    rl_batch instances drawn from the step's seed (so --resume replays it), this process's share, and its unique
+    items' prompts encoded (rendered, tokenised, left-padded; no summaries yet)."""
+    rng = random.Random(f"{args.seed}-rl-batch-{step}")
+    batch = my_share(rng.sample(instances, args.rl_batch), args)       # the global batch, then this share
+    items, instr = rollout_items(batch)
+    return {"batch": batch, "encoded": data.encode_batch(enc, items, instr, None, limit)}
+
+
+def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast, encoded=None) -> Rollout:
     """For each of B instances and each of G rollouts, sample a summary for the query, the positive and every
     negative, embed all at [RET] and score each rollout's candidates against its query.
 
@@ -1062,9 +1072,12 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     its KV cache). The teacher-forced pass that embeds the rollouts runs with gradient, so its log-probs serve the
     first policy update too (no second forward)."""
     B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
-    items, instr = rollout_items(batch)                                        # U = B * K unique items
-    with phase("data"):
-        pb, images = policy.batch(items, instr, None)                          # prompts (U, P), left-padded
+    with phase("data"):   # prompts (U, P) of the U = B * K unique items, left-padded; made ahead when `encoded`
+        if encoded is None:
+            pb, images = policy.batch(*rollout_items(batch), None)
+        else:
+            dev = policy.device
+            pb, images = {k: v.to(dev, non_blocking=True) for k, v in encoded[0].items()}, encoded[1].to(dev)
     dev = pb["tokens"].device
     # row (b, g, k) continues prompt b * K + k
     index = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)).expand(B, G, K).reshape(-1)
@@ -1090,7 +1103,7 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast)
     return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, [q for q, _ in batch])
 
 
-def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: Path) -> dict:
+def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: Path, encoded=None) -> dict:
     """ELVA's GRPO step (Section 3.4), in the paper's order:
       1. rollout     G sampled summaries of every item -> [RET] embeddings -> each rollout's ranked candidate list
       2. reward      R_total = alpha R_Margin + epsilon R_Rank of each rollout's list
@@ -1101,7 +1114,7 @@ def grpo_step(args, policy, ref_model, opt, batch, gen, autocast, step, folder: 
     2 or 3, or add to 4: see BEYOND_THE_PAPER."""
     variant = BEYOND_THE_PAPER
     # 1. rollout
-    ro = rollout(args, policy, batch, gen, autocast)
+    ro = rollout(args, policy, batch, gen, autocast, encoded)
     B, G, K = ro.shape
     # 2. reward, from the scores alone (no gradient)
     if args.reward == "paper":
@@ -1218,14 +1231,17 @@ def elva_stage(args, device, autocast):
     meta = {**source_meta(world), "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
     prof = Profiler(args.profile, args.elva_name, start, args.rl_steps)
+    inputs = step_inputs(args, functools.partial(make_rl_inputs, args, instances, policy.enc, policy.prompt_limit),
+                         start, args.rl_steps, device)
     for step in range(start, args.rl_steps):
         prof.step_begins(step)
         # per-step seeds for the batch and the sampling, so --resume replays the same steps
         gen.manual_seed(args.seed * 100003 + step + 7919 * rank_of(args))   # each process samples its own rollouts
-        rng = random.Random(f"{args.seed}-rl-batch-{step}")
-        batch = my_share(rng.sample(instances, args.rl_batch), args)       # the global batch, then this share
+        with phase("data"):
+            made = next(inputs)                                             # this step's instances, encoded ahead
+        batch = made["batch"]
         if args.rl_objective == "grpo":
-            rec = grpo_step(args, policy, ref.model, opt, batch, gen, autocast, step, folder)
+            rec = grpo_step(args, policy, ref.model, opt, batch, gen, autocast, step, folder, made["encoded"])
         else:
             rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
         logger.log(step, rec, args)
