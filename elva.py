@@ -392,14 +392,25 @@ class Retriever:
                                    return_ended=return_ended)
 
     @torch.no_grad()
-    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None) -> tuple[torch.Tensor, list[str]]:
-        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading)."""
-        embs, texts = [], []
-        for i in range(0, len(items), batch_size):
-            its, ins = items[i:i + batch_size], instructions[i:i + batch_size]
+    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
+                    workers: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading).
+
+        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read once (in DataLoader
+        workers ahead of the model on a GPU: `workers`, default 0 on CPU), the summaries generated, then one
+        teacher-forced pass over prompt + summary + [RET] gives the embeddings."""
+        if workers is None:
+            workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+        chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda")
+        embs, texts, dev = [], [], self.device
+        for prompts, imgs in loader:
+            imgs = imgs.to(dev, non_blocking=True)
             with autocast or nullcontext():
-                summ = self.summarise(its, ins)
-                b, imgs = self.batch(its, ins, summ)
+                pb = {k: v.to(dev) for k, v in data.collate(prompts, None, self.enc.pad, self.enc.ret).items()}
+                summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
+                b = {k: v.to(dev) for k, v in data.collate(prompts, summ, self.enc.pad, self.enc.ret).items()}
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
@@ -438,6 +449,21 @@ class Retriever:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Device
+
+
+class _PromptChunks(torch.utils.data.Dataset):
+    """Chunk k of the items -> (their prompts' token ids, their images (N_img, 3, H, W)): what embedding a chunk
+    needs before the model, made by DataLoader workers when there are any."""
+
+    def __init__(self, enc, items, instructions, batch_size: int, limit: int):
+        self.enc, self.items, self.instructions, self.bs, self.limit = enc, items, instructions, batch_size, limit
+
+    def __len__(self):
+        return (len(self.items) + self.bs - 1) // self.bs
+
+    def __getitem__(self, k):
+        its, ins = self.items[k * self.bs:(k + 1) * self.bs], self.instructions[k * self.bs:(k + 1) * self.bs]
+        return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
 
 
 def default_threads() -> int:

@@ -1239,6 +1239,12 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert torch.allclose(c[0], c[1], atol=1e-5)                       # a PIL image and its file embed alike
     scores, idx = r.search(e, c, k=1)
     assert idx.shape == (2, 1) and scores.shape == (2, 1)
+    # evaluation's pools: chunks made in DataLoader workers embed to the same numbers as in-process
+    qs = world.sample_queries(random.Random(0), 5)
+    items, instr = [q.positive for q in qs] + [q.item for q in qs], [None] * 5 + [data.INSTRUCTIONS[q.task] for q in qs]
+    e0, t0 = r.embed_items(items, instr, batch_size=3, workers=0)
+    e2, t2 = r.embed_items(items, instr, batch_size=3, workers=2)
+    assert torch.equal(e0, e2) and t0 == t2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
