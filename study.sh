@@ -44,6 +44,9 @@ anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10       
 anchor_query_lr1e-4_b0 1 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-4_b0 2 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-3_b0 0 --sample query --rl_lr 1e-3 --beta 0 --anchor 10
+big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 --rl_batch 8 --rl_steps 600   # 16x the groups
+big_control 0 --rl_objective contrastive --rl_batch 8 --rl_steps 600
+big_elva 0 --rl_batch 8 --rl_steps 600                                          # the paper's GRPO, 16x the groups
 LIST
 )
 run() {  # name seed [flags...]
