@@ -1,11 +1,12 @@
 """
-Training: stage 2, the contrastive stage (InfoNCE on generated-embedding [RET] states, ELVA Section 3.3), and
-stage 3, ELVA (GRPO with the paper's margin and ranking rewards over balanced negatives, KL to the stage-2 model,
-Section 3.4).
+Training, the paper's three stages: stage 1, language-only InfoNCE on NLI-style caption triplets (ELVA Section 3.3);
+stage 2, the contrastive stage (InfoNCE on generated-embedding [RET] states, Section 3.3); stage 3, ELVA (GRPO with
+the paper's margin and ranking rewards over balanced negatives, KL to the stage-2 model, Section 3.4).
 
-    python train.py                       # default preset (gpu on CUDA, else cpu): contrastive -> ELVA -> eval table
+    python train.py                       # default preset (gpu on CUDA, else cpu): text -> contrastive -> ELVA -> eval
     python train.py --preset smoke        # the whole pipeline in about a minute on 2 CPU cores
     python train.py --stages elva --rl_objective contrastive --elva_name control   # the equal-compute control
+    python train.py --mbeir ROOT --train_tasks mscoco_task0   # both stages on M-BEIR (data.py --mbeir_sample DIR)
     python train.py --help                # every flag, grouped
     torchrun --nproc_per_node=N train.py  # the same, data-parallel over N processes (GPUs, or CPU with gloo)
 
@@ -14,8 +15,9 @@ checkpoint folder per stage (model-<step>.safetensors, optimizer-<step>.safetens
 config.json, which names them with their hashes and is written last), log.jsonl per stage, and eval.json from the
 final `python eval.py` run.
 
-The paper's stage 1 (language-only NLI pretraining) is `--stages text,contrastive,elva`, off by default: NLI-style
-triplets made from GrainWorld captions (text_stage). Without it the decoder learns its language in stage 2.
+The paper's stage 1 (language-only NLI pretraining) is the `text` stage: NLI-style triplets made from GrainWorld
+captions (text_stage). `--stages contrastive,elva` leaves it out (the decoder then learns its language in stage 2),
+as does --mbeir (its triplets are GrainWorld's).
 
 File order: arguments -> set-up (threads, run folder, logging, the optimizer step) -> stages 1-2 -> stage 3 as the paper
 describes it (mining, rollout, the GRPO step) -> beyond the paper (our labelled variants and the equal-compute
@@ -72,8 +74,9 @@ def get_args(argv=None):
     g.add_argument("--preset", default=None, choices=list(TRAIN_PRESETS), help="sizes; default gpu on CUDA, else cpu")
     g.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     g.add_argument("--seed", type=int, default=0, help="seed for the world, the model and the sampling")
-    g.add_argument("--stages", default="contrastive,elva", help="comma list of stages to run: text (the paper's "
-                   "stage 1, language-only NLI pretraining), contrastive, elva")
+    g.add_argument("--stages", default=None, help="comma list of stages to run: text (the paper's stage 1, "
+                   "language-only NLI pretraining), contrastive, elva (default all three; contrastive,elva with "
+                   "--mbeir)")
     g.add_argument("--resume", action="store_true", help="continue each stage from its last checkpoint in --out")
     g.add_argument("--overwrite", action="store_true", help="reuse an --out folder made with other world / "
                    "tokenizer arguments, starting it afresh (without it such a folder is refused)")
@@ -108,7 +111,7 @@ def get_args(argv=None):
     g.add_argument("--n_train", type=int, default=None, help="training scenes")
     g.add_argument("--n_test", type=int, default=None, help="test scenes (= the standard test pool size)")
     g.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size")
-    g = p.add_argument_group("stage 1: text (language-only InfoNCE on NLI-style caption triplets; off by default)")
+    g = p.add_argument_group("stage 1: text (language-only InfoNCE on NLI-style caption triplets)")
     g.add_argument("--text_steps", type=int, default=None, help="optimizer steps of the text stage (batch, lr, tau "
                    "and dropout as stage 2's)")
     g = p.add_argument_group("stage 2: contrastive (InfoNCE + next-token loss on reference summaries)")
@@ -193,6 +196,8 @@ def resolve_args(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
+    if args.stages is None:
+        args.stages = "contrastive,elva" if args.mbeir else "text,contrastive,elva"
     if isinstance(args.stages, str):
         args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in args.stages if s not in ("text", "contrastive", "elva")]
@@ -331,9 +336,13 @@ def build_tokenizer(args, source):
 def read_source(args, meta: dict | None = None):
     """The training data: GrainWorld (built from --seed and the preset, or a checkpoint's 'world' section), or
     M-BEIR (--mbeir, or a checkpoint's 'mbeir' section), read and checked whole before any work."""
-    m = (meta or {}).get("mbeir") or (meta is None and args.mbeir and {
-        "root": args.mbeir, "tasks": args.train_tasks, "split": args.mbeir_split, "pool": args.mbeir_pool,
-        "summary_field": args.summary_field})
+    if meta is not None:
+        m = meta.get("mbeir")
+    elif args.mbeir:
+        m = {"root": args.mbeir, "tasks": args.train_tasks, "split": args.mbeir_split, "pool": args.mbeir_pool,
+             "summary_field": args.summary_field}
+    else:
+        m = None
     if m:
         try:
             return data.read_mbeir_train(m["root"], m["tasks"], m["split"], m["pool"], m["summary_field"])
