@@ -298,9 +298,11 @@ def test_corpus_ranks_kernel(device, M, N, D, ties):
     for positives in (pos, multi):
         qd, cd, pd = q.to(device), corpus.to(device), positives.to(device)
         ref = kernels.corpus_ranks(qd, cd, pd, backend="torch")
-        got = kernels.corpus_ranks(qd, cd, pd, backend="triton", block_m=32, block_n=64)  # corpus > one tile
-        assert got.dtype == torch.int64
-        assert torch.equal(got.cpu(), ref.cpu()), f"max diff {(got - ref).abs().max().item()}"
+        for resident in (False, True):   # queries reloaded per tile, or kept in registers (one dot over all of D)
+            got = kernels.corpus_ranks(qd, cd, pd, backend="triton", block_m=32, block_n=64,   # corpus > one tile
+                                       resident=resident)
+            assert got.dtype == torch.int64
+            assert torch.equal(got.cpu(), ref.cpu()), f"resident {resident}: max diff {(got - ref).abs().max()}"
         assert torch.equal(ref.cpu(), dense_best_positive_ranks(q, corpus, positives))
 
 
@@ -313,20 +315,20 @@ def test_corpus_ranks_ties_are_pessimistic(dtype):
     M, N, D = 9, 200, 24
     q = torch.randn(M, D, generator=g).to(DEVICE, dtype)
     pos = torch.randint(0, N, (M,), generator=g).to(DEVICE)
-    backends = ["torch"] + (["triton"] if dtype == torch.float32 or DEVICE == "cuda" else [])
-    kw = dict(block_m=32, block_n=64)
+    backends = ["torch"] + (["triton", "triton resident"] if dtype == torch.float32 or DEVICE == "cuda" else [])
     collapsed = torch.randn(1, D, generator=g).expand(N, D).contiguous().to(DEVICE, dtype)
     corpus = torch.randn(N, D, generator=g).to(DEVICE, dtype)
     nan_corpus = torch.full((N, D), float("nan"), device=DEVICE, dtype=dtype)
-    for b in backends:
-        opts = kw if b == "triton" else {}
-        assert torch.all(kernels.corpus_ranks(q, collapsed, pos, backend=b, **opts) == N), b
+    for name in backends:
+        b = name.split()[0]
+        opts = dict(block_m=32, block_n=64, resident=name.endswith("resident")) if b == "triton" else {}
+        assert torch.all(kernels.corpus_ranks(q, collapsed, pos, backend=b, **opts) == N), name
         plain = kernels.corpus_ranks(q, corpus, pos, backend=b, **opts)
         for m in range(3):   # an exact copy and a copy scaled by 2 of query m's positive: each ties it, ranks above
             p = pos[m:m + 1]
             dup = torch.cat([corpus, corpus[p], 2 * corpus[p]])
-            assert kernels.corpus_ranks(q[m:m + 1], dup, p, backend=b, **opts).item() == plain[m].item() + 2, b
-        assert torch.all(kernels.corpus_ranks(q, nan_corpus, pos, backend=b, **opts) == N), b
+            assert kernels.corpus_ranks(q[m:m + 1], dup, p, backend=b, **opts).item() == plain[m].item() + 2, name
+        assert torch.all(kernels.corpus_ranks(q, nan_corpus, pos, backend=b, **opts) == N), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
