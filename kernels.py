@@ -78,14 +78,10 @@ def cosine_scores_ref(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 if HAS_TRITON:
     @triton.jit
-    def _cosine_kernel(q_ptr, c_ptr, out_ptr,                  # pointers
-                       C, D,                                   # sizes
-                       stride_qr, stride_cr, stride_cc, stride_or,   # strides (last dims are contiguous)
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        # one program: one rollout row r, BLOCK_C of its candidates; D is walked in BLOCK_D chunks, accumulating the
+    def _row_cosines(q_ptr, c_ptr, r, offs_c, C, D, stride_qr, stride_cr, stride_cc,
+                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        # the cosines of row r's query with its candidates offs_c: D is walked in BLOCK_D chunks, accumulating the
         # dot products and both squared norms in fp32, so every input byte is read exactly once.
-        r = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
         cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -99,7 +95,18 @@ if HAS_TRITON:
             qq += qv * qv
         qn = tl.maximum(tl.sqrt(tl.sum(qq, axis=0)), 1e-8)
         cn = tl.maximum(tl.sqrt(cc), 1e-8)
-        tl.store(out_ptr + r * stride_or + offs_c, dot / (qn * cn), mask=offs_c < C)
+        return dot / (qn * cn)                                                          # (BLOCK_C,)
+
+    @triton.jit
+    def _cosine_kernel(q_ptr, c_ptr, out_ptr,                  # pointers
+                       C, D,                                   # sizes
+                       stride_qr, stride_cr, stride_cc, stride_or,   # strides (last dims are contiguous)
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program: one rollout row r, BLOCK_C of its candidates
+        r = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        s = _row_cosines(q_ptr, c_ptr, r, offs_c, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C, BLOCK_D)
+        tl.store(out_ptr + r * stride_or + offs_c, s, mask=offs_c < C)
 
 
 def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto", block_c: int = 16,
@@ -202,18 +209,7 @@ if HAS_TRITON:
         # c, one write of scores and ranks, one launch instead of two.
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
-        dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            qv = tl.load(q_ptr + r * stride_qr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-            cv = tl.load(c_ptr + r * stride_cr + offs[:, None] * stride_cc + offs_d[None, :],
-                         mask=(offs[:, None] < C) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-            dot += tl.sum(cv * qv[None, :], axis=1)
-            cc += tl.sum(cv * cv, axis=1)
-            qq += qv * qv
-        s = dot / (tl.maximum(tl.sqrt(tl.sum(qq, axis=0)), 1e-8) * tl.maximum(tl.sqrt(cc), 1e-8))   # (BLOCK_C,)
+        s = _row_cosines(q_ptr, c_ptr, r, offs, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C, BLOCK_D)
         tl.store(s_ptr + r * stride_sr + offs, s, mask=offs < C)
         # ranks: the tie order is the column index, except that with POS_LAST column 0 counts as index C
         order = tl.where((offs == 0) & POS_LAST, C, offs)

@@ -586,21 +586,8 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
     With a fused AdamW (on CUDA) the check costs no host synchronisation: the optimizer is told on the device
     (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss or gradient is not finite, and
     the host reads the verdicts at the next log step or checkpoint (check_updates), where the run stops."""
-    if opt.defaults.get("fused"):
-        opt.zero_grad(set_to_none=True)
-        with phase("backward"):
-            loss.backward()
-            average_gradients(model, args)
-        with phase("optimizer"):
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))).float()   # 1: skip it
-            opt.step()
-            opt.found_inf = None
-        if not hasattr(opt, "pending"):
-            opt.pending = []
-        opt.pending.append((step, loss.detach(), gnorm.detach()))
-        return gnorm
-    if not torch.isfinite(loss):
+    fused = opt.defaults.get("fused")
+    if not fused and not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
                                  f"{last_good(folder)}")
     opt.zero_grad(set_to_none=True)
@@ -609,10 +596,16 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
         average_gradients(model, args)
     with phase("optimizer"):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(gnorm):
+        if fused:   # the check on the device: found_inf = 1 skips the update; check_updates reads it later
+            opt.found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))).float()
+            opt.step()
+            opt.found_inf = None
+            opt.pending = getattr(opt, "pending", []) + [(step, loss.detach(), gnorm.detach())]
+        elif not torch.isfinite(gnorm):
             raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
                                      f"applying it; {last_good(folder)}")
-        opt.step()
+        else:
+            opt.step()
     return gnorm
 
 
@@ -1254,6 +1247,8 @@ def elva_stage(args, device, autocast):
         else:
             rec = control_step(args, policy, opt, batch, autocast, step, folder, init_meta)
         logger.log(step, rec, args)
+        if step % args.log_every == 0:
+            check_updates(opt, args.elva_name, folder)
         prof.step_ends(step)
         if (step + 1) % args.ckpt_every == 0 or step == args.rl_steps - 1:
             save(folder, model, ref.tok, meta, opt, step, args.elva_name, args)
