@@ -50,6 +50,7 @@ RELATION_FLIP = {"left of": "right of", "right of": "left of", "above": "below",
 # The paper's template (ELVA, Section 3.4, generative embeddings). {image} becomes the [IMG] placeholder tokens.
 PROMPT = ("Analyze and summarize the key information of the above input. "
           "Finally, append the special token [RET] to represent the entire input.")
+TEMPLATE_TEXT = (PROMPT, "USER:", "ASSISTANT:")   # the template's words, in every tokenizer's training text
 INSTRUCTIONS = {  # one instruction per task, M-BEIR style; candidates get none (as in M-BEIR's pools)
     "t2i": "Retrieve an image that matches the given caption:",
     "i2t": "Find a caption that describes the given image.",
@@ -618,7 +619,7 @@ def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: 
 
 def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    lines = [PROMPT, "USER:", "ASSISTANT:", *INSTRUCTIONS.values()]
+    lines = [*TEMPLATE_TEXT, *INSTRUCTIONS.values()]
     for q in world.sample_queries(rng, n):
         lines += [q.item.text, q.item.summary, q.positive.text, q.positive.summary]
     return [l for l in lines if l]
@@ -839,7 +840,7 @@ class MBeirTrain:
 
     def texts(self) -> list[str]:
         """The text a tokenizer for this data is trained on."""
-        return ([PROMPT, "USER:", "ASSISTANT:"] + sorted({q.instruction for q in self.queries if q.instruction})
+        return ([*TEMPLATE_TEXT] + sorted({q.instruction for q in self.queries if q.instruction})
                 + [t for q in self.queries for t in (q.item.text, q.item.summary) if t]
                 + [t for it in self.pool.items for t in (it.text, it.summary) if t])
 

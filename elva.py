@@ -377,7 +377,10 @@ class Retriever:
     def batch(self, items, instructions, summaries: list[list[int]] | None):
         """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device.
         Prompts longer than the model's maximum length (minus room for the summary) are cut; see Encoder.prompt."""
-        b, imgs = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
+        return self.on_device(*data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit))
+
+    def on_device(self, b: dict, imgs: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """An encoded batch (data.encode_batch / data.collate, made on the CPU) -> on the model's device."""
         dev = self.device
         return {k: v.to(dev, non_blocking=True) for k, v in b.items()}, imgs.to(dev, non_blocking=True)
 
@@ -399,18 +402,15 @@ class Retriever:
         Per chunk of batch_size items: the prompts are tokenised and the images rendered or read once (in DataLoader
         workers ahead of the model on a GPU: `workers`, default 0 on CPU), the summaries generated, then one
         teacher-forced pass over prompt + summary + [RET] gives the embeddings."""
-        if workers is None:
-            workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
         chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
-        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers,
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=default_workers(self.device, workers),
                                              pin_memory=self.device.type == "cuda")
-        embs, texts, dev = [], [], self.device
+        embs, texts = [], []
         for prompts, imgs in loader:
-            imgs = imgs.to(dev, non_blocking=True)
             with autocast or nullcontext():
-                pb = {k: v.to(dev) for k, v in data.collate(prompts, None, self.enc.pad, self.enc.ret).items()}
+                pb, imgs = self.on_device(data.collate(prompts, None, self.enc.pad, self.enc.ret), imgs)
                 summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
-                b = {k: v.to(dev) for k, v in data.collate(prompts, summ, self.enc.pad, self.enc.ret).items()}
+                b, _ = self.on_device(data.collate(prompts, summ, self.enc.pad, self.enc.ret), imgs)
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
@@ -464,6 +464,14 @@ class _PromptChunks(torch.utils.data.Dataset):
     def __getitem__(self, k):
         its, ins = self.items[k * self.bs:(k + 1) * self.bs], self.instructions[k * self.bs:(k + 1) * self.bs]
         return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
+
+
+def default_workers(device: torch.device, workers: int | None = None) -> int:
+    """DataLoader processes that make batches ahead of the model: `workers` if given, else none on a CPU (its cores
+    do the model's work) and up to 4 beside a GPU."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
 def default_threads() -> int:

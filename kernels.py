@@ -144,6 +144,15 @@ def descending_ranks_ref(scores: torch.Tensor) -> torch.Tensor:
 
 if HAS_TRITON:
     @triton.jit
+    def _above(si, sj, order_i, order_j, j_ok):
+        # per element i, how many of the elements j rank above it: a larger number, or any number above a NaN; or a
+        # tie (two equal numbers, two NaNs) earlier in the tie order. O(len(si) x len(sj)) comparisons in registers.
+        ni, nj = si[:, None] != si[:, None], sj[None, :] != sj[None, :]              # NaN masks (NaN != NaN)
+        gt = (~nj & ~ni & (sj[None, :] > si[:, None])) | (~nj & ni)
+        tie = ((sj[None, :] == si[:, None]) | (nj & ni)) & (order_j[None, :] < order_i[:, None])
+        return tl.sum(((gt | tie) & j_ok[None, :]).to(tl.int32), axis=1)
+
+    @triton.jit
     def _ranks_kernel(s_ptr, out_ptr,                          # pointers
                       C,                                       # sizes
                       stride_sr, stride_or,                    # strides
@@ -158,13 +167,7 @@ if HAS_TRITON:
         for j0 in range(0, C, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             sj = tl.load(s_ptr + r * stride_sr + offs_j, mask=offs_j < C, other=0.0)
-            ni, nj = si[:, None] != si[:, None], sj[None, :] != sj[None, :]          # NaN masks (NaN != NaN)
-            # j is above i: a larger number, or any number above a NaN; or a tie (two equal numbers, two NaNs)
-            # at a smaller index
-            gt = (~nj & ~ni & (sj[None, :] > si[:, None])) | (~nj & ni)
-            tie = ((sj[None, :] == si[:, None]) | (nj & ni)) & (offs_j[None, :] < offs_i[:, None])
-            before = (gt | tie) & (offs_j[None, :] < C)
-            count += tl.sum(before.to(tl.int32), axis=1)
+            count += _above(si, sj, offs_i, offs_j, offs_j < C)
         tl.store(out_ptr + r * stride_or + offs_i, (count + 1).to(tl.int64), mask=offs_i < C)
 
 
@@ -213,13 +216,8 @@ if HAS_TRITON:
         tl.store(s_ptr + r * stride_sr + offs, s, mask=offs < C)
         # ranks: the tie order is the column index, except that with POS_LAST column 0 counts as index C
         order = tl.where((offs == 0) & POS_LAST, C, offs)
-        si, sj = s[:, None], s[None, :]
-        ni, nj = si != si, sj != sj                                  # NaN masks
-        gt = (~nj & ~ni & (sj > si)) | (~nj & ni)
-        tie = ((sj == si) | (nj & ni)) & (order[None, :] < order[:, None])
-        before = (gt | tie) & (offs[None, :] < C)
-        tl.store(rank_ptr + r * stride_kr + offs, (tl.sum(before.to(tl.int32), axis=1) + 1).to(tl.int64),
-                 mask=offs < C)
+        rank = _above(s, s, order, order, offs < C) + 1
+        tl.store(rank_ptr + r * stride_kr + offs, rank.to(tl.int64), mask=offs < C)
 
 
 def cosine_ranks(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False, backend: str = "auto",

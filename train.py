@@ -84,7 +84,7 @@ def get_args(argv=None):
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores this "
                    "process may use; with other jobs on the machine give each job its own cores)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader processes that render and tokenise the "
-                   "next batches of stages 1-2 while the device trains (default: 0 on a CPU, whose cores do the "
+                   "next batches of every stage while the device trains (default: 0 on a CPU, whose cores do the "
                    "training; up to 4 beside a GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile every transformer block (dynamic shapes): "
                    "faster steps on a GPU after a compile of a minute or so; off by default")
@@ -789,7 +789,7 @@ def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
     summaries = reference_summaries(enc, items, drop)
     out = {"encoded": data.encode_batch(enc, items, instr, summaries, limit), "drop": drop,
            "false_neg": my_share(in_batch_false_negatives(queries), args), "n_queries": len(mine)}
-    if args.own_summaries > 0 and step >= args.own_from * args.steps:   # ours: see own_summaries_inputs
+    if args.own_summaries > 0 and step >= args.own_from * args.steps:   # ours: see own_summaries_step
         own_rng = random.Random(f"{args.seed}-own-{step}")
         own = my_share_of_items([own_rng.random() < args.own_summaries for _ in range(2 * len(queries))], args, 2)
         out.update(own=[o and not d for o, d in zip(own, drop)], items=items, instr=instr)
@@ -848,8 +848,7 @@ class StepStream(torch.utils.data.IterableDataset):
 def step_inputs(args, make, start: int, stop: int, device):
     """Iterate over the steps' inputs: made in DataLoader workers ahead of the step (--workers), in pinned memory
     beside a GPU, so that rendering and tokenising overlap the device's work; made in place with 0 workers."""
-    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else
-                                                             min(4, max(1, (os.cpu_count() or 2) - 1)))
+    workers = elva.default_workers(device, args.workers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked after the tokenizer is made
     return iter(torch.utils.data.DataLoader(StepStream(make, start, stop), batch_size=None, num_workers=workers,
                                             pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
@@ -859,10 +858,8 @@ def stage_step(args, retriever, inputs, autocast, device):
     """Stages 1-2: the loss of one step from its prepared inputs."""
     if any(inputs.get("own", ())):
         return own_summaries_step(args, retriever, inputs, autocast, device)
-    b, imgs = inputs["encoded"]
-    encoded = ({k: v.to(device, non_blocking=True) for k, v in b.items()}, imgs.to(device, non_blocking=True))
     return stage2_loss(args, retriever, None, None, inputs["drop"], autocast, false_neg=inputs["false_neg"].to(device),
-                       n_queries=inputs["n_queries"], encoded=encoded)
+                       n_queries=inputs["n_queries"], encoded=retriever.on_device(*inputs["encoded"]))
 
 
 def own_summaries_step(args, retriever, inputs, autocast, device):
@@ -1075,11 +1072,7 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast,
     first policy update too (no second forward)."""
     B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
     with phase("data"):   # prompts (U, P) of the U = B * K unique items, left-padded; made ahead when `encoded`
-        if encoded is None:
-            pb, images = policy.batch(*rollout_items(batch), None)
-        else:
-            dev = policy.device
-            pb, images = {k: v.to(dev, non_blocking=True) for k, v in encoded[0].items()}, encoded[1].to(dev)
+        pb, images = policy.batch(*rollout_items(batch), None) if encoded is None else policy.on_device(*encoded)
     dev = pb["tokens"].device
     # row (b, g, k) continues prompt b * K + k
     index = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)).expand(B, G, K).reshape(-1)
@@ -1360,10 +1353,10 @@ def control_step(args, policy, opt, batch, autocast, step, folder: Path, init_me
 
 def evaluate_mbeir_run(args, out: Path, device, threads: int):
     """After training on M-BEIR: eval.py --mbeir on the test split, per checkpoint of this run (its own process)."""
-    tasks = args.eval_tasks or ",".join(t for t in args.train_tasks if t in data.mbeir_tasks(args.mbeir, "test"))
-    if args.train_tasks == ["all"] and not args.eval_tasks:
-        tasks = "all"
-    if not tasks or not data.mbeir_tasks(args.mbeir, "test"):
+    test_tasks = data.mbeir_tasks(args.mbeir, "test")
+    tasks = args.eval_tasks or ("all" if args.train_tasks == ["all"] else
+                                ",".join(t for t in args.train_tasks if t in test_tasks))
+    if not tasks or not test_tasks:
         print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
         return
     for c in ("contrastive", args.elva_name):
