@@ -2,7 +2,6 @@
 GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything data-shaped.
 
     python data.py                       # draws a few scenes to grainworld_samples.png and prints their captions
-    python data.py --mbeir_sample DIR    # writes a small M-BEIR-format folder (no downloads) to try eval.py --mbeir
 
 Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with random negatives leaves
 secondary grains (attributes, bindings, relations) under-trained. To measure that exactly we need a world in which
@@ -17,15 +16,15 @@ sets (MRBench-mini) test precisely those.
 
 The file holds, bottom-up: the world's vocabulary, scenes and captions (as small frozen dataclasses), the exact
 relevance rule, one-grain edits (near misses), the Pillow renderer, the four tasks and their instructions, splits,
-MRBench-mini, balanced negative sampling, the BPE tokenizer, readers for the M-BEIR jsonl format, and collation.
+MRBench-mini, balanced negative sampling, the BPE tokenizer, the stages' data interface (Source) and
+collation. Real data (M-BEIR, MMEB) is read by mbeir.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -652,322 +651,17 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR root:
-#   query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path", "query_modality",
-#                                                          "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
-#   cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl, cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
-#                                                         {"did", "txt", "img_path", "modality", "src_content"}
-#   instructions/query_instructions.tsv                   header; query modality, candidate modality, ..., dataset id,
-#                                                         then one or more prompts
-# Ids are "<dataset_id>:<n>"; image paths are relative to the root. Texts may be null or "".
-
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"M-BEIR file {path} not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON object per line") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected {list(required)}")
-            row["_line"] = n
-            rows.append(row)
-    return rows
-
-
-def _real_item(path: Path, n: int, text, img, image_root: Path, check_image: bool = True) -> Item:
-    text = (text or "").strip()
-    if img:
-        img_path = image_root / img
-        if check_image and not img_path.is_file():
-            raise FileNotFoundError(f"{path}:{n}: image {img_path} not found")
-        return Item(text=text, image_path=str(img_path))
-    if not text:
-        raise ValueError(f"{path}:{n}: record has neither text nor image; expected at least one")
-    return Item(text=text)
-
-
-def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
-    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality): [prompts]}."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected instructions/query_instructions.tsv")
-    out = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines[1:], 2):   # the first line is the header
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        prompts = [p.strip() for p in parts[4:] if p.strip()]
-        if len(parts) < 5 or not prompts:
-            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate modality, task, dataset "
-                             f"id and at least one prompt; got {len(parts)} fields")
-        out[(parts[3].strip(), parts[0].strip(), parts[1].strip())] = prompts
-    return out
-
+# The stages' one interface to their data: GrainWorld's (train.grainworld_source) or M-BEIR's (mbeir.training_source).
+# A stage calls these and never asks which data it has.
 
 @dataclass
-class MBeirPool:
-    """A candidate pool: items, their ids and modalities, and where each id sits."""
-    path: Path
-    items: list[Item]
-    dids: list[str]
-    modalities: list[str]
-    index: dict[str, int]
-
-
-def _summary_of(path: Path, row: dict, summary_field: str | None) -> str:
-    """The reference summary of a record: its `summary_field` (training on real data that has one), else none."""
-    if summary_field is None or row.get(summary_field) is None:
-        return ""
-    if not isinstance(row[summary_field], str):
-        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is {type(row[summary_field]).__name__}; "
-                         f"expected a string (the summary) or null")
-    return row[summary_field].strip()
-
-
-def read_mbeir_pool(path, image_root, check_images: bool = True, summary_field: str | None = None) -> MBeirPool:
-    path = Path(path)
-    rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
-    items, dids, mods, index = [], [], [], {}
-    for r in rows:
-        did = str(r["did"])
-        if did in index:
-            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at record "
-                             f"{index[did] + 1})")
-        index[did] = len(items)
-        item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images)
-        items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
-        dids.append(did)
-        mods.append(str(r["modality"]))
-    return MBeirPool(path, items, dids, mods, index)
-
-
-@dataclass
-class MBeirQueries:
-    """The queries of one M-BEIR task file, with what evaluation and training need of each."""
-    path: Path
-    items: list[Item]
-    qids: list[str]
-    task_ids: list[int | None]
-    modalities: list[str]
-    instructions: list[str | None]
-    positives: list[list[int]]      # pool indices, after UniIR's same-dataset filter
-    negatives: list[list[int]]      # pool indices of neg_cand_list entries found in the pool (often empty)
-
-
-def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
-                       same_dataset_positives: bool = True, check_images: bool = True,
-                       summary_field: str | None = None) -> MBeirQueries:
-    """Read a query file against a pool. Like UniIR's evaluation, only positives from the query's own dataset count
-    (OVEN and InfoSeek list positives from other datasets' pools); every positive left must be in the pool. With
-    `instructions`, each query gets UniIR's first prompt for (its dataset, its modality, its positive's modality)."""
-    path = Path(path)
-    rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
-    out = MBeirQueries(path, [], [], [], [], [], [], [])
-    for r in rows:
-        n, qid = r["_line"], str(r["qid"])
-        pos = r["pos_cand_list"]
-        if not isinstance(pos, list) or not pos:
-            raise ValueError(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
-        dataset = qid.split(":")[0]
-        kept = [str(p) for p in pos if not same_dataset_positives or str(p).split(":")[0] == dataset]
-        if not kept:
-            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset {dataset}")
-        missing = [p for p in kept if p not in pool.index]
-        if missing:
-            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not in the pool "
-                             f"{pool.path}")
-        instruction = None
-        if instructions is not None:
-            key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
-            if key not in instructions:
-                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
-                                 f"candidate modality {key[2]!r} in query_instructions.tsv")
-            instruction = instructions[key][0]
-        item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images)
-        out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
-        out.qids.append(qid)
-        out.task_ids.append(r.get("task_id"))
-        out.modalities.append(str(r["query_modality"]))
-        out.instructions.append(instruction)
-        out.positives.append([pool.index[p] for p in kept])
-        out.negatives.append([pool.index[str(d)] for d in (r.get("neg_cand_list") or []) if str(d) in pool.index])
-    return out
-
-
-def mbeir_tasks(root, split: str = "test") -> list[str]:
-    """The task names ("mscoco_task0", ...) that have a query file for this split."""
-    files = sorted((Path(root) / "query" / split).glob(f"mbeir_*_{split}.jsonl"))
-    return [f.name[len("mbeir_"):-len(f"_{split}.jsonl")] for f in files]
-
-
-def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
-    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own) or 'union'."""
-    root = Path(root)
-    q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
-    if pool == "local":
-        p = root / "cand_pool" / "local" / f"mbeir_{task}_cand_pool.jsonl"
-    elif pool == "union":
-        p = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
-    else:
-        raise ValueError(f"pool must be 'local' or 'union', got {pool!r}")
-    return q, p
-
-
-@dataclass
-class MBeirTrain:
-    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local pools merged by id)
-    and every query of the training tasks against it. queries[i] carries its task name, item, first positive and
-    UniIR instruction; positives[i] / negatives[i] are pool indices (negatives: the neg_cand_list entries)."""
-    root: Path
-    tasks: list[str]
-    split: str
-    pool_kind: str              # "union" or "local"
-    summary_field: str | None
-    pool: MBeirPool
-    queries: list[Query]
-    positives: list[list[int]]
-    negatives: list[list[int]]
-
-    def texts(self) -> list[str]:
-        """The text a tokenizer for this data is trained on."""
-        return ([*TEMPLATE_TEXT] + sorted({q.instruction for q in self.queries if q.instruction})
-                + [t for q in self.queries for t in (q.item.text, q.item.summary) if t]
-                + [t for it in self.pool.items for t in (it.text, it.summary) if t])
-
-
-def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "union",
-                     summary_field: str | None = None) -> MBeirTrain:
-    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for `split`) and the pool
-    they retrieve from, checking every record and image first. Instructions as in UniIR; same-dataset positives."""
-    root = Path(root)
-    known = mbeir_tasks(root, split)
-    tasks = known if tasks == ["all"] else tasks
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
-        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under {root / 'query' / split}; "
-                         f"expected some of {known}")
-    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
-    paths = [mbeir_paths(root, t, split, pool) for t in tasks]
-    merged = MBeirPool(paths[0][1], [], [], [], {})
-    for ppath in dict.fromkeys(p for _, p in paths):   # each pool file once; an id kept once
-        part = read_mbeir_pool(ppath, root, summary_field=summary_field)
-        for item, did, mod in zip(part.items, part.dids, part.modalities):
-            if did not in merged.index:
-                merged.index[did] = len(merged.items)
-                merged.items.append(item)
-                merged.dids.append(did)
-                merged.modalities.append(mod)
-    out = MBeirTrain(root, tasks, split, pool, summary_field, merged, [], [], [])
-    for task, (qpath, _) in zip(tasks, paths):
-        qs = read_mbeir_queries(qpath, merged, root, instructions, summary_field=summary_field)
-        for item, ins, pos, neg in zip(qs.items, qs.instructions, qs.positives, qs.negatives):
-            out.queries.append(Query(task, item, merged.items[pos[0]], instruction=ins))
-            out.positives.append(pos)
-            out.negatives.append([n for n in neg if n not in pos])
-    if len(merged.items) < 2:
-        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); training needs negatives")
-    return out
-
-
-def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
-    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool indices)."""
-    pool = read_mbeir_pool(pool_path, image_root)
-    qs = read_mbeir_queries(queries_path, pool, image_root, same_dataset_positives=False)
-    return qs.items, pool.items, [set(p) for p in qs.positives]
-
-
-def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
-    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target instruction)], the
-    first target being the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]."""
-    path = Path(path)
-    out = []
-    for r in _read_jsonl(path, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")):
-        n = r["_line"]
-        texts, imgs = r["tgt_text"] or [], r["tgt_img_path"] or []
-        if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
-            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
-        width = max(len(texts), len(imgs))
-        texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
-        query = _real_item(path, n, r["qry_text"], r["qry_img_path"], Path(image_root))
-        targets = [_real_item(path, n, t, i, Path(image_root)) for t, i in zip(texts, imgs)]
-        out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
-    return out
-
-
-def write_mbeir_sample(root) -> Path:
-    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for trying the commands:
-    two datasets ("9": text->image and image->text; "8": (image, text)->(image, text)), local and union pools, qrels,
-    instructions, non-square JPEGs, null and empty texts, image+text candidates, a positive from another dataset
-    (dropped by the same-dataset filter) and empty negative lists."""
-    root = Path(root)
-    rng = random.Random(0)
-    world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
-    scenes = world.splits["train"]
-    (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
-    for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
-        render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
-    img = lambda i: f"mbeir_images/sample/{i}.jpg"                                  # noqa: E731
-    caps = [full_caption(rng, s) for s in scenes]
-    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text candidates
-    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": img(i), "modality": "image",
-                  "src_content": None} for i in range(12)]
-    pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
-                  "src_content": None} for i in range(12)]
-    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": img(i), "modality": "image,text",
-              "src_content": None} for i in range(12)]
-    t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(), "query_img_path": None,
-           "query_modality": "text", "query_src_content": None,
-           "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [], "task_id": 0}
-          for i in range(6)]
-    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": img(i), "query_modality": "image",
-           "query_src_content": None, "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"],
-           "task_id": 3} for i in range(6)]
-    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": img(i),
-           "query_modality": "image,text", "query_src_content": None, "pos_cand_list": [f"8:{i}"],
-           "neg_cand_list": [], "task_id": 8} for i in range(6)]
-    files = {
-        "query/test/mbeir_sample_task0_test.jsonl": t0, "query/test/mbeir_sample_task3_test.jsonl": t3,
-        "query/test/mbeir_samplecirr_task8_test.jsonl": t8,
-        "cand_pool/local/mbeir_sample_task0_cand_pool.jsonl": pool9_img,
-        "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
-        "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
-        "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
-    }
-    for name in [n for n in files if n.startswith("query/test/")]:   # a train split too, for train.py --mbeir
-        files[name.replace("/test/", "/train/").replace("_test.jsonl", "_train.jsonl")] = files[name]
-    files["cand_pool/global/mbeir_union_train_cand_pool.jsonl"] = files["cand_pool/global/mbeir_union_test_cand_pool.jsonl"]
-    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among 4
-    files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
-                                       "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
-                                       "tgt_img_path": [img((i + k) % 12) for k in range(4)]} for i in range(8)]
-    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": img(i),
-                                       "tgt_inst": "", "tgt_text": [caps[(i + k) % 12].text() for k in range(4)],
-                                       "tgt_img_path": []} for i in range(8)]
-    for name, rows in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if name.startswith("query/"):
-            split = name.split("/")[1]
-            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl", f"_{split}_qrels.txt")
-            qrels.parent.mkdir(parents=True, exist_ok=True)
-            qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
-    (root / "instructions").mkdir(exist_ok=True)
-    (root / "instructions" / "query_instructions.tsv").write_text(
-        "query_modality\tcand_modality\ttask\tdataset_id\tprompt_1\tprompt_2\n"
-        "text\timage\t0\t9\tRetrieve an image that matches the given caption.\tFind a matching picture.\n"
-        "image\ttext\t3\t9\tFind a caption that describes the given image.\t\n"
-        "image,text\timage,text\t8\t8\tRetrieve the same scene with its words.\t\n")
-    return root
+class Source:
+    data: object            # GrainWorld, or mbeir.MBeirTrain
+    meta: dict              # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
+    texts: object           # () -> the lines the run's BPE tokenizer is trained on
+    contrastive_inputs: object   # (args, data, enc, limit, step) -> stage 2's inputs of that step (dict)
+    rl_instances: object    # (args, data, retriever, autocast) -> [(Query, [negative Items])], the mined RL set
+    describe: str           # one line for the log
 
 
 def load_image(item: Item, image_size: int) -> torch.Tensor:
@@ -1018,6 +712,10 @@ class Encoder:
 
     def summary(self, text: str) -> list[int]:
         return self._ids(" " + text)
+
+    def reference_summaries(self, items: list[Item], drop: list[bool]) -> list[list[int]]:
+        """Each item's reference summary ids, or none where summary dropout drops it (stages 1 and 2)."""
+        return [[] if d else self.summary(it.summary) for it, d in zip(items, drop)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([i for i in ids if i not in (self.pad, self.ret)]).strip()
@@ -1078,10 +776,6 @@ def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> d
 
 
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) == 3 and sys.argv[1] == "--mbeir_sample":   # python data.py --mbeir_sample DIR
-        print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(sys.argv[2])}")
-        sys.exit(0)
     world = GrainWorld(WorldConfig())
     rng = random.Random(0)
     qs = world.sample_queries(rng, 8)

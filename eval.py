@@ -245,128 +245,6 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dic
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Real data: M-BEIR in UniIR's layout (data.read_mbeir_*), streamed: neither the [queries, pool] score matrix nor a
-# dense relevance matrix is ever built.
-
-
-def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
-    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
-    the top k, IDCG the same for min(#positives, k) relevant items at the top."""
-    import math
-    total = 0.0
-    for row, pos in zip(top.tolist(), positives):
-        ps = set(pos)
-        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
-        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
-        total += dcg / idcg
-    return total / max(1, len(positives))
-
-
-def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
-    """The pool's embeddings, from the cache when the same model embedded the same pool file before. The cache file
-    (safetensors) holds the embeddings, the candidate ids and the hashes of the model and the pool file."""
-    model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
-    pool_sha = elva._sha256(pool.path)
-    path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
-    if path is not None and path.is_file():
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
-                print(f"  pool embeddings from the cache {path}")
-                return f.get_tensor("embeddings").to(ret.device)
-    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast())[0]
-    if path is not None:
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        elva._atomic_write(path, lambda p: save_file({"embeddings": e.cpu().contiguous()}, str(p), metadata={
-            "pool_sha256": pool_sha, "model_sha256": model_sha, "dids": json.dumps(pool.dids)}))
-    return e
-
-
-def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
-                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256) -> dict:
-    """Per task: Recall@1/5/10 (UniIR's: a hit if any positive is in the top K; pessimistic ties), MRR, NDCG@10,
-    over the task's local pool or the union pool, with UniIR's instructions and same-dataset positive filter. All
-    inputs are read and checked before any embedding; the run file (TREC: qid Q0 did rank score run_id) is written
-    whole or not at all."""
-    root = Path(root)
-    instructions = data.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
-    known = data.mbeir_tasks(root, split)
-    if tasks == ["all"]:
-        tasks = known
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
-        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
-                         f"query files for {known} (split {split})")
-    loaded, pools = [], {}
-    for task in tasks:   # read and check everything first
-        qpath, ppath = data.mbeir_paths(root, task, split, pool_kind)
-        if ppath not in pools:
-            pools[ppath] = data.read_mbeir_pool(ppath, root)
-        loaded.append((task, data.read_mbeir_queries(qpath, pools[ppath], root, instructions), pools[ppath]))
-    out, run_lines = {}, []
-    cache = Path(cache_dir) if cache_dir else None
-    for task, qs, pool in loaded:
-        t0 = time.time()
-        ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
-        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast())[0]
-        width = max(len(p) for p in qs.positives)
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.positives])           # (Q, P_max), -1 pads
-        ranks = ranks_of_best_positive(eq, ep, pos)
-        scores, top = elva.Retriever.search(eq, ep, k=max(10, run_depth))                # (Q, k) streamed
-        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.positives), "queries": len(qs.items),
-                     "pool": len(pool.items), "nonfinite": n_nonfinite(eq, ep), "seconds": time.time() - t0}
-        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
-            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
-    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
-    out["avg"] = {k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys}
-    if run_file:
-        elva._atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
-    return out
-
-
-def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
-    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
-    chance level (mean of 1 / targets). Every file is read and checked before any embedding."""
-    loaded = [(p, data.read_mmeb(p, image_root)) for p in paths]
-    out = {}
-    for path, rows in loaded:
-        t0 = time.time()
-        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast())[0]
-        et = ret.embed_items([t for r in rows for t in r[2]], [r[3] for r in rows for _ in r[2]], batch_size,
-                             autocast=autocast())[0]
-        ranks, off = [], 0
-        for i, r in enumerate(rows):
-            s = et[off:off + len(r[2])] @ eq[i]                                  # (targets,)
-            off += len(r[2])
-            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
-        ranks = torch.tensor(ranks, dtype=torch.float64)
-        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
-                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
-                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
-    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
-    return out
-
-
-def mmeb_table(results: dict) -> str:
-    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
-    return "\n".join(lines)
-
-
-def mbeir_table(results: dict) -> str:
-    lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
-    for task, r in results.items():
-        q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
-        lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
-                     + " |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Pictures, drawn with Pillow (no plotting library)
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
@@ -617,7 +495,7 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
     p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
     p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
-    g = p.add_argument_group("real data: M-BEIR in UniIR's layout (python data.py --mbeir_sample DIR writes a sample)")
+    g = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py --sample DIR writes a sample)")
     g.add_argument("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/, images)")
     g.add_argument("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; or all")
     g.add_argument("--pool", default="local", choices=["local", "union"], help="each task's own pool or the union pool")
@@ -648,16 +526,18 @@ def main(argv=None):
         p.error(f"--threads {args.threads}: expected an integer >= 1")
     torch.set_num_threads(args.threads or elva.default_threads())
     device, autocast = elva.resolve_device(args.device)
+    if args.mmeb or args.mbeir:
+        import mbeir   # the real-data evaluation lives with its readers (mbeir.py imports this file's metrics)
     if args.mmeb:
         if len(args.ckpt) != 1:
             p.error("--mmeb evaluates one --ckpt at a time")
         ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
         try:
-            res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
+            res = mbeir.evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
         except (OSError, ValueError) as e:
             raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images {args.mmeb_images})") \
                 from None
-        print(mmeb_table(res))
+        print(mbeir.mmeb_table(res))
         if args.out:
             elva._atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(res, indent=2)))
         return
@@ -669,10 +549,10 @@ def main(argv=None):
         if not Path(args.mbeir).is_dir():
             p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, cand_pool/, instructions/)")
         ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
-        res = evaluate_mbeir(ret, args.mbeir, [t.strip() for t in args.tasks.split(",") if t.strip()], args.split,
+        res = mbeir.evaluate_mbeir(ret, args.mbeir, [t.strip() for t in args.tasks.split(",") if t.strip()], args.split,
                              args.pool, autocast, args.run_file, args.cache or str(Path(args.ckpt[0]) / "mbeir_cache"),
                              args.run_depth)
-        print(mbeir_table(res))
+        print(mbeir.mbeir_table(res))
         if args.run_file:
             print(f"wrote {args.run_file}")
         if args.out:

@@ -21,7 +21,10 @@ import torch
 import data
 import elva
 import kernels
+import mbeir as realdata   # the tests' `mbeir` is the sample folder (fixture)
 import reward
+import runtime
+import study
 import train
 from data import Caption, Item, Mention, Obj, Scene
 
@@ -522,22 +525,23 @@ def test_bad_input_errors(tmp_path, tok):
     with pytest.raises(ValueError, match="empty query"):
         ret.enc.prompt(Item(text="   "), "instr")
     with pytest.raises(SystemExit, match="--preset 'huge': expected one of"):
-        train.resolve_args(argparse.Namespace(**{**vars(train.get_args(["--preset", "smoke"])),
-                                                 "preset": "huge", "stages": "contrastive"}))
+        runtime.resolve_stage_args(argparse.Namespace(**{**vars(train.get_args(["--preset", "smoke"])),
+                                                         "preset": "huge", "stages": "contrastive"}),
+                                   train.TRAIN_PRESETS, train.COMMON, len(data.TASKS))
     # M-BEIR reader: malformed record, missing field, missing image
     pool = tmp_path / "pool.jsonl"
     pool.write_text(json.dumps({"did": "1", "txt": "a red circle", "img_path": None, "modality": "text"}) + "\n")
     qf = tmp_path / "q.jsonl"
     qf.write_text('{"qid": 1, "query_txt": "x"\n')
     with pytest.raises(ValueError, match="q.jsonl:1: malformed JSON"):
-        data.read_mbeir(qf, pool)
+        realdata.read_mbeir(qf, pool)
     qf.write_text(json.dumps({"qid": 1, "query_txt": "x", "query_img_path": None, "query_modality": "text"}) + "\n")
     with pytest.raises(ValueError, match="lacks field.*pos_cand_list"):
-        data.read_mbeir(qf, pool)
+        realdata.read_mbeir(qf, pool)
     qf.write_text(json.dumps({"qid": 1, "query_txt": "x", "query_img_path": "nope.png", "query_modality": "image",
                               "pos_cand_list": ["1"]}) + "\n")
     with pytest.raises(FileNotFoundError, match="nope.png not found"):
-        data.read_mbeir(qf, pool, tmp_path)
+        realdata.read_mbeir(qf, pool, tmp_path)
     bad_img = tmp_path / "bad.png"
     bad_img.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.png could not be read"):
@@ -552,7 +556,7 @@ def test_mbeir_reader_round_trip(tmp_path):
         {"did": "c2", "txt": "a blue square", "img_path": None, "modality": "text"}]) + "\n")
     (tmp_path / "q.jsonl").write_text(json.dumps({"qid": "q1", "query_txt": "a red circle", "query_img_path": None,
                                                   "query_modality": "text", "pos_cand_list": ["c1"]}) + "\n")
-    items, pool, pos = data.read_mbeir(tmp_path / "q.jsonl", tmp_path / "pool.jsonl", tmp_path)
+    items, pool, pos = realdata.read_mbeir(tmp_path / "q.jsonl", tmp_path / "pool.jsonl", tmp_path)
     assert items[0].text == "a red circle" and pos == [{0}] and pool[1].text == "a blue square"
     assert data.load_image(pool[0], 32).shape == (3, 32, 32)
 
@@ -572,6 +576,12 @@ def rl_args(**kw):
     for k, v in kw.items():
         setattr(args, k, v)
     return args
+
+
+def teacher_forced(ret, items, instr, drop):
+    """Items embedded with their reference summaries teacher-forced (none where drop[i]), as stages 1-2 embed them."""
+    b, imgs = ret.batch(items, instr, ret.enc.reference_summaries(items, drop))
+    return train.teacher_forced_on(ret.model, b, imgs, torch.tensor(drop), nullcontext)
 
 
 def rl_instances(world, n=2, n_neg=3):
@@ -600,12 +610,13 @@ def test_grpo_learns_toy_reward(world, tok, tmp_path):
     ret = tiny_model(tok, seed=1)
     ref = elva.ELVAModel(ret.model.cfg, ret.enc.img, ret.enc.ret, ret.enc.pad)
     ref.load_state_dict(ret.model.state_dict())
+    ref = elva.Retriever(ref, tok)
     args = rl_args(group_size=8, reward="toy", beta=0.0, temperature=1.0)
     opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-2)
     inst = rl_instances(world, 1, 1)
     gen = torch.Generator().manual_seed(0)
-    rewards = [train.grpo_step(args, ret, ref, opt, inst, gen, nullcontext, s, tmp_path)["reward_mean"]
-               for s in range(40)]
+    rewards = [train.grpo_step(args, ret, ref, opt, {"batch": inst, "encoded": None}, gen, nullcontext, s, tmp_path,
+                               reward=study.lexical_reward)["reward_mean"] for s in range(40)]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.2, f"toy reward did not rise: first {first:.3f}, last {last:.3f}"
 
@@ -630,7 +641,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
 
 def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
     """eval.summary_headroom (MRBench-mini with reference / empty summaries) agrees with the training code's own
-    teacher-forced embeddings (train.teacher_forced, summary dropout for the empty case)."""
+    teacher-forced embeddings (train.teacher_forced_on, summary dropout for the empty case)."""
     import eval as evaluation
     ret = tiny_model(tok)
     bench = world.mrbench_mini(3)
@@ -639,8 +650,8 @@ def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
         r5 = []
         for task, (queries, pool) in bench.items():
             qi, ins = [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)
-            eq = train.teacher_forced(ret, qi, ins, nullcontext, [drop_all] * len(qi))[0]
-            ep = train.teacher_forced(ret, pool, [None] * len(pool), nullcontext, [drop_all] * len(pool))[0]
+            eq = teacher_forced(ret, qi, ins, [drop_all] * len(qi))[0]
+            ep = teacher_forced(ret, pool, [None] * len(pool), [drop_all] * len(pool))[0]
             ranks = evaluation.ranks_of_best_positive(eq, ep, data.relevant_indices(task, queries, pool))
             r5.append((ranks <= 5).float().mean().item())
         assert abs(got[mode] - sum(r5) / len(r5)) < 1e-6, mode
@@ -650,7 +661,7 @@ def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
     ret = tiny_model(tok)
     _, items, instr = some_items(world, 4)
     drop = [True, False, True, False]
-    e, logp, lm_mask = train.teacher_forced(ret, items, instr, nullcontext, drop)
+    e, logp, lm_mask = teacher_forced(ret, items, instr, drop)
     assert e.shape[0] == 4 and torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert lm_mask[0].sum() == 0 and lm_mask[2].sum() == 0           # dropped rows: no LM loss at all
     assert lm_mask[1].sum() == len(ret.enc.summary(items[1].summary)) + 1
@@ -744,12 +755,13 @@ def test_control_is_stage2_continued(world, tok, monkeypatch):
     """The equal-compute control uses stage 2's loss exactly: summary dropout at stage 2's rate included."""
     ret = tiny_model(tok)
     seen = []
-    real = train.teacher_forced
-    monkeypatch.setattr(train, "teacher_forced", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    real = train.teacher_forced_on
+    monkeypatch.setattr(train, "teacher_forced_on", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     args = rl_args()
     opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-4)
     init_meta = {"args": {"tau": 0.07, "lm_weight": 0.5, "summary_dropout": 1.0}}
-    train.control_step(args, ret, opt, rl_instances(world, 2, 3), nullcontext, 0, Path("unused"), init_meta)
+    ref = elva.Retriever(ret.model, tok, init_meta)
+    study.control_step(args, ret, ref, opt, {"batch": rl_instances(world, 2, 3)}, None, nullcontext, 0, Path("unused"))
     assert seen and all(seen[0])                                         # stage 2's rate, 1.0: every summary dropped
 
 
@@ -822,7 +834,7 @@ def test_out_must_be_a_writable_folder(tmp_path):
     # a folder that cannot be made or written (here: below a file; a read-only folder fails the same way, but root,
     # as CI runs, may write anywhere)
     with pytest.raises(SystemExit, match="--out .*: expected a folder this process can write"):
-        train.check_run_folder(train.get_args(["--preset", "smoke", "--out", str(f / "run")]))
+        runtime.check_run_folder(train.get_args(["--preset", "smoke", "--out", str(f / "run")]), train.SHAPING_ARGS)
 
 
 def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
@@ -833,20 +845,20 @@ def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
     # a NaN gradient: the step is refused before the update
     loss = model.tok_emb.weight.sum() * float("nan")
     with pytest.raises(FloatingPointError, match="loss is nan; stopping before applying it; no checkpoint"):
-        train.optimizer_step(opt, model, loss, 0, "contrastive", tmp_path / "stage")
+        runtime.optimizer_step(opt, model, loss, 0, "contrastive", tmp_path / "stage")
     # a finite loss whose gradient is NaN (injected by a hook)
     hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
     with pytest.raises(FloatingPointError, match="gradient norm is nan; stopping before applying it"):
-        train.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")
+        runtime.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")
     hook.remove()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # non-finite weights are never saved; the message names the checkpoint that is kept
-    train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 4, "contrastive")
+    runtime.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 4, "contrastive")
     with torch.no_grad():
         model.norm.weight.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match=r"non-finite \(norm.weight\); not saving them; the last checkpoint "
                                                  r"in .* \(step 4\) is kept"):
-        train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 5, "contrastive")
+        runtime.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 5, "contrastive")
     assert elva.read_manifest(tmp_path / "stage")["step"] == 4
 
 
@@ -856,22 +868,22 @@ def test_fused_optimizer_checks_on_the_device_and_stops_at_the_next_read(world, 
     ret = tiny_model(tok)
     model = ret.model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    train.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")   # a good step
+    runtime.optimizer_step(opt, model, model.norm.weight.sum(), 0, "contrastive", tmp_path / "stage")   # a good step
     after_good = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in opt.state[model.norm.weight].items()}
     hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
-    train.optimizer_step(opt, model, model.norm.weight.sum(), 1, "contrastive", tmp_path / "stage")   # no raise yet
+    runtime.optimizer_step(opt, model, model.norm.weight.sum(), 1, "contrastive", tmp_path / "stage")   # no raise yet
     hook.remove()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_good.items())   # the update was skipped
     assert all(torch.equal(v, opt.state[model.norm.weight][k]) for k, v in moments.items())   # step count too
     with pytest.raises(FloatingPointError, match="contrastive step 1: the gradient norm is nan; its update was not "
                                                  "applied; stopping; no checkpoint"):
-        train.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 1, "contrastive")
+        runtime.save(tmp_path / "stage", model, tok, {"world": {}}, opt, 1, "contrastive")
     assert not (tmp_path / "stage" / "config.json").exists()
 
 
 def test_lazy_log_reads_the_device_once_per_line_and_writes_every_step(tmp_path):
-    log = train.Logger(tmp_path, "contrastive", total=7, start=0, every=3)
+    log = runtime.Logger(tmp_path, "contrastive", total=7, start=0, every=3)
     for step in range(7):
         log.log(step, {"loss": torch.tensor(float(step)), "lr": 0.1, "masked_false_neg": step}, lazy=True)
         lines = (tmp_path / "log.jsonl").read_text().splitlines()
@@ -926,16 +938,16 @@ def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, mon
     train.main(SMOKE + ["--out", a])
     train.main(SMOKE + ["--out", c])
     assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(c) / "contrastive")   # deterministic
-    real = train.Logger.log
+    real = runtime.Logger.log
 
     def dying(self, step, rec, *a, **k):   # killed during step 4, after the step-2 checkpoint
         if step == 4:
             raise KeyboardInterrupt
         real(self, step, rec, *a, **k)
-    monkeypatch.setattr(train.Logger, "log", dying)
+    monkeypatch.setattr(runtime.Logger, "log", dying)
     with pytest.raises(KeyboardInterrupt):
         train.main(SMOKE + ["--out", b])
-    monkeypatch.setattr(train.Logger, "log", real)
+    monkeypatch.setattr(runtime.Logger, "log", real)
     train.main(SMOKE + ["--out", b, "--resume"])
     assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(b) / "contrastive")
     for run in (a, b):
@@ -952,7 +964,7 @@ def test_a_run_folder_keeps_its_world(tmp_path):
     for flags, name in ((["--seed", "1"], "--seed 1"), (["--vocab_size", "400"], "--vocab_size 400"),
                         (["--n_train", "300"], "--n_train 300")):
         with pytest.raises(SystemExit, match=f"{name}: the folder .* holds a run made with"):
-            train.main(SMOKE + ["--out", out, "--steps", "1", *flags])
+            study.run(SMOKE + ["--out", out, "--steps", "1", *flags])     # study.py's flags include --n_train
     train.main(SMOKE + ["--out", out, "--steps", "1", "--vocab_size", "400", "--overwrite"])
     assert data.load_tokenizer(Path(out) / "tokenizer.json").get_vocab_size() <= 400
     assert elva.load_checkpoint(Path(out) / "contrastive")[0].cfg.vocab_size <= 400
@@ -976,9 +988,9 @@ def test_threads_follow_the_cores_this_process_may_use():
     before = torch.get_num_threads()
     try:
         args = train.get_args(["--preset", "smoke"])
-        assert train.set_threads(args) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert runtime.set_threads(args) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
         args = train.get_args(["--preset", "smoke", "--threads", "1"])
-        assert train.set_threads(args) == 1 == torch.get_num_threads()
+        assert runtime.set_threads(args) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
@@ -1042,33 +1054,33 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Real data: M-BEIR in UniIR's layout, on the repository's own sample (data.write_mbeir_sample)
+# Real data: M-BEIR in UniIR's layout, on the repository's own sample (realdata.write_mbeir_sample)
 
 
 @pytest.fixture(scope="module")
 def mbeir(tmp_path_factory):
-    return data.write_mbeir_sample(tmp_path_factory.mktemp("mbeir"))
+    return realdata.write_mbeir_sample(tmp_path_factory.mktemp("mbeir"))
 
 
 def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
-    ins = data.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
+    ins = realdata.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
     assert ins[("9", "text", "image")] == ["Retrieve an image that matches the given caption.",
                                            "Find a matching picture."]
-    assert data.mbeir_tasks(mbeir) == ["sample_task0", "sample_task3", "samplecirr_task8"]
-    q, p = data.mbeir_paths(mbeir, "sample_task0", pool="union")
-    pool = data.read_mbeir_pool(p, mbeir)
-    qs = data.read_mbeir_queries(q, pool, mbeir, ins)
+    assert realdata.mbeir_tasks(mbeir) == ["sample_task0", "sample_task3", "samplecirr_task8"]
+    q, p = realdata.mbeir_paths(mbeir, "sample_task0", pool="union")
+    pool = realdata.read_mbeir_pool(p, mbeir)
+    qs = realdata.read_mbeir_queries(q, pool, mbeir, ins)
     assert qs.qids[0] == "9:0" and qs.task_ids[0] == 0 and qs.modalities[0] == "text"
     assert qs.instructions[0] == "Retrieve an image that matches the given caption."   # UniIR's first prompt
     assert qs.positives[0] == [pool.index["9:0"]]            # "8:0" is another dataset's: dropped, as UniIR does
-    assert data.read_mbeir(q, p, mbeir)[2][0] == {pool.index["9:0"], pool.index["8:0"]}   # the unfiltered form
+    assert realdata.read_mbeir(q, p, mbeir)[2][0] == {pool.index["9:0"], pool.index["8:0"]}   # the unfiltered form
     # null and empty candidate texts are image-only items; image+text candidates keep both
     assert pool.items[pool.index["9:1"]].text == "" and pool.items[pool.index["9:0"]].text == ""
     both = pool.items[pool.index["8:3"]]
     assert both.text == "picture 3" and both.image_path.endswith("3.jpg") and pool.modalities[pool.index["8:3"]] == "image,text"
-    q3, p3 = data.mbeir_paths(mbeir, "sample_task3")
-    pool3 = data.read_mbeir_pool(p3, mbeir)
-    qs3 = data.read_mbeir_queries(q3, pool3, mbeir, ins)
+    q3, p3 = realdata.mbeir_paths(mbeir, "sample_task3")
+    pool3 = realdata.read_mbeir_pool(p3, mbeir)
+    qs3 = realdata.read_mbeir_queries(q3, pool3, mbeir, ins)
     assert qs3.negatives[0] == [pool3.index["9:101"]] and qs3.items[0].text == "" and qs3.items[0].image_path
     img = data.load_image(qs3.items[0], 36)
     assert img.shape == (3, 36, 36)                           # a non-square JPEG, resized
@@ -1078,9 +1090,9 @@ def test_mbeir_bad_input_names_file_and_line(mbeir, tmp_path):
     import shutil
     root = tmp_path / "m"
     shutil.copytree(mbeir, root)
-    ins = data.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
-    q, p = data.mbeir_paths(root, "sample_task0")
-    pool = data.read_mbeir_pool(p, root)
+    ins = realdata.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    q, p = realdata.mbeir_paths(root, "sample_task0")
+    pool = realdata.read_mbeir_pool(p, root)
     lines = q.read_text().splitlines()
     cases = [
         ('{"qid": "9:0", "query_txt": "x"', "mbeir_sample_task0_test.jsonl:2: malformed JSON"),
@@ -1096,10 +1108,10 @@ def test_mbeir_bad_input_names_file_and_line(mbeir, tmp_path):
     for bad, pattern in cases:
         q.write_text("\n".join([lines[0], bad]) + "\n")
         with pytest.raises((ValueError, FileNotFoundError), match=pattern):
-            data.read_mbeir_queries(q, pool, root, ins)
+            realdata.read_mbeir_queries(q, pool, root, ins)
     p.write_text(p.read_text() + json.dumps({"did": "9:0", "txt": "dup", "img_path": None, "modality": "text"}) + "\n")
     with pytest.raises(ValueError, match=r"cand_pool.jsonl:13: candidate id '9:0' appears twice"):
-        data.read_mbeir_pool(p, root)
+        realdata.read_mbeir_pool(p, root)
 
 
 def test_retrieval_metrics_by_hand():
@@ -1111,7 +1123,7 @@ def test_retrieval_metrics_by_hand():
     # NDCG@10: query 0 has positives {4, 7}, retrieved at ranks 2 and 3; query 1 has {9}, retrieved first
     top = torch.tensor([[0, 4, 7, 1, 2, 3, 5, 6, 8, 10], [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     want0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
-    assert evaluation.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
+    assert realdata.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
 
 
 def test_streamed_search_matches_dense():
@@ -1149,7 +1161,7 @@ def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
 
 
 def test_read_mbeir_train_merges_pools_and_keeps_negatives(mbeir):
-    src = data.read_mbeir_train(mbeir, ["sample_task0", "sample_task3"], split="train", pool="local")
+    src = realdata.read_mbeir_train(mbeir, ["sample_task0", "sample_task3"], split="train", pool="local")
     assert len(src.queries) == 12 and len(src.pool.items) == 24         # two local pools merged by id
     q = src.queries[0]
     assert q.task == "sample_task0" and q.instruction == "Retrieve an image that matches the given caption."
@@ -1157,15 +1169,15 @@ def test_read_mbeir_train_merges_pools_and_keeps_negatives(mbeir):
     assert [src.pool.dids[j] for j in src.negatives[6]] == ["9:101"]    # task 3's neg_cand_list, as pool indices
     assert "Retrieve an image that matches the given caption." in src.texts()
     with pytest.raises(ValueError, match=r"\['nights_task4'\] have no query file"):
-        data.read_mbeir_train(mbeir, ["nights_task4"])
+        realdata.read_mbeir_train(mbeir, ["nights_task4"])
 
 
 def test_mbeir_stage2_batch_masks_positives(mbeir):
-    src = data.read_mbeir_train(mbeir, ["all"])                         # union pool: ids 9:*, 8:*
+    src = realdata.read_mbeir_train(mbeir, ["all"])                         # union pool: ids 9:*, 8:*
     args = train.get_args(["--preset", "smoke", "--mbeir", str(mbeir), "--batch_size", "16"])
     tok = data.train_tokenizer(src.texts(), 400)
     enc = data.Encoder(tok, 4, 32)
-    b = train.make_mbeir_inputs(args, src, enc, 100, step=3)
+    b = realdata.make_mbeir_inputs(args, src, enc, 100, step=3)
     assert b["encoded"][0]["tokens"].shape[0] == 3 * 16 and b["false_neg"].shape == (16, 32)
     rng = random.Random(f"{args.seed}-mbeir-3")                         # replay the draw: queries, then positives
     qi = [rng.randrange(len(src.queries)) for _ in range(16)]
@@ -1184,7 +1196,7 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
     meta = elva.read_manifest(out / "elva")
     assert meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"] and "world" not in meta
     tok = data.load_tokenizer(out / "tokenizer.json")
-    caption = data.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
+    caption = realdata.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
     assert len(tok.encode(caption).ids) < len(caption.encode()) / 2      # BPE merges learnt from the real text
     for c in ("contrastive", "elva"):
         res = json.loads((out / f"eval_{c}.json").read_text())
@@ -1194,7 +1206,6 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
 
 
 def test_mmeb_eval_by_hand(tmp_path):
-    import eval as evaluation
     rows = [{"qry_inst": "", "qry_text": "q0", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["a", "b", "c"],
              "tgt_img_path": []},
             {"qry_inst": "", "qry_text": "q1", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["d", "e"],
@@ -1211,7 +1222,7 @@ def test_mmeb_eval_by_hand(tmp_path):
         def embed_items(self, items, instructions, batch_size=256, autocast=None):
             return torch.tensor([vec[it.text] for it in items], dtype=torch.float32), []
 
-    res = evaluation.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
+    res = realdata.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
     assert res["toy"]["P@1"] == pytest.approx(1 / 3) and res["toy"]["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
     assert res["toy"]["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and res["toy"]["nonfinite"] == 1
 
@@ -1259,7 +1270,7 @@ def _two_process_worker(rank, ports, argv_sets, out):
     torch.set_num_threads(1)
     for port, argv in zip(ports, argv_sets):   # one rendezvous per run, as torchrun gives each launch its own
         os.environ["MASTER_PORT"] = str(port)
-        train.main(argv)
+        study.run(argv)
     os.environ["MASTER_PORT"] = str(ports[-1])
     # evaluation: the corpus split over the two processes, counts added with all_reduce
     import torch.distributed as dist
@@ -1303,10 +1314,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
             ports.append(s.getsockname()[1])
     common = ["--preset", "smoke", "--steps", "3", "--rl_steps", "2", "--no_eval", "--threads", "1", "--device", "cpu"]
     runs = lambda out: [common + ["--stages", "contrastive", "--out", str(out)],                      # noqa: E731
-                        common + ["--stages", "elva", "--rl_objective", "contrastive", "--elva_name", "control",
-                                  "--out", str(out)]]
+                        common + ["--stages", "elva", "--control", "--elva_name", "control", "--out", str(out)]]
     for argv in runs(tmp_path / "one"):
-        train.main(argv)
+        study.run(argv)
     mp.spawn(_two_process_worker, args=(ports, runs(tmp_path / "two"), str(tmp_path)), nprocs=2, join=True)
     for stage, keys in (("contrastive", ("loss", "infonce", "lm")), ("control", ("loss", "infonce", "lm"))):
         one, two = ([json.loads(line) for line in (tmp_path / run / stage / "log.jsonl").read_text().splitlines()]
@@ -1352,7 +1362,8 @@ def test_sample_query_only_fixes_candidate_summaries(world, tok):
     summaries are sampled."""
     ret = tiny_model(tok, seed=2)
     inst = rl_instances(world, 2, 2)
-    ro = train.rollout(rl_args(group_size=3, sample="query"), ret, inst, torch.Generator().manual_seed(0), nullcontext)
+    ro = train.rollout(rl_args(group_size=3), ret, inst, torch.Generator().manual_seed(0), nullcontext,
+                       sample=study.sample_queries_only)
     B, G, K = ro.shape
     summ = [ro.summaries[(b * G + g) * K:(b * G + g + 1) * K] for b in range(B) for g in range(G)]
     for b in range(B):

@@ -1,0 +1,580 @@
+"""
+Real retrieval data: UniIR's M-BEIR release and MMEB's evaluation rows -- readers, a sample writer, the training
+inputs made from M-BEIR, and the M-BEIR / MMEB evaluation.
+
+    python mbeir.py --sample DIR                                   # a small M-BEIR-format folder (no downloads)
+    python train.py --mbeir DIR --train_tasks all                  # both stages on M-BEIR (mbeir.training_source)
+    python eval.py --ckpt runs/x/contrastive --mbeir DIR           # UniIR's protocol (evaluate_mbeir)
+    python eval.py --ckpt runs/x/contrastive --mmeb DIR/mmeb/*.jsonl --mmeb_images DIR
+
+The paper trains stage 2 on M-BEIR (8 task types, 10 datasets, ~1.1M pairs) and ELVA on 1% of each dataset, and
+reports M-BEIR's 16 tasks (ELVA, Section 4). GrainWorld (data.py) is this project's default data; everything here
+gives the stages the same interface as GrainWorld does (train.Source): a tokenizer corpus, stage 2's step inputs and
+the RL instances with their mined negatives.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import elva
+from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, balanced_negatives, encode_batch,
+                  full_caption, random_caption, render)
+from eval import n_nonfinite, ranks_of_best_positive, recall_mrr
+from runtime import my_share, my_share_of_items, rank_of, world_of
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR root:
+#   query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path", "query_modality",
+#                                                          "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
+#   cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl, cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
+#                                                         {"did", "txt", "img_path", "modality", "src_content"}
+#   instructions/query_instructions.tsv                   header; query modality, candidate modality, ..., dataset id,
+#                                                         then one or more prompts
+# Ids are "<dataset_id>:<n>"; image paths are relative to the root. Texts may be null or "".
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"M-BEIR file {path} not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON object per line") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected {list(required)}")
+            row["_line"] = n
+            rows.append(row)
+    return rows
+
+
+def _real_item(path: Path, n: int, text, img, image_root: Path, check_image: bool = True) -> Item:
+    text = (text or "").strip()
+    if img:
+        img_path = image_root / img
+        if check_image and not img_path.is_file():
+            raise FileNotFoundError(f"{path}:{n}: image {img_path} not found")
+        return Item(text=text, image_path=str(img_path))
+    if not text:
+        raise ValueError(f"{path}:{n}: record has neither text nor image; expected at least one")
+    return Item(text=text)
+
+
+def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
+    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality): [prompts]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected instructions/query_instructions.tsv")
+    out = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines[1:], 2):   # the first line is the header
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        prompts = [p.strip() for p in parts[4:] if p.strip()]
+        if len(parts) < 5 or not prompts:
+            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate modality, task, dataset "
+                             f"id and at least one prompt; got {len(parts)} fields")
+        out[(parts[3].strip(), parts[0].strip(), parts[1].strip())] = prompts
+    return out
+
+
+@dataclass
+class MBeirPool:
+    """A candidate pool: items, their ids and modalities, and where each id sits."""
+    path: Path
+    items: list[Item]
+    dids: list[str]
+    modalities: list[str]
+    index: dict[str, int]
+
+
+def _summary_of(path: Path, row: dict, summary_field: str | None) -> str:
+    """The reference summary of a record: its `summary_field` (training on real data that has one), else none."""
+    if summary_field is None or row.get(summary_field) is None:
+        return ""
+    if not isinstance(row[summary_field], str):
+        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is {type(row[summary_field]).__name__}; "
+                         f"expected a string (the summary) or null")
+    return row[summary_field].strip()
+
+
+def read_mbeir_pool(path, image_root, check_images: bool = True, summary_field: str | None = None) -> MBeirPool:
+    path = Path(path)
+    rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
+    items, dids, mods, index = [], [], [], {}
+    for r in rows:
+        did = str(r["did"])
+        if did in index:
+            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at record "
+                             f"{index[did] + 1})")
+        index[did] = len(items)
+        item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images)
+        items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
+        dids.append(did)
+        mods.append(str(r["modality"]))
+    return MBeirPool(path, items, dids, mods, index)
+
+
+@dataclass
+class MBeirQueries:
+    """The queries of one M-BEIR task file, with what evaluation and training need of each."""
+    path: Path
+    items: list[Item]
+    qids: list[str]
+    task_ids: list[int | None]
+    modalities: list[str]
+    instructions: list[str | None]
+    positives: list[list[int]]      # pool indices, after UniIR's same-dataset filter
+    negatives: list[list[int]]      # pool indices of neg_cand_list entries found in the pool (often empty)
+
+
+def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
+                       same_dataset_positives: bool = True, check_images: bool = True,
+                       summary_field: str | None = None) -> MBeirQueries:
+    """Read a query file against a pool. Like UniIR's evaluation, only positives from the query's own dataset count
+    (OVEN and InfoSeek list positives from other datasets' pools); every positive left must be in the pool. With
+    `instructions`, each query gets UniIR's first prompt for (its dataset, its modality, its positive's modality)."""
+    path = Path(path)
+    rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
+    out = MBeirQueries(path, [], [], [], [], [], [], [])
+    for r in rows:
+        n, qid = r["_line"], str(r["qid"])
+        pos = r["pos_cand_list"]
+        if not isinstance(pos, list) or not pos:
+            raise ValueError(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
+        dataset = qid.split(":")[0]
+        kept = [str(p) for p in pos if not same_dataset_positives or str(p).split(":")[0] == dataset]
+        if not kept:
+            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset {dataset}")
+        missing = [p for p in kept if p not in pool.index]
+        if missing:
+            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not in the pool "
+                             f"{pool.path}")
+        instruction = None
+        if instructions is not None:
+            key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
+            if key not in instructions:
+                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
+                                 f"candidate modality {key[2]!r} in query_instructions.tsv")
+            instruction = instructions[key][0]
+        item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images)
+        out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
+        out.qids.append(qid)
+        out.task_ids.append(r.get("task_id"))
+        out.modalities.append(str(r["query_modality"]))
+        out.instructions.append(instruction)
+        out.positives.append([pool.index[p] for p in kept])
+        out.negatives.append([pool.index[str(d)] for d in (r.get("neg_cand_list") or []) if str(d) in pool.index])
+    return out
+
+
+def mbeir_tasks(root, split: str = "test") -> list[str]:
+    """The task names ("mscoco_task0", ...) that have a query file for this split."""
+    files = sorted((Path(root) / "query" / split).glob(f"mbeir_*_{split}.jsonl"))
+    return [f.name[len("mbeir_"):-len(f"_{split}.jsonl")] for f in files]
+
+
+def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
+    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own) or 'union'."""
+    root = Path(root)
+    q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
+    if pool == "local":
+        p = root / "cand_pool" / "local" / f"mbeir_{task}_cand_pool.jsonl"
+    elif pool == "union":
+        p = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
+    else:
+        raise ValueError(f"pool must be 'local' or 'union', got {pool!r}")
+    return q, p
+
+
+@dataclass
+class MBeirTrain:
+    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local pools merged by id)
+    and every query of the training tasks against it. queries[i] carries its task name, item, first positive and
+    UniIR instruction; positives[i] / negatives[i] are pool indices (negatives: the neg_cand_list entries)."""
+    root: Path
+    tasks: list[str]
+    split: str
+    pool_kind: str              # "union" or "local"
+    summary_field: str | None
+    pool: MBeirPool
+    queries: list[Query]
+    positives: list[list[int]]
+    negatives: list[list[int]]
+
+    def texts(self) -> list[str]:
+        """The text a tokenizer for this data is trained on."""
+        return ([*TEMPLATE_TEXT] + sorted({q.instruction for q in self.queries if q.instruction})
+                + [t for q in self.queries for t in (q.item.text, q.item.summary) if t]
+                + [t for it in self.pool.items for t in (it.text, it.summary) if t])
+
+
+def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "union",
+                     summary_field: str | None = None) -> MBeirTrain:
+    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for `split`) and the pool
+    they retrieve from, checking every record and image first. Instructions as in UniIR; same-dataset positives."""
+    root = Path(root)
+    known = mbeir_tasks(root, split)
+    tasks = known if tasks == ["all"] else tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under {root / 'query' / split}; "
+                         f"expected some of {known}")
+    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    paths = [mbeir_paths(root, t, split, pool) for t in tasks]
+    merged = MBeirPool(paths[0][1], [], [], [], {})
+    for ppath in dict.fromkeys(p for _, p in paths):   # each pool file once; an id kept once
+        part = read_mbeir_pool(ppath, root, summary_field=summary_field)
+        for item, did, mod in zip(part.items, part.dids, part.modalities):
+            if did not in merged.index:
+                merged.index[did] = len(merged.items)
+                merged.items.append(item)
+                merged.dids.append(did)
+                merged.modalities.append(mod)
+    out = MBeirTrain(root, tasks, split, pool, summary_field, merged, [], [], [])
+    for task, (qpath, _) in zip(tasks, paths):
+        qs = read_mbeir_queries(qpath, merged, root, instructions, summary_field=summary_field)
+        for item, ins, pos, neg in zip(qs.items, qs.instructions, qs.positives, qs.negatives):
+            out.queries.append(Query(task, item, merged.items[pos[0]], instruction=ins))
+            out.positives.append(pos)
+            out.negatives.append([n for n in neg if n not in pos])
+    if len(merged.items) < 2:
+        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); training needs negatives")
+    return out
+
+
+def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
+    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool indices)."""
+    pool = read_mbeir_pool(pool_path, image_root)
+    qs = read_mbeir_queries(queries_path, pool, image_root, same_dataset_positives=False)
+    return qs.items, pool.items, [set(p) for p in qs.positives]
+
+
+def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
+    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target instruction)], the
+    first target being the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]."""
+    path = Path(path)
+    out = []
+    for r in _read_jsonl(path, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")):
+        n = r["_line"]
+        texts, imgs = r["tgt_text"] or [], r["tgt_img_path"] or []
+        if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
+            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
+        width = max(len(texts), len(imgs))
+        texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
+        query = _real_item(path, n, r["qry_text"], r["qry_img_path"], Path(image_root))
+        targets = [_real_item(path, n, t, i, Path(image_root)) for t, i in zip(texts, imgs)]
+        out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
+    return out
+
+
+def write_mbeir_sample(root) -> Path:
+    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for trying the commands:
+    two datasets ("9": text->image and image->text; "8": (image, text)->(image, text)), local and union pools, qrels,
+    instructions, non-square JPEGs, null and empty texts, image+text candidates, a positive from another dataset
+    (dropped by the same-dataset filter) and empty negative lists."""
+    root = Path(root)
+    rng = random.Random(0)
+    world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
+    scenes = world.splits["train"]
+    (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
+        render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
+    img = lambda i: f"mbeir_images/sample/{i}.jpg"                                  # noqa: E731
+    caps = [full_caption(rng, s) for s in scenes]
+    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text candidates
+    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": img(i), "modality": "image",
+                  "src_content": None} for i in range(12)]
+    pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
+                  "src_content": None} for i in range(12)]
+    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": img(i), "modality": "image,text",
+              "src_content": None} for i in range(12)]
+    t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(), "query_img_path": None,
+           "query_modality": "text", "query_src_content": None,
+           "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [], "task_id": 0}
+          for i in range(6)]
+    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": img(i), "query_modality": "image",
+           "query_src_content": None, "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"],
+           "task_id": 3} for i in range(6)]
+    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": img(i),
+           "query_modality": "image,text", "query_src_content": None, "pos_cand_list": [f"8:{i}"],
+           "neg_cand_list": [], "task_id": 8} for i in range(6)]
+    files = {
+        "query/test/mbeir_sample_task0_test.jsonl": t0, "query/test/mbeir_sample_task3_test.jsonl": t3,
+        "query/test/mbeir_samplecirr_task8_test.jsonl": t8,
+        "cand_pool/local/mbeir_sample_task0_cand_pool.jsonl": pool9_img,
+        "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
+        "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
+        "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
+    }
+    for name in [n for n in files if n.startswith("query/test/")]:   # a train split too, for train.py --mbeir
+        files[name.replace("/test/", "/train/").replace("_test.jsonl", "_train.jsonl")] = files[name]
+    files["cand_pool/global/mbeir_union_train_cand_pool.jsonl"] = files["cand_pool/global/mbeir_union_test_cand_pool.jsonl"]
+    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among 4
+    files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
+                                       "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
+                                       "tgt_img_path": [img((i + k) % 12) for k in range(4)]} for i in range(8)]
+    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": img(i),
+                                       "tgt_inst": "", "tgt_text": [caps[(i + k) % 12].text() for k in range(4)],
+                                       "tgt_img_path": []} for i in range(8)]
+    for name, rows in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if name.startswith("query/"):
+            split = name.split("/")[1]
+            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl", f"_{split}_qrels.txt")
+            qrels.parent.mkdir(parents=True, exist_ok=True)
+            qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
+    (root / "instructions").mkdir(exist_ok=True)
+    (root / "instructions" / "query_instructions.tsv").write_text(
+        "query_modality\tcand_modality\ttask\tdataset_id\tprompt_1\tprompt_2\n"
+        "text\timage\t0\t9\tRetrieve an image that matches the given caption.\tFind a matching picture.\n"
+        "image\ttext\t3\t9\tFind a caption that describes the given image.\t\n"
+        "image,text\timage,text\t8\t8\tRetrieve the same scene with its words.\t\n")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training inputs from M-BEIR (train.py --mbeir): the same interface as GrainWorld's
+
+
+def add_train_flags(add):
+    """train.py's flags for training on M-BEIR (add: an argument group's add_argument)."""
+    add("--mbeir", default=None, help="an M-BEIR root: train on its train split, evaluate on its test split")
+    add("--train_tasks", default="all", help="comma list of M-BEIR training tasks, or all")
+    add("--mbeir_pool", default="union", choices=["union", "local"], help="the union pool or the tasks' own pools")
+    add("--summary_field", default=None, help="an M-BEIR record field holding a reference summary (default none)")
+    add("--eval_tasks", default=None, help="M-BEIR tasks to evaluate (default: the training tasks with a test file)")
+
+
+def make_mbeir_inputs(args, src: MBeirTrain, enc, limit, step: int) -> dict:
+    """Stage 2's step on M-BEIR: B queries drawn from the training tasks, for each one positive (any of its
+    positives) and one extra candidate -- an entry of its neg_cand_list where the data gives one, else a random pool
+    candidate -- laid out like stage 1's triplets: [queries, positives, extras]. The mask takes out every in-batch
+    candidate that is one of the query's positives."""
+    rng = random.Random(f"{args.seed}-mbeir-{step}")
+    qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]    # the global batch
+    pos = [rng.choice(src.positives[i]) for i in qi]
+    extra = []
+    for i in qi:
+        if src.negatives[i]:
+            extra.append(rng.choice(src.negatives[i]))
+        else:
+            j = rng.randrange(len(src.pool.items))
+            extra.append(j if j not in src.positives[i] else (j + 1) % len(src.pool.items))
+    drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(3 * args.batch_size)], args, 3)
+    mine, b = my_share(qi, args), len(qi) // world_of(args)
+    items = ([src.queries[i].item for i in mine] + [src.pool.items[j] for j in my_share(pos, args)]
+             + [src.pool.items[j] for j in my_share(extra, args)])
+    instr = [src.queries[i].instruction for i in mine] + [None] * (2 * b)
+    cols = [j for r in range(world_of(args)) for j in my_share(pos, args, r) + my_share(extra, args, r)]
+    false_neg = torch.tensor([[c != rank_of(args) * 2 * b + k and j in src.positives[i] for c, j in enumerate(cols)]
+                              for k, i in enumerate(mine)])                                  # (b, 2B)
+    summaries = enc.reference_summaries(items, drop)
+    return {"encoded": encode_batch(enc, items, instr, summaries, limit), "drop": drop,
+            "false_neg": false_neg, "n_queries": b}
+
+
+def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
+    """build_rl_instances on M-BEIR: per training task, rl_queries queries, each with its first positive, n_hard
+    hard negatives -- its neg_cand_list entries first, then mined: the stage-2 model's top-scoring non-positives
+    (below --hard_threshold) of a pool sample of rl_pool_scenes candidates -- and n_rand random ones."""
+    rng = random.Random(f"{args.seed}-rl-data")
+    gen = torch.Generator().manual_seed(args.seed)
+    instances = []
+    for task in src.tasks:
+        mine = [i for i, q in enumerate(src.queries) if q.task == task]
+        mine = rng.sample(mine, min(args.rl_queries, len(mine)))
+        cand = sorted(set(rng.sample(range(len(src.pool.items)), min(args.rl_pool_scenes, len(src.pool.items))))
+                      | {j for i in mine for j in src.negatives[i]})
+        rel = torch.tensor([[j in src.positives[i] for j in cand] for i in mine])           # (Q, P)
+        if (~rel).sum(1).min() < args.n_hard + args.n_rand:
+            raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining sample has fewer than "
+                             f"--n_hard + --n_rand = {args.n_hard + args.n_rand} non-positive candidates")
+        eq, _ = retriever.embed_items([src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
+                                      autocast=autocast())
+        ep, _ = retriever.embed_items([src.pool.items[j] for j in cand], [None] * len(cand), autocast=autocast())
+        scores = (eq @ ep.T).cpu()                                                           # (Q, P) stage-2 cosines
+        # the data's own hard negatives (neg_cand_list) score the threshold itself: above every mined candidate
+        listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
+        key = torch.where(listed, torch.full_like(scores, args.hard_threshold), scores)
+        neg = balanced_negatives(key, rel, args.n_hard, args.n_rand, args.hard_threshold, gen)
+        for i, idx in zip(mine, neg.tolist()):
+            instances.append((src.queries[i], [src.pool.items[cand[j]] for j in idx]))
+    return instances
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: M-BEIR in UniIR's layout, streamed: neither the [queries, pool] score matrix nor a
+# dense relevance matrix is ever built.
+
+
+def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
+    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
+    the top k, IDCG the same for min(#positives, k) relevant items at the top."""
+    import math
+    total = 0.0
+    for row, pos in zip(top.tolist(), positives):
+        ps = set(pos)
+        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
+        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
+        total += dcg / idcg
+    return total / max(1, len(positives))
+
+
+def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
+    """The pool's embeddings, from the cache when the same model embedded the same pool file before. The cache file
+    (safetensors) holds the embeddings, the candidate ids and the hashes of the model and the pool file."""
+    model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
+    pool_sha = elva._sha256(pool.path)
+    path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
+                print(f"  pool embeddings from the cache {path}")
+                return f.get_tensor("embeddings").to(ret.device)
+    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast())[0]
+    if path is not None:
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        elva._atomic_write(path, lambda p: save_file({"embeddings": e.cpu().contiguous()}, str(p), metadata={
+            "pool_sha256": pool_sha, "model_sha256": model_sha, "dids": json.dumps(pool.dids)}))
+    return e
+
+
+def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
+                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256) -> dict:
+    """Per task: Recall@1/5/10 (UniIR's: a hit if any positive is in the top K; pessimistic ties), MRR, NDCG@10,
+    over the task's local pool or the union pool, with UniIR's instructions and same-dataset positive filter. All
+    inputs are read and checked before any embedding; the run file (TREC: qid Q0 did rank score run_id) is written
+    whole or not at all."""
+    root = Path(root)
+    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    known = mbeir_tasks(root, split)
+    if tasks == ["all"]:
+        tasks = known
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
+                         f"query files for {known} (split {split})")
+    loaded, pools = [], {}
+    for task in tasks:   # read and check everything first
+        qpath, ppath = mbeir_paths(root, task, split, pool_kind)
+        if ppath not in pools:
+            pools[ppath] = read_mbeir_pool(ppath, root)
+        loaded.append((task, read_mbeir_queries(qpath, pools[ppath], root, instructions), pools[ppath]))
+    out, run_lines = {}, []
+    cache = Path(cache_dir) if cache_dir else None
+    for task, qs, pool in loaded:
+        t0 = time.time()
+        ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
+        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast())[0]
+        width = max(len(p) for p in qs.positives)
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.positives])           # (Q, P_max), -1 pads
+        ranks = ranks_of_best_positive(eq, ep, pos)
+        scores, top = elva.Retriever.search(eq, ep, k=max(10, run_depth))                # (Q, k) streamed
+        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.positives), "queries": len(qs.items),
+                     "pool": len(pool.items), "nonfinite": n_nonfinite(eq, ep), "seconds": time.time() - t0}
+        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
+            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
+    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
+    out["avg"] = {k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys}
+    if run_file:
+        elva._atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
+    return out
+
+
+def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
+    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
+    chance level (mean of 1 / targets). Every file is read and checked before any embedding."""
+    loaded = [(p, read_mmeb(p, image_root)) for p in paths]
+    out = {}
+    for path, rows in loaded:
+        t0 = time.time()
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast())[0]
+        et = ret.embed_items([t for r in rows for t in r[2]], [r[3] for r in rows for _ in r[2]], batch_size,
+                             autocast=autocast())[0]
+        ranks, off = [], 0
+        for i, r in enumerate(rows):
+            s = et[off:off + len(r[2])] @ eq[i]                                  # (targets,)
+            off += len(r[2])
+            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
+        ranks = torch.tensor(ranks, dtype=torch.float64)
+        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
+                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
+    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
+    return out
+
+
+def mmeb_table(results: dict) -> str:
+    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
+    return "\n".join(lines)
+
+
+def mbeir_table(results: dict) -> str:
+    lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+    for task, r in results.items():
+        q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
+        lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
+                     + " |")
+    return "\n".join(lines)
+
+
+def training_source(meta: dict) -> Source:
+    """M-BEIR as the stages' data (train.py --mbeir): meta = {"root", "tasks", "split", "pool", "summary_field"}, as
+    a checkpoint records it. Every record and image is read and checked here, before any work."""
+    try:
+        src = read_mbeir_train(meta["root"], meta["tasks"], meta["split"], meta["pool"], meta["summary_field"])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--mbeir {meta['root']}: {e}") from None
+    meta = {"root": str(src.root), "tasks": src.tasks, "split": src.split, "pool": src.pool_kind,
+            "summary_field": src.summary_field}
+    return Source(src, {"mbeir": meta}, src.texts, make_mbeir_inputs, build_rl_instances_mbeir,
+                  f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against a pool of "
+                  f"{len(src.pool.items)}")
+
+
+def evaluate_mbeir_run(args, out: Path, device, threads: int):
+    """After training on M-BEIR: eval.py --mbeir on the test split, per checkpoint of this run (its own process)."""
+    test_tasks = mbeir_tasks(args.mbeir, "test")
+    tasks = args.eval_tasks or ("all" if args.train_tasks == ["all"] else
+                                ",".join(t for t in args.train_tasks if t in test_tasks))
+    if not tasks or not test_tasks:
+        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
+        return
+    for c in ("contrastive", args.elva_name):
+        if (out / c / "config.json").exists():   # eval.py is a program of its own, run in its own process
+            cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--ckpt", str(out / c), "--mbeir",
+                   args.mbeir, "--tasks", tasks, "--split", "test", "--out", str(out / f"eval_{c}.json"),
+                   "--device", str(device), "--threads", str(threads)]
+            print("eval:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--sample":
+        raise SystemExit("usage: python mbeir.py --sample DIR   (writes a small M-BEIR-format folder to DIR)")
+    print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(sys.argv[2])}")

@@ -1,0 +1,376 @@
+"""
+The study: our own variants of stages 2 and 3, the equal-compute control, and the study's runs -- everything here is
+ours, not the paper's. train.py is the paper; this file calls its functions with other arguments.
+
+    python study.py run [train.py's flags] [a variant's flags]    # the pipeline with variants (e.g. --control)
+    python study.py runs INIT OUT [--only REGEX] [--jobs 2]       # the study's stage-3 runs from one stage-2 model
+    python study.py compare RUN_A RUN_B                           # are two run folders the same, number for number?
+    python study.py run --help                                    # every flag
+
+Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what InfoNCE misses. In this
+miniature the paper's configuration does not beat the control (docs/results.md), and these variants are how we find
+out which step fails. Each is off by default; `python study.py run` with none of them is `python train.py`.
+
+The variants (each off by default; stage, what it changes -- why):
+  --control                stage 3: stage 2's loss continued on the same candidate sets and steps instead of GRPO
+                           (the equal-compute control) -- without it no claim about ELVA means anything
+  --reward toy|length      stage 3: a reward known to be learnable, colour words in the summaries / minus their
+                           length -- checks that GRPO itself can climb (the learnability ladder)
+  --credit sequence        stage 3: each summary credited for its own part of the ranking (reward.sequence_credit)
+                           -- in the paper one rollout reward is shared by its 2 + N summaries
+  --sample query           stage 3: only the query's summary is sampled, candidates keep their greedy ones -- a
+                           group's rewards then differ by the query's words alone
+  --anchor W               stage 3: + W * mean cosine distance between policy and stage-2 embeddings of the same
+                           words -- holds the map from words to embedding, so that what changes is the words
+  --pathwise W             stage 3: + -W * R_total through the embeddings -- a dense gradient beside GRPO's
+  --num_iterations N       stage 3: N PPO-style updates per rollout batch (the ratio leaves 1, the clip acts)
+  --summary_dropout_end P  stage 2: summary dropout annealed linearly to P -- [RET] learns to read words late on
+  --own_summaries F        stage 2: from --own_from on, a fraction F of the kept summaries are the model's own greedy
+                           ones (no LM loss) -- stage 2 then reads the words it writes at evaluation and in RL
+  --n_train, --n_test, --rl_queries, --rl_pool_scenes, --eval_queries, --mrbench_per_task, --weight_decay, --warmup,
+  --elva_name              sizes and names train.py takes from its preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import train
+from reward import group_advantages, sequence_credit
+from runtime import check_fractions, fail, my_share, my_share_of_items, optimizer_step, phase, world_of
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2 variants (ours): a batch maker and a loss that train.contrastive_stage takes in place of the paper's
+
+
+def dropout_at(args, step: int) -> float:
+    """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end) annealed linearly."""
+    if args.summary_dropout_end is None:
+        return args.summary_dropout
+    return args.summary_dropout + (args.summary_dropout_end - args.summary_dropout) * step / max(1, args.steps - 1)
+
+
+def stage2_variant_inputs(args, world, enc, limit, step: int) -> dict:
+    """train.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary is
+    the model's own (--own_summaries, from --own_from of the steps on) flagged `own`."""
+    at_step = copy.copy(args)
+    at_step.summary_dropout = dropout_at(args, step)
+    out = train.make_stage2_inputs(at_step, world, enc, limit, step)
+    if args.own_summaries > 0 and step >= args.own_from * args.steps:
+        own_rng = random.Random(f"{args.seed}-own-{step}")
+        own = my_share_of_items([own_rng.random() < args.own_summaries for _ in range(2 * args.batch_size)], args, 2)
+        out["own"] = [o and not d for o, d in zip(own, out["drop"])]
+    return out
+
+
+def stage2_variant_loss(args, retriever, inputs, autocast, device):
+    """--own_summaries: stage 2 reading its own words. Stage 2 learns its embedding from reference summaries but is
+    evaluated (and, in stage 3, rewarded) on the summaries it generates; the items flagged `own` get the model's
+    current greedy summary instead, so that InfoNCE also teaches the [RET] state to use -- or discount -- the words
+    the model really writes. Those rows stay out of the next-token loss (they are not references)."""
+    if not any(inputs.get("own", ())):
+        return train.stage2_loss(args, retriever, inputs, autocast, device)
+    items, instr, own, drop = inputs["items"], inputs["instr"], inputs["own"], inputs["drop"]
+    idx = [i for i, o in enumerate(own) if o]
+    with torch.no_grad(), phase("generate"), autocast():
+        written = retriever.summarise([items[i] for i in idx], [instr[i] for i in idx])
+    summaries = retriever.enc.reference_summaries(items, drop)
+    for i, s in zip(idx, written):
+        summaries[i] = s
+    with phase("data"):
+        encoded = retriever.batch(items, instr, summaries)
+    no_lm = [d or o for d, o in zip(drop, own)]
+    return train.stage2_loss(args, retriever, {**inputs, "encoded": encoded, "drop": no_lm}, autocast, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 3 variants (ours): the steps of train.grpo_step they replace or add to
+
+
+def toy_reward(texts: list[str]) -> float:
+    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
+    words = [w for t in texts for w in t.replace(";", " ").split()]
+    return sum(w in data.COLORS for w in words) / max(1, len(words))
+
+
+def lexical_reward(args, ro: train.Rollout, policy) -> tuple[torch.Tensor, dict]:
+    """--reward toy | length (replaces step 2): a reward we know GRPO can reach, from the rollout's summaries alone.
+    toy: the fraction of colour words; length: minus the mean summary length in tokens (on worlds where the model's
+    own summaries hurt retrieval, writing less is a policy that ranks better)."""
+    B, G, K = ro.shape
+    if args.reward == "toy":
+        texts = [policy.enc.decode(s) for s in ro.summaries]
+        R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
+    else:
+        R = -torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K).mean(2)
+    _, parts = args.reward_cfg(ro.scores.cpu(), return_parts=True)   # still logged: does the ranking move?
+    return R, parts
+
+
+def sequence_credit_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
+    """--credit sequence (replaces step 3): each summary's own credit (reward.sequence_credit), normalised over the
+    group per item slot. -> (S,) advantages in (instance, rollout, item) order."""
+    B, G, K = ro.shape
+    en = ro.e.float().cpu()                                                    # (B, G, K, D)
+    S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])             # (B, G', G, K - 1)
+    credit = sequence_credit(S, args.reward_cfg)                               # (B, G, K)
+    A = group_advantages(credit.permute(0, 2, 1).reshape(-1, G))               # (B * K, G)
+    return A.view(B, K, G).permute(0, 2, 1).reshape(-1)                        # (S,)
+
+
+def pathwise_loss(args, ro: train.Rollout, policy, h, e_ref) -> torch.Tensor:
+    """--pathwise w (adds to step 4): R_total is differentiable almost everywhere in the scores, so -w * R_total's
+    gradient through the embeddings (of the sampled summaries) is added to GRPO's."""
+    e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(*ro.shape, -1)        # (B, G, K, D)
+    R_path = args.reward_cfg(train.rollout_scores(e, backend="torch"), backend="torch")  # differentiable reference
+    return -args.pathwise * R_path.mean()
+
+
+def anchor_loss(args, ro: train.Rollout, policy, h, e_ref) -> torch.Tensor:
+    """--anchor w (adds to step 4): w * mean(1 - cos(policy embedding, stage-2 embedding)) over the rollout's
+    sequences, the same (input, sampled summary) pairs through both models. GRPO's gradient only sees the words'
+    log-probs, but the same weights make the embeddings, so each update also moves the map from words to embeddings
+    and the reward the next rollout sees shifts under the policy (the ladder: at lr 1e-3 the paper's reward falls).
+    The anchor holds that map near stage 2's, so that what changes is which words are written."""
+    e = policy.model.ret_embedding(h, ro.batch["ret_pos"])                    # (S, D), with gradient
+    return args.anchor * (1 - (e * e_ref).sum(-1)).mean()
+
+
+def sample_queries_only(args, policy, pb, images, index, gen, K):
+    """--sample query (replaces step 1's sampling): sample the G summaries of each query; each candidate gets its
+    greedy summary, the same in every rollout (and not trained). Within a group the candidates' embeddings are then
+    identical, so the rewards differ by the query's words alone: each advantage credits exactly one summary.
+    -> (summaries, ended, fixed (S,) bool: rows whose summary was not sampled), rows in (instance, rollout, item)."""
+    is_query = index % K == 0                                                  # (S,): item 0 of each rollout
+    q_rows = is_query.nonzero()[:, 0]
+    sampled, s_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
+                                             generator=gen, return_ended=True, index=index[q_rows])
+    greedy, g_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=0.0, return_ended=True)
+    summ, ended, it = [], [], iter(zip(sampled, s_ended))
+    for s, u in enumerate(index.tolist()):
+        a, b = next(it) if is_query[s] else (greedy[u], g_ended[u])
+        summ.append(a)
+        ended.append(b)
+    return summ, ended, ~is_query
+
+
+def control_step(args, policy, ref, opt, made, gen, autocast, step, folder: Path) -> dict:
+    """--control (replaces grpo_step): the equal-compute control, stage 2 continued -- stage 2's exact loss (InfoNCE
+    with summary dropout + next-token loss, its tau, lm_weight and dropout rate, read from the stage-2 checkpoint)
+    -- over the same candidate sets (positive + the mined negatives), one optimizer step per batch as GRPO takes."""
+    saved = ref.meta.get("args", {})
+    tau, lm_weight = saved.get("tau", args.tau), saved.get("lm_weight", args.lm_weight)
+    rate = saved.get("summary_dropout_end")   # an annealed stage 2 is continued at its final rate
+    rate = saved.get("summary_dropout", args.summary_dropout) if rate is None else rate
+    policy.model.train()
+    batch = made["batch"]
+    items, instr = train.rollout_items(batch)
+    rng = random.Random(f"{args.seed}-control-{step}")
+    drop = my_share([rng.random() < rate for _ in range(len(items) * world_of(args))], args)
+    with phase("data"):
+        b, imgs = policy.batch(items, instr, policy.enc.reference_summaries(items, drop))
+    e, logp, lm_mask = train.teacher_forced_on(policy.model, b, imgs, torch.tensor(drop), autocast)
+    e = e.view(len(batch), -1, e.shape[-1])                                    # (B, K, D): query, positive, negatives
+    l_nce = train.info_nce(e[:, 0], e[:, 1:], tau)
+    l_lm = train.lm_loss(logp, lm_mask, args)
+    loss = l_nce + lm_weight * l_lm
+    optimizer_step(opt, policy.model, loss, step, "control", folder, args)
+    return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
+
+
+def elva_variant(args):
+    """The stage-3 step a run's flags ask for: the control, or train.grpo_step with its variant steps."""
+    if args.control:
+        return control_step
+    extra = ([pathwise_loss] if args.pathwise > 0 else []) + ([anchor_loss] if args.anchor > 0 else [])
+    return functools.partial(
+        train.grpo_step, sample=sample_queries_only if args.sample == "query" else train.sample_all,
+        reward=train.paper_reward if args.reward == "paper" else lexical_reward,
+        advantages=sequence_credit_advantages if args.credit == "sequence" else train.rollout_advantages,
+        extra_losses=tuple(extra))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python study.py run`: train.py's pipeline with the variants
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = train.build_parser()
+    p.description = __doc__
+    add = p.add_argument_group("sizes train.py takes from its preset").add_argument
+    for k, t in (("n_train", int), ("n_test", int), ("rl_queries", int), ("rl_pool_scenes", int),
+                 ("eval_queries", int), ("mrbench_per_task", int), ("weight_decay", float), ("warmup", float)):
+        add(f"--{k}", type=t, default=None, help=f"(default: the preset's {k})")
+    add("--elva_name", default=None, help="the stage-3 checkpoint's folder name (default elva)")
+    add = p.add_argument_group("stage 2 variants (ours; each off by default)").add_argument
+    add("--summary_dropout_end", type=float, default=None, help="anneal summary dropout linearly to this value")
+    add("--own_summaries", type=float, default=0.0, help="fraction of kept summaries that are the model's own")
+    add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries starts")
+    add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
+    add("--control", action="store_true", help="the equal-compute control instead of GRPO (control_step)")
+    add("--reward", default="paper", choices=["paper", "toy", "length"], help="the reward (lexical_reward)")
+    add("--credit", default="rollout", choices=["rollout", "sequence"], help="advantages (sequence_credit_advantages)")
+    add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled (sample_queries_only)")
+    add("--anchor", type=float, default=0.0, help="weight of the embedding anchor (anchor_loss)")
+    add("--pathwise", type=float, default=0.0, help="weight of -R_total through the embeddings (pathwise_loss)")
+    add("--num_iterations", type=int, default=None, help="updates per rollout batch (default 1)")
+    return p
+
+
+def get_run_args(argv):
+    args = train.get_args(argv, parser=run_parser())
+    for k in ("anchor", "pathwise"):
+        if not getattr(args, k) >= 0:
+            fail(f"--{k}", getattr(args, k), "a finite number >= 0")
+    check_fractions(args, (("summary_dropout_end", 0, 1), ("own_summaries", 0, 1), ("own_from", 0, 1)))
+    if args.mbeir and (args.summary_dropout_end is not None or args.own_summaries > 0):
+        fail("--mbeir", args.mbeir, "GrainWorld with the stage-2 variants (they wrap GrainWorld's batch maker)")
+    return args
+
+
+def run(argv):
+    args = get_run_args(argv)
+    variant2 = args.summary_dropout_end is not None or args.own_summaries > 0
+    train.main(args=args, contrastive_inputs=stage2_variant_inputs if variant2 else None,
+               contrastive_loss=stage2_variant_loss if variant2 else train.stage2_loss, elva_step=elva_variant(args))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python study.py runs`: the study's stage-3 runs, each a single-thread process, --jobs at a time (on 2 CPU cores
+# two single-thread runs finish sooner than two 2-thread runs in a row). A run whose checkpoint exists is skipped;
+# each finished run (but the toy-reward ones) is evaluated into OUT/<run>.json. Then:
+#   python eval.py --from_json runs/cpu/eval.json runs/study/*.json     # the tables
+#   python eval.py --ladder runs/study                                  # the learnability ladder's table
+
+RUNS = """
+elva 0                                                         # ELVA as the paper describes it
+control 0 --control                                            # equal compute: stage 2 continued on the same sets
+toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0             # the learnability ladder (seed 0): three rewards
+length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0       # through the same GRPO code at growing budgets
+paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0                        # (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
+toy 0 --reward toy
+length 0 --reward length
+toy_lr1e-4_b0 0 --reward toy --rl_lr 1e-4 --beta 0
+length_lr1e-4_b0 0 --reward length --rl_lr 1e-4 --beta 0
+paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0
+toy_lr1e-4 0 --reward toy --rl_lr 1e-4
+elva 1
+elva 2
+control 1 --control
+control 2 --control
+anchor_length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0 --anchor 10   # the embedding anchor
+anchor_length_lr1e-3_b0 1 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
+anchor_length_lr1e-3_b0 2 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
+anchor_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 10
+anchor1_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 1
+anchor_paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0 --anchor 10
+anchor_credit_lr1e-4_b0 0 --credit sequence --rl_lr 1e-4 --beta 0 --anchor 10
+anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10      # only queries sampled
+anchor_query_lr1e-4_b0 1 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
+anchor_query_lr1e-4_b0 2 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
+anchor_query_lr1e-3_b0 0 --sample query --rl_lr 1e-3 --beta 0 --anchor 10
+big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 --rl_batch 8 --rl_steps 600
+big_control 0 --control --rl_batch 8 --rl_steps 600
+big_elva 0 --rl_batch 8 --rl_steps 600                         # the paper's GRPO, 16x the groups
+"""
+
+
+def study_runs(argv):
+    p = argparse.ArgumentParser(prog="study.py runs", description="the study's stage-3 runs from one stage-2 model")
+    p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. runs/cpu/contrastive)")
+    p.add_argument("out", help="the study's folder (each run's checkpoint lands in OUT/<name>-s<seed>)")
+    p.add_argument("--only", default=".", help="only the runs whose name-s<seed> matches this regex")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--preset", default="cpu", help="the preset of every run")
+    p.add_argument("--device", default="cpu", help="the device of every run")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for line in RUNS.strip().splitlines():
+        name, seed, *flags = line.split("#")[0].split()
+        if re.search(a.only, f"{name}-s{seed}"):
+            todo.append((name, seed, flags))
+    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}}
+
+    def one(name, seed, flags):
+        tag = f"{name}-s{seed}"
+        if not (out / tag / "config.json").exists():
+            cmd = [sys.executable, __file__, "run", "--preset", a.preset, "--device", a.device, "--init", a.init,
+                   "--out", str(out), "--stages", "elva", "--no_eval", "--threads", "1", "--seed", seed,
+                   "--elva_name", tag, *flags]
+            with open(out / f"{tag}.log", "w") as log:
+                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                    return f"FAILED {tag}"
+        if not name.startswith("toy") and not (out / f"{tag}.json").exists():
+            with open(out / f"{tag}.eval.log", "w") as log:
+                subprocess.run([sys.executable, str(Path(__file__).with_name("eval.py")), "--device", a.device,
+                                "--threads", "1", "--ckpt", str(out / tag), "--out", str(out / f"{tag}.json")],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+        return f"{time.strftime('%H:%M:%S')} done {tag}"
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for msg in pool.map(lambda r: one(*r), todo):
+            print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python study.py compare A B`: two run folders, number for number (what a refactor must not change)
+
+
+def _numbers(path: Path):
+    """A file's content with wall-clock fields removed: tensors for safetensors, records for JSON / JSONL."""
+    timing = {"ms_per_step", "eval_seconds", "seconds", "ckpt"}
+    strip = lambda x: ({k: strip(v) for k, v in x.items() if k not in timing} if isinstance(x, dict)  # noqa: E731
+                       else [strip(v) for v in x] if isinstance(x, list) else x)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if path.suffix == ".jsonl":
+        return [strip(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json" and path.name not in ("config.json", "run.json"):   # these hold paths and arguments
+        return strip(json.loads(path.read_text()))
+    return None
+
+
+def compare(argv):
+    p = argparse.ArgumentParser(prog="study.py compare", description="are two run folders the same, number for "
+                                "number? (weights bit for bit; logs and evaluations without their timing fields)")
+    p.add_argument("a")
+    p.add_argument("b")
+    a = p.parse_args(argv)
+    A, B = Path(a.a), Path(a.b)
+    files = sorted({f.relative_to(A) for f in A.rglob("*") if f.is_file() and _numbers(f) is not None})
+    bad = 0
+    for rel in files:
+        x, y = _numbers(A / rel), (_numbers(B / rel) if (B / rel).is_file() else "missing")
+        if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+            same = isinstance(y, dict) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        else:
+            same = x == y
+        bad += not same
+        print(f"{'same' if same else 'DIFFERENT'}  {rel}")
+    print(f"{len(files) - bad} of {len(files)} files the same")
+    sys.exit(1 if bad or not files else 0)
+
+
+COMMANDS = {"run": run, "runs": study_runs, "compare": compare}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    COMMANDS[sys.argv[1]](sys.argv[2:])
