@@ -613,6 +613,21 @@ def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: 
     return torch.cat([hard, rand], dim=1)
 
 
+def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item], is_relevant: torch.Tensor,
+                   n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
+                   listed: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's negative sampling with the stage-2 model as the scorer: the greedy-summary embeddings of the
+    queries and the pool, their cosines [Q, P], then balanced_negatives. listed [Q, P] bool: the data's own hard
+    negatives (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate.
+    -> [Q, n_hard + n_rand] pool indices."""
+    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast())
+    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast())
+    scores = (eq @ ep.T).cpu()                                                 # (Q, P) stage-2 cosines
+    if listed is not None:
+        scores = torch.where(listed, torch.full_like(scores, threshold), scores)
+    return balanced_negatives(scores, is_relevant, n_hard, n_rand, threshold, generator)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained with `tokenizers` on the world's text.
 

@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 import elva
-from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, balanced_negatives, encode_batch,
-                  full_caption, random_caption, render)
+from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, encode_batch, full_caption,
+                  mine_negatives, random_caption, render)
 from eval import n_nonfinite, ranks_of_best_positive, recall_mrr
 from runtime import my_share, my_share_of_items, rank_of, world_of
 
@@ -408,14 +408,10 @@ def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
         if (~rel).sum(1).min() < args.n_hard + args.n_rand:
             raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining sample has fewer than "
                              f"--n_hard + --n_rand = {args.n_hard + args.n_rand} non-positive candidates")
-        eq, _ = retriever.embed_items([src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
-                                      autocast=autocast())
-        ep, _ = retriever.embed_items([src.pool.items[j] for j in cand], [None] * len(cand), autocast=autocast())
-        scores = (eq @ ep.T).cpu()                                                           # (Q, P) stage-2 cosines
-        # the data's own hard negatives (neg_cand_list) score the threshold itself: above every mined candidate
         listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
-        key = torch.where(listed, torch.full_like(scores, args.hard_threshold), scores)
-        neg = balanced_negatives(key, rel, args.n_hard, args.n_rand, args.hard_threshold, gen)
+        neg = mine_negatives(retriever, [src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
+                             [src.pool.items[j] for j in cand], rel, args.n_hard, args.n_rand, args.hard_threshold,
+                             gen, autocast, listed)
         for i, idx in zip(mine, neg.tolist()):
             instances.append((src.queries[i], [src.pool.items[cand[j]] for j in idx]))
     return instances

@@ -24,6 +24,9 @@ import torch
 
 from kernels import descending_ranks
 
+# alpha and epsilon: R_total's weights, the paper's best pair (Table 4: (0.4, 0.6) 58.7 M-BEIR average).
+ALPHA, EPSILON = 0.4, 0.6
+
 # delta: the margin of R_Margin in cosine units. Small, because a margin few rollouts ever clear gives R_Margin = 0
 # for the whole group and no signal; 0.05 is about the gap a trained model leaves between a positive and its one-grain
 # near miss in GrainWorld.
@@ -45,8 +48,8 @@ def auto_gamma(n_candidates: int) -> float:
 @dataclass(frozen=True)
 class RewardConfig:
     """R_total's constants in one place (ELVA, Section 3.4; alpha and epsilon from Table 4)."""
-    alpha: float = 0.4                  # weight of R_Margin (0 ablates it, Table 8)
-    epsilon: float = 0.6                # weight of R_Rank (0 ablates it, Table 8)
+    alpha: float = ALPHA                # weight of R_Margin (0 ablates it, Table 8)
+    epsilon: float = EPSILON            # weight of R_Rank (0 ablates it, Table 8)
     delta: float = DEFAULT_DELTA        # R_Margin's margin; the paper gives no value
     gamma: float | None = None          # R_Rank's negative-term weight; None = auto_gamma(C); 0 ablates the term
 
@@ -101,7 +104,7 @@ def ranking_reward(scores: torch.Tensor, gamma: float | None = None, backend: st
     return (R, r) if return_rank else R
 
 
-def total_reward(scores: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6, delta: float = DEFAULT_DELTA,
+def total_reward(scores: torch.Tensor, alpha: float = ALPHA, epsilon: float = EPSILON, delta: float = DEFAULT_DELTA,
                  gamma: float | None = None, return_parts: bool = False, backend: str = "auto"):
     """R_total = alpha * R_Margin + epsilon * R_Rank, alpha = 0.4, epsilon = 0.6 (ELVA, Section 3.4 and Table 4).
 
@@ -110,32 +113,6 @@ def total_reward(scores: torch.Tensor, alpha: float = 0.4, epsilon: float = 0.6,
     R_rank, r = ranking_reward(scores, gamma, backend, return_rank=True)
     R = alpha * R_margin + epsilon * R_rank
     return (R, {"margin": R_margin, "rank": R_rank, "pos_rank": r}) if return_parts else R
-
-
-def sequence_credit(S: torch.Tensor, cfg: RewardConfig = RewardConfig()) -> torch.Tensor:
-    """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
-
-    In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward, so
-    one good summary's credit is shared with the C others it was sampled with. Here each summary is scored for its
-    own part, holding the other summaries at what the group's other rollouts wrote:
-      query summary of rollout g:       mean over g' of R_total(query_g  vs  candidates of rollout g')
-      candidate j's summary of rollout g: mean over g' of R_total(query_g' vs  candidates of rollout g', with
-                                          candidate j's embedding taken from rollout g)
-    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), positive at j = 0.
-    Returns (B, G, 1 + C): the credit of each rollout's query summary, then of its C candidates' summaries.
-    If all G rollouts embed alike, every credit equals the rollout's R_total."""
-    if S.dim() != 4 or S.shape[1] != S.shape[2]:
-        raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, candidate), "
-                         f"got {tuple(S.shape)}")
-    B, G, _, C = S.shape
-    R = cfg
-    credit_q = R(S).mean(dim=2)                                                     # (B, G): mean over g'
-    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                              # (B, G', C): the rollouts' own
-    eye = torch.eye(C, dtype=torch.bool, device=S.device)                           # (C, C)
-    # X[b, g', g, j, :] = rollout g' 's scores with slot j taken from rollout g
-    X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])                # (B, G', G, C, C)
-    credit_c = R(X).mean(dim=1)                                                     # (B, G, C): mean over g'
-    return torch.cat([credit_q[..., None], credit_c], dim=-1)                       # (B, G, 1 + C)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -182,3 +159,33 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         pg_mean = (l_clip * m).sum() / n
     return loss, {"kl": kl_mean.detach(), "pg": pg_mean.detach(), "clip_low": clip_low, "clip_high": clip_high,
                   "clip_frac": clip_low + clip_high}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ours, not the paper's (study.py --credit sequence)
+
+
+def sequence_credit(S: torch.Tensor, cfg: RewardConfig = RewardConfig()) -> torch.Tensor:
+    """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
+
+    In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward, so
+    one good summary's credit is shared with the C others it was sampled with. Here each summary is scored for its
+    own part, holding the other summaries at what the group's other rollouts wrote:
+      query summary of rollout g:       mean over g' of R_total(query_g  vs  candidates of rollout g')
+      candidate j's summary of rollout g: mean over g' of R_total(query_g' vs  candidates of rollout g', with
+                                          candidate j's embedding taken from rollout g)
+    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), positive at j = 0.
+    Returns (B, G, 1 + C): the credit of each rollout's query summary, then of its C candidates' summaries.
+    If all G rollouts embed alike, every credit equals the rollout's R_total."""
+    if S.dim() != 4 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, candidate), "
+                         f"got {tuple(S.shape)}")
+    B, G, _, C = S.shape
+    R = cfg
+    credit_q = R(S).mean(dim=2)                                                     # (B, G): mean over g'
+    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                              # (B, G', C): the rollouts' own
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)                           # (C, C)
+    # X[b, g', g, j, :] = rollout g' 's scores with slot j taken from rollout g
+    X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])                # (B, G', G, C, C)
+    credit_c = R(X).mean(dim=1)                                                     # (B, G, C): mean over g'
+    return torch.cat([credit_q[..., None], credit_c], dim=-1)                       # (B, G, 1 + C)

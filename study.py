@@ -362,7 +362,7 @@ def compare(argv):
         else:
             same = x == y
         bad += not same
-        print(f"{'same' if same else 'DIFFERENT'}  {rel}")
+        print(f"{'same' if same else 'MISSING' if isinstance(y, str) else 'DIFFERENT'}  {rel}")
     print(f"{len(files) - bad} of {len(files)} files the same")
     sys.exit(1 if bad or not files else 0)
 

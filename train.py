@@ -39,7 +39,7 @@ import elva
 import mbeir
 from data import INSTRUCTIONS, TASKS, GrainWorld, Source, WorldConfig
 from kernels import cosine_scores
-from reward import DEFAULT_DELTA, RewardConfig, group_advantages, grpo_loss
+from reward import ALPHA, DEFAULT_DELTA, EPSILON, RewardConfig, group_advantages, grpo_loss
 from runtime import (Logger, Profiler, add_run_flags, barrier, build_tokenizer, check_run_folder, check_updates,
                      compile_blocks, evaluate_run, fail, gather, global_tokens, init_distributed, lr_at, my_share,
                      my_share_of_items, optimizer_step, phase, rank_of, resolve_stage_args, resume_point,
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--temperature", type=float, default=1.0, help="sampling temperature of rollout summaries (paper: not given)")
     add("--clip_eps", type=float, default=0.2, help="PPO clip range of the ratio (TRL's --epsilon; paper: not given)")
     add("--beta", type=float, default=0.2, help="KL coefficient to the reference model (paper 0.2)")
-    add("--alpha", type=float, default=0.4, help="weight of R_Margin in R_total (paper 0.4; 0 ablates it)")
-    add("--epsilon", type=float, default=0.6, help="weight of R_Rank in R_total (paper 0.6; 0 ablates it)")
+    add("--alpha", type=float, default=ALPHA, help="weight of R_Margin in R_total (paper 0.4; 0 ablates it)")
+    add("--epsilon", type=float, default=EPSILON, help="weight of R_Rank in R_total (paper 0.6; 0 ablates it)")
     add("--delta", type=float, default=DEFAULT_DELTA, help="margin of R_Margin (paper: not given)")
     add("--gamma", default="auto", help="weight of R_Rank's negative term: auto (reward.auto_gamma) or a number")
     add("--train_vision", action="store_true", help="train the vision tower too (the paper freezes it)")
@@ -336,12 +336,9 @@ def build_rl_instances(args, world, retriever, autocast):
                                 rng.choice(world.splits["train"]))
             if q is not None and q.item.target not in world.heldout:
                 queries.append(q)
-        rel = data.relevance_matrix(task, queries, pool)
-        eq, _ = retriever.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries),
-                                      autocast=autocast())
-        ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast())
-        scores = (eq @ ep.T).cpu()                                             # (Q, P) stage-2 cosines
-        neg = data.balanced_negatives(scores, rel, args.n_hard, args.n_rand, args.hard_threshold, gen)
+        neg = data.mine_negatives(retriever, [q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), pool,
+                                  data.relevance_matrix(task, queries, pool), args.n_hard, args.n_rand,
+                                  args.hard_threshold, gen, autocast)                 # (Q, n_hard + n_rand)
         for q, idx in zip(queries, neg.tolist()):
             instances.append((q, [pool[i] for i in idx]))
     return instances
