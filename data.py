@@ -616,10 +616,9 @@ def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: 
 def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item], is_relevant: torch.Tensor,
                    n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
                    listed: torch.Tensor | None = None) -> torch.Tensor:
-    """The paper's negative sampling with the stage-2 model as the scorer: the greedy-summary embeddings of the
-    queries and the pool, their cosines [Q, P], then balanced_negatives. listed [Q, P] bool: the data's own hard
-    negatives (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate.
-    -> [Q, n_hard + n_rand] pool indices."""
+    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and pool, their cosines,
+    then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q, P] bool: the data's own hard negatives
+    (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate."""
     eq, _ = retriever.embed_items(queries, instructions, autocast=autocast())
     ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast())
     scores = (eq @ ep.T).cpu()                                                 # (Q, P) stage-2 cosines
@@ -666,8 +665,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The stages' one interface to their data: GrainWorld's (train.grainworld_source) or M-BEIR's (mbeir.training_source).
-# A stage calls these and never asks which data it has.
+# The stages' one interface to their data, GrainWorld's (train.grainworld_source) or M-BEIR's (mbeir.training_source)
 
 @dataclass
 class Source:
@@ -791,9 +789,7 @@ def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> d
 
 
 if __name__ == "__main__":
-    world = GrainWorld(WorldConfig())
-    rng = random.Random(0)
-    qs = world.sample_queries(rng, 8)
+    qs = GrainWorld(WorldConfig()).sample_queries(random.Random(0), 8)
     sheet = Image.new("RGB", (8 * 100, 100), "white")
     for i, q in enumerate(qs):
         it = q.item if q.item.scene is not None else q.positive

@@ -412,7 +412,7 @@ def _log_stats(ckpt: str) -> dict:
 
 
 def ladder_table(folder: str) -> str:
-    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as study.sh writes),
+    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as `study.py runs` writes),
     its reward and budget, and how its reward, KL and summaries moved from the first to the last fifth of its steps.
     t = (last - first) / the standard error of that difference over the per-step means: "rises clearly" is t > 3."""
     import statistics
@@ -422,7 +422,8 @@ def ladder_table(folder: str) -> str:
         run = cfg_path.parent
         meta = json.loads(cfg_path.read_text())
         a = meta.get("args", {})
-        if meta.get("stage") != "elva" or a.get("rl_objective") != "grpo" or not (run / "log.jsonl").exists():
+        control = a.get("control") or a.get("rl_objective", "grpo") != "grpo"   # (older runs: --rl_objective)
+        if meta.get("stage") != "elva" or control or not (run / "log.jsonl").exists():
             continue
         recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
         n = max(2, len(recs) // 5)
@@ -507,7 +508,7 @@ def main(argv=None):
     g.add_argument("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
                    "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
     g.add_argument("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
-    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder (study.sh "
+    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder (study.py "
                    "writes one) and exit")
     p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON files "
                    "(no evaluation); several files are concatenated, e.g. runs/study/*.json")
