@@ -162,7 +162,37 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Ours, not the paper's (study.py --credit sequence)
+# Ours, not the paper's: scale-free rewards (study.py --reward rank | zscore | ndcg) and per-summary credit
+# (study.py --credit sequence). At fixed ranks R_Rank is linear in the cosines: scaling every score by 2 doubles it
+# with the ranking unchanged, so a policy can earn by inflating scores. The rewards below depend on the order only
+# (rank, ndcg) or on the scores standardised within each list (zscore): s -> a * s + b (a > 0) leaves them unchanged.
+
+
+def rank_reward(scores: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """R_rank-only = 1 / (1 + ln r): the paper's positive term with the score taken out; r by the pessimistic rule."""
+    r, _ = ranks_with_positive_last(scores, backend)
+    return 1.0 / (1.0 + torch.log(r.to(torch.float32)))
+
+
+def zscore_reward(scores: torch.Tensor, cfg: "RewardConfig | None" = None, eps: float = 1e-6) -> torch.Tensor:
+    """R_total(z), z = (s - mean_C s) / (std_C s + eps): the paper's reward on each list's standardised scores.
+    A list whose scores all tie gets z = 0 everywhere: the positive ranks last (pessimistic ties)."""
+    z = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + eps)
+    return (cfg or RewardConfig())(z)
+
+
+def ndcg_reward(scores: torch.Tensor, gains: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Graded NDCG of the ranked list: DCG = sum_i gain_i / log2(1 + rank_i), divided by the DCG of the gains sorted
+    best first. gains [..., C] >= 0, the positive's (index 0) the largest: the paper's "hierarchy among negatives"
+    with the relevance a world knows (a one-grain near miss earns partial credit). Ranks: the pessimistic rule for
+    the positive, negatives in descending order (ties by index), as in R_Rank."""
+    r, neg_ranks = ranks_with_positive_last(scores, backend)
+    ranks = torch.cat([r[..., None], neg_ranks], -1).to(torch.float32)                 # (..., C) a permutation
+    gains = gains.to(torch.float32).expand_as(ranks)
+    dcg = (gains / torch.log2(1 + ranks)).sum(-1)
+    ideal = gains.sort(-1, descending=True).values
+    idcg = (ideal / torch.log2(torch.arange(2, ranks.shape[-1] + 2, dtype=torch.float32, device=ranks.device))).sum(-1)
+    return dcg / idcg.clamp(min=1e-12)
 
 
 def sequence_credit(S: torch.Tensor, cfg: RewardConfig = RewardConfig()) -> torch.Tensor:

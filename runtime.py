@@ -534,7 +534,9 @@ def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
     `adv_query`: the share of the batch's |advantage| mass (over sampled tokens) on query summaries rather than
     candidate summaries. `drift`: the mean cosine distance between the policy's and the stage-2 model's (e_ref)
     embeddings of the same sampled words -- how far the map from words to embeddings has moved, which the policy
-    gradient does not see."""
+    gradient does not see. `cos_mean` / `cos_std` / `cos_pos`: the rollouts' cosines, all and the positive's.
+    `scale_only_groups`: groups whose rollouts rank the candidates in the same order but whose rewards differ --
+    advantage that is pure score scale (at fixed ranks R_Rank is linear in the cosines)."""
     B, G, K = ro.shape
     lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
     exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
@@ -547,6 +549,11 @@ def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
 
     tok_adv = A_seq.abs().cpu()[:, None] * ro.sampled.cpu().float()                                 # (S, T)
     per_item = tok_adv.sum(1).view(B, G, K)
+    # the scale channel: R_Rank is linear in the cosines at fixed ranks, so rewards can differ with the order unchanged
+    s = ro.scores.float().cpu()                                                                     # (B, G, C)
+    order = s.argsort(-1, descending=True)                                                          # (B, G, C)
+    same_order = (order == order[:, :1]).all(-1).all(-1)                                            # (B,)
+    differ = (R.max(1).values - R.min(1).values) >= 1e-6                                            # (B,)
     return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
            "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
            "top1": (parts["pos_rank"] == 1).float().mean().item(),
@@ -556,7 +563,9 @@ def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
            "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
            "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
-           "drift": (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item()}
+           "drift": (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item(),
+           "cos_mean": s.mean().item(), "cos_std": s.std().item(), "cos_pos": s[..., 0].mean().item(),
+           "scale_only_groups": (same_order & differ).float().mean().item()}
 
 
 def global_tokens(mask: torch.Tensor, args) -> float | None:

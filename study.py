@@ -4,6 +4,7 @@ ours, not the paper's. train.py is the paper; this file calls its functions with
 
     python study.py run [train.py's flags] [a variant's flags]    # the pipeline with variants (e.g. --control)
     python study.py runs INIT OUT [--only REGEX] [--jobs 2]       # the study's stage-3 runs from one stage-2 model
+    python study.py audit --ckpt runs/cpu/contrastive             # the reward audit: does the reward pick better words?
     python study.py compare RUN_A RUN_B                           # are two run folders the same, number for number?
     python study.py run --help                                    # every flag
 
@@ -16,6 +17,10 @@ The variants (each off by default; stage, what it changes -- why):
                            (the equal-compute control) -- without it no claim about ELVA means anything
   --reward toy|length      stage 3: a reward known to be learnable, colour words in the summaries / minus their
                            length -- checks that GRPO itself can climb (the learnability ladder)
+  --reward rank|zscore|ndcg stage 3: a scale-free reward (reward.py): the rank alone, R_total on standardised scores,
+                           graded NDCG with near misses at half credit -- R_Rank pays for inflating scores
+  --best_of_g              stage 3: best-of-G distillation: the next-token loss on the group's best query summary
+                           -- the audit finds better summaries within sampling reach; can a policy learn them?
   --credit sequence        stage 3: each summary credited for its own part of the ranking (reward.sequence_credit)
                            -- in the paper one rollout reward is shared by its 2 + N summaries
   --sample query           stage 3: only the query's summary is sampled, candidates keep their greedy ones -- a
@@ -47,8 +52,10 @@ from pathlib import Path
 import torch
 
 import data
+import elva
 import train
-from reward import group_advantages, sequence_credit
+from reward import (RewardConfig, group_advantages, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
+                    zscore_reward)
 from runtime import check_fractions, fail, my_share, my_share_of_items, optimizer_step, phase, world_of
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,6 +173,63 @@ def sample_queries_only(args, policy, pb, images, index, gen, K):
     return summ, ended, ~is_query
 
 
+def one_grain_apart(a, b) -> bool:
+    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit): one attribute of one object, two
+    objects' colours swapped (binding), or two objects' places swapped (relation)."""
+    if a is None or b is None or len(a.objects) != len(b.objects) or a == b:
+        return False
+    at = {(o.row, o.col): o for o in a.objects}
+    bt = {(o.row, o.col): o for o in b.objects}
+    if at.keys() == bt.keys():
+        diff = [(at[c], bt[c]) for c in at if at[c] != bt[c]]
+        fields = [[f for f in ("shape", "color", "size") if getattr(x, f) != getattr(y, f)] for x, y in diff]
+        if len(diff) == 1 and len(fields[0]) == 1:                             # attribute
+            return True
+        if (len(diff) == 2 and fields == [["color"], ["color"]]                # binding: colours swapped
+                and diff[0][0].color == diff[1][1].color and diff[1][0].color == diff[0][1].color):
+            return True
+    key = lambda o: (o.shape, o.color, o.size)                                 # noqa: E731
+    moved = [(o, p) for o in a.objects for p in b.objects if key(o) == key(p) and (o.row, o.col) != (p.row, p.col)]
+    same = {key(o) for o in a.objects} == {key(p) for p in b.objects}
+    return same and len(moved) == 2 and (moved[0][0].row, moved[0][0].col) == (moved[1][1].row, moved[1][1].col)
+
+
+def grain_gains(query, negatives) -> torch.Tensor:
+    """NDCG gains of an instance's candidate list (positive, negatives): 1 for the positive, 0.5 for a negative one
+    grain from the positive's scene (GrainWorld knows), else 0. -> (C,)"""
+    pos = query.positive.scene
+    return torch.tensor([1.0] + [0.5 if one_grain_apart(c.scene, pos) else 0.0 for c in negatives])
+
+
+def scale_free_reward(args, ro: train.Rollout, policy) -> tuple[torch.Tensor, dict]:
+    """--reward rank | zscore | ndcg (replaces step 2): the scale-free rewards of reward.py (ours): the order of the
+    ranked list alone (rank: 1 / (1 + ln r); ndcg: graded, near misses half credit) or R_total on standardised
+    scores (zscore). The paper's parts are still logged."""
+    s = ro.scores.cpu()                                                        # (B, G, C)
+    if args.reward == "rank":
+        R = rank_reward(s)
+    elif args.reward == "zscore":
+        R = zscore_reward(s, args.reward_cfg)
+    else:
+        gains = torch.stack([grain_gains(q, n) for q, n in zip(ro.queries, ro.negatives)])   # (B, C)
+        R = ndcg_reward(s, gains[:, None, :])
+    _, parts = args.reward_cfg(s, return_parts=True)
+    return R, parts
+
+
+def best_of_group_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
+    """--best_of_g (replaces step 3): best-of-G distillation as a one-hot advantage. The rollout with the group's
+    highest reward gets A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so
+    that the clipped loss is about the mean next-token loss of the kept summaries: rejection sampling by the reward,
+    iterated on-policy (the improved policy samples the next round). -> (S,)"""
+    B, G, K = ro.shape
+    A = torch.zeros(B, G, K)
+    best = R.argmax(1)                                                         # (B,)
+    live = (R.max(1).values - R.min(1).values) >= 1e-6                         # (B,)
+    A[torch.arange(B)[live], best[live], 0] = float(G)
+    return A.reshape(-1)
+
+
 def control_step(args, policy, ref, opt, made, gen, autocast, step, folder: Path) -> dict:
     """--control (replaces grpo_step): the equal-compute control, stage 2 continued -- stage 2's exact loss (InfoNCE
     with summary dropout + next-token loss, its tau, lm_weight and dropout rate, read from the stage-2 checkpoint)
@@ -197,8 +261,10 @@ def elva_variant(args):
     extra = ([pathwise_loss] if args.pathwise > 0 else []) + ([anchor_loss] if args.anchor > 0 else [])
     return functools.partial(
         train.grpo_step, sample=sample_queries_only if args.sample == "query" else train.sample_all,
-        reward=train.paper_reward if args.reward == "paper" else lexical_reward,
-        advantages=sequence_credit_advantages if args.credit == "sequence" else train.rollout_advantages,
+        reward={"paper": train.paper_reward, "toy": lexical_reward, "length": lexical_reward}.get(args.reward,
+                                                                                             scale_free_reward),
+        advantages=(best_of_group_advantages if args.best_of_g else sequence_credit_advantages
+                    if args.credit == "sequence" else train.rollout_advantages),
         extra_losses=tuple(extra))
 
 
@@ -220,7 +286,10 @@ def run_parser() -> argparse.ArgumentParser:
     add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries starts")
     add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
     add("--control", action="store_true", help="the equal-compute control instead of GRPO (control_step)")
-    add("--reward", default="paper", choices=["paper", "toy", "length"], help="the reward (lexical_reward)")
+    add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg"],
+        help="the reward: the paper's, a lexical one (lexical_reward) or a scale-free one (scale_free_reward)")
+    add("--best_of_g", action="store_true", help="best-of-G distillation: only the best rollout's query summary is "
+        "trained (best_of_group_advantages); use with --sample query")
     add("--credit", default="rollout", choices=["rollout", "sequence"], help="advantages (sequence_credit_advantages)")
     add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled (sample_queries_only)")
     add("--anchor", type=float, default=0.0, help="weight of the embedding anchor (anchor_loss)")
@@ -245,6 +314,137 @@ def run(argv):
     variant2 = args.summary_dropout_end is not None or args.own_summaries > 0
     train.main(args=args, contrastive_inputs=stage2_variant_inputs if variant2 else None,
                contrastive_loss=stage2_variant_loss if variant2 else train.stage2_loss, elva_step=elva_variant(args))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python study.py audit --ckpt DIR`: the reward audit, no training. Does the reward point at better summaries when
+# they are sampled (then the optimiser is what fails), or the wrong way (then the reward is)?
+
+
+def _avg_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks within each row (1 = smallest), ties averaged. x (N, G) -> (N, G)."""
+    less = (x[:, None, :] < x[:, :, None]).sum(-1).float()
+    equal = (x[:, None, :] == x[:, :, None]).sum(-1).float()
+    return less + (equal + 1) / 2
+
+
+def group_spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over rows of Spearman's rho between x and y (N, G); a row where either side is constant counts 0."""
+    a, b = _avg_ranks(x), _avg_ranks(y)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(den > 1e-9, (a * b).sum(1) / den.clamp(min=1e-9), torch.zeros_like(den)).mean().item()
+
+
+@torch.no_grad()
+def embed_with(ret, items, instr, summaries, chunk: int = 256) -> torch.Tensor:
+    """Items embedded with the given summaries (teacher-forced, then [RET]) -> (N, D)."""
+    out = []
+    for i in range(0, len(items), chunk):
+        b, imgs = ret.batch(items[i:i + chunk], instr[i:i + chunk], summaries[i:i + chunk])
+        out.append(ret.model.embed(b, imgs).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int, rng, autocast):
+    """One task's MRBench-mini queries: the true pool rank of the positive with each kind of query summary, and
+    the rewards of G sampled summaries in the paper's context (positive + n_hard hardest + n_rand random candidates
+    of the pool, each with its greedy summary)."""
+    import eval as evaluation
+    Q, instr = len(queries), [data.INSTRUCTIONS[task]] * len(queries)
+    items = [q.item for q in queries]
+    with autocast():
+        ep, _ = ret.embed_items(pool, [None] * len(pool))                      # (P, D) the pool's greedy summaries
+        b, imgs = ret.batch(items, instr, None)
+        greedy = ret.model.generate(b["tokens"], b["attn"], imgs)
+        index = torch.arange(Q, device=b["tokens"].device).repeat_interleave(G)
+        samples = ret.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=gen,
+                                     index=index)                              # Q * G, query-major
+        kinds = {"greedy": greedy, "empty": [[] for _ in items],
+                 "reference": [ret.enc.summary(q.item.summary) for q in queries]}
+        emb = {k: embed_with(ret, items, instr, v) for k, v in kinds.items()}
+        es = embed_with(ret, [it for it in items for _ in range(G)], [i for i in instr for _ in range(G)], samples)
+    rel = data.relevant_indices(task, queries, pool)                           # (Q, P_max)
+    ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
+    true = evaluation.ranks_of_best_positive(es, ep, rel.repeat_interleave(G, 0)).view(Q, G).float()   # (Q, G)
+    # the paper's context per query: the positive, the hardest and some random non-relevant pool candidates
+    s_greedy = emb["greedy"] @ ep.T                                            # (Q, P)
+    ctx = []
+    for qi, q in enumerate(queries):
+        relevant = set(x for x in rel[qi].tolist() if x >= 0)
+        pos = pool.index(q.positive) if q.positive in pool else min(relevant)
+        others = [j for j in s_greedy[qi].argsort(descending=True).tolist() if j not in relevant]
+        rest = others[n_hard:]
+        ctx.append([pos] + others[:n_hard] + rng.sample(rest, min(n_rand, len(rest))))
+    ctx = torch.tensor(ctx)                                                    # (Q, C)
+    scores = torch.einsum("qgd,qcd->qgc", es.view(Q, G, -1).cpu(), ep.cpu()[ctx])   # (Q, G, C)
+    gains = torch.stack([torch.tensor([1.0] + [0.5 if one_grain_apart(pool[j].scene, q.positive.scene) else 0.0
+                                               for j in row[1:].tolist()]) for q, row in zip(queries, ctx)])
+    cfg = RewardConfig()
+    rewards = {"R_total (paper)": cfg(scores), "R_Rank (paper)": ranking_reward(scores),
+               "rank only": rank_reward(scores), "zscore R_total": zscore_reward(scores, cfg),
+               "ndcg (graded)": ndcg_reward(scores, gains[:, None, :])}
+    lengths = torch.tensor([len(x) for x in samples], dtype=torch.float32).view(Q, G)
+    return ranks, true, rewards, lengths, scores.mean(-1)
+
+
+def audit(argv):
+    p = argparse.ArgumentParser(prog="study.py audit", description="the reward audit (no training): R@5 on "
+                                "MRBench-mini with greedy / empty / reference query summaries, the mean of G sampled "
+                                "ones, the best of G chosen by each reward, and the oracle best of G")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder (e.g. runs/cpu/contrastive)")
+    p.add_argument("--samples", type=int, default=16, help="G: sampled query summaries per query")
+    p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--n_hard", type=int, default=4, help="hardest pool candidates in each reward's context")
+    p.add_argument("--n_rand", type=int, default=4, help="random pool candidates in each reward's context")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the random context")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    a = p.parse_args(argv)
+    if a.samples < 2 or a.queries < 1 or not a.temperature > 0:
+        fail("--samples / --queries / --temperature", (a.samples, a.queries, a.temperature), ">= 2, >= 1, > 0")
+    torch.set_num_threads(a.threads or elva.default_threads())
+    device, autocast = elva.resolve_device(a.device)
+    ret = elva.Retriever.from_pretrained(a.ckpt, device)
+    if not isinstance(ret.meta.get("world"), dict):
+        fail("--ckpt", a.ckpt, "a checkpoint trained on GrainWorld (its config.json has a 'world' section)")
+    world = data.GrainWorld(data.WorldConfig(**ret.meta["world"]))
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    t0 = time.time()
+    parts = []
+    for task, (queries, pool) in world.mrbench_mini(a.queries).items():
+        parts.append(audit_task(ret, task, queries, pool, a.samples, a.temperature, gen, a.n_hard, a.n_rand, rng,
+                                autocast))
+        print(f"audit: {task} done ({time.time() - t0:.0f}s)", flush=True)
+    cat = lambda i: torch.cat([x[i] for x in parts])                          # noqa: E731
+    true, lengths, mean_cos = cat(1), cat(3), cat(4)                           # (N, G)
+    rows = {f"{k} summary": torch.cat([x[0][k] for x in parts]).float() for k in ("greedy", "empty", "reference")}
+    rows[f"mean of {a.samples} samples"] = true                                # R@5 averaged over the samples
+    idx = torch.arange(true.shape[0])
+    corr = {}
+    for name in parts[0][2]:
+        R = torch.cat([x[2][name] for x in parts])                             # (N, G)
+        rows[f"best of {a.samples} by {name}"] = true[idx, R.argmax(1)]
+        corr[name] = (group_spearman(R, -true), group_spearman(R, lengths), group_spearman(R, mean_cos))
+    rows[f"oracle best of {a.samples} (true pool rank)"] = true.min(1).values
+    res = {"ckpt": a.ckpt, "queries": int(true.shape[0]), "samples": a.samples,
+           "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()} for k, v in rows.items()},
+           "spearman": {k: dict(zip(("true_rank", "length", "mean_cos"), v)) for k, v in corr.items()}}
+    print(f"\nReward audit of {a.ckpt}: MRBench-mini, {res['queries']} queries ({a.queries} per task), the pool's "
+          f"greedy summaries; context = positive + {a.n_hard} hardest + {a.n_rand} random ({time.time() - t0:.0f}s)")
+    print("| the query's summary | R@5 | mean rank of the positive |\n|---|---|---|")
+    for k, v in res["rows"].items():
+        print(f"| {k} | {v['R@5']:.3f} | {v['mean_rank']:.2f} |")
+    print("\n| reward | Spearman with the true pool rank (+: better) | with summary length | with mean cosine |"
+          "\n|---|---|---|---|")
+    for k, v in res["spearman"].items():
+        print(f"| {k} | {v['true_rank']:+.2f} | {v['length']:+.2f} | {v['mean_cos']:+.2f} |")
+    if a.out:
+        elva._atomic_write(Path(a.out), lambda f: f.write_text(json.dumps(res, indent=2)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,7 +567,7 @@ def compare(argv):
     sys.exit(1 if bad or not files else 0)
 
 
-COMMANDS = {"run": run, "runs": study_runs, "compare": compare}
+COMMANDS = {"run": run, "runs": study_runs, "audit": audit, "compare": compare}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -135,6 +135,26 @@ def test_group_advantages():
         reward.group_advantages(torch.ones(3, 1))
 
 
+def test_scale_free_rewards_by_hand_and_invariant():
+    """Ours: rank, zscore and ndcg depend on the order (or standardised scores) only; the paper's R_total does not."""
+    s = torch.tensor([[0.5, 0.2, 0.6, 0.1], [0.9, 0.2, 0.1, 0.3]])       # positive at index 0: rank 2, then rank 1
+    gains = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    assert torch.allclose(reward.rank_reward(s), torch.tensor([1 / (1 + math.log(2)), 1.0]))
+    dcg = 1 / math.log2(3) + 0.5 / math.log2(4)                           # positive at 2, the near miss at 3
+    assert reward.ndcg_reward(s, gains)[0].item() == pytest.approx(dcg / (1 + 0.5 / math.log2(3)), abs=1e-6)
+    assert reward.ndcg_reward(s, gains)[1].item() == pytest.approx((1 + 0.5 / math.log2(4)) / (1 + 0.5 / math.log2(3)),
+                                                                   abs=1e-6)
+    for a, b in ((2.0, 0.3), (0.5, -1.0)):                                # s -> a s + b, a > 0
+        t = a * s + b
+        assert torch.allclose(reward.rank_reward(t), reward.rank_reward(s))
+        assert torch.allclose(reward.zscore_reward(t), reward.zscore_reward(s), atol=1e-5)
+        assert torch.allclose(reward.ndcg_reward(t, gains), reward.ndcg_reward(s, gains))
+    assert not torch.allclose(reward.total_reward(2 * s), reward.total_reward(s))   # the paper's: scale pays
+    tied = torch.full((1, 4), 0.7)                                        # a collapsed list: the worst rank
+    assert reward.rank_reward(tied).item() == pytest.approx(1 / (1 + math.log(4)))
+    assert reward.zscore_reward(tied).item() == pytest.approx(reward.total_reward(torch.zeros(1, 4)).item())
+
+
 def test_sequence_credit():
     g = torch.Generator().manual_seed(0)
     # all G rollouts embed alike: every summary's credit is the rollout's own R_total
@@ -1374,3 +1394,42 @@ def test_sample_query_only_fixes_candidate_summaries(world, tok):
     assert not trained[:, :, 1:].any() and trained[:, :, 0].all()
     items, instr = train.rollout_items(inst)
     assert ret.summarise(items[1:K], instr[1:K]) == summ[0][1:]       # the greedy summaries
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The study's tools (ours): one-grain relations, best-of-G advantages, the reward audit
+
+
+def test_one_grain_apart_matches_the_world_edits():
+    rng = random.Random(0)
+    w = data.GrainWorld(data.WorldConfig(seed=4, n_train=80, n_val=0, n_test=0))
+    for s in w.splits["train"]:
+        for kind in ("attribute", "binding", "relation"):
+            t = data.scene_edit(rng, s, kind)
+            if t is not None:
+                assert study.one_grain_apart(s, t) and study.one_grain_apart(t, s), kind
+        assert not study.one_grain_apart(s, s)
+    scenes = w.splits["train"][:40]
+    assert sum(study.one_grain_apart(a, b) for a in scenes for b in scenes) == 0   # unrelated scenes
+
+
+def test_best_of_group_advantages_one_hot():
+    ro = train.Rollout({}, None, None, None, torch.zeros(2, 3, 4, 1), None)           # B 2, G 3, K 4
+    R = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.5, 0.5]])                                # group 2 ties: no signal
+    A = study.best_of_group_advantages(None, ro, R).view(2, 3, 4)
+    assert A[0, 1, 0] == 3 and A.sum() == 3 and A[1].abs().sum() == 0
+
+
+def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
+    """python study.py audit on a small checkpoint: every row printed, and the oracle best of G is never worse than
+    the mean sample or any reward's choice (it picks by the true rank)."""
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": world.cfg.__dict__, "step": 0})
+    study.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "audit.json")])
+    res = json.loads((tmp_path / "audit.json").read_text())
+    rows = res["rows"]
+    assert res["queries"] == 12 and "greedy summary" in rows and "best of 3 by R_total (paper)" in rows
+    oracle = rows["oracle best of 3 (true pool rank)"]["mean_rank"]
+    assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean")))
+    assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total", "ndcg (graded)"}

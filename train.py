@@ -382,6 +382,7 @@ class Rollout:
     summaries: list = field(default_factory=list)   # S sampled summaries (token ids)
     ended: list = field(default_factory=list)       # S bools: the summary sampled its [RET] (False: forced)
     queries: list = field(default_factory=list)     # the B instances' Query objects
+    negatives: list = field(default_factory=list)   # the B instances' negative Items
 
     @property
     def shape(self):
@@ -428,7 +429,7 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast,
     with phase("score"), torch.no_grad():
         e = policy.model.ret_embedding(h, sb["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
         scores = rollout_scores(e)                                                  # (B, G, K - 1)
-    return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, [q for q, _ in batch])
+    return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, *map(list, zip(*batch)))
 
 
 def paper_reward(args, ro: Rollout, policy) -> tuple[torch.Tensor, dict]:
