@@ -355,10 +355,11 @@ class Retriever:
     """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation, RL) or given
     (teacher forcing). The public face is the one people know from CLIP and sentence-transformers:
 
-        r = Retriever.from_pretrained("runs/cpu/contrastive")
-        q = r.encode_text(["a red circle left of a blue square"], instruction=data.INSTRUCTIONS["t2i"])
-        c = r.encode_image(["a.png", "b.png"])
-        scores, indices = r.search(q, c, k=5)
+        r = Retriever.from_pretrained("runs/cpu/contrastive")       # the GPU when there is one
+        q = r.encode_text("a red circle left of a blue square", instruction=data.INSTRUCTIONS["t2i"])   # (D,)
+        c = r.encode_image(["a.png", "b.png"])                       # PIL images or paths -> (2, D)
+        e, words = r.encode(texts=["make the circle blue"], images=["a.png"], return_summaries=True)
+        scores, indices = r.search(q, c, k=5)                        # tensors or numpy
     """
 
     def __init__(self, model: ELVAModel, tok, meta: dict | None = None):
@@ -366,7 +367,9 @@ class Retriever:
         self.enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu") -> "Retriever":
+    def from_pretrained(cls, folder, device=None) -> "Retriever":
+        """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there is one)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok, meta = load_checkpoint(folder, device)
         return cls(model.eval(), tok, meta)
 
@@ -416,35 +419,119 @@ class Retriever:
         return torch.cat(embs), texts
 
     # -- the public API ----------------------------------------------------------------------------------------------
-    def encode_text(self, texts: list[str], instruction: str | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Texts -> (N, D) unit embeddings (generated summary, then [RET]). Over-long texts are cut to fit."""
-        items = [data.Item(text=t) for t in texts]
-        n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
-        if n_cut:
-            print(f"encode_text: {n_cut} of {len(items)} texts were cut to the model's maximum length")
-        return self.embed_items(items, [instruction] * len(items), batch_size)[0]
+    def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
+               return_summaries: bool = False, convert_to_numpy: bool = False):
+        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image, text) -> image tasks)
+        -> unit embeddings, each from a generated summary and [RET]. A single input (a str, a PIL image or a path)
+        gives (D,), a list (N, D), an empty list (0, D). Texts longer than the model's maximum are cut (said once).
+        return_summaries: also the generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
+        single = isinstance(texts, str) or _is_image(images)
+        texts = [texts] if isinstance(texts, str) else texts
+        images = [images] if _is_image(images) else images
+        if texts is None and images is None:
+            raise ValueError("encode: give texts=, images= or both")
+        for name, xs in (("texts", texts), ("images", images)):
+            if xs is not None and not isinstance(xs, (list, tuple)):
+                raise TypeError(f"encode: {name} must be a {'str' if name == 'texts' else 'PIL image, a path'} or a "
+                                f"list of them, got {type(xs).__name__}")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"encode: {len(texts)} texts and {len(images)} images; a composed query pairs text i "
+                             f"with image i, so give as many of each")
+        n = len(texts if texts is not None else images)
+        items = []
+        for i in range(n):
+            t = texts[i] if texts is not None else ""
+            if not isinstance(t, str):
+                raise TypeError(f"encode: text {i} is a {type(t).__name__}; expected a str")
+            im = images[i] if images is not None else None
+            if im is None and not t.strip():
+                raise ValueError(f"encode: text {i} is blank; expected some words (or an image)")
+            items.append(data.Item(text=t.strip(), **_image_field(im, i)))
+        if n == 0:
+            e, summ = torch.zeros(0, self.model.cfg.d_model, device=self.device), []
+        else:
+            n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
+            if n_cut:
+                print(f"encode: {n_cut} of {n} texts were cut to the model's maximum length")
+            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None)
+            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast)
+        out = (e[0], summ[0]) if single else (e, summ)
+        if convert_to_numpy:
+            out = (out[0].cpu().numpy(), out[1])
+        return out if return_summaries else out[0]
 
-    def encode_image(self, images, instruction: str | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Images (PIL images or paths) -> (N, D) unit embeddings."""
-        items = [data.Item(image_path=str(im)) if isinstance(im, (str, os.PathLike)) else data.Item(image=im)
-                 for im in images]
-        return self.embed_items(items, [instruction] * len(items), batch_size)[0]
+    def encode_text(self, texts, instruction: str | None = None, **kw):
+        """A str (-> (D,)) or a list of str (-> (N, D)); see encode."""
+        return self.encode(texts=texts, instruction=instruction, **kw)
+
+    def encode_image(self, images, instruction: str | None = None, **kw):
+        """A PIL image or a path (-> (D,)), or a list of them (-> (N, D)); see encode."""
+        return self.encode(images=images, instruction=instruction, **kw)
+
+    def save_pretrained(self, folder):
+        """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back."""
+        save_checkpoint(folder, self.model, self.tok, {k: v for k, v in self.meta.items() if k not in ("files", "model")})
 
     @staticmethod
-    def search(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, k: int = 10, chunk: int = 65536):
-        """-> (scores (Q, k), indices (Q, k)): each query's k highest-cosine corpus items, best first. The corpus is
-        streamed in chunks with a running top-k, so memory is O(Q * (k + chunk)), never the whole [Q, N] matrix."""
-        q = F.normalize(query_embeddings.float(), dim=-1)
-        best_s = torch.empty(q.shape[0], 0, device=q.device)
-        best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-        for n0 in range(0, corpus_embeddings.shape[0], chunk):
-            c = F.normalize(corpus_embeddings[n0:n0 + chunk].float(), dim=-1)
-            s = q @ c.T                                                         # (Q, chunk)
-            s = torch.cat([best_s, s], 1)
-            i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=q.device).expand(q.shape[0], -1)], 1)
-            top = s.topk(min(k, s.shape[1]), dim=1)
-            best_s, best_i = top.values, i.gather(1, top.indices)
-        return best_s, best_i
+    def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536, as_hits: bool = False):
+        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN score ranks last, equal
+        scores keep corpus order. Tensors or numpy in (a single query (D,) is one row). -> (scores (Q, k), indices
+        (Q, k)), numpy when the queries came as numpy; as_hits: sentence-transformers' semantic_search form, a list
+        per query of {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
+        as_numpy = not isinstance(query_embeddings, torch.Tensor)
+        q, c = torch.as_tensor(query_embeddings), torch.as_tensor(corpus_embeddings)
+        q = q[None] if q.dim() == 1 else q
+        scores, idx = ranked_top_k(q, c.to(q.device), k, chunk=chunk)
+        if as_hits:
+            return [[{"corpus_id": j, "score": v} for j, v in zip(ri, rs)] for ri, rs in zip(idx.tolist(),
+                                                                                       scores.tolist())]
+        return (scores.cpu().numpy(), idx.cpu().numpy()) if as_numpy else (scores, idx)
+
+
+def _is_image(x) -> bool:
+    """A single image input: a PIL image or a path (a str that names a file is a path only for images=)."""
+    return hasattr(x, "convert") or isinstance(x, (str, os.PathLike))
+
+
+def _image_field(im, i: int) -> dict:
+    """An encode() image -> the Item field that carries it, checked before any work."""
+    if im is None:
+        return {}
+    if hasattr(im, "convert"):
+        return {"image": im}
+    if isinstance(im, (str, os.PathLike)):
+        if not Path(im).is_file():
+            raise FileNotFoundError(f"encode: image {i} {str(im)!r} is not a file; expected an image Pillow can open")
+        return {"image_path": str(im)}
+    raise TypeError(f"encode: image {i} is a {type(im).__name__}; expected a PIL image or a path")
+
+
+def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives: torch.Tensor | None = None,
+                 chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of each query by cosine, in the order every ranked output of this project uses -- the reward's rule:
+    a NaN score ranks last, and among equal scores a relevant item (positives (Q, P_max): query i's relevant corpus
+    indices, -1 pads) ranks after the others (ties never favour the positive), the rest in corpus order. Streamed in
+    chunks with a running top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
+    qn = F.normalize(q.float(), dim=-1)
+    Q, dev = q.shape[0], q.device
+    best_s = torch.empty(Q, 0, device=dev)
+    best_i = torch.empty(Q, 0, dtype=torch.long, device=dev)
+    pos = None if positives is None else torch.as_tensor(positives, dtype=torch.long, device=dev).reshape(Q, -1)
+    for n0 in range(0, corpus.shape[0], chunk):
+        c = F.normalize(corpus[n0:n0 + chunk].float(), dim=-1)
+        s = torch.cat([best_s, qn @ c.T], 1)                                   # (Q, k + chunk): best so far first
+        i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=dev).expand(Q, -1)], 1)
+        if pos is not None:   # relevant items first sorted to the back, so that the stable sort below keeps them
+            rel = torch.zeros(Q, c.shape[0], dtype=torch.bool, device=dev)     # after every equal-scoring other
+            m = (pos >= n0) & (pos < n0 + c.shape[0])
+            rel[m.nonzero()[:, 0], pos[m] - n0] = True
+            rel = torch.cat([(best_i[:, :, None] == pos[:, None, :]).any(-1), rel], 1)
+            order = rel.to(torch.int8).argsort(dim=1, stable=True)
+            s, i = s.gather(1, order), i.gather(1, order)
+        key = torch.nan_to_num(s, nan=float("-inf"))
+        order = key.argsort(dim=1, descending=True, stable=True)[:, :k]
+        best_s, best_i = s.gather(1, order), i.gather(1, order)
+    return best_s, best_i
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -424,7 +424,8 @@ def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
 
 def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
     """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
-    the top k, IDCG the same for min(#positives, k) relevant items at the top."""
+    the top k, IDCG the same for min(#positives, k) relevant items at the top. `top` must come ranked by the
+    reward's rule (elva.ranked_top_k with the positives), so that a collapsed model earns nothing."""
     import math
     total = 0.0
     for row, pos in zip(top.tolist(), positives):
@@ -487,7 +488,8 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
         width = max(len(p) for p in qs.positives)
         pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.positives])           # (Q, P_max), -1 pads
         ranks = ranks_of_best_positive(eq, ep, pos)
-        scores, top = elva.Retriever.search(eq, ep, k=max(10, run_depth))                # (Q, k) streamed
+        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after equal scores)
+        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))   # (Q, k)
         out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.positives), "queries": len(qs.items),
                      "pool": len(pool.items), "nonfinite": n_nonfinite(eq, ep), "seconds": time.time() - t0}
         for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):

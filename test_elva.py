@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -1272,6 +1273,31 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert torch.allclose(c[0], c[1], atol=1e-5)                       # a PIL image and its file embed alike
     scores, idx = r.search(e, c, k=1)
     assert idx.shape == (2, 1) and scores.shape == (2, 1)
+    # a single input gives one vector; a list (N, D); an empty list (0, D) -- the API people know
+    D = r.model.cfg.d_model
+    one = r.encode_text("a triangle", instruction=data.INSTRUCTIONS["t2i"])
+    assert one.shape == (D,) and torch.allclose(one, r.encode_text(["a triangle"], data.INSTRUCTIONS["t2i"])[0])
+    assert r.encode_text("triangle").shape == (D,)                     # not one embedding per character
+    assert r.encode_image(img).shape == (D,) and r.encode_image(str(tmp_path / "a.png")).shape == (D,)
+    assert r.encode_text([]).shape == (0, D)
+    composed, words = r.encode(texts=["make the circle blue", "x"], images=[img, img], return_summaries=True)
+    assert composed.shape == (2, D) and len(words) == 2 and all(isinstance(w, str) for w in words)
+    assert isinstance(r.encode_text("a circle", return_summaries=True)[1], str)
+    arr = r.encode_text(["a", "b"], convert_to_numpy=True)
+    s_np, i_np = r.search(arr, c.numpy(), k=2)                         # numpy in, numpy out
+    assert isinstance(i_np, np.ndarray) and i_np.shape == (2, 2)
+    hits = r.search(arr[0], c.numpy(), k=2, as_hits=True)              # sentence-transformers' form
+    assert len(hits) == 1 and set(hits[0][0]) == {"corpus_id", "score"}
+    for bad, err in (((" ",), "text 0 is blank"), ((str(tmp_path / "gone.jpg"),), "image 0 .*gone.jpg.* not a file"),
+                     ((3,), "texts must be")):
+        with pytest.raises((ValueError, FileNotFoundError, TypeError), match=err):
+            if "gone" in str(bad[0]):
+                r.encode_image(bad[0])
+            else:
+                r.encode_text(bad[0])
+    r.save_pretrained(tmp_path / "saved")                              # round trip
+    r2 = elva.Retriever.from_pretrained(tmp_path / "saved")
+    assert torch.allclose(r2.encode_text("a triangle"), r.encode_text("a triangle"))
     # evaluation's pools: chunks made in DataLoader workers embed to the same numbers as in-process
     qs = world.sample_queries(random.Random(0), 5)
     items, instr = [q.positive for q in qs] + [q.item for q in qs], [None] * 5 + [data.INSTRUCTIONS[q.task] for q in qs]
@@ -1433,3 +1459,19 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
     oracle = rows["oracle best of 3 (true pool rank)"]["mean_rank"]
     assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean")))
     assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total", "ndcg (graded)"}
+
+
+def test_ranked_outputs_follow_the_reward_rule():
+    """search, NDCG and the run file rank as the reward does: NaN last; among equal scores a positive after the
+    others. A collapsed model (all embeddings equal) must score R@10 = 0 and NDCG@10 = 0 alike."""
+    q, c = torch.ones(2, 4), torch.ones(30, 4)                          # collapsed: every score ties
+    pos = torch.tensor([[3, -1], [0, 7]])
+    s, top = elva.ranked_top_k(q, c, 10, positives=pos, chunk=8)        # streamed over chunks
+    assert not ({3} & set(top[0].tolist()) or {0, 7} & set(top[1].tolist()))
+    assert realdata.ndcg_at_k(top, [[3], [0, 7]]) == 0.0
+    import eval as evaluation
+    assert evaluation.recall_mrr(evaluation.ranks_of_best_positive(q, c, pos))["R@10"] == 0.0
+    c2 = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    c2[1] = float("nan")                                                # a NaN corpus vector never comes first
+    s, top = elva.Retriever.search(torch.randn(3, 4), c2, k=6)
+    assert (top[:, -1] == 1).all() and torch.isnan(s[:, -1]).all()
