@@ -619,8 +619,8 @@ def mine_negatives(retriever, queries: list[Item], instructions: list, pool: lis
     """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and pool, their cosines,
     then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q, P] bool: the data's own hard negatives
     (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate."""
-    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast())
-    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast())
+    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(), progress="mining: queries")
+    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(), progress="mining: pool")
     scores = (eq @ ep.T).cpu()                                                 # (Q, P) stage-2 cosines
     if listed is not None:
         scores = torch.where(listed, torch.full_like(scores, threshold), scores)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -399,8 +400,9 @@ class Retriever:
 
     @torch.no_grad()
     def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
-                    workers: int | None = None) -> tuple[torch.Tensor, list[str]]:
+                    workers: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, list[str]]:
         """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading).
+        progress: a label; a long call prints items/s and an ETA under it at least every 10 s.
 
         Per chunk of batch_size items: the prompts are tokenised and the images rendered or read once (in DataLoader
         workers ahead of the model on a GPU: `workers`, default 0 on CPU), the summaries generated, then one
@@ -409,7 +411,13 @@ class Retriever:
         loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=default_workers(self.device, workers),
                                              pin_memory=self.device.type == "cuda")
         embs, texts = [], []
+        t0 = last = time.time()
         for prompts, imgs in loader:
+            if progress and time.time() - last >= 10:   # a long phase says how far it is, at least every 10 s
+                last, done = time.time(), len(texts)
+                rate = done / (last - t0)
+                print(f"{progress}: {done}/{len(items)} items, {rate:.0f} items/s, eta "
+                      f"{(len(items) - done) / max(rate, 1e-9):.0f} s", flush=True)
             with autocast or nullcontext():
                 pb, imgs = self.on_device(data.collate(prompts, None, self.enc.pad, self.enc.ret), imgs)
                 summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
@@ -454,7 +462,7 @@ class Retriever:
             if n_cut:
                 print(f"encode: {n_cut} of {n} texts were cut to the model's maximum length")
             autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None)
-            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast)
+            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast, progress="encode")
         out = (e[0], summ[0]) if single else (e, summ)
         if convert_to_numpy:
             out = (out[0].cpu().numpy(), out[1])
@@ -562,9 +570,15 @@ def default_workers(device: torch.device, workers: int | None = None) -> int:
 
 
 def default_threads() -> int:
-    """Torch's CPU threads by default: the cores this process may use (its CPU affinity), not the machine's count --
-    two jobs sharing two cores ran 12x slower with two threads each than with one."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Torch's CPU threads by default: OMP_NUM_THREADS when set (torchrun sets 1); else the cores this process may use
+    (its CPU affinity, not the machine's count) divided by the processes torchrun started on this machine
+    (LOCAL_WORLD_SIZE) -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
 
 
 def resolve_device(name: str):

@@ -71,12 +71,13 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def embed_queries(ret: elva.Retriever, task: str, queries, autocast, with_texts=False):
-    e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast())
+    e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast(),
+                               progress=f"eval {task} queries")
     return (e, texts) if with_texts else e
 
 
 def embed_pool(ret: elva.Retriever, pool, autocast):
-    return ret.embed_items(pool, [None] * len(pool), autocast=autocast())[0]
+    return ret.embed_items(pool, [None] * len(pool), autocast=autocast(), progress="eval pool")[0]
 
 
 def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
@@ -525,6 +526,12 @@ def main(argv=None):
             return
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: expected an integer >= 1")
+    for c in args.ckpt:   # a bad path is one line, before any work
+        if not (Path(c) / "config.json").is_file():
+            stages = sorted(d.name for d in Path(c).glob("*") if (d / "config.json").is_file())
+            p.error(f"--ckpt {c}: " + (f"a run folder, not a checkpoint; it holds the stage folders {stages}, e.g. "
+                                       f"--ckpt {Path(c) / stages[0]}" if stages else
+                                       "no config.json; expected a checkpoint folder written by train.py"))
     torch.set_num_threads(args.threads or elva.default_threads())
     device, autocast = elva.resolve_device(args.device)
     if args.mmeb or args.mbeir:

@@ -449,7 +449,8 @@ def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: in
             if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
                 print(f"  pool embeddings from the cache {path}")
                 return f.get_tensor("embeddings").to(ret.device)
-    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast())[0]
+    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast(),
+                        progress=f"pool {pool.path.name}")[0]
     if path is not None:
         from safetensors.torch import save_file
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +485,7 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
     for task, qs, pool in loaded:
         t0 = time.time()
         ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
-        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast())[0]
+        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(), progress=f"{task} queries")[0]
         width = max(len(p) for p in qs.positives)
         pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.positives])           # (Q, P_max), -1 pads
         ranks = ranks_of_best_positive(eq, ep, pos)

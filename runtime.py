@@ -144,9 +144,14 @@ def check_fractions(args, bounds):
 
 
 def set_threads(args) -> int:
-    """Torch's CPU threads: --threads, else the cores this process may use (elva.default_threads)."""
+    """Torch's CPU threads: --threads, else OMP_NUM_THREADS, else the cores this process may use divided by the
+    processes torchrun started beside it (elva.default_threads). Printed with where the number came from."""
     n = args.threads or elva.default_threads()
     torch.set_num_threads(n)
+    why = "--threads" if args.threads else ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else
+                                            "the cores this process may use / the processes on this machine")
+    print(f"threads: {n} (from {why})" + (f" | process {args.rank} of {args.world_size}"
+                                          if getattr(args, "world_size", 1) > 1 else ""))
     return n
 
 
@@ -226,10 +231,12 @@ class Logger:
     """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a resumed one keeps
     only the records up to the checkpoint it resumed from, so a log never holds a step twice."""
 
-    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int, writer: bool = True):
+    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int, writer: bool = True,
+                 show: tuple[str, ...] | None = None):
         self.writer = writer   # under torchrun only the first process writes and prints
         self.stage, self.total, self.start, self.every = stage, total, start, every
-        self.t0 = time.time()
+        self.show = show       # the keys the console line shows (None: all); the JSONL record keeps every key
+        self.t0 = self.printed = time.time()
         self.buffer = []       # records not yet read from the device (log with lazy=True)
         if not writer:
             return
@@ -266,10 +273,11 @@ class Logger:
         rec = {"stage": self.stage, "step": step, "ms_per_step": round(ms, 1), **rec}
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
-        if step % self.every == 0 or step == self.total - 1:
+        if step % self.every == 0 or step == self.total - 1 or now - self.printed >= 10:   # and at least every 10 s
+            self.printed = now
             eta = (self.total - step - 1) * ms / 1000
             parts = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                               if k not in ("stage", "step", "ms_per_step"))
+                               if k not in ("stage", "step", "ms_per_step") and (self.show is None or k in self.show))
             print(f"{self.stage} {step:05d}/{self.total} | {parts} | {ms:.0f} ms/step | eta {eta / 60:.1f} min",
                   flush=True)
 

@@ -1004,12 +1004,21 @@ def test_eval_inputs_are_checked(world, tok, tmp_path):
         elva.load_checkpoint(tmp_path / "ck")
 
 
-def test_threads_follow_the_cores_this_process_may_use():
+def test_threads_follow_the_cores_this_process_may_use(monkeypatch, capsys):
+    """--threads, else OMP_NUM_THREADS (torchrun sets 1), else the cores this process may use divided by the
+    processes torchrun started on the machine: two processes at two threads each on two cores ran 9x slower."""
     import os
     before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         args = train.get_args(["--preset", "smoke"])
-        assert runtime.set_threads(args) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert runtime.set_threads(args) == cores == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert runtime.set_threads(args) == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert runtime.set_threads(args) == 1 and "from OMP_NUM_THREADS" in capsys.readouterr().out
         args = train.get_args(["--preset", "smoke", "--threads", "1"])
         assert runtime.set_threads(args) == 1 == torch.get_num_threads()
     finally:
@@ -1475,3 +1484,12 @@ def test_ranked_outputs_follow_the_reward_rule():
     c2[1] = float("nan")                                                # a NaN corpus vector never comes first
     s, top = elva.Retriever.search(torch.randn(3, 4), c2, k=6)
     assert (top[:, -1] == 1).all() and torch.isnan(s[:, -1]).all()
+
+
+def test_eval_names_the_stage_folders_of_a_run_folder(tmp_path, tok):
+    import eval as evaluation
+    ret = tiny_model(tok)
+    elva.save_checkpoint(tmp_path / "run" / "contrastive", ret.model, tok, {"world": {}, "step": 0})
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ckpt", str(tmp_path / "run")])
+    assert train.get_args(["--margin_weight", "0.3", "--rank_weight", "0.7"]).reward_cfg.epsilon == 0.7

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -62,6 +61,8 @@ TRAIN_PRESETS = {
 }
 # Shared by every preset: AdamW's weight decay and warm-up, one GRPO update per batch (on-policy), stage 3's folder.
 COMMON = dict(weight_decay=0.05, warmup=0.05, num_iterations=1, elva_name="elva")
+# The arguments the run's first line shows (each checkpoint's config.json saves them all).
+SHOWN_ARGS = ("preset", "out", "seed", "stages", "device", "steps", "rl_steps", "rl_lr", "beta", "mbeir")
 # The arguments that decide the world, the tokenizer and the model's shape: a run folder keeps one value of each.
 SHAPING_ARGS = ("preset", "seed", "n_train", "n_test", "vocab_size", "mbeir", "train_tasks", "mbeir_pool",
                 "summary_field")
@@ -102,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--temperature", type=float, default=1.0, help="sampling temperature of rollout summaries (paper: not given)")
     add("--clip_eps", type=float, default=0.2, help="PPO clip range of the ratio (TRL's --epsilon; paper: not given)")
     add("--beta", type=float, default=0.2, help="KL coefficient to the reference model (paper 0.2)")
-    add("--alpha", type=float, default=ALPHA, help="weight of R_Margin in R_total (paper 0.4; 0 ablates it)")
-    add("--epsilon", type=float, default=EPSILON, help="weight of R_Rank in R_total (paper 0.6; 0 ablates it)")
+    add("--alpha", "--margin_weight", dest="alpha", type=float, default=ALPHA, help="weight of R_Margin (paper 0.4)")
+    add("--epsilon", "--rank_weight", dest="epsilon", type=float, default=EPSILON, help="weight of R_Rank in R_total "
+        "(paper 0.6; 0 ablates it; not TRL's --epsilon, which is --clip_eps here)")
     add("--delta", type=float, default=DEFAULT_DELTA, help="margin of R_Margin (paper: not given)")
     add("--gamma", default="auto", help="weight of R_Rank's negative term: auto (reward.auto_gamma) or a number")
     add("--train_vision", action="store_true", help="train the vision tower too (the paper freezes it)")
@@ -513,7 +515,8 @@ def elva_stage(args, device, autocast, step_fn=grpo_step):
           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters{' (vision frozen)' if not args.train_vision else ''}")
     policy = elva.Retriever(model, ref.tok)
-    logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every, rank_of(args) == 0)
+    logger = Logger(folder, args.elva_name, args.rl_steps, start, args.log_every, rank_of(args) == 0, show=(
+        "loss", "reward_mean", "R_rank", "top1", "tied_groups", "kl", "summary_len", "cos_pos", "infonce", "lm"))
     meta = {**source.meta, "args": serializable(args), "stage": "elva", "init": str(init)}
     gen = torch.Generator(device=device)
     prof = Profiler(args.profile, args.elva_name, start, args.rl_steps)
@@ -543,12 +546,12 @@ def main(argv=None, args=None, contrastive_inputs=None, contrastive_loss=stage2_
     init_distributed(args)
     threads = set_threads(args)
     device, autocast = elva.resolve_device(args.device)
-    print(f"threads: {threads}" + (f" | process {args.rank} of {args.world_size}" if args.world_size > 1 else ""))
     if args.rank == 0:
         check_run_folder(args, SHAPING_ARGS)
     barrier(args)
     torch.manual_seed(args.seed)
-    print("args:", json.dumps(serializable(args)))
+    print("args:", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k in SHOWN_ARGS), f"(all: {args.out}/"
+          "<stage>/config.json)")
     t0 = time.time()
     if "contrastive" in args.stages:
         source = read_source(args)
