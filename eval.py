@@ -505,6 +505,9 @@ def main(argv=None):
     g.add_argument("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
     g.add_argument("--run_depth", type=int, default=100, help="candidates per query in the run file")
     g.add_argument("--cache", default=None, help="folder for cached pool embeddings (default: <ckpt>/mbeir_cache)")
+    g.add_argument("--instruction", default="first", choices=["first", "random"], help="UniIR's prompt per query: "
+                   "the first (deterministic) or one at random with --seed (UniIR draws one)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --instruction random")
     g = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line")
     g.add_argument("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
                    "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
@@ -559,7 +562,7 @@ def main(argv=None):
         ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
         res = mbeir.evaluate_mbeir(ret, args.mbeir, [t.strip() for t in args.tasks.split(",") if t.strip()], args.split,
                              args.pool, autocast, args.run_file, args.cache or str(Path(args.ckpt[0]) / "mbeir_cache"),
-                             args.run_depth)
+                             args.run_depth, instruction=args.instruction, seed=args.seed)
         print(mbeir.mbeir_table(res))
         if args.run_file:
             print(f"wrote {args.run_file}")

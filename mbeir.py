@@ -141,19 +141,38 @@ class MBeirQueries:
     task_ids: list[int | None]
     modalities: list[str]
     instructions: list[str | None]
-    positives: list[list[int]]      # pool indices, after UniIR's same-dataset filter
+    positives: list[list[int]]      # pool indices of the query's own dataset's positives (training; the instruction)
     negatives: list[list[int]]      # pool indices of neg_cand_list entries found in the pool (often empty)
+    relevant: list[list[int]]       # pool indices of every qrels positive in the pool: what evaluation counts
+
+
+def read_qrels(path) -> dict[str, list[str]]:
+    """UniIR's qrels file (qid 0 did relevance task_id, one per line) -> {qid: [relevant candidate ids]}."""
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 4:
+            raise ValueError(f"{path}:{n}: expected 'qid 0 did relevance [task_id]', got {line!r}")
+        if parts[3] != "0":
+            out.setdefault(parts[0], []).append(parts[2])
+    return out
 
 
 def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
                        same_dataset_positives: bool = True, check_images: bool = True,
-                       summary_field: str | None = None) -> MBeirQueries:
-    """Read a query file against a pool. Like UniIR's evaluation, only positives from the query's own dataset count
-    (OVEN and InfoSeek list positives from other datasets' pools); every positive left must be in the pool. With
-    `instructions`, each query gets UniIR's first prompt for (its dataset, its modality, its positive's modality)."""
+                       summary_field: str | None = None, qrels: dict | None = None, strict: bool = True,
+                       instruction_rng: random.Random | None = None) -> MBeirQueries:
+    """Read a query file against a pool, as UniIR's evaluation does: every qrels positive (`qrels`, else the
+    record's pos_cand_list) that is in the pool is relevant, whatever its dataset (`relevant`); a positive outside
+    the pool cannot be retrieved and is no error. The query's own dataset's positives (`positives`: OVEN and InfoSeek
+    also list other datasets' candidates) pick its instruction -- UniIR's prompt for (its dataset, its modality, the
+    positive's modality), the first (or with instruction_rng one at random, as UniIR draws) -- and are what training
+    pairs it with; strict (training): they must be in the pool."""
     path = Path(path)
     rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
-    out = MBeirQueries(path, [], [], [], [], [], [], [])
+    out = MBeirQueries(path, [], [], [], [], [], [], [], [])
     for r in rows:
         n, qid = r["_line"], str(r["qid"])
         pos = r["pos_cand_list"]
@@ -164,16 +183,21 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
         if not kept:
             raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset {dataset}")
         missing = [p for p in kept if p not in pool.index]
-        if missing:
+        if strict and missing:
             raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not in the pool "
                              f"{pool.path}")
+        kept = [p for p in kept if p in pool.index] or [str(p) for p in pos if str(p) in pool.index]
         instruction = None
         if instructions is not None:
+            if not kept:
+                raise ValueError(f"{path}:{n}: no positive of query {qid} is in the pool {pool.path}; its instruction "
+                                 f"depends on a positive's modality")
             key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
             if key not in instructions:
                 raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
                                  f"candidate modality {key[2]!r} in query_instructions.tsv")
-            instruction = instructions[key][0]
+            prompts = instructions[key]
+            instruction = instruction_rng.choice(prompts) if instruction_rng else prompts[0]
         item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images)
         out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
         out.qids.append(qid)
@@ -182,6 +206,8 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
         out.instructions.append(instruction)
         out.positives.append([pool.index[p] for p in kept])
         out.negatives.append([pool.index[str(d)] for d in (r.get("neg_cand_list") or []) if str(d) in pool.index])
+        listed = qrels.get(qid, [str(p) for p in pos]) if qrels is not None else [str(p) for p in pos]
+        out.relevant.append([pool.index[p] for p in dict.fromkeys(listed) if p in pool.index])
     return out
 
 
@@ -192,11 +218,15 @@ def mbeir_tasks(root, split: str = "test") -> list[str]:
 
 
 def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
-    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own) or 'union'."""
+    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own: its split's pool
+    `mbeir_<task>_<split>_cand_pool.jsonl` where the release has one, as MSCOCO's 5K-image / 25K-caption test pools,
+    else `mbeir_<task>_cand_pool.jsonl`) or 'union'."""
     root = Path(root)
     q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
     if pool == "local":
-        p = root / "cand_pool" / "local" / f"mbeir_{task}_cand_pool.jsonl"
+        p = root / "cand_pool" / "local" / f"mbeir_{task}_{split}_cand_pool.jsonl"
+        if not p.is_file():
+            p = root / "cand_pool" / "local" / f"mbeir_{task}_cand_pool.jsonl"
     elif pool == "union":
         p = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
     else:
@@ -279,8 +309,10 @@ def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
             raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
         width = max(len(texts), len(imgs))
         texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
-        query = _real_item(path, n, r["qry_text"], r["qry_img_path"], Path(image_root))
-        targets = [_real_item(path, n, t, i, Path(image_root)) for t, i in zip(texts, imgs)]
+        # VLM2Vec's texts carry its image placeholder; our template places the image itself
+        untoken = lambda t: (t or "").replace("<|image_1|>", " ").strip()                 # noqa: E731
+        query = _real_item(path, n, untoken(r["qry_text"]), r["qry_img_path"], Path(image_root))
+        targets = [_real_item(path, n, untoken(t), i, Path(image_root)) for t, i in zip(texts, imgs)]
         out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
     return out
 
@@ -432,7 +464,7 @@ def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> flo
         ps = set(pos)
         dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
         idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
-        total += dcg / idcg
+        total += dcg / idcg if idcg else 0.0   # a query with no positive in the pool scores 0
     return total / max(1, len(positives))
 
 
@@ -459,12 +491,21 @@ def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: in
     return e
 
 
+def mbeir_score(results: dict, tasks: list[str]) -> float:
+    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and FashionIQ (Table 1)."""
+    return sum(results[t]["R@10" if any(f in t.lower() for f in ("fashion200k", "fashioniq")) else "R@5"]
+               for t in tasks) / len(tasks)
+
+
 def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
-                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256) -> dict:
-    """Per task: Recall@1/5/10 (UniIR's: a hit if any positive is in the top K; pessimistic ties), MRR, NDCG@10,
-    over the task's local pool or the union pool, with UniIR's instructions and same-dataset positive filter. All
-    inputs are read and checked before any embedding; the run file (TREC: qid Q0 did rank score run_id) is written
-    whole or not at all."""
+                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256,
+                   instruction: str = "first", seed: int = 0) -> dict:
+    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive (qrels/<split>/..._qrels.txt, else
+    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10 ranked by the same
+    rule, over the task's local pool (its `_<split>_cand_pool` where the release has one) or the union pool. A query
+    none of whose positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first (deterministic)
+    or one drawn at random with `seed` (UniIR draws). Every input is read and checked before any embedding; the run
+    file (TREC: qid Q0 did rank score run_id) is written whole or not at all."""
     root = Path(root)
     instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
     known = mbeir_tasks(root, split)
@@ -475,28 +516,40 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
         raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
                          f"query files for {known} (split {split})")
     loaded, pools = [], {}
+    rng = random.Random(seed) if instruction == "random" else None
     for task in tasks:   # read and check everything first
         qpath, ppath = mbeir_paths(root, task, split, pool_kind)
         if ppath not in pools:
             pools[ppath] = read_mbeir_pool(ppath, root)
-        loaded.append((task, read_mbeir_queries(qpath, pools[ppath], root, instructions), pools[ppath]))
+        qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
+        qrels = read_qrels(qrels_path) if qrels_path.is_file() else None
+        qs = read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels, strict=False,
+                                instruction_rng=rng)
+        loaded.append((task, qs, pools[ppath]))
+        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} candidates); "
+              f"relevance from {qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
     out, run_lines = {}, []
     cache = Path(cache_dir) if cache_dir else None
     for task, qs, pool in loaded:
         t0 = time.time()
         ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
         eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(), progress=f"{task} queries")[0]
-        width = max(len(p) for p in qs.positives)
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.positives])           # (Q, P_max), -1 pads
-        ranks = ranks_of_best_positive(eq, ep, pos)
+        width = max(1, max(len(p) for p in qs.relevant))
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])            # (Q, P_max), -1 pads
+        has = pos[:, 0] >= 0                                                    # a query with no positive in the pool
+        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)      # ... is a miss
+        if has.any():
+            ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
         # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after equal scores)
         scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))   # (Q, k)
-        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.positives), "queries": len(qs.items),
-                     "pool": len(pool.items), "nonfinite": n_nonfinite(eq, ep), "seconds": time.time() - t0}
+        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant), "queries": len(qs.items),
+                     "pool": len(pool.items), "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
+                     "seconds": time.time() - t0}
         for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
             run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
     keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
-    out["avg"] = {k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys}
+    out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
+                  "M-BEIR score": mbeir_score(out, tasks)}
     if run_file:
         elva._atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
     return out
@@ -505,18 +558,26 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
 def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
     """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
     Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
-    chance level (mean of 1 / targets). Every file is read and checked before any embedding."""
+    chance level (mean of 1 / targets). Every file is read and checked before any embedding. To make these rows
+    from the released parquet files, read them with any parquet reader outside this project and write one JSON object
+    per row with the fields read_mmeb names (json.dumps of each row's dict)."""
     loaded = [(p, read_mmeb(p, image_root)) for p in paths]
     out = {}
     for path, rows in loaded:
         t0 = time.time()
-        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast())[0]
-        et = ret.embed_items([t for r in rows for t in r[2]], [r[3] for r in rows for _ in r[2]], batch_size,
-                             autocast=autocast())[0]
-        ranks, off = [], 0
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast(),
+                             progress=f"{Path(path).stem} queries")[0]
+        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their targets)
+        unique = {}
+        for r in rows:
+            for t in r[2]:
+                unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
+        slot = {key: i for i, key in enumerate(unique)}
+        et = ret.embed_items([t for t, _ in unique.values()], [ins for _, ins in unique.values()], batch_size,
+                             autocast=autocast(), progress=f"{Path(path).stem} targets")[0]
+        ranks = []
         for i, r in enumerate(rows):
-            s = et[off:off + len(r[2])] @ eq[i]                                  # (targets,)
-            off += len(r[2])
+            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]  # (targets,)
             ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
         ranks = torch.tensor(ranks, dtype=torch.float64)
         out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
@@ -539,6 +600,9 @@ def mbeir_table(results: dict) -> str:
         q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
         lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
                      + " |")
+    if "avg" in results:
+        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and FashionIQ): "
+                     f"{results['avg']['M-BEIR score']:.3f}")
     return "\n".join(lines)
 
 

@@ -1248,11 +1248,19 @@ def test_mmeb_eval_by_hand(tmp_path):
            "q1": [1, 0], "d": [0, 1], "e": [0, 1],                      # a tie with the positive: rank 2
            "q2": [1, 0], "f": [float("nan"), 0], "g": [1, 0], "h": [0, 1], "i": [1, 0]}   # NaN positive: last (4)
 
+    seen = []
+
     class Fake:
-        def embed_items(self, items, instructions, batch_size=256, autocast=None):
+        def embed_items(self, items, instructions, batch_size=256, autocast=None, progress=None):
+            seen.extend(it.text for it in items)
             return torch.tensor([vec[it.text] for it in items], dtype=torch.float32), []
 
+    rows[2]["qry_text"] = "<|image_1|> q2"                               # VLM2Vec's image token: not fed as text
+    rows[2]["tgt_text"][2] = "b"                                        # a target two rows share: embedded once
+    vec["b"] = [0, 1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = realdata.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
+    assert seen.count("b") == 1 and "q2" in seen and not any("<|image_1|>" in t for t in seen)
     assert res["toy"]["P@1"] == pytest.approx(1 / 3) and res["toy"]["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
     assert res["toy"]["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and res["toy"]["nonfinite"] == 1
 
@@ -1493,3 +1501,30 @@ def test_eval_names_the_stage_folders_of_a_run_folder(tmp_path, tok):
     with pytest.raises(SystemExit):
         evaluation.main(["--ckpt", str(tmp_path / "run")])
     assert train.get_args(["--margin_weight", "0.3", "--rank_weight", "0.7"]).reward_cfg.epsilon == 0.7
+
+
+def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
+    """UniIR's evaluation: every qrels positive in the pool counts (another dataset's too), a positive outside the
+    pool is no error, a task's `_<split>_cand_pool` is used where it exists, the paper's M-BEIR score takes R@10
+    for the fashion tasks, and --instruction random draws among UniIR's prompts."""
+    import shutil
+    ins = realdata.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
+    q, p = realdata.mbeir_paths(mbeir, "sample_task0", pool="union")
+    pool = realdata.read_mbeir_pool(p, mbeir)
+    qrels = realdata.read_qrels(mbeir / "qrels" / "test" / "mbeir_sample_task0_test_qrels.txt")
+    qs = realdata.read_mbeir_queries(q, pool, mbeir, ins, qrels=qrels, strict=False)
+    assert pool.index["8:0"] in qs.relevant[0] and pool.index["8:0"] not in qs.positives[0]   # 9:0 lists 8:0
+    # the task's split pool: only the `_test_` file present -> used, named in the results
+    root = tmp_path / "m"
+    shutil.copytree(mbeir, root)
+    local = root / "cand_pool" / "local"
+    (local / "mbeir_sample_task0_cand_pool.jsonl").rename(local / "mbeir_sample_task0_test_cand_pool.jsonl")
+    assert realdata.mbeir_paths(root, "sample_task0")[1].name == "mbeir_sample_task0_test_cand_pool.jsonl"
+    ret = tiny_model(tok)
+    res = realdata.evaluate_mbeir(ret, root, ["sample_task0"], "test", "local", nullcontext)
+    assert res["sample_task0"]["pool_file"] == "mbeir_sample_task0_test_cand_pool.jsonl"
+    assert res["avg"]["M-BEIR score"] == pytest.approx(res["sample_task0"]["R@5"])
+    fake = {"fashioniq_task7": {"R@5": 0.1, "R@10": 0.3}, "mscoco_task0": {"R@5": 0.5, "R@10": 0.9}}
+    assert realdata.mbeir_score(fake, list(fake)) == pytest.approx((0.3 + 0.5) / 2)
+    drawn = realdata.read_mbeir_queries(q, pool, mbeir, ins, strict=False, instruction_rng=random.Random(1))
+    assert set(drawn.instructions) == {"Retrieve an image that matches the given caption.", "Find a matching picture."}
