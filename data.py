@@ -3,21 +3,18 @@ GrainWorld: a synthetic multi-grain image/text world where every grain is exact,
 
     python data.py                       # draws a few scenes to grainworld_samples.png and prints their captions
 
-Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with random negatives leaves
-secondary grains (attributes, bindings, relations) under-trained. To measure that exactly we need a world in which
-the generator knows every grain of every scene, so that relevance ("does this image satisfy every grain the query
-states?") is decided by a rule, not by a human label.
+Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with
+random negatives leaves secondary grains (attributes, bindings, relations) under-trained. To measure that exactly,
+the generator knows every grain of every scene, so relevance ("does this image satisfy every grain the query
+states?") is decided by a rule, not by a human label. A scene holds 1-3 objects on a 3x3 grid. Grains of an object:
+shape (the entity), colour and size (attributes) and its cell; between objects, spatial relations ("left of",
+"above": this world's stand-in for the paper's "action"). Random in-batch negatives almost never differ from a
+positive in only *which* colour sits on *which* shape, or in which object is on the left: the bag-of-words failure
+ARO / SugarCrepe report for CLIP-style models. Near-miss sets (MRBench-mini) test precisely those.
 
-A scene holds 1-3 objects on a 3x3 grid. Grains of an object: shape (the entity), colour and size (attributes) and
-its cell; between objects, spatial relations ("left of", "above": this world's stand-in for the paper's "action").
-Random in-batch negatives almost never differ from a positive in only *which* colour sits on *which* shape, or in
-which object is on the left: exactly the bag-of-words failure ARO / SugarCrepe report for CLIP-style models. Near-miss
-sets (MRBench-mini) test precisely those.
-
-The file holds, bottom-up: the world's vocabulary, scenes and captions (as small frozen dataclasses), the exact
-relevance rule, one-grain edits (near misses), the Pillow renderer, the four tasks and their instructions, splits,
-MRBench-mini, balanced negative sampling, the BPE tokenizer, the stages' data interface (Source) and
-collation. Real data (M-BEIR, MMEB) is read by mbeir.py.
+Bottom-up: vocabulary, scenes and captions, the exact relevance rule, one-grain edits, the Pillow renderer, the four
+tasks, splits, MRBench-mini, negative sampling, the BPE tokenizer, the stages' data interface (Source), collation.
+Real data (M-BEIR, MMEB) is read by mbeir.py.
 """
 
 from __future__ import annotations
@@ -228,6 +225,19 @@ def scene_edit(rng: random.Random, scene: Scene, kind: str, pair: tuple[Obj, Obj
     if kind == "relation":
         return _try_scene(_replace(_replace(objs, i, row=b.row, col=b.col), j, row=a.row, col=a.col))
     raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
+
+
+def edit_neighbours(scene: Scene) -> set[Scene]:
+    """Every scene one scene_edit away: each attribute of each object changed, each pair's colours or places swapped."""
+    objs, out = list(scene.objects), set()
+    for i, o in enumerate(objs):
+        for which, values in (("color", COLORS), ("size", SIZES), ("shape", SHAPES)):
+            out |= {_try_scene(_replace(objs, i, **{which: v})) for v in values if v != getattr(o, which)}
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            out.add(_try_scene(_replace(_replace(objs, i, color=b.color), j, color=a.color)))
+            out.add(_try_scene(_replace(_replace(objs, i, row=b.row, col=b.col), j, row=a.row, col=a.col)))
+    return out - {None, scene}
 
 
 def caption_edit(rng: random.Random, cap: Caption, kind: str) -> Caption | None:
@@ -504,19 +514,23 @@ class GrainWorld:
                 scenes.append(s)
         self.splits = {"train": scenes[:cfg.n_train], "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
                        "test": scenes[cfg.n_train + cfg.n_val:]}
-        self.heldout = set(scenes[cfg.n_train:])  # a training sibling must never be a val/test scene
-        self.train_scenes = set(self.splits["train"])  # nor may a test query's derived scene be a training scene
+        # Derived scenes (edit targets, near misses, siblings) never cross splits. A test query's derived scene is
+        # one edit from a test scene, so a scene training derives must be neither a held-out scene nor one edit
+        # from one; and a test query's derived scene is never a training scene.
+        self.heldout = set(scenes[cfg.n_train:])
+        self.near_heldout = self.heldout.union(*(edit_neighbours(s) for s in self.heldout))
+        self.train_scenes = set(self.splits["train"])
 
     def outside(self, split: str) -> set:
-        """The scenes a split's derived scenes (edit targets, near misses, siblings) must avoid: the other splits'."""
-        return self.heldout if split == "train" else self.train_scenes
+        """The scenes a split's derived scenes (edit targets, near misses, siblings) must avoid."""
+        return self.near_heldout if split == "train" else self.train_scenes
 
     def sample_queries(self, rng: random.Random, n: int, split: str = "train") -> list[Query]:
         """Random queries over the four tasks for the contrastive stage (fresh captions and renders each call)."""
         out = []
         while len(out) < n:
             q = make_query(rng.choice(TASKS), rng, rng.choice(self.splits[split]))
-            if q is not None and (split != "train" or q.item.target not in self.heldout):
+            if q is not None and (split != "train" or q.item.target not in self.near_heldout):
                 out.append(q)
         return out
 
@@ -567,23 +581,10 @@ class GrainWorld:
         for s in base:
             for kind in ("attribute", "binding", "relation"):
                 t = scene_edit(rng, s, kind)
-                if t is not None and t not in self.heldout:
+                if t is not None and t not in self.near_heldout:
                     scenes.append(t)
         scenes = list(dict.fromkeys(scenes))
         return [candidate_item(task, rng, s) for s in scenes]
-
-
-def relevance_matrix(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
-    """[Q, P] bool: exact relevance of every pool item to every query (small pools: RL mining, tests)."""
-    return torch.tensor([[relevant(task, q.item, c) for c in pool] for q in queries], dtype=torch.bool)
-
-
-def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
-    """[Q, P_max] int64: each query's relevant pool indices, -1 padding a shorter list -- the positives as index
-    lists that kernels.corpus_ranks takes, so that evaluation never builds a [Q, pool] matrix."""
-    lists = [[j for j, c in enumerate(pool) if relevant(task, q.item, c)] for q in queries]
-    width = max(1, max((len(x) for x in lists), default=1))
-    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

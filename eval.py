@@ -37,11 +37,19 @@ import torch
 
 import data
 import elva
-from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Mention, Scene, WorldConfig
+from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene, WorldConfig, relevant
 from kernels import corpus_ranks
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
+
+
+def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
+    """[Q, P_max] int64: each query's relevant pool indices, -1 padding a shorter list -- the positives as index
+    lists that kernels.corpus_ranks takes, so that evaluation never builds a [Q, pool] matrix."""
+    lists = [[j for j, c in enumerate(pool) if relevant(task, q.item, c)] for q in queries]
+    width = max(1, max((len(x) for x in lists), default=1))
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
 
 
 def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -85,7 +93,7 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
     for task in TASKS:
         queries, pool = world.standard_split(task, n_queries)
         (eq, texts), ep = embed_queries(ret, task, queries, autocast, True), embed_pool(ret, pool, autocast)
-        pos = data.relevant_indices(task, queries, pool)                       # (Q, P_max), -1 pads
+        pos = relevant_indices(task, queries, pool)                       # (Q, P_max), -1 pads
         n_rel = (pos >= 0).sum(1)
         # how often the generated (greedy) summary of a query is exactly its reference summary
         exact = sum(t == q.item.summary for t, q in zip(texts, queries)) / len(queries)
@@ -104,7 +112,7 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
     mrb, near = {}, {}
     for task, (queries, pool) in bench.items():
         eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
-        pos = data.relevant_indices(task, queries, pool)
+        pos = relevant_indices(task, queries, pool)
         ranks = ranks_of_best_positive(eq, ep, pos)
         mrb[task] = (ranks <= 5).float().mean().item()
         # near misses: pool = [pos_0, d_0..., pos_1, d_1..., ...] in query order
@@ -212,7 +220,7 @@ def summary_headroom(ret, bench, autocast) -> dict:
                         b, imgs = ret.batch(its, ins, summ)
                         parts.append(ret.model.embed(b, imgs).float())
                 e.append(torch.cat(parts))
-            pos = data.relevant_indices(task, queries, pool)
+            pos = relevant_indices(task, queries, pool)
             r5.append((ranks_of_best_positive(e[0], e[1], pos) <= 5).float().mean().item())
         out[mode] = sum(r5) / len(r5)
     return out

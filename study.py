@@ -365,7 +365,7 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
                  "reference": [ret.enc.summary(q.item.summary) for q in queries]}
         emb = {k: embed_with(ret, items, instr, v) for k, v in kinds.items()}
         es = embed_with(ret, [it for it in items for _ in range(G)], [i for i in instr for _ in range(G)], samples)
-    rel = data.relevant_indices(task, queries, pool)                           # (Q, P_max)
+    rel = evaluation.relevant_indices(task, queries, pool)                           # (Q, P_max)
     ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
     true = evaluation.ranks_of_best_positive(es, ep, rel.repeat_interleave(G, 0)).view(Q, G).float()   # (Q, G)
     # the paper's context per query: the positive, the hardest and some random non-relevant pool candidates

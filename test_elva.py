@@ -673,7 +673,7 @@ def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
             qi, ins = [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)
             eq = teacher_forced(ret, qi, ins, [drop_all] * len(qi))[0]
             ep = teacher_forced(ret, pool, [None] * len(pool), [drop_all] * len(pool))[0]
-            ranks = evaluation.ranks_of_best_positive(eq, ep, data.relevant_indices(task, queries, pool))
+            ranks = evaluation.ranks_of_best_positive(eq, ep, evaluation.relevant_indices(task, queries, pool))
             r5.append((ranks <= 5).float().mean().item())
         assert abs(got[mode] - sum(r5) / len(r5)) < 1e-6, mode
 
@@ -1528,3 +1528,25 @@ def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
     assert realdata.mbeir_score(fake, list(fake)) == pytest.approx((0.3 + 0.5) / 2)
     drawn = realdata.read_mbeir_queries(q, pool, mbeir, ins, strict=False, instruction_rng=random.Random(1))
     assert set(drawn.instructions) == {"Retrieve an image that matches the given caption.", "Find a matching picture."}
+
+
+def test_no_test_scene_reaches_training():
+    """Replay the scenes the cpu preset's training renders -- 1000 stage-2 batches of 48 (their images, it2i targets
+    and positives, drawn as make_stage2_inputs draws them) and the RL mining pools -- against every scene the test
+    queries derive (standard-split targets and pools, MRBench-mini targets, positives and near misses): none shared.
+    (Before training's derived scenes also kept one edit away from every held-out scene, 7 were.)"""
+    w = data.GrainWorld(data.WorldConfig(seed=0, n_train=6000, n_test=500))
+    test = set()
+    for task in data.TASKS:
+        qs, pool = w.standard_split(task, 200)
+        test |= {q.item.target for q in qs} | {c.scene for c in pool}
+    for task, (qs, pool) in w.mrbench_mini(100).items():
+        test |= {q.item.target for q in qs} | {c.scene for c in pool}
+    trained = set()
+    for step in range(1000):
+        for q in w.sample_queries(random.Random(f"0-contrastive-{step}"), 48):
+            trained |= {q.item.scene, q.item.target, q.positive.scene}
+    rng = random.Random("0-rl-data")
+    for task in data.TASKS:
+        trained |= {c.scene for c in w.rl_pool(task, 300, rng)}
+    assert not (trained & test) - {None}

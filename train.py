@@ -336,11 +336,11 @@ def build_rl_instances(args, world, retriever, autocast):
         while len(queries) < args.rl_queries:
             q = data.make_query(task, rng, rng.choice(pool).scene if task != "i2t" else
                                 rng.choice(world.splits["train"]))
-            if q is not None and q.item.target not in world.heldout:
+            if q is not None and q.item.target not in world.outside("train"):
                 queries.append(q)
+        rel = torch.tensor([[data.relevant(task, q.item, c) for c in pool] for q in queries])   # (Q, P) exact
         neg = data.mine_negatives(retriever, [q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), pool,
-                                  data.relevance_matrix(task, queries, pool), args.n_hard, args.n_rand,
-                                  args.hard_threshold, gen, autocast)                 # (Q, n_hard + n_rand)
+                                  rel, args.n_hard, args.n_rand, args.hard_threshold, gen, autocast)   # (Q, N)
         for q, idx in zip(queries, neg.tolist()):
             instances.append((q, [pool[i] for i in idx]))
     return instances
