@@ -703,11 +703,14 @@ def load_optimizer(folder, opt: torch.optim.Optimizer, model: nn.Module, meta: d
     if "optimizer" not in meta["files"]:
         return False
     state = load_file(str(folder / meta["files"]["optimizer"]["name"]))
-    for n, p in model.named_parameters():
-        if f"{n}::exp_avg" in state:
-            opt.state[p] = {"exp_avg": state[f"{n}::exp_avg"].to(p.device),
-                            "exp_avg_sq": state[f"{n}::exp_avg_sq"].to(p.device),
-                            "step": state[f"{n}::step"][0].clone()}
+    # through load_state_dict, so that torch places each tensor where this optimizer wants it (a fused or capturable
+    # AdamW keeps `step` on the parameter's device, a plain one on the CPU)
+    sd = opt.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    sd["state"] = {index[id(p)]: {"step": state[f"{n}::step"][0].clone(), "exp_avg": state[f"{n}::exp_avg"],
+                                  "exp_avg_sq": state[f"{n}::exp_avg_sq"]}
+                   for n, p in model.named_parameters() if f"{n}::exp_avg" in state and id(p) in index}
+    opt.load_state_dict(sd)
     return True
 
 

@@ -10,7 +10,7 @@
 #   2. python kernels.py --sweep (every kernel against its reference; corpus_ranks tile shapes, resident or not);
 #   3. the test suite on CUDA (the Triton kernels compiled, bf16 included);
 #   4. the same 300 stage-2 steps with --compile, profiled (compare with step 1's table);
-#   5. a 2-process torchrun smoke run.
+#   5. --resume on CUDA (fused AdamW's state), then a 2-process torchrun smoke run (NCCL on two GPUs).
 # Calls python3 directly (a `python` symlink may not see the environment's packages).
 set -uo pipefail
 OUT=${1:-gpu_bench}
@@ -32,8 +32,11 @@ step 90 kernels python3 kernels.py --sweep
 step 100 pytest python3 -m pytest -q -x
 step 75 train_compile python3 train.py --preset gpu --stages contrastive --steps 300 --compile --profile --no_eval \
   --out "$OUT/compiled"
+# --resume on CUDA: fused AdamW's state restored where it wants it (a kill after the first checkpoint, then resume)
+step 60 resume bash -c "timeout 25 python3 train.py --preset smoke --stages contrastive --ckpt_every 10 --no_eval \
+  --out $OUT/resume; python3 train.py --preset smoke --stages contrastive --no_eval --resume --out $OUT/resume"
 if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  step 40 torchrun torchrun --nproc_per_node=2 train.py --preset smoke --out "$OUT/ddp"
+  step 60 torchrun torchrun --nproc_per_node=2 train.py --preset smoke --out "$OUT/ddp"   # NCCL: logs, verdicts
 else
   step 40 torchrun torchrun --nproc_per_node=2 train.py --preset smoke --device cpu --threads 4 --out "$OUT/ddp"
 fi

@@ -606,6 +606,12 @@ def mbeir_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def meta_of(args) -> dict:
+    """What a checkpoint records of M-BEIR training data (train.py's --mbeir flags)."""
+    return {"mbeir": {"root": args.mbeir, "tasks": args.train_tasks, "split": "train", "pool": args.mbeir_pool,
+                      "summary_field": args.summary_field}}
+
+
 def training_source(meta: dict) -> Source:
     """M-BEIR as the stages' data (train.py --mbeir): meta = {"root", "tasks", "split", "pool", "summary_field"}, as
     a checkpoint records it. Every record and image is read and checked here, before any work."""

@@ -56,9 +56,9 @@ class RewardConfig:
     def gamma_for(self, n_candidates: int) -> float:
         return auto_gamma(n_candidates) if self.gamma is None else self.gamma
 
-    def __call__(self, scores: torch.Tensor, return_parts: bool = False, backend: str = "auto"):
+    def __call__(self, scores: torch.Tensor, return_parts: bool = False, backend: str = "auto", ranks=None):
         """R_total of scores [..., C] (see total_reward)."""
-        return total_reward(scores, self.alpha, self.epsilon, self.delta, self.gamma, return_parts, backend)
+        return total_reward(scores, self.alpha, self.epsilon, self.delta, self.gamma, return_parts, backend, ranks)
 
 
 def _check(scores: torch.Tensor):
@@ -87,16 +87,17 @@ def margin_reward(scores: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.T
 
 
 def ranking_reward(scores: torch.Tensor, gamma: float | None = None, backend: str = "auto",
-                   return_rank: bool = False):
+                   return_rank: bool = False, ranks: torch.Tensor | None = None):
     """R_Rank = s_(r) * 1/(1 + ln r)  -  gamma * sum_{k != r} s_(k) * (ln k - 1)   (ELVA, Section 3.4, ranking reward).
 
     s_(k) is the score at rank k of the rollout's sorted list and r the positive's rank. First term: a high score for
     the positive and a place near the top. Second term: a negative placed low (large k) is penalised more for keeping
     a high score, so near negatives may stay close while far ones are pushed away. Note (ln k - 1) < 0 for k <= 2:
-    the paper's formula *rewards* the negative at rank 2 (or 1) for scoring high. gamma None: auto_gamma(C)."""
+    the paper's formula *rewards* the negative at rank 2 (or 1) for scoring high. gamma None: auto_gamma(C).
+    ranks [..., C]: the list's ranks by the same rule, already computed (the rollout's fused kernel), else computed."""
     if gamma is None:
         gamma = auto_gamma(scores.shape[-1])
-    r, neg_ranks = ranks_with_positive_last(scores, backend)
+    r, neg_ranks = ranks_with_positive_last(scores, backend) if ranks is None else (ranks[..., 0], ranks[..., 1:])
     s_pos = scores[..., 0]
     pos_term = s_pos / (1.0 + torch.log(r.to(scores.dtype)))
     neg_term = (scores[..., 1:] * (torch.log(neg_ranks.to(scores.dtype)) - 1.0)).sum(-1)
@@ -105,12 +106,13 @@ def ranking_reward(scores: torch.Tensor, gamma: float | None = None, backend: st
 
 
 def total_reward(scores: torch.Tensor, alpha: float = ALPHA, epsilon: float = EPSILON, delta: float = DEFAULT_DELTA,
-                 gamma: float | None = None, return_parts: bool = False, backend: str = "auto"):
+                 gamma: float | None = None, return_parts: bool = False, backend: str = "auto",
+                 ranks: torch.Tensor | None = None):
     """R_total = alpha * R_Margin + epsilon * R_Rank, alpha = 0.4, epsilon = 0.6 (ELVA, Section 3.4 and Table 4).
 
     With return_parts, also {"margin": R_Margin, "rank": R_Rank, "pos_rank": r} for logging."""
     R_margin = margin_reward(scores, delta)
-    R_rank, r = ranking_reward(scores, gamma, backend, return_rank=True)
+    R_rank, r = ranking_reward(scores, gamma, backend, return_rank=True, ranks=ranks)
     R = alpha * R_margin + epsilon * R_rank
     return (R, {"margin": R_margin, "rank": R_rank, "pos_rank": r}) if return_parts else R
 
@@ -128,14 +130,18 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.2, n_tokens: float | None = None):
-    """The GRPO objective per summary token, averaged over all generated tokens of the batch.
+              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.2, n_tokens: float | None = None,
+              norm: str = "token"):
+    """The GRPO objective per summary token, averaged over all generated tokens of the batch (norm "token", as DAPO
+    and TRL's default), or over each summary's tokens first, then over the summaries (norm "sequence", GRPO as first
+    published: a long summary weighs no more than a short one). The paper does not say which.
 
     logp, old_logp, ref_logp, mask: (S, T) -- S sequences; advantages: (S,), each sequence's rollout advantage.
       ratio  = exp(logp - old_logp)                      (= 1 on the first update of an on-policy batch)
       L_clip = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
       KL     = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator; >= 0, and 0 where policy == reference)
-      loss   = mean over tokens of (L_clip + beta * KL)   (n_tokens: the denominator, when the batch is split)
+      loss   = mean over tokens of (L_clip + beta * KL)   (n_tokens: the denominator -- tokens, or with norm
+               "sequence" the summaries with a sampled token -- when the batch is split over processes)
     Kept: clipping, KL to the frozen stage-2 model. Dropped: entropy bonus, value function (GRPO has none).
     Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": the fraction of
     tokens where the min picks the clipped term because the ratio fell below 1 - eps with A < 0, "clip_high": ...
@@ -149,8 +155,16 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1.0
     m = mask.to(logp.dtype)
-    n = m.sum().clamp(min=1.0) if n_tokens is None else torch.tensor(max(n_tokens, 1.0), dtype=logp.dtype)
-    loss = ((l_clip + beta * kl) * m).sum() / n
+    n = m.sum().clamp(min=1.0)
+    if norm == "sequence":   # each summary's token mean, then the mean over summaries
+        per_seq = ((l_clip + beta * kl) * m).sum(1) / m.sum(1).clamp(min=1.0)                  # (S,)
+        n_seq = (m.sum(1) > 0).sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1.0)
+        loss = per_seq.sum() / n_seq
+    elif norm == "token":
+        n = n if n_tokens is None else torch.tensor(max(n_tokens, 1.0), dtype=logp.dtype)
+        loss = ((l_clip + beta * kl) * m).sum() / n
+    else:
+        raise ValueError(f"norm must be 'token' or 'sequence', got {norm!r}")
     with torch.no_grad():
         low = ((ratio < 1.0 - clip_eps) & (A < 0)).to(m.dtype)
         high = ((ratio > 1.0 + clip_eps) & (A > 0)).to(m.dtype)

@@ -413,12 +413,27 @@ def average_gradients(model, args):
         p.grad = g
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL has no CPU collectives, gloo takes CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_process(flag: torch.Tensor, args, read: bool = True):
+    """A 0-d bool flag, true if it is true on any process (one all_reduce under torchrun). read: as a Python bool
+    (a host synchronisation), else as a tensor on the flag's device."""
+    if world_of(args) > 1:
+        f = flag.to(collective_device(), torch.float32)
+        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+        flag = f.to(flag.device) > 0
+    return bool(flag) if read else flag
+
+
 def averaged(rec: dict, args) -> dict:
     """A log record's numbers averaged over the processes (the global batch's values)."""
     if world_of(args) == 1:
         return rec
     keys = [k for k, v in rec.items() if isinstance(v, (int, float))]
-    v = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64)
+    v = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(v)
     return {**rec, **{k: x / world_of(args) for k, x in zip(keys, v.tolist())}}
 
@@ -441,9 +456,9 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
     (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss or gradient is not finite, and
     the host reads the verdicts at the next log step or checkpoint (check_updates), where the run stops."""
     fused = opt.defaults.get("fused")
-    if not fused and not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage} step {step}: the loss is {loss.item()}; stopping before applying it; "
-                                 f"{last_good(folder)}")
+    if not fused and any_process(~torch.isfinite(loss.detach()), args):   # every process stops, or none
+        what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else "another process's loss is not finite"
+        raise FloatingPointError(f"{stage} step {step}: {what}; stopping before applying it; {last_good(folder)}")
     opt.zero_grad(set_to_none=True)
     with phase("backward"):
         loss.backward()
@@ -451,10 +466,11 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
     with phase("optimizer"):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if fused:   # the check on the device: found_inf = 1 skips the update; check_updates reads it later
-            opt.found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))).float()
+            bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
+            opt.found_inf = any_process(bad, args, read=False).float()   # the same verdict on every process
             opt.step()
+            opt.pending = getattr(opt, "pending", []) + [(step, opt.found_inf, loss.detach(), gnorm.detach())]
             opt.found_inf = None
-            opt.pending = getattr(opt, "pending", []) + [(step, loss.detach(), gnorm.detach())]
         elif not torch.isfinite(gnorm):
             raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
                                      f"applying it; {last_good(folder)}")
@@ -469,10 +485,11 @@ def check_updates(opt: torch.optim.Optimizer, stage: str, folder: Path):
     pending, opt.pending = getattr(opt, "pending", []), []
     if not pending:
         return
-    values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in pending]).tolist()
-    for (step, _, _), (loss, gnorm) in zip(pending, values):
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+    values = torch.stack([torch.stack([f.float(), l.float(), g.float()]) for _, f, l, g in pending]).tolist()
+    for (step, _, _, _), (skipped, loss, gnorm) in zip(pending, values):
+        if skipped:
+            what = (f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+                    if not math.isfinite(gnorm) else "another process's loss was not finite")
             raise FloatingPointError(f"{stage} step {step}: {what}; its update was not applied; stopping; "
                                      f"{last_good(folder)}")
 
@@ -546,6 +563,7 @@ def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
     `scale_only_groups`: groups whose rollouts rank the candidates in the same order but whose rewards differ --
     advantage that is pure score scale (at fixed ranks R_Rank is linear in the cosines)."""
     B, G, K = ro.shape
+    R = R.float().cpu()
     lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
     exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
                            for g in range(G)] for b, q in enumerate(ro.queries)])                    # (B, G)
@@ -576,11 +594,12 @@ def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
            "scale_only_groups": (same_order & differ).float().mean().item()}
 
 
-def global_tokens(mask: torch.Tensor, args) -> float | None:
-    """Under torchrun: the sampled tokens of the whole batch / the processes, so that grpo_loss's token mean averaged
-    over the processes is the token mean over the whole batch. None (the local count) otherwise."""
+def global_tokens(mask: torch.Tensor, args, norm: str = "token") -> float | None:
+    """Under torchrun: the sampled tokens (norm "sequence": the summaries with a sampled token) of the whole batch /
+    the processes, so that grpo_loss's mean averaged over the processes is the mean over the whole batch. None (the
+    local count) otherwise."""
     if world_of(args) == 1:
         return None
-    n = mask.sum().float()
+    n = (mask.sum() if norm == "token" else mask.any(1).sum()).float()
     dist.all_reduce(n)
     return float(n) / world_of(args)

@@ -141,7 +141,7 @@ def pathwise_loss(args, ro: train.Rollout, policy, h, e_ref) -> torch.Tensor:
     """--pathwise w (adds to step 4): R_total is differentiable almost everywhere in the scores, so -w * R_total's
     gradient through the embeddings (of the sampled summaries) is added to GRPO's."""
     e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(*ro.shape, -1)        # (B, G, K, D)
-    R_path = args.reward_cfg(train.rollout_scores(e, backend="torch"), backend="torch")  # differentiable reference
+    R_path = args.reward_cfg(train.rollout_scores(e, backend="torch")[0], backend="torch")   # differentiable
     return -args.pathwise * R_path.mean()
 
 

@@ -1550,3 +1550,49 @@ def test_no_test_scene_reaches_training():
     for task in data.TASKS:
         trained |= {c.scene for c in w.rl_pool(task, 300, rng)}
     assert not (trained & test) - {None}
+
+
+def test_grpo_loss_sequence_norm_by_hand():
+    """--loss_norm sequence: each summary's token mean, then the mean over summaries; token (default): one mean."""
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    A = torch.tensor([1.0, 3.0])                                       # on-policy: L_clip = -A on every token
+    tok, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0)
+    seq, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0, norm="sequence")
+    assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4) and seq.item() == pytest.approx(-(1 + 3) / 2)
+    with pytest.raises(ValueError, match="norm must be"):
+        reward.grpo_loss(logp, logp, logp, A, mask, norm="x")
+
+
+def test_rollout_ranks_are_the_rewards_ranks(world, tok):
+    """The rollout scores and ranks in one pass (kernels.cosine_ranks, positive last); the reward read from those
+    ranks equals the reward that ranks the scores itself."""
+    ret = tiny_model(tok)
+    ro = train.rollout(rl_args(group_size=3), ret, rl_instances(world, 2, 3), torch.Generator().manual_seed(0),
+                       nullcontext)
+    r, _ = reward.ranks_with_positive_last(ro.scores, backend="torch")
+    assert torch.equal(ro.ranks[..., 0], r)
+    cfg = reward.RewardConfig()
+    assert torch.equal(cfg(ro.scores, ranks=ro.ranks), cfg(ro.scores))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_state_round_trip_keeps_torch_placement(tok, tmp_path, fused):
+    """--resume restores AdamW through load_state_dict: the same state as saved, and each tensor where this kind of
+    AdamW keeps it (fused: `step` on the parameter's device as float32; plain: on the CPU)."""
+    ret = tiny_model(tok)
+    opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-3, fused=fused)
+    for _ in range(2):
+        opt.zero_grad()
+        ret.model.norm.weight.sum().backward()
+        opt.step()
+    elva.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 1}, optimizer=opt)
+    fresh = torch.optim.AdamW(ret.model.parameters(), lr=1e-3, fused=fused)
+    assert elva.load_optimizer(tmp_path / "ck", fresh, ret.model)
+    a, b = opt.state_dict()["state"], fresh.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+    p = ret.model.norm.weight
+    assert fresh.state[p]["step"].device == p.device
+    fresh.zero_grad()
+    p.sum().backward()
+    fresh.step()                                                        # the restored state steps

@@ -37,7 +37,7 @@ import data
 import elva
 import mbeir
 from data import INSTRUCTIONS, TASKS, GrainWorld, Source, WorldConfig
-from kernels import cosine_scores
+from kernels import cosine_ranks
 from reward import ALPHA, DEFAULT_DELTA, EPSILON, RewardConfig, group_advantages, grpo_loss
 from runtime import (Logger, Profiler, add_run_flags, barrier, build_tokenizer, check_run_folder, check_updates,
                      compile_blocks, evaluate_run, fail, gather, global_tokens, init_distributed, lr_at, my_share,
@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", default=None, choices=list(TRAIN_PRESETS), help="sizes; default gpu on CUDA, else cpu")
     add("--out", default=None, help="output folder (default runs/<preset>)")
     add("--seed", type=int, default=0, help="seed for the world, the model and the sampling")
-    add("--stages", default=None, help="comma list of text (stage 1), contrastive (stage 2), elva (stage 3); "
-        "default all three (contrastive,elva with --mbeir)")
+    add("--stages", default=None, help="text, contrastive, elva: stages 1-3 (default all three; 2-3 with --mbeir)")
     add_run_flags(p)   # --resume, --device, --threads, --log_every, --profile, ... (runtime.py)
     add = p.add_argument_group("data: GrainWorld, or M-BEIR in UniIR's layout with --mbeir").add_argument
     add("--vocab_size", type=int, default=512, help="BPE vocabulary size")
@@ -109,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--delta", type=float, default=DEFAULT_DELTA, help="margin of R_Margin (paper: not given)")
     add("--gamma", default="auto", help="weight of R_Rank's negative term: auto (reward.auto_gamma) or a number")
     add("--train_vision", action="store_true", help="train the vision tower too (the paper freezes it)")
+    add("--loss_norm", default="token", choices=["token", "sequence"], help="GRPO's mean (reward.grpo_loss)")
     return p
 
 
@@ -134,10 +134,9 @@ def read_source(args, meta: dict | None = None) -> Source:
     """The training data, read and checked whole before any work: from the flags, or (stage 3) from the stage-2
     checkpoint's config.json, so that ELVA mines and trains on the data stage 2 saw."""
     if meta is None:
-        meta = ({"mbeir": {"root": args.mbeir, "tasks": args.train_tasks, "split": "train", "pool": args.mbeir_pool,
-                           "summary_field": args.summary_field}} if args.mbeir else
-                {"world": WorldConfig(seed=args.seed, n_train=args.n_train, n_test=args.n_test,
-                                      image_size=elva.PRESETS[args.preset].image_size).__dict__})
+        size = elva.PRESETS[args.preset].image_size
+        meta = mbeir.meta_of(args) if args.mbeir else {"world": WorldConfig(args.seed, args.n_train, n_test=args.n_test,
+                                                                            image_size=size).__dict__}
     if isinstance(meta.get("mbeir"), dict):
         return mbeir.training_source(meta["mbeir"])
     if isinstance(meta.get("world"), dict):
@@ -232,16 +231,14 @@ def make_text_inputs(args, world, enc, limit, step: int) -> dict:
 
 
 def in_batch_false_negatives(queries) -> torch.Tensor:
-    """(B, B) bool: query j's positive is relevant to query i too. Candidates carry no instruction, so an i2i
-    positive that satisfies a t2i caption is a true match for that caption and must not be pushed away."""
+    """(B, B) bool: query j's positive is relevant to query i too (candidates carry no instruction: any task's)."""
     return torch.tensor([[i != j and data.relevant(qi.task, qi.item, qj.positive) for j, qj in enumerate(queries)]
                          for i, qi in enumerate(queries)], dtype=torch.bool)
 
 
 def make_stage2_inputs(args, world, enc, limit, step: int) -> dict:
-    """Stage 2's step without the model: B queries over the four tasks and their positives from the step's seed,
-    this process's share, the dropout flags, the false-negative mask (a row per local query over every process's
-    positives) and the encoded tensors (CPU). items / instr are kept for study.py's stage-2 variants."""
+    """Stage 2's step without the model: B queries over the four tasks and their positives from the step's seed, this
+    process's share, dropout flags, the false-negative mask and the encoded tensors (items/instr: study.py's use)."""
     rng = random.Random(f"{args.seed}-contrastive-{step}")
     queries = world.sample_queries(rng, args.batch_size)                       # the global batch
     drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(2 * len(queries))], args, 2)
@@ -381,6 +378,7 @@ class Rollout:
     h: torch.Tensor           # (S, Ts, D) final hidden states of the summary part, with gradient
     e: torch.Tensor           # (B, G, K, D) unit [RET] embeddings, no gradient
     scores: torch.Tensor      # (B, G, K - 1) cosine of each rollout's query to its positive (0) and negatives
+    ranks: torch.Tensor | None = None               # (B, G, K - 1) their ranks, the positive's by the reward's rule
     summaries: list = field(default_factory=list)   # S sampled summaries (token ids)
     ended: list = field(default_factory=list)       # S bools: the summary sampled its [RET] (False: forced)
     queries: list = field(default_factory=list)     # the B instances' Query objects
@@ -391,10 +389,12 @@ class Rollout:
         return tuple(self.e.shape[:3])                                          # (B, G, K)
 
 
-def rollout_scores(e: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """e (B, G, K, D): per rollout the query's embedding then its K - 1 candidates' -> cosine scores (B, G, K - 1)."""
+def rollout_scores(e: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """e (B, G, K, D): per rollout the query then its K - 1 candidates -> cosine scores and ranks (B, G, K - 1), the
+    positive's by the reward's rule: one fused Triton kernel on a GPU (kernels.cosine_ranks), its reference on CPU."""
     B, G, K, D = e.shape
-    return cosine_scores(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D), backend).view(B, G, K - 1)
+    s, r = cosine_ranks(e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D), True, backend)
+    return s.view(B, G, K - 1), r.view(B, G, K - 1)
 
 
 def sample_all(args, policy, pb, images, index, gen, K):
@@ -430,13 +430,13 @@ def rollout(args, policy: elva.Retriever, batch, gen: torch.Generator, autocast,
         logp, h = policy.model.shared_prefix_logprobs(rb, args.temperature)
     with phase("score"), torch.no_grad():
         e = policy.model.ret_embedding(h, sb["ret_pos"]).view(B, G, K, -1)        # (B, G, K, D)
-        scores = rollout_scores(e)                                                  # (B, G, K - 1)
-    return Rollout(rb, sampled, logp.float(), h, e, scores, summ, ended, *map(list, zip(*batch)))
+        scores, ranks = rollout_scores(e)                                           # (B, G, K - 1) each
+    return Rollout(rb, sampled, logp.float(), h, e, scores, ranks, summ, ended, *map(list, zip(*batch)))
 
 
 def paper_reward(args, ro: Rollout, policy) -> tuple[torch.Tensor, dict]:
-    """R_total = alpha R_Margin + epsilon R_Rank of each rollout's ranked list (Section 3.4; reward.py) -> (B, G)."""
-    return args.reward_cfg(ro.scores.cpu(), return_parts=True)
+    """R_total = alpha R_Margin + epsilon R_Rank of each rollout's list (Section 3.4) -> (B, G), on the device."""
+    return args.reward_cfg(ro.scores, return_parts=True, ranks=ro.ranks)
 
 
 def rollout_advantages(args, ro: Rollout, R: torch.Tensor) -> torch.Tensor:
@@ -468,13 +468,13 @@ def grpo_step(args, policy, ref: elva.Retriever, opt, made: dict, gen, autocast,
         ref_logp, ref_h = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
         e_ref = ref.model.ret_embedding(ref_h, ro.batch["ret_pos"])           # (S, D): the stage-2 map, same words
     logp, h = ro.logp, ro.h                                                    # on-policy: ratio exactly 1
-    n_tokens = global_tokens(ro.sampled, args)                                 # None without torchrun
+    n_tokens = global_tokens(ro.sampled, args, args.loss_norm)                 # None without torchrun
     for it in range(args.num_iterations):
         if it > 0:   # a further update on the same rollouts (PPO-style reuse; the ratio now differs from 1)
             with autocast():
                 logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
         loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A_seq, ro.sampled, args.clip_eps, args.beta,
-                               n_tokens=n_tokens)
+                               n_tokens=n_tokens, norm=args.loss_norm)
         for term in extra_losses:   # none in the paper
             loss = loss + term(args, ro, policy, h, e_ref)
         # 5. update
