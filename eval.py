@@ -279,7 +279,7 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         logs[f"{Path(d).parent.name}/{Path(d).name}"] = recs
     keys = [k for k in keys if any(k in r for recs in logs.values() for r in recs)]
-    W, H, cols = 360, 220, 4
+    W, H, cols = 360, 240, 4
     rows = (len(keys) + cols - 1) // cols
     img = Image.new("RGB", (cols * W, rows * H + 24 + 16 * len(logs)), "white")
     draw = ImageDraw.Draw(img)
@@ -296,16 +296,22 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
             continue
         lo, hi = min(ys), max(ys)
         hi = hi if hi > lo else lo + 1e-6
+        xmax = max(x for pts in series.values() for x, _ in pts) or 1         # one step axis for every line
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
-        draw.text((x0, y0 - 16), key, fill="black")
-        draw.text((x0 - 46, y0 - 4), f"{hi:.3g}", fill="gray")
-        draw.text((x0 - 46, y0 + ph - 8), f"{lo:.3g}", fill="gray")
+        draw.text((x0, y0 - 16), f"{key} (smoothed over 10 steps)", fill="black")
+        for f in (0.0, 0.5, 1.0):   # ticks: the value axis left, the step axis below, with their labels
+            yv, xv = lo + f * (hi - lo), round(f * xmax)
+            ty, tx = y0 + ph * (1 - f), x0 + pw * f
+            draw.line([(x0 - 4, ty), (x0, ty)], fill="gray")
+            draw.text((x0 - 48, ty - 6), f"{yv:.3g}", fill="gray")
+            draw.line([(tx, y0 + ph), (tx, y0 + ph + 4)], fill="gray")
+            draw.text((tx - 8, y0 + ph + 5), str(xv), fill="gray")
+        draw.text((x0 + pw // 2 - 12, y0 + ph + 16), "step", fill="black")
         for li, (n, pts) in enumerate(series.items()):
             if len(pts) < 2:
                 continue
             xs = [x for x, _ in pts]
             sm = _smooth([y for _, y in pts], 10)
-            xmax = max(xs) or 1
             line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo))) for x, y in zip(xs, sm)]
             draw.line(line, fill=PALETTE[li % len(PALETTE)], width=2)
     img.save(out_png)

@@ -1596,3 +1596,14 @@ def test_optimizer_state_round_trip_keeps_torch_placement(tok, tmp_path, fused):
     fresh.zero_grad()
     p.sum().backward()
     fresh.step()                                                        # the restored state steps
+
+
+def test_long_phases_report_progress(world, tok, monkeypatch, capsys):
+    """A long embedding phase (mining, evaluation, an M-BEIR pool) prints items/s and an ETA at least every 10 s."""
+    ret = tiny_model(tok)
+    clock = iter(range(0, 10_000, 6))                                   # every reading of the clock: 6 s later
+    monkeypatch.setattr(elva.time, "time", lambda: next(clock))
+    items = [q.positive for q in world.sample_queries(random.Random(0), 6)]
+    ret.embed_items(items, [None] * 6, batch_size=2, progress="mining: pool")
+    out = capsys.readouterr().out
+    assert "mining: pool: 2/6 items" in out and "items/s, eta" in out
