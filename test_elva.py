@@ -1607,3 +1607,13 @@ def test_long_phases_report_progress(world, tok, monkeypatch, capsys):
     ret.embed_items(items, [None] * 6, batch_size=2, progress="mining: pool")
     out = capsys.readouterr().out
     assert "mining: pool: 2/6 items" in out and "items/s, eta" in out
+
+
+def test_the_run_prints_its_eta(tmp_path, capsys):
+    """Stage lines carry the whole run's ETA (this stage's and the later stages' steps), not only the stage's."""
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps", "2",
+                "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "text 00000/3" in out and "run eta ~" in out.split("contrastive 00000/2")[0]
+    assert runtime.later_steps(train.get_args(["--preset", "cpu"]), "text") == pytest.approx(
+        (1000 * 1.0 + 150 * 1.4) / 0.9)

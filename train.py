@@ -40,8 +40,8 @@ from data import INSTRUCTIONS, TASKS, GrainWorld, Source, WorldConfig
 from kernels import cosine_ranks
 from reward import ALPHA, DEFAULT_DELTA, EPSILON, RewardConfig, group_advantages, grpo_loss
 from runtime import (Logger, Profiler, add_run_flags, barrier, build_tokenizer, check_run_folder, check_updates,
-                     compile_blocks, evaluate_run, fail, gather, global_tokens, init_distributed, lr_at, my_share,
-                     my_share_of_items, optimizer_step, phase, rank_of, resolve_stage_args, resume_point,
+                     compile_blocks, evaluate_run, fail, gather, global_tokens, init_distributed, later_steps, lr_at,
+                     my_share, my_share_of_items, optimizer_step, phase, rank_of, resolve_stage_args, resume_point,
                      rollout_diagnostics, save, serializable, set_threads, step_inputs, world_of)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def embedding_stage(args, source: Source, tok, device, autocast, name: str, step
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps x "
           f"{args.batch_size} {what}")
     retriever = elva.Retriever(model, tok)
-    logger = Logger(folder, name, steps, start, args.log_every, rank_of(args) == 0)
+    logger = Logger(folder, name, steps, start, args.log_every, rank_of(args) == 0, later=later_steps(args, name))
     prof = Profiler(args.profile, name, start, steps)
     meta = {**source.meta, "args": serializable(args), "stage": name}
     model.train()
