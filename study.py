@@ -174,24 +174,9 @@ def sample_queries_only(args, policy, pb, images, index, gen, K):
 
 
 def one_grain_apart(a, b) -> bool:
-    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit): one attribute of one object, two
-    objects' colours swapped (binding), or two objects' places swapped (relation)."""
-    if a is None or b is None or len(a.objects) != len(b.objects) or a == b:
-        return False
-    at = {(o.row, o.col): o for o in a.objects}
-    bt = {(o.row, o.col): o for o in b.objects}
-    if at.keys() == bt.keys():
-        diff = [(at[c], bt[c]) for c in at if at[c] != bt[c]]
-        fields = [[f for f in ("shape", "color", "size") if getattr(x, f) != getattr(y, f)] for x, y in diff]
-        if len(diff) == 1 and len(fields[0]) == 1:                             # attribute
-            return True
-        if (len(diff) == 2 and fields == [["color"], ["color"]]                # binding: colours swapped
-                and diff[0][0].color == diff[1][1].color and diff[1][0].color == diff[0][1].color):
-            return True
-    key = lambda o: (o.shape, o.color, o.size)                                 # noqa: E731
-    moved = [(o, p) for o in a.objects for p in b.objects if key(o) == key(p) and (o.row, o.col) != (p.row, p.col)]
-    same = {key(o) for o in a.objects} == {key(p) for p in b.objects}
-    return same and len(moved) == 2 and (moved[0][0].row, moved[0][0].col) == (moved[1][1].row, moved[1][1].col)
+    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit: an attribute, a binding swap, a
+    relation swap)."""
+    return a is not None and b is not None and b in data.edit_neighbours(a)
 
 
 def grain_gains(query, negatives) -> torch.Tensor:
