@@ -12,15 +12,15 @@ shape (the entity), colour and size (attributes) and its cell; between objects, 
 positive in only *which* colour sits on *which* shape, or in which object is on the left: the bag-of-words failure
 ARO / SugarCrepe report for CLIP-style models. Near-miss sets (MRBench-mini) test precisely those.
 
-Bottom-up: vocabulary, scenes and captions, the exact relevance rule, one-grain edits, the Pillow renderer, the four
-tasks, splits, MRBench-mini, negative sampling, the BPE tokenizer, the stages' data interface (Source), collation.
-Real data (M-BEIR, MMEB) is read by mbeir.py.
+Bottom-up: vocabulary, scenes, captions, relevance, one-grain edits, renderer, tasks, splits, MRBench-mini, negative
+sampling, BPE tokenizer, the stages' data interface (Source), collation. Real data (M-BEIR, MMEB): mbeir.py.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -620,8 +620,10 @@ def mine_negatives(retriever, queries: list[Item], instructions: list, pool: lis
     """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and pool, their cosines,
     then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q, P] bool: the data's own hard negatives
     (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate."""
+    t0 = time.time()
     eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(), progress="mining: queries")
     ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(), progress="mining: pool")
+    print(f"mining: {len(queries)} queries x {len(pool)} candidates embedded in {time.time() - t0:.0f}s", flush=True)
     scores = (eq @ ep.T).cpu()                                                 # (Q, P) stage-2 cosines
     if listed is not None:
         scores = torch.where(listed, torch.full_like(scores, threshold), scores)
@@ -666,10 +668,8 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The stages' one interface to their data, GrainWorld's (train.grainworld_source) or M-BEIR's (mbeir.training_source)
-
 @dataclass
-class Source:
+class Source:   # the stages' one interface to their data: train.grainworld_source or mbeir.training_source
     data: object            # GrainWorld, or mbeir.MBeirTrain
     meta: dict              # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
     texts: object           # () -> the lines the run's BPE tokenizer is trained on
@@ -790,9 +790,8 @@ def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> d
 
 
 if __name__ == "__main__":
-    qs = GrainWorld(WorldConfig()).sample_queries(random.Random(0), 8)
     sheet = Image.new("RGB", (8 * 100, 100), "white")
-    for i, q in enumerate(qs):
+    for i, q in enumerate(GrainWorld(WorldConfig()).sample_queries(random.Random(0), 8)):
         it = q.item if q.item.scene is not None else q.positive
         sheet.paste(render(it.scene, 96, it.render_seed), (i * 100, 2))
         print(f"{i} {q.task:5s} query={q.item.text!r:50s} summary={q.item.summary!r}")
