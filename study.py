@@ -469,6 +469,7 @@ anchor_query_lr1e-3_b0 0 --sample query --rl_lr 1e-3 --beta 0 --anchor 10
 big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 --rl_batch 8 --rl_steps 600
 big_control 0 --control --rl_batch 8 --rl_steps 600
 big_elva 0 --rl_batch 8 --rl_steps 600                         # the paper's GRPO, 16x the groups
+elva_seqnorm 0 --loss_norm sequence                            # the paper's GRPO, each summary's tokens averaged first
 rank_query_anchor_lr1e-4_b0 0 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0   # scale-free reward
 rank_query_anchor_lr1e-4_b0 1 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
 rank_query_anchor_lr1e-4_b0 2 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
