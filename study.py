@@ -473,6 +473,9 @@ elva_seqnorm 0 --loss_norm sequence                            # the paper's GRP
 rank_query_anchor_lr1e-4_b0 0 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0   # scale-free reward
 rank_query_anchor_lr1e-4_b0 1 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
 rank_query_anchor_lr1e-4_b0 2 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
+query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16   # the audit's setting: query-only, G 16, cooler
+query_t0.5_g16 1 --sample query --temperature 0.5 --group_size 16
+query_t0.5_g16 2 --sample query --temperature 0.5 --group_size 16
 bestofg_rank_query_anchor_lr1e-5 0 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5   # distillation
 bestofg_rank_query_anchor_lr1e-5 1 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
 bestofg_rank_query_anchor_lr1e-5 2 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
