@@ -550,8 +550,8 @@ def main(argv=None, args=None, contrastive_inputs=None, contrastive_loss=stage2_
         check_run_folder(args, SHAPING_ARGS)
     barrier(args)
     torch.manual_seed(args.seed)
-    print("args:", " ".join(f"--{k} {v}" for k, v in vars(args).items() if k in SHOWN_ARGS), f"(all: {args.out}/"
-          "<stage>/config.json)")
+    print("args:", " ".join(f"--{k} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+                            if k in SHOWN_ARGS and v is not None), f"(all: {args.out}/<stage>/config.json)")
     t0 = time.time()
     if "contrastive" in args.stages:
         source = read_source(args)
