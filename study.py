@@ -19,6 +19,8 @@ The variants (each off by default; stage, what it changes -- why):
                            length -- checks that GRPO itself can climb (the learnability ladder)
   --reward rank|zscore|ndcg stage 3: a scale-free reward (reward.py): the rank alone, R_total on standardised scores,
                            graded NDCG with near misses at half credit -- R_Rank pays for inflating scores
+  --reward pool            stage 3: the positive's rank in a whole training pool embedded by the stage-2 model
+                           -- denser than a rank among 9 candidates, closest to the metric
   --best_of_g              stage 3: best-of-G distillation: the next-token loss on the group's best query summary
                            -- the audit finds better summaries within sampling reach; can a policy learn them?
   --credit sequence        stage 3: each summary credited for its own part of the ranking (reward.sequence_credit)
@@ -187,19 +189,66 @@ def grain_gains(query, negatives) -> torch.Tensor:
 
 
 def scale_free_reward(args, ro: train.Rollout, policy) -> tuple[torch.Tensor, dict]:
-    """--reward rank | zscore | ndcg (replaces step 2): the scale-free rewards of reward.py (ours): the order of the
-    ranked list alone (rank: 1 / (1 + ln r); ndcg: graded, near misses half credit) or R_total on standardised
-    scores (zscore). The paper's parts are still logged."""
+    """--reward rank | zscore | ndcg | pool (replaces step 2): scale-free rewards (ours): the order of the ranked list
+    alone (rank: 1 / (1 + ln r); ndcg: graded, near misses half credit), R_total on standardised scores (zscore), or
+    the rank in a whole training pool (pool_reward). The paper's parts are still logged."""
     s = ro.scores.cpu()                                                        # (B, G, C)
     if args.reward == "rank":
         R = rank_reward(s)
     elif args.reward == "zscore":
         R = zscore_reward(s, args.reward_cfg)
-    else:
+    elif args.reward == "ndcg":
         gains = torch.stack([grain_gains(q, n) for q, n in zip(ro.queries, ro.negatives)])   # (B, C)
         R = ndcg_reward(s, gains[:, None, :])
+    else:
+        R = pool_reward(args, ro)
     _, parts = args.reward_cfg(s, return_parts=True)
     return R, parts
+
+
+_POOLS: dict = {}   # --reward pool: per stage-2 checkpoint, {task: (pool items, their stage-2 embeddings)}
+
+
+def training_pools(args) -> dict:
+    """--reward pool's pools, made once per run: per task a training pool (train scenes and their one-grain
+    siblings, as mining draws them, from another seed) embedded by the frozen stage-2 model (--init)."""
+    init = str(args.init or Path(args.out) / "contrastive")
+    if init not in _POOLS:
+        ref = elva.Retriever.from_pretrained(init)
+        world = data.GrainWorld(data.WorldConfig(**ref.meta["world"]))
+        rng = random.Random(f"{args.seed}-pool-reward")
+        pools = {}
+        for task in data.TASKS:
+            items = world.rl_pool(task, args.rl_pool_scenes, rng)
+            pools[task] = (items, ref.embed_items(items, [None] * len(items), progress=f"pool reward: {task}")[0])
+        _POOLS[init] = pools
+    return _POOLS[init]
+
+
+def pool_rank(eq: torch.Tensor, ep: torch.Tensor, relevant: torch.Tensor, s_pos: torch.Tensor) -> torch.Tensor:
+    """The positive's rank in a pool, by the reward's rule: 1 + #{non-relevant j: cos(q, p_j) >= the best of the
+    positive's own score s_pos and the relevant pool items' scores}. eq (G, D) unit, ep (P, D) unit, relevant (P,)
+    bool, s_pos (G,). -> (G,) int64"""
+    s = eq @ ep.T                                                              # (G, P)
+    best = torch.maximum(s_pos, s.masked_fill(~relevant, float("-inf")).max(1).values)   # (G,)
+    return 1 + ((s >= best[:, None]) & ~relevant).sum(1)
+
+
+def pool_reward(args, ro: train.Rollout) -> torch.Tensor:
+    """--reward pool: 1 / (1 + ln r), r the positive's rank among a whole training pool (training_pools) rather than
+    among the instance's 2 + N candidates -- denser than a rank among 9, and closest to the evaluation's metric. The
+    query is the rollout's (policy) embedding; the pool keeps the stage-2 embeddings; the rollout's own positive
+    embedding counts as relevant too, so a query whose positive is not in the pool still has one. -> (B, G)"""
+    pools = training_pools(args)
+    e = ro.e.float().cpu()                                                     # (B, G, K, D)
+    R = []
+    for b, q in enumerate(ro.queries):
+        items, ep = pools[q.task]
+        relevant = torch.tensor([data.relevant(q.task, q.item, c) for c in items])          # (P,)
+        s_pos = (e[b, :, 0] * e[b, :, 1]).sum(-1)                                           # (G,)
+        r = pool_rank(e[b, :, 0], ep.cpu(), relevant, s_pos)
+        R.append(1.0 / (1.0 + torch.log(r.float())))
+    return torch.stack(R)                                                      # (B, G)
 
 
 def best_of_group_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
@@ -271,7 +320,7 @@ def run_parser() -> argparse.ArgumentParser:
     add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries starts")
     add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
     add("--control", action="store_true", help="the equal-compute control instead of GRPO (control_step)")
-    add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg"],
+    add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg", "pool"],
         help="the reward: the paper's, a lexical one (lexical_reward) or a scale-free one (scale_free_reward)")
     add("--best_of_g", action="store_true", help="best-of-G distillation: only the best rollout's query summary is "
         "trained (best_of_group_advantages); use with --sample query")
@@ -476,6 +525,9 @@ rank_query_anchor_lr1e-4_b0 2 --reward rank --sample query --anchor 10 --rl_lr 1
 query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16   # the audit's setting: query-only, G 16, cooler
 query_t0.5_g16 1 --sample query --temperature 0.5 --group_size 16
 query_t0.5_g16 2 --sample query --temperature 0.5 --group_size 16
+pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16   # rank in a whole pool
+pool_query_t0.5_g16 1 --reward pool --sample query --temperature 0.5 --group_size 16
+pool_query_t0.5_g16 2 --reward pool --sample query --temperature 0.5 --group_size 16
 bestofg_rank_query_anchor_lr1e-5 0 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5   # distillation
 bestofg_rank_query_anchor_lr1e-5 1 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
 bestofg_rank_query_anchor_lr1e-5 2 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5

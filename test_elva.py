@@ -1617,3 +1617,15 @@ def test_the_run_prints_its_eta(tmp_path, capsys):
     assert "text 00000/3" in out and "run eta ~" in out.split("contrastive 00000/2")[0]
     assert runtime.later_steps(train.get_args(["--preset", "cpu"]), "text") == pytest.approx(
         (1000 * 1.0 + 150 * 1.4) / 0.9)
+
+
+def test_pool_rank_by_hand():
+    """--reward pool's rank: 1 + the non-relevant pool items scoring at or above the best of the positive's own score
+    and the relevant pool items' (pessimistic ties)."""
+    eq = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                               # two rollouts' queries
+    ep = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])       # pool; item 2 is relevant
+    relevant = torch.tensor([False, False, True, False])
+    r = study.pool_rank(eq, ep, relevant, s_pos=torch.tensor([0.5, 0.2]))
+    # rollout 0: best relevant = max(0.5, 0.0) = 0.5; non-relevant scores 1.0, 0.6, 0.8 >= 0.5 -> rank 4
+    # rollout 1: best = max(0.2, 1.0) = 1.0; non-relevant 0.0, 0.8, 0.6 -> rank 1
+    assert r.tolist() == [4, 1]
