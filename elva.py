@@ -478,7 +478,8 @@ class Retriever:
 
     def save_pretrained(self, folder):
         """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back."""
-        save_checkpoint(folder, self.model, self.tok, {k: v for k, v in self.meta.items() if k not in ("files", "model")})
+        kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # save_checkpoint writes those
+        save_checkpoint(folder, self.model, self.tok, kept)
 
     @staticmethod
     def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536, as_hits: bool = False):
