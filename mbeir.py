@@ -321,7 +321,7 @@ def write_mbeir_sample(root) -> Path:
     """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for trying the commands:
     two datasets ("9": text->image and image->text; "8": (image, text)->(image, text)), local and union pools, qrels,
     instructions, non-square JPEGs, null and empty texts, image+text candidates, a positive from another dataset
-    (dropped by the same-dataset filter) and empty negative lists."""
+    (relevant in evaluation when the union pool holds it; not a training positive) and empty negative lists."""
     root = Path(root)
     rng = random.Random(0)
     world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
