@@ -381,10 +381,13 @@ def embed_with(ret, items, instr, summaries, chunk: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int, rng, autocast):
+def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int, rng, autocast,
+               sample_candidates: bool = False):
     """One task's MRBench-mini queries: the true pool rank of the positive with each kind of query summary, and
     the rewards of G sampled summaries in the paper's context (positive + n_hard hardest + n_rand random candidates
-    of the pool, each with its greedy summary)."""
+    of the pool, each with its greedy summary -- or, with sample_candidates, with a summary sampled afresh for each
+    of the G rollouts, as the paper's rollouts sample every item's words; the true rank stays the query summary's
+    rank in the pool with its greedy summaries, what evaluation measures)."""
     import eval as evaluation
     Q, instr = len(queries), [data.INSTRUCTIONS[task]] * len(queries)
     items = [q.item for q in queries]
@@ -412,7 +415,21 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
         rest = others[n_hard:]
         ctx.append([pos] + others[:n_hard] + rng.sample(rest, min(n_rand, len(rest))))
     ctx = torch.tensor(ctx)                                                    # (Q, C)
-    scores = torch.einsum("qgd,qcd->qgc", es.view(Q, G, -1).cpu(), ep.cpu()[ctx])   # (Q, G, C)
+    ec = ep.cpu()[ctx][:, None].expand(-1, G, -1, -1)                           # (Q, G, C, D) greedy summaries
+    if sample_candidates:   # every context candidate writes G summaries, one per rollout
+        cand = [pool[j] for j in ctx.flatten().tolist()]                       # Q * C, query-major
+        ec = []
+        for i in range(0, len(cand), 64):                                      # 64 candidates x G rows at a time
+            part = cand[i:i + 64]
+            with autocast():
+                cb, cimgs = ret.batch(part, [None] * len(part), None)
+                index = torch.arange(len(part), device=cb["tokens"].device).repeat_interleave(G)
+                cs = ret.model.generate(cb["tokens"], cb["attn"], cimgs, temperature=temperature, generator=gen,
+                                        index=index)                           # len(part) * G
+                ec.append(embed_with(ret, [c for c in part for _ in range(G)], [None] * len(cs), cs).cpu())
+        ec = torch.cat(ec)                                                     # (Q * C * G, D)
+        ec = ec.view(Q, ctx.shape[1], G, -1).transpose(1, 2)                   # (Q, G, C, D)
+    scores = torch.einsum("qgd,qgcd->qgc", es.view(Q, G, -1).cpu(), ec)         # (Q, G, C)
     gains = torch.stack([torch.tensor([1.0] + [0.5 if one_grain_apart(pool[j].scene, q.positive.scene) else 0.0
                                                for j in row[1:].tolist()]) for q, row in zip(queries, ctx)])
     cfg = RewardConfig()
@@ -433,6 +450,8 @@ def audit(argv):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--n_hard", type=int, default=4, help="hardest pool candidates in each reward's context")
     p.add_argument("--n_rand", type=int, default=4, help="random pool candidates in each reward's context")
+    p.add_argument("--sample_candidates", action="store_true", help="the context candidates' summaries sampled "
+                   "too, afresh per rollout (the paper's rollouts); default: their greedy summaries")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the random context")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
@@ -452,7 +471,7 @@ def audit(argv):
     parts = []
     for task, (queries, pool) in world.mrbench_mini(a.queries).items():
         parts.append(audit_task(ret, task, queries, pool, a.samples, a.temperature, gen, a.n_hard, a.n_rand, rng,
-                                autocast))
+                                autocast, a.sample_candidates))
         print(f"audit: {task} done ({time.time() - t0:.0f}s)", flush=True)
     cat = lambda i: torch.cat([x[i] for x in parts])                          # noqa: E731
     true, lengths, mean_cos = cat(1), cat(3), cat(4)                           # (N, G)
@@ -466,10 +485,13 @@ def audit(argv):
         corr[name] = (group_spearman(R, -true), group_spearman(R, lengths), group_spearman(R, mean_cos))
     rows[f"oracle best of {a.samples} (true pool rank)"] = true.min(1).values
     res = {"ckpt": a.ckpt, "queries": int(true.shape[0]), "samples": a.samples,
+           "sample_candidates": a.sample_candidates,
            "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()} for k, v in rows.items()},
            "spearman": {k: dict(zip(("true_rank", "length", "mean_cos"), v)) for k, v in corr.items()}}
+    ctx_words = "sampled afresh per rollout" if a.sample_candidates else "their greedy summaries"
     print(f"\nReward audit of {a.ckpt}: MRBench-mini, {res['queries']} queries ({a.queries} per task), the pool's "
-          f"greedy summaries; context = positive + {a.n_hard} hardest + {a.n_rand} random ({time.time() - t0:.0f}s)")
+          f"greedy summaries; context = positive + {a.n_hard} hardest + {a.n_rand} random, {ctx_words} "
+          f"({time.time() - t0:.0f}s)")
     print("| the query's summary | R@5 | mean rank of the positive |\n|---|---|---|")
     for k, v in res["rows"].items():
         print(f"| {k} | {v['R@5']:.3f} | {v['mean_rank']:.2f} |")

@@ -1050,6 +1050,30 @@ def test_shared_prompts_give_the_full_pass_numbers(world, tok):
     assert plain == ro.summaries
 
 
+def test_length_groups_give_the_one_pass_numbers(world, tok):
+    """Stages 1-2 run a batch as two passes of rows of similar length, each without its all-padding columns
+    (elva.length_groups): the same log-probs, embeddings and gradients as one pass, images following their rows."""
+    ret = tiny_model(tok, seed=5)
+    qs = world.sample_queries(random.Random(1), 12)
+    items = [q.item for q in qs] + [q.positive for q in qs]
+    instr = [data.INSTRUCTIONS[q.task] for q in qs] + [None] * len(qs)
+    drop = [i % 3 == 0 for i in range(len(items))]
+    b, imgs = ret.batch(items, instr, ret.enc.reference_summaries(items, drop))
+    assert 0 < len(imgs) < len(items)                                       # rows with and without an image
+    parts = list(elva.length_groups(b, imgs, 2, ret.model.img_id, ret.model.cfg.n_img_tokens))
+    assert sorted(r for rows, *_ in parts for r in rows.tolist()) == list(range(len(items)))
+    assert sum(p["tokens"].numel() for _, _, p, _ in parts) < b["tokens"].numel()   # less padding
+    outs = []
+    for groups in (1, 2):
+        logp, h = ret.model.token_logprobs(b, imgs, groups=groups)
+        e = ret.model.ret_embedding(h, b["ret_pos"])
+        grad = torch.autograd.grad(logp.sum() + e.sum(), ret.model.patch_embed.weight)[0]
+        outs.append((logp, e, grad))
+    for one, two in zip(*outs):
+        assert torch.allclose(one, two, atol=1e-5)
+    assert outs[0][2].abs().sum() > 0                                      # the images' gradient is checked too
+
+
 def test_nli_triplets_and_the_text_stage(tmp_path, world):
     """Stage 1 in miniature: every premise holds of its scene, so does the caption it entails (and the entailed
     caption holds of every scene the premise holds of, checked over the world), the contradiction does not; then
@@ -1476,6 +1500,16 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
     oracle = rows["oracle best of 3 (true pool rank)"]["mean_rank"]
     assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean")))
     assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total", "ndcg (graded)"}
+    # the paper's setting: the context candidates write their own sampled summaries per rollout; what does not
+    # involve the rewards (greedy / empty / reference query summaries) is unchanged
+    study.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads", "1",
+                 "--device", "cpu", "--sample_candidates", "--out", str(tmp_path / "audit_sc.json")])
+    sc = json.loads((tmp_path / "audit_sc.json").read_text())
+    assert sc["sample_candidates"] and not res["sample_candidates"]
+    for k in ("greedy summary", "empty summary", "reference summary"):
+        assert sc["rows"][k] == rows[k]
+    oracle = sc["rows"]["oracle best of 3 (true pool rank)"]["mean_rank"]
+    assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in sc["rows"].items() if k.startswith(("best", "mean")))
 
 
 def test_ranked_outputs_follow_the_reward_rule():

@@ -172,7 +172,7 @@ def teacher_forced_on(model, b: dict, imgs: torch.Tensor, drop: torch.Tensor, au
     summary-token log-probs (N, T), LM mask (N, T)). drop (N,) bool: rows embedded with an empty summary, out of
     the LM loss (summary dropout)."""
     with phase("forward"), autocast():
-        logp, h = model.token_logprobs(b, imgs)
+        logp, h = model.token_logprobs(b, imgs, groups=2)   # two passes of similar length: less padding
     lm_mask = b["gen_mask"] & ~drop.to(logp.device)[:, None]
     return model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
