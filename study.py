@@ -5,6 +5,7 @@ ours, not the paper's. train.py is the paper; this file calls its functions with
     python study.py run [train.py's flags] [a variant's flags]    # the pipeline with variants (e.g. --control)
     python study.py runs INIT OUT [--only REGEX] [--jobs 2]       # the study's stage-3 runs from one stage-2 model
     python study.py audit --ckpt runs/cpu/contrastive             # the reward audit: does the reward pick better words?
+    python study.py audit --ckpt ... --sample_candidates          # ... with the candidates' words sampled too (paper)
     python study.py compare RUN_A RUN_B                           # are two run folders the same, number for number?
     python study.py run --help                                    # every flag
 
@@ -553,6 +554,9 @@ pool_query_t0.5_g16 2 --reward pool --sample query --temperature 0.5 --group_siz
 bestofg_rank_query_anchor_lr1e-5 0 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5   # distillation
 bestofg_rank_query_anchor_lr1e-5 1 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
 bestofg_rank_query_anchor_lr1e-5 2 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
+long_query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16 --rl_steps 600   # 4x the steps: too few?
+long_pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16 --rl_steps 600
+long_control 0 --control --rl_steps 600
 """
 
 
