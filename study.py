@@ -416,8 +416,9 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
         rest = others[n_hard:]
         ctx.append([pos] + others[:n_hard] + rng.sample(rest, min(n_rand, len(rest))))
     ctx = torch.tensor(ctx)                                                    # (Q, C)
-    ec = ep.cpu()[ctx][:, None].expand(-1, G, -1, -1)                           # (Q, G, C, D) greedy summaries
-    if sample_candidates:   # every context candidate writes G summaries, one per rollout
+    if not sample_candidates:   # every rollout sees the candidates' greedy summaries
+        ec = ep.cpu()[ctx][:, None].expand(-1, G, -1, -1)                       # (Q, G, C, D)
+    else:   # every context candidate writes G summaries, one per rollout
         cand = [pool[j] for j in ctx.flatten().tolist()]                       # Q * C, query-major
         ec = []
         for i in range(0, len(cand), 64):                                      # 64 candidates x G rows at a time
