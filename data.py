@@ -669,13 +669,14 @@ def load_tokenizer(path: str | os.PathLike):
 
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
-class Source:   # the stages' one interface to their data: train.grainworld_source or mbeir.training_source
-    data: object            # GrainWorld, or mbeir.MBeirTrain
-    meta: dict              # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
-    texts: object           # () -> the lines the run's BPE tokenizer is trained on
-    contrastive_inputs: object   # (args, data, enc, limit, step) -> stage 2's inputs of that step (dict)
-    rl_instances: object    # (args, data, retriever, autocast) -> [(Query, [negative Items])], the mined RL set
-    describe: str           # one line for the log
+class Source:
+    """The stages' one interface to their data: train.grainworld_source or mbeir.training_source."""
+    data: object                 # GrainWorld, or mbeir.MBeirTrain
+    meta: dict                   # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
+    texts: object                # () -> the lines the run's BPE tokenizer is trained on
+    contrastive_inputs: object   # (args, data, step) -> stage 2's global batch of that step (a dict)
+    rl_instances: object         # (args, data, retriever, autocast) -> [(Query, [negative Items])]: the RL set
+    describe: str                # one line for the log
 
 
 def load_image(item: Item, image_size: int) -> torch.Tensor:
@@ -772,6 +773,15 @@ def encode_batch(enc: Encoder, items: list[Item], instructions: list, summaries:
     no model (rendering, tokenising, padding), so that DataLoader workers can make it ahead of the step."""
     prompts = [enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
     return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
+
+
+def encode_pairs(enc: Encoder, limit: int, part: dict) -> dict:
+    """A stage-1/2 step's share (runtime.my_part) -> what its loss reads: the items' tensors (CPU) with their
+    reference summaries teacher-forced (none where summary dropout drops them), the dropout flags, the
+    false-negative mask and the query count."""
+    items, drop = part["items"], part["drop"]
+    encoded = encode_batch(enc, items, part["instructions"], enc.reference_summaries(items, drop), limit)
+    return {"encoded": encoded, "drop": drop, "false_neg": part["false_neg"], "n_queries": part["n_queries"]}
 
 
 def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:

@@ -21,12 +21,10 @@ encode_image, search), save_checkpoint / load_checkpoint (one folder, written as
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import runtime
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -444,7 +443,7 @@ class Retriever:
         workers ahead of the model on a GPU: `workers`, default 0 on CPU), the summaries generated, then one
         teacher-forced pass over prompt + summary + [RET] gives the embeddings."""
         chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
-        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=default_workers(self.device, workers),
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=runtime.default_workers(self.device, workers),
                                              pin_memory=self.device.type == "cuda")
         embs, texts = [], []
         t0 = last = time.time()
@@ -515,7 +514,7 @@ class Retriever:
     def save_pretrained(self, folder):
         """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back."""
         kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # save_checkpoint writes those
-        save_checkpoint(folder, self.model, self.tok, kept)
+        runtime.save_checkpoint(folder, self.model, self.tok, kept)
 
     @staticmethod
     def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536, as_hits: bool = False):
@@ -580,7 +579,7 @@ def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Device
+# Embedding in chunks
 
 
 class _PromptChunks(torch.utils.data.Dataset):
@@ -598,157 +597,25 @@ class _PromptChunks(torch.utils.data.Dataset):
         return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
 
 
-def default_workers(device: torch.device, workers: int | None = None) -> int:
-    """DataLoader processes that make batches ahead of the model: `workers` if given, else none on a CPU (its cores
-    do the model's work) and up to 4 beside a GPU."""
-    if workers is not None:
-        return workers
-    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
-
-
-def default_threads() -> int:
-    """Torch's CPU threads by default: OMP_NUM_THREADS when set (torchrun sets 1); else the cores this process may use
-    (its CPU affinity, not the machine's count) divided by the processes torchrun started on this machine
-    (LOCAL_WORLD_SIZE) -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
-    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
-
-
-def resolve_device(name: str):
-    """The one device/dtype resolver (train.py and eval.py): cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(name)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
-    print(f"device: {dev} | dtype: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | torch {torch.__version__}")
-    return dev, autocast
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: one folder, written as a unit. The weights (and the optimizer state, for --resume) go to files named by
-# the step, then config.json is renamed into place: it names those files with their sha256 and is the commit point. A
-# crash before that rename leaves the previous config.json naming the previous files, which are deleted only after
-# it. So a folder always holds one whole checkpoint (or none); the loader verifies the hashes and refuses a mixed set.
-
-
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # atomic on POSIX: a crash leaves either the old file or the new one, never half of one
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict:
-    """AdamW state as named tensors for safetensors (no pickles): exp_avg / exp_avg_sq / step per parameter name."""
-    names = {p: n for n, p in model.named_parameters()}
-    state = {}
-    for p, s in opt.state.items():
-        for k in ("exp_avg", "exp_avg_sq"):
-            state[f"{names[p]}::{k}"] = s[k].detach().cpu().contiguous()
-        state[f"{names[p]}::step"] = torch.as_tensor(s["step"]).float().reshape(1).cpu()
-    return state
-
-
-def save_checkpoint(folder, model: ELVAModel, tok, extra: dict | None = None, optimizer=None):
-    """Write model-<step>.safetensors (+ optimizer-<step>.safetensors), tokenizer.json, then config.json: the model
-    config, `extra` (the run's arguments, world and step) and the files with their hashes."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    extra = dict(extra or {})
-    tag = f"{extra['step']:06d}" if "step" in extra else "final"
-    files = {"model": f"model-{tag}.safetensors", "tokenizer": "tokenizer.json"}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / files["model"], lambda p: save_file(state, str(p)))
-    if optimizer is not None:
-        files["optimizer"] = f"optimizer-{tag}.safetensors"
-        opt_state = optimizer_state(optimizer, model)
-        _atomic_write(folder / files["optimizer"], lambda p: save_file(opt_state, str(p)))
-    _atomic_write(folder / files["tokenizer"], lambda p: tok.save(str(p)))
-    meta = {"model": asdict(model.cfg), **extra, "files": {k: {"name": v, "sha256": _sha256(folder / v)}
-                                                            for k, v in files.items()}}
-    _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))   # the commit point
-    keep = set(files.values())
-    for old in list(folder.glob("model-*.safetensors")) + list(folder.glob("optimizer-*.safetensors")):
-        if old.name not in keep:
-            old.unlink()
-
-
-def read_manifest(folder) -> dict:
-    """config.json of a checkpoint folder, with every file it names present and matching its sha256."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder written by train.py")
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-        files = meta["files"]
-        ModelConfig(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest written by train.py "
-                         f"({type(e).__name__}: {e})") from e
-    for key, f in files.items():
-        path = folder / f["name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by config.json (step "
-                                    f"{meta.get('step')}); the folder is incomplete")
-        if _sha256(path) != f["sha256"]:
-            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in config.json (step "
-                             f"{meta.get('step')}): a mixed or damaged checkpoint; refusing to load it")
-    return meta
+# Checkpoints: runtime.py writes and verifies the files (one folder, written as a unit); here the model is built
+# from what it read.
 
 
 def load_checkpoint(folder, device="cpu"):
     """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt or mixed file set, or a config that
     does not match the weights."""
-    from safetensors.torch import load_file
     folder = Path(folder)
-    meta = read_manifest(folder)
-    cfg = ModelConfig(**meta["model"])
-    tok = data.load_tokenizer(folder / meta["files"]["tokenizer"]["name"])
-    weights = folder / meta["files"]["model"]["name"]
+    state, tok, meta = runtime.read_checkpoint(folder)
     try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors ({e})") from e
-    try:
+        cfg = ModelConfig(**meta["model"])
         cfg.validate()
         model = build_model(cfg, tok)
         model.load_state_dict(state)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:600]
         raise ValueError(f"checkpoint {folder}: weights do not match config.json ({detail})") from e
     return model.to(device), tok, meta
-
-
-def load_optimizer(folder, opt: torch.optim.Optimizer, model: nn.Module, meta: dict | None = None) -> bool:
-    """Restore the AdamW state saved with a checkpoint (meta: its manifest, if already read and verified). Returns
-    False (and the caller says so) if it has none."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    meta = meta or read_manifest(folder)
-    if "optimizer" not in meta["files"]:
-        return False
-    state = load_file(str(folder / meta["files"]["optimizer"]["name"]))
-    # through load_state_dict, so that torch places each tensor where this optimizer wants it (a fused or capturable
-    # AdamW keeps `step` on the parameter's device, a plain one on the CPU)
-    sd = opt.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    sd["state"] = {index[id(p)]: {"step": state[f"{n}::step"][0].clone(), "exp_avg": state[f"{n}::exp_avg"],
-                                  "exp_avg_sq": state[f"{n}::exp_avg_sq"]}
-                   for n, p in model.named_parameters() if f"{n}::exp_avg" in state and id(p) in index}
-    opt.load_state_dict(sd)
-    return True
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ import torch
 
 import data
 import elva
+import mbeir
 from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene, WorldConfig, relevant
 from kernels import corpus_ranks
+from runtime import atomic_write, default_threads, resolve_device, sha256, write_json
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics
@@ -251,6 +253,163 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dic
     return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb, "near_miss": near,
             "probe": probe, "swap": swap, "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
             "eval_seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: M-BEIR in UniIR's layout (readers in mbeir.py) and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a
+# dense relevance matrix is ever built.
+
+
+def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
+    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
+    the top k, IDCG the same for min(#positives, k) relevant items at the top. `top` must come ranked by the
+    reward's rule (elva.ranked_top_k with the positives), so that a collapsed model earns nothing."""
+    import math
+    total = 0.0
+    for row, pos in zip(top.tolist(), positives):
+        ps = set(pos)
+        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
+        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
+        total += dcg / idcg if idcg else 0.0   # a query with no positive in the pool scores 0
+    return total / max(1, len(positives))
+
+
+def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
+    """The pool's embeddings, from the cache when the same model embedded the same pool file before. The cache file
+    (safetensors) holds the embeddings, the candidate ids and the hashes of the model and the pool file."""
+    model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
+    pool_sha = sha256(pool.path)
+    path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
+                print(f"  pool embeddings from the cache {path}")
+                return f.get_tensor("embeddings").to(ret.device)
+    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast(),
+                        progress=f"pool {pool.path.name}")[0]
+    if path is not None:
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: save_file({"embeddings": e.cpu().contiguous()}, str(p), metadata={
+            "pool_sha256": pool_sha, "model_sha256": model_sha, "dids": json.dumps(pool.dids)}))
+    return e
+
+
+def mbeir_score(results: dict, tasks: list[str]) -> float:
+    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and FashionIQ (Table 1)."""
+    return sum(results[t]["R@10" if any(f in t.lower() for f in ("fashion200k", "fashioniq")) else "R@5"]
+               for t in tasks) / len(tasks)
+
+
+def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
+                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256,
+                   instruction: str = "first", seed: int = 0) -> dict:
+    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive (qrels/<split>/..._qrels.txt, else
+    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10 ranked by the same
+    rule, over the task's local pool (its `_<split>_cand_pool` where the release has one) or the union pool. A query
+    none of whose positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first (deterministic)
+    or one drawn at random with `seed` (UniIR draws). Every input is read and checked before any embedding; the run
+    file (TREC: qid Q0 did rank score run_id) is written whole or not at all."""
+    root = Path(root)
+    instructions = mbeir.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    known = mbeir.mbeir_tasks(root, split)
+    if tasks == ["all"]:
+        tasks = known
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
+                         f"query files for {known} (split {split})")
+    loaded, pools = [], {}
+    rng = random.Random(seed) if instruction == "random" else None
+    for task in tasks:   # read and check everything first
+        qpath, ppath = mbeir.mbeir_paths(root, task, split, pool_kind)
+        if ppath not in pools:
+            pools[ppath] = mbeir.read_mbeir_pool(ppath, root)
+        qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
+        qrels = mbeir.read_qrels(qrels_path) if qrels_path.is_file() else None
+        qs = mbeir.read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels, strict=False,
+                                instruction_rng=rng)
+        loaded.append((task, qs, pools[ppath]))
+        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} candidates); "
+              f"relevance from {qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
+    out, run_lines = {}, []
+    cache = Path(cache_dir) if cache_dir else None
+    for task, qs, pool in loaded:
+        t0 = time.time()
+        ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
+        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(), progress=f"{task} queries")[0]
+        width = max(1, max(len(p) for p in qs.relevant))
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])            # (Q, P_max), -1 pads
+        has = pos[:, 0] >= 0                                                    # a query with no positive in the pool
+        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)      # ... is a miss
+        if has.any():
+            ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
+        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after equal scores)
+        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))   # (Q, k)
+        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant), "queries": len(qs.items),
+                     "pool": len(pool.items), "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
+                     "seconds": time.time() - t0}
+        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
+            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
+    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
+    out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
+                  "M-BEIR score": mbeir_score(out, tasks)}
+    if run_file:
+        atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
+    return out
+
+
+def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
+    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
+    chance level (mean of 1 / targets). Every file is read and checked before any embedding. To make these rows
+    from the released parquet files, read them with any parquet reader outside this project and write one JSON object
+    per row with the fields read_mmeb names (json.dumps of each row's dict)."""
+    loaded = [(p, mbeir.read_mmeb(p, image_root)) for p in paths]
+    out = {}
+    for path, rows in loaded:
+        t0 = time.time()
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast(),
+                             progress=f"{Path(path).stem} queries")[0]
+        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their targets)
+        unique = {}
+        for r in rows:
+            for t in r[2]:
+                unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
+        slot = {key: i for i, key in enumerate(unique)}
+        et = ret.embed_items([t for t, _ in unique.values()], [ins for _, ins in unique.values()], batch_size,
+                             autocast=autocast(), progress=f"{Path(path).stem} targets")[0]
+        ranks = []
+        for i, r in enumerate(rows):
+            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]  # (targets,)
+            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
+        ranks = torch.tensor(ranks, dtype=torch.float64)
+        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
+                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
+    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
+    return out
+
+
+def mmeb_table(results: dict) -> str:
+    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
+    return "\n".join(lines)
+
+
+def mbeir_table(results: dict) -> str:
+    lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+    for task, r in results.items():
+        q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
+        lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
+                     + " |")
+    if "avg" in results:
+        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and FashionIQ): "
+                     f"{results['avg']['M-BEIR score']:.3f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -500,89 +659,164 @@ def aggregate(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------------------------------
+# One RL step, shown: python eval.py --explain CKPT
+
+
+def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
+    """One RL instance through the paper's stage-3 step (Section 3.4) with the functions training uses: its query
+    and candidates (the positive and the mined negatives), the G rollouts' sampled summaries, each rollout's
+    scores and ranked list, R_Margin, R_Rank, R_total and the group advantage. The checkpoint is the policy and
+    also mines the negatives (in training the stage-2 model mines them); the run's own arguments (config.json)
+    give G, the temperature, the negative counts and the reward's constants."""
+    import train
+    from reward import auto_gamma, group_advantages, total_reward
+    ret = elva.Retriever.from_pretrained(ckpt, device)
+    args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
+    source = train.read_source(args, ret.meta)
+    instances = source.rl_instances(args, source.data, ret, autocast)          # one query per task
+    chosen = [x for x in instances if task is None or x[0].task == task]
+    if not chosen:
+        raise SystemExit(f"--explain_task {task!r}: expected one of {sorted({q.task for q, _ in instances})}")
+    batch = chosen[:1]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    made = train.encode_rl_prompts(ret.enc, ret.prompt_limit, batch)
+    with torch.no_grad():
+        ro = train.rollout(args, ret, made, gen, autocast)
+    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True,
+                            ranks=ro.ranks)                                    # (1, G)
+    A = group_advantages(R)
+    B, G, K = ro.shape
+    q, negs = batch[0]
+    names = ["positive"] + [f"negative {i + 1}" for i in range(len(negs))]
+    C = K - 1
+    gamma = auto_gamma(C) if args.gamma is None else args.gamma
+    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at temperature "
+          f"{args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} R_Rank, delta {args.delta}, "
+          f"gamma {gamma:.4f}")
+    print(f"query:      {describe(q.item)}   [instruction: {train.instruction_of(q)}]")
+    for name, c in zip(names, [q.positive, *negs]):
+        print(f"{name + ':':12s}{describe(c)}")
+    for g in range(G):
+        rows = [(g * K + k) for k in range(K)]                                  # sequences of rollout g
+        said = [ret.enc.decode(ro.summaries[r]) for r in rows]
+        order = ro.ranks[0, g].tolist()
+        ranked = sorted(range(C), key=lambda j: order[j])
+        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}" for j in ranked)
+        print(f"\nrollout {g}: the query wrote {said[0]!r}")
+        print(f"  ranked list: {listing}")
+        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank {parts['rank'][0, g].item():.4f} | "
+              f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
+        print("  the candidates wrote: " + " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:])))
+    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary of rollout g "
+          f"shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
+
+
+def describe(item: Item) -> str:
+    """An item in words: its text, and for an image its scene's reference summary (what the image shows)."""
+    parts = [repr(item.text)] if item.text else []
+    if item.scene is not None:
+        parts.append(f"(image: {item.scene.summary()})")
+    elif item.image_path:
+        parts.append(f"(image {item.image_path})")
+    return " ".join(parts) or "(empty)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: one small function per mode
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", default=[], help="checkpoint folder (repeat for a side-by-side table)")
-    p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
-    p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
-    p.add_argument("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
-    p.add_argument("--curves_png", default="curves.png", help="where --curves writes its PNG")
-    g = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py --sample DIR writes a sample)")
-    g.add_argument("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/, images)")
-    g.add_argument("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; or all")
-    g.add_argument("--pool", default="local", choices=["local", "union"], help="each task's own pool or the union pool")
-    g.add_argument("--split", default="test", help="query split (query/<split>/)")
-    g.add_argument("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
-    g.add_argument("--run_depth", type=int, default=100, help="candidates per query in the run file")
-    g.add_argument("--cache", default=None, help="folder for cached pool embeddings (default: <ckpt>/mbeir_cache)")
-    g.add_argument("--instruction", default="first", choices=["first", "random"], help="UniIR's prompt per query: "
-                   "the first (deterministic) or one at random with --seed (UniIR draws one)")
-    g.add_argument("--seed", type=int, default=0, help="seed of --instruction random")
-    g = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line")
-    g.add_argument("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
-                   "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
-    g.add_argument("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
-    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder (study.py "
-                   "writes one) and exit")
-    p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON files "
-                   "(no evaluation); several files are concatenated, e.g. runs/study/*.json")
-    args = p.parse_args(argv)
-    if args.ladder:
-        print(ladder_table(args.ladder))
-        return
-    if args.curves:
-        draw_curves(args.curves, args.curves_png)
-        print(f"wrote {args.curves_png}")
-        for d in args.curves:
-            print(log_summary(d))
-        if not args.ckpt:
-            return
+    add = p.add_argument
+    add("--ckpt", action="append", default=[], help="checkpoint folder (repeat for a side-by-side table)")
+    add("--queries", type=int, default=200, help="standard-split queries per task")
+    add("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
+    add("--device", default="auto", help="auto | cpu | cuda | mps")
+    add("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
+    add("--out", default=None, help="write the results as JSON here")
+    add("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
+    add("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
+    add("--curves_png", default="curves.png", help="where --curves writes its PNG")
+    add("--explain", default=None, metavar="CKPT", help="walk one RL instance through the paper's stage-3 "
+        "step and print it (explain)")
+    add("--explain_task", default=None, help="the task of --explain's instance (default: the first task's)")
+    add = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py --sample DIR writes "
+                               "one)").add_argument
+    add("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/, images)")
+    add("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; or all")
+    add("--pool", default="local", choices=["local", "union"], help="each task's own pool or the union pool")
+    add("--split", default="test", help="query split (query/<split>/)")
+    add("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
+    add("--run_depth", type=int, default=100, help="candidates per query in the run file")
+    add("--cache", default=None, help="folder for cached pool embeddings (default: <ckpt>/mbeir_cache)")
+    add("--instruction", default="first", choices=["first", "random"], help="UniIR's prompt per query: the "
+        "first (deterministic) or one at random with --seed (UniIR draws one)")
+    add("--seed", type=int, default=0, help="seed of --instruction random and of --explain's sampling")
+    add = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line").add_argument
+    add("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
+        "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
+    add("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
+    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder "
+                   "(study.py writes one) and exit")
+    p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON "
+                   "files (no evaluation); several files are concatenated, e.g. runs/study/*.json")
+    return p
+
+
+def check_inputs(p, args):
+    """Every path and number, before any work: one line naming the flag."""
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: expected an integer >= 1")
-    for c in args.ckpt:   # a bad path is one line, before any work
+    for c in args.ckpt + ([args.explain] if args.explain else []):
         if not (Path(c) / "config.json").is_file():
             stages = sorted(d.name for d in Path(c).glob("*") if (d / "config.json").is_file())
-            p.error(f"--ckpt {c}: " + (f"a run folder, not a checkpoint; it holds the stage folders {stages}, e.g. "
-                                       f"--ckpt {Path(c) / stages[0]}" if stages else
-                                       "no config.json; expected a checkpoint folder written by train.py"))
-    torch.set_num_threads(args.threads or elva.default_threads())
-    device, autocast = elva.resolve_device(args.device)
-    if args.mmeb or args.mbeir:
-        import mbeir   # the real-data evaluation lives with its readers (mbeir.py imports this file's metrics)
-    if args.mmeb:
-        if len(args.ckpt) != 1:
-            p.error("--mmeb evaluates one --ckpt at a time")
-        ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
-        try:
-            res = mbeir.evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images {args.mmeb_images})") \
-                from None
-        print(mbeir.mmeb_table(res))
-        if args.out:
-            elva._atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(res, indent=2)))
-        return
+            if stages:
+                p.error(f"--ckpt {c}: a run folder, not a checkpoint; it holds the stage folders {stages}, "
+                        f"e.g. --ckpt {Path(c) / stages[0]}")
+            p.error(f"--ckpt {c}: no config.json; expected a checkpoint folder written by train.py")
+    if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
+        p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
     if args.mbeir:
-        if len(args.ckpt) != 1:
-            p.error("--mbeir evaluates one --ckpt at a time")
         if args.run_depth < 1:
             p.error(f"--run_depth {args.run_depth}: expected an integer >= 1")
         if not Path(args.mbeir).is_dir():
-            p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, cand_pool/, instructions/)")
-        ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
-        res = mbeir.evaluate_mbeir(ret, args.mbeir, [t.strip() for t in args.tasks.split(",") if t.strip()], args.split,
-                             args.pool, autocast, args.run_file, args.cache or str(Path(args.ckpt[0]) / "mbeir_cache"),
-                             args.run_depth, instruction=args.instruction, seed=args.seed)
-        print(mbeir.mbeir_table(res))
-        if args.run_file:
-            print(f"wrote {args.run_file}")
-        if args.out:
-            elva._atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(res, indent=2)))
-        return
+            p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, cand_pool/, "
+                    f"instructions/)")
+
+
+def write_results(args, res):
+    if args.out:
+        write_json(Path(args.out), res)
+        print(f"wrote {args.out}")
+
+
+def mmeb_mode(args, device, autocast):
+    ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
+    try:
+        res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images {args.mmeb_images})") \
+            from None
+    print(mmeb_table(res))
+    write_results(args, res)
+
+
+def mbeir_mode(args, device, autocast):
+    ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    cache = args.cache or str(Path(args.ckpt[0]) / "mbeir_cache")
+    res = evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast, args.run_file, cache,
+                         args.run_depth, instruction=args.instruction, seed=args.seed)
+    print(mbeir_table(res))
+    if args.run_file:
+        print(f"wrote {args.run_file}")
+    write_results(args, res)
+
+
+def grainworld_mode(p, args, device, autocast):
+    """The checkpoints side by side (and earlier results, --from_json): the table, the seeds' aggregate, the
+    retrieval grid."""
     results = []
     for f in args.from_json or []:
         try:
@@ -600,14 +834,37 @@ def main(argv=None):
     if len(results) > 1:
         print(aggregate(results))
     if args.grid:
-        model_world = GrainWorld(WorldConfig(**json.loads((Path(results[0]["ckpt"]) / "config.json").read_text())["world"]))
-        draw_retrieval_grid(results, model_world.mrbench_mini(args.mrbench_per_task), args.grid)
+        world_cfg = json.loads((Path(results[0]["ckpt"]) / "config.json").read_text())["world"]
+        bench = GrainWorld(WorldConfig(**world_cfg)).mrbench_mini(args.mrbench_per_task)
+        draw_retrieval_grid(results, bench, args.grid)
         print(f"wrote {args.grid}")
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(args.out)
-        print(f"wrote {args.out}")
+    write_results(args, results)
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.ladder:
+        print(ladder_table(args.ladder))
+        return
+    if args.curves:
+        draw_curves(args.curves, args.curves_png)
+        print(f"wrote {args.curves_png}")
+        for d in args.curves:
+            print(log_summary(d))
+        if not args.ckpt:
+            return
+    check_inputs(p, args)
+    torch.set_num_threads(args.threads or default_threads())
+    device, autocast = resolve_device(args.device)
+    if args.explain:
+        explain(args.explain, device, autocast, args.explain_task, args.seed)
+    elif args.mmeb:
+        mmeb_mode(args, device, autocast)
+    elif args.mbeir:
+        mbeir_mode(args, device, autocast)
+    else:
+        grainworld_mode(p, args, device, autocast)
 
 
 if __name__ == "__main__":

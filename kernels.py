@@ -1,27 +1,25 @@
 """
-Hand-written Triton kernels for batched similarity and ranking, each beside its pure-torch reference.
+Hand-written Triton kernels for the rollout's ranked list and for ranking a corpus, each beside its torch reference.
 
-    python kernels.py        # benchmark: every kernel against its reference (CUDA: do_bench; CPU: small sizes,
-                             # the Triton rows through Triton's interpreter)
+    python kernels.py          # benchmark: each kernel against its reference (CUDA: do_bench; CPU: small sizes,
+                               # the Triton rows through Triton's interpreter)
     python kernels.py --sweep  # CUDA: also time corpus_ranks over a few tile shapes
 
-Where they are used (the paper's Section 3.4, the rollout's ranked list, and the evaluation):
-- cosine_scores(q [R, D], c [R, C, D]) -> [R, C]: an RL rollout scores its own candidate set (R = B*G rollouts,
-  C = 1 + N candidates). L2 normalisation is fused in; fp32 accumulation whatever the input dtype.
-- descending_ranks(scores [R, C]) -> int64 [R, C]: the ranked list the ranking reward reads;
-  rank_i = 1 + #{j: s_j > s_i} + #{j < i: s_j == s_i} (ties: the earlier index ranks first; NaN ranks below every
-  number, NaNs among themselves by index).
-- cosine_ranks(q [R, D], c [R, C, D]) -> (scores, ranks): the two above fused in one kernel, the scores ranked
-  while still in registers; positive_last=True gives the reward's pessimistic rank of the positive in column 0.
-- corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: the rank of each query's best
-  positive over a whole corpus, 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}. Pessimistic, like the
-  reward: a candidate that *ties* the positive ranks above it, so a collapsed model (every embedding equal) gets the
-  worst rank, never the best. The positive's score comes from the very same tile arithmetic as every other score (a
-  first, cheap pass over only the tiles that hold a positive), so an exact duplicate of the positive ties it exactly.
-  NaN: a NaN positive score is the worst rank; a NaN candidate never counts above. Corpus tiles stream through
-  tl.dot and are counted, never writing the [M, N] score matrix: memory O(M*P + N*D) instead of O(M*N).
-
-corpus_ranks_sharded runs the same two passes on a corpus split over torchrun processes, with one all_reduce each.
+Where they are used:
+- cosine_ranks(q [R, D], c [R, C, D]) -> (scores [R, C], ranks [R, C]): every RL rollout's ranked list (the
+  paper's Section 3.4: each rollout scores its candidates with cosine and sorts them; R = B*G rollouts, C = 1 + N
+  candidates), in one kernel: L2 normalisation fused in, fp32 accumulation whatever the input dtype, the scores
+  ranked while still in registers. With positive_last=True column 0 (the positive) gets the reward's
+  pessimistic rank: a negative that ties it ranks above it. The ranks are reward.descending_ranks's: ties by
+  index, NaN below every number (NaNs among themselves by index).
+- corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: evaluation's rank of each query's
+  best positive over a whole pool, 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}. Pessimistic,
+  like the reward: a candidate that *ties* the positive ranks above it, so a collapsed model (every embedding
+  equal) gets the worst rank, never the best. The positive's score comes from the very same tile arithmetic as
+  every other score (a first, cheap pass over only the tiles that hold a positive), so an exact duplicate of the
+  positive ties it exactly. NaN: a NaN positive score is the worst rank; a NaN candidate never counts above.
+  Corpus tiles stream through tl.dot and are counted, never writing the [M, N] score matrix: memory O(M*P + N*D)
+  instead of O(M*N).
 
 Every function takes backend = "auto" | "triton" | "torch". auto = Triton on CUDA tensors, the torch reference
 otherwise. "triton" on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 before triton is
@@ -36,6 +34,8 @@ import time
 
 import torch
 
+from reward import descending_ranks
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede `import triton`
 try:
@@ -46,7 +46,7 @@ except ImportError:  # the torch references still work
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-EPS = 1e-8  # norm floor: a zero vector scores 0 with everything instead of NaN (as F.normalize / F.cosine_similarity)
+EPS = 1e-8  # norm floor: a zero vector scores 0 with everything instead of NaN (as F.normalize does)
 
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
@@ -60,28 +60,40 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' but triton is not installed")
     if not on_cuda and not INTERPRET:
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                           "imported")
     return True
 
 
 # ======================================================================================================================
-# 1. cosine_scores
+# 1. cosine_ranks: a rollout's scores and their ranks
 
 
 def cosine_scores_ref(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Reference. Memory traffic: reads q and c, but writes and re-reads normalised fp32 copies of both (c is the big
-    one: R*C*D*4 bytes twice more) before a batched matmul-vector product."""
+    """q [R, D], c [R, C, D] -> [R, C] cosines. Memory traffic: reads q and c, but writes and re-reads normalised
+    fp32 copies of both (c is the big one: R*C*D*4 bytes twice more) before a batched matrix-vector product."""
     qn = q.float() / q.float().norm(dim=-1, keepdim=True).clamp(min=EPS)            # (R, D)
     cn = c.float() / c.float().norm(dim=-1, keepdim=True).clamp(min=EPS)            # (R, C, D)
     return torch.bmm(cn, qn[:, :, None])[..., 0]                                    # (R, C)
+
+
+def cosine_ranks_ref(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False):
+    """Reference: cosine_scores_ref, then reward.descending_ranks (each sort reads and writes values and indices
+    several times: O(C log C) passes per row). positive_last: rank column 0 as if it stood after the last column
+    (the reward's pessimistic rule: a negative that ties the positive ranks above it)."""
+    s = cosine_scores_ref(q, c)                                                     # (R, C)
+    if not positive_last:
+        return s, descending_ranks(s)
+    moved = descending_ranks(torch.cat([s[:, 1:], s[:, :1]], dim=1))
+    return s, torch.cat([moved[:, -1:], moved[:, :-1]], dim=1)
 
 
 if HAS_TRITON:
     @triton.jit
     def _row_cosines(q_ptr, c_ptr, r, offs_c, C, D, stride_qr, stride_cr, stride_cc,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        # the cosines of row r's query with its candidates offs_c: D is walked in BLOCK_D chunks, accumulating the
-        # dot products and both squared norms in fp32, so every input byte is read exactly once.
+        # the cosines of row r's query with its candidates offs_c: D is walked in BLOCK_D chunks, accumulating
+        # the dot products and both squared norms in fp32, so every input byte is read exactly once.
         dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
         cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -95,121 +107,25 @@ if HAS_TRITON:
             qq += qv * qv
         qn = tl.maximum(tl.sqrt(tl.sum(qq, axis=0)), 1e-8)
         cn = tl.maximum(tl.sqrt(cc), 1e-8)
-        return dot / (qn * cn)                                                          # (BLOCK_C,)
+        return dot / (qn * cn)                                                      # (BLOCK_C,)
 
-    @triton.jit
-    def _cosine_kernel(q_ptr, c_ptr, out_ptr,                  # pointers
-                       C, D,                                   # sizes
-                       stride_qr, stride_cr, stride_cc, stride_or,   # strides (last dims are contiguous)
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        # one program: one rollout row r, BLOCK_C of its candidates
-        r = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        s = _row_cosines(q_ptr, c_ptr, r, offs_c, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C, BLOCK_D)
-        tl.store(out_ptr + r * stride_or + offs_c, s, mask=offs_c < C)
-
-
-def cosine_scores(q: torch.Tensor, c: torch.Tensor, backend: str = "auto", block_c: int = 16,
-                  num_warps: int = 4) -> torch.Tensor:
-    """q [R, D], c [R, C, D] -> [R, C] float32 cosine similarities (row r scores its own candidates)."""
-    if q.dim() != 2 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
-        raise ValueError(f"cosine_scores expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and {tuple(c.shape)}")
-    if not _use_triton(backend, q, c):
-        return cosine_scores_ref(q, c)
-    q, c = q.contiguous(), c.contiguous()
-    R, C, D = c.shape
-    out = torch.empty(R, C, device=q.device, dtype=torch.float32)
-    BLOCK_C = min(block_c, triton.next_power_of_2(C))
-    BLOCK_D = min(128, triton.next_power_of_2(D))
-    _cosine_kernel[(R, triton.cdiv(C, BLOCK_C))](q, c, out, C, D, q.stride(0), c.stride(0), c.stride(1),
-                                                 out.stride(0), BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return out
-
-
-# ======================================================================================================================
-# 2. descending_ranks
-
-
-def descending_ranks_ref(scores: torch.Tensor) -> torch.Tensor:
-    """Reference: a stable descending sort keeps tied elements in index order, which is exactly the tie rule; a second
-    stable sort moves the NaNs to the end. Memory traffic: each sort reads and writes values and indices several
-    times (O(C log C) passes per row)."""
-    nan = torch.isnan(scores)
-    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices  # (R, C)
-    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
-    ranks = torch.empty_like(order)
-    ar = torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order)
-    return ranks.scatter_(-1, order, ar)
-
-
-if HAS_TRITON:
     @triton.jit
     def _above(si, sj, order_i, order_j, j_ok):
-        # per element i, how many of the elements j rank above it: a larger number, or any number above a NaN; or a
-        # tie (two equal numbers, two NaNs) earlier in the tie order. O(len(si) x len(sj)) comparisons in registers.
+        # per element i, how many of the elements j rank above it: a larger number, or any number above a NaN;
+        # or a tie (two equal numbers, two NaNs) earlier in the tie order. O(len(si) x len(sj)) comparisons,
+        # all in registers: for a rollout's list (C ~ 100) one pass, with no sort and no index writes.
         ni, nj = si[:, None] != si[:, None], sj[None, :] != sj[None, :]              # NaN masks (NaN != NaN)
         gt = (~nj & ~ni & (sj[None, :] > si[:, None])) | (~nj & ni)
         tie = ((sj[None, :] == si[:, None]) | (nj & ni)) & (order_j[None, :] < order_i[:, None])
         return tl.sum(((gt | tie) & j_ok[None, :]).to(tl.int32), axis=1)
 
     @triton.jit
-    def _ranks_kernel(s_ptr, out_ptr,                          # pointers
-                      C,                                       # sizes
-                      stride_sr, stride_or,                    # strides
-                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-        # one program: BLOCK_I elements i of row r; their ranks count, over tiles of j, the scores above them and the
-        # equal scores at smaller indices. O(C^2) comparisons, but all in registers: for the rollout sizes (C ~ 100)
-        # this is one pass over the row, with no sort and no index writes.
-        r = tl.program_id(0)
-        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        si = tl.load(s_ptr + r * stride_sr + offs_i, mask=offs_i < C, other=0.0)
-        count = tl.zeros((BLOCK_I,), dtype=tl.int32)
-        for j0 in range(0, C, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            sj = tl.load(s_ptr + r * stride_sr + offs_j, mask=offs_j < C, other=0.0)
-            count += _above(si, sj, offs_i, offs_j, offs_j < C)
-        tl.store(out_ptr + r * stride_or + offs_i, (count + 1).to(tl.int64), mask=offs_i < C)
-
-
-def descending_ranks(scores: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """scores [R, C] -> int64 [R, C] 1-based descending ranks; ties: the earlier index ranks first; NaN ranks last."""
-    if scores.dim() != 2:
-        raise ValueError(f"descending_ranks expects scores [R, C], got {tuple(scores.shape)}")
-    if not _use_triton(backend, scores):
-        return descending_ranks_ref(scores)
-    scores = scores.contiguous()
-    R, C = scores.shape
-    out = torch.empty(R, C, device=scores.device, dtype=torch.int64)
-    BLOCK_I = min(64, triton.next_power_of_2(C))
-    BLOCK_J = min(128, triton.next_power_of_2(C))
-    _ranks_kernel[(R, triton.cdiv(C, BLOCK_I))](scores, out, C, scores.stride(0), out.stride(0),
-                                                 BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J)
-    return out
-
-
-# ======================================================================================================================
-# 2b. cosine_ranks: cosine_scores and descending_ranks fused (the rollout's scored and ranked list in one launch)
-
-
-def cosine_ranks_ref(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False):
-    """Reference: cosine_scores_ref then descending_ranks_ref. positive_last: rank column 0 as if it stood after the
-    last column (the reward's pessimistic rule: a negative that ties the positive ranks above it)."""
-    s = cosine_scores_ref(q, c)                                                     # (R, C)
-    if not positive_last:
-        return s, descending_ranks_ref(s)
-    moved = descending_ranks_ref(torch.cat([s[:, 1:], s[:, :1]], dim=1))
-    return s, torch.cat([moved[:, -1:], moved[:, :-1]], dim=1)
-
-
-if HAS_TRITON:
-    @triton.jit
-    def _cosine_ranks_kernel(q_ptr, c_ptr, s_ptr, rank_ptr,        # pointers
-                             C, D,                                  # sizes
+    def _cosine_ranks_kernel(q_ptr, c_ptr, s_ptr, rank_ptr,                        # pointers
+                             C, D,                                                  # sizes
                              stride_qr, stride_cr, stride_cc, stride_sr, stride_kr,   # strides
                              POS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        # one program: one rollout row, all of its C <= BLOCK_C candidates. The scores are computed as in
-        # _cosine_kernel and never leave the registers before they are ranked as in _ranks_kernel: one read of q and
-        # c, one write of scores and ranks, one launch instead of two.
+        # one program: one rollout row, all of its C <= BLOCK_C candidates. The scores never leave the
+        # registers before they are ranked: one read of q and c, one write of scores and ranks, one launch.
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         s = _row_cosines(q_ptr, c_ptr, r, offs, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C, BLOCK_D)
@@ -222,11 +138,12 @@ if HAS_TRITON:
 
 def cosine_ranks(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False, backend: str = "auto",
                  num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [R, D], c [R, C, D] -> (scores [R, C] float32, ranks [R, C] int64): cosine_scores and descending_ranks in
-    one kernel (C <= 256: a rollout's candidate list). positive_last: column 0 is the positive and ties rank it
+    """q [R, D], c [R, C, D] -> (scores [R, C] float32, ranks [R, C] int64) in one kernel (C <= 256: a rollout's
+    candidate list; longer lists take the reference). positive_last: column 0 is the positive and ties rank it
     below every equal negative, so ranks[:, 0] is the reward's pessimistic rank of the positive."""
     if q.dim() != 2 or c.dim() != 3 or c.shape[0] != q.shape[0] or c.shape[2] != q.shape[1]:
-        raise ValueError(f"cosine_ranks expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and {tuple(c.shape)}")
+        raise ValueError(f"cosine_ranks expects q [R, D] and c [R, C, D], got {tuple(q.shape)} and "
+                         f"{tuple(c.shape)}")
     if not _use_triton(backend, q, c) or c.shape[1] > 256:
         return cosine_ranks_ref(q, c, positive_last)
     q, c = q.contiguous(), c.contiguous()
@@ -235,14 +152,14 @@ def cosine_ranks(q: torch.Tensor, c: torch.Tensor, positive_last: bool = False, 
     ranks = torch.empty(R, C, device=q.device, dtype=torch.int64)
     BLOCK_C = triton.next_power_of_2(C)
     BLOCK_D = min(64 if BLOCK_C > 64 else 128, triton.next_power_of_2(D))
-    _cosine_ranks_kernel[(R,)](q, c, scores, ranks, C, D, q.stride(0), c.stride(0), c.stride(1), scores.stride(0),
-                               ranks.stride(0), POS_LAST=positive_last, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
-                               num_warps=num_warps)
+    _cosine_ranks_kernel[(R,)](q, c, scores, ranks, C, D, q.stride(0), c.stride(0), c.stride(1),
+                               scores.stride(0), ranks.stride(0), POS_LAST=positive_last, BLOCK_C=BLOCK_C,
+                               BLOCK_D=BLOCK_D, num_warps=num_warps)
     return scores, ranks
 
 
 # ======================================================================================================================
-# 3. corpus_ranks
+# 2. corpus_ranks: the rank of each query's best positive over a whole pool
 
 
 def _positive_lists(pos_index: torch.Tensor, M: int, N: int) -> torch.Tensor:
@@ -250,7 +167,8 @@ def _positive_lists(pos_index: torch.Tensor, M: int, N: int) -> torch.Tensor:
     if pos_index.dim() == 1:
         pos_index = pos_index[:, None]
     if pos_index.dim() != 2 or pos_index.shape[0] != M:
-        raise ValueError(f"pos_index must be [M] or [M, P] with M = {M} (the queries), got {tuple(pos_index.shape)}")
+        raise ValueError(f"pos_index must be [M] or [M, P] with M = {M} (the queries), got "
+                         f"{tuple(pos_index.shape)}")
     pos_index = pos_index.to(torch.int64).contiguous()
     if pos_index.numel() and (int(pos_index.min()) < -1 or int(pos_index.max()) >= N):
         raise ValueError(f"pos_index must lie in [0, {N}) (the corpus size), -1 padding a shorter list")
@@ -266,14 +184,14 @@ def _inverse_norms(corpus: torch.Tensor) -> torch.Tensor:
 
 
 def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, chunk: int = 65536):
-    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk] score
-    block to memory and reads it back to compare -- the traffic the kernel saves.
+    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an [M, chunk]
+    score block to memory and reads it back to compare -- the traffic the kernel saves.
 
     Only the corpus norms matter for the order (|q| is one positive factor per query), so we compare
-    dot(q, c) * (1 / |c|) and never normalise q. Pass 1 scores the positives with exactly the arithmetic of pass 2
-    (the same chunk's matmul), so that a duplicate of the positive ties it bit for bit."""
+    dot(q, c) * (1 / |c|) and never normalise q. Pass 1 scores the positives with exactly the arithmetic of
+    pass 2 (the same chunk's matmul), so that a duplicate of the positive ties it bit for bit."""
     pos = _positive_lists(pos_index, q.shape[0], corpus.shape[0]).to(q.device)      # (M, P)
-    inv_norm = _inverse_norms(corpus)                                                # (N,), shared by both passes
+    inv_norm = _inverse_norms(corpus)                                                # (N,), both passes
     best = _positive_scores_ref(q, corpus, inv_norm, pos, chunk).max(dim=1).values   # (M,); NaN propagates
     return _count_ref(q, corpus, inv_norm, pos, best, chunk) + 1
 
@@ -283,7 +201,7 @@ def _chunk_scores(q, corpus, inv_norm, n0, chunk):
 
 
 def _positive_scores_ref(q, corpus, inv_norm, pos, chunk: int = 65536) -> torch.Tensor:
-    """Pass 1: (M, P) scores of the positives found in this corpus (-inf for padding and for those not in it)."""
+    """Pass 1: (M, P) scores of the positives found in this corpus (-inf for padding and those not in it)."""
     s_pos = torch.full(pos.shape, float("-inf"), device=q.device)                    # (M, P)
     for n0 in range(0, corpus.shape[0], chunk):
         inside = (pos >= n0) & (pos < n0 + chunk)                                    # (M, P)
@@ -295,7 +213,7 @@ def _positive_scores_ref(q, corpus, inv_norm, pos, chunk: int = 65536) -> torch.
 
 
 def _count_ref(q, corpus, inv_norm, pos, best, chunk: int = 65536) -> torch.Tensor:
-    """Pass 2: per query, the non-positive candidates scoring at or above `best` (a NaN best: every one counts)."""
+    """Pass 2: per query, the non-positive candidates scoring at or above `best` (a NaN best: all count)."""
     count = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for n0 in range(0, corpus.shape[0], chunk):
         s = _chunk_scores(q, corpus, inv_norm, n0, chunk)                            # (M, n)
@@ -311,59 +229,34 @@ if HAS_TRITON:
     @triton.jit
     def _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        # The scores of BLOCK_M queries against the corpus tile [n0, n0 + BLOCK_N): dot products with tl.dot (tensor
-        # cores) over BLOCK_K slices of D, scaled by the precomputed 1/|c|. Both kernels below call this one
-        # function, so a positive's score and every other score come from identical arithmetic.
+        # The scores of BLOCK_M queries against the corpus tile [n0, n0 + BLOCK_N): dot products with tl.dot
+        # (tensor cores) over BLOCK_K slices of D, scaled by the precomputed 1/|c|. Both kernels below call this
+        # one function, so a positive's score and every other score come from identical arithmetic.
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         acc = tl.zeros((offs_m.shape[0], BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             km = offs_k < D
-            qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], mask=m_ok[:, None] & km[None, :],
-                         other=0.0)
-            cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :], mask=n_ok[:, None] & km[None, :],
-                         other=0.0)
+            qv = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
+                         mask=m_ok[:, None] & km[None, :], other=0.0)
+            cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
+                         mask=n_ok[:, None] & km[None, :], other=0.0)
             if IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
                 acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
             else:
                 acc += tl.dot(qv, tl.trans(cv))
-        s = acc * tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]          # (BLOCK_M, BLOCK_N) cosines * |q|
-        return s, offs_n, n_ok
-
-    @triton.jit
-    def _load_q(q_ptr, offs_m, m_ok, D, stride_qm, BLOCK_K: tl.constexpr):
-        # RESIDENT: the whole [BLOCK_M, D] query block (D <= BLOCK_K), loaded once and kept in registers
-        offs_k = tl.arange(0, BLOCK_K)
-        return tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :],
-                       mask=m_ok[:, None] & (offs_k < D)[None, :], other=0.0)
-
-    @triton.jit
-    def _resident_tile(qv, c_ptr, inv_ptr, n0, N, D, stride_cn,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        # _corpus_tile with the query block already in registers: one tl.dot over all of D per corpus tile, so
-        # the queries are read from memory once per program instead of once per tile. Both passes call this in
-        # RESIDENT mode: a positive's score and every other score still come from identical arithmetic.
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
-                     mask=n_ok[:, None] & (offs_k < D)[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(qv, tl.trans(cv), input_precision="ieee")
-        else:
-            acc = tl.dot(qv, tl.trans(cv))
-        s = acc * tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        return s, offs_n, n_ok
+        inv = tl.load(inv_ptr + offs_n, mask=n_ok, other=0.0)
+        return acc * inv[None, :], offs_n, n_ok                                     # cosines * |q|
 
     @triton.jit
     def _positive_scores_kernel(q_ptr, c_ptr, inv_ptr, pos_ptr, out_ptr,      # pointers
                                 M, N, D, P,                                   # sizes
                                 stride_qm, stride_cn,                         # strides
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                IEEE: tl.constexpr, RESIDENT: tl.constexpr):
-        # grid (M blocks, corpus tiles). Pass 1: a program scores its tile only if the tile holds a positive of one
-        # of its queries (at most M * P of the N / BLOCK_N tiles do any work), and writes those positives' scores.
+                                IEEE: tl.constexpr):
+        # grid (M blocks, corpus tiles). Pass 1: a program scores its tile only if the tile holds a positive of
+        # one of its queries (at most M * P of the N / BLOCK_N tiles do any work), and writes their scores.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         n0 = tl.program_id(1) * BLOCK_N
@@ -372,16 +265,12 @@ if HAS_TRITON:
             pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
             hits += tl.sum(((pj >= n0) & (pj < n0 + BLOCK_N)).to(tl.int32), axis=0)
         if hits > 0:
-            if RESIDENT:
-                qv = _load_q(q_ptr, offs_m, m_ok, D, stride_qm, BLOCK_K)
-                s, offs_n, n_ok = _resident_tile(qv, c_ptr, inv_ptr, n0, N, D, stride_cn, BLOCK_N, BLOCK_K, IEEE)
-            else:
-                s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
-                                               BLOCK_N, BLOCK_K, IEEE)
+            s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm,
+                                           stride_cn, BLOCK_N, BLOCK_K, IEEE)
             for j in range(P):
                 pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
                 here = (pj >= n0) & (pj < n0 + BLOCK_N) & m_ok
-                sp = tl.sum(tl.where(offs_n[None, :] == pj[:, None], s, 0.0), axis=1)   # picks one score (x + 0 = x)
+                sp = tl.sum(tl.where(offs_n[None, :] == pj[:, None], s, 0.0), axis=1)   # one score (x + 0)
                 tl.store(out_ptr + offs_m * P + j, sp, mask=here)
 
     @triton.jit
@@ -389,25 +278,20 @@ if HAS_TRITON:
                        M, N, D, P, n_per_split,                               # sizes
                        stride_qm, stride_cn,                                  # strides
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr, RESIDENT: tl.constexpr):
+                       IEEE: tl.constexpr):
         # grid (M blocks, corpus splits). Pass 2: a program owns BLOCK_M queries and a contiguous slice of the
         # corpus; it streams that slice in BLOCK_N tiles and keeps only a count per query of the non-positive
-        # candidates scoring at or above the query's best positive. Counts from different splits meet in one atomic
-        # add per query and program.
+        # candidates scoring at or above the query's best positive. Counts from different splits meet in one
+        # atomic add per query and program.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         best = tl.load(best_ptr + offs_m, mask=m_ok, other=0.0)
         best_nan = best != best
         count = tl.zeros((BLOCK_M,), dtype=tl.int32)
         n_start = tl.program_id(1) * n_per_split
-        if RESIDENT:
-            qv = _load_q(q_ptr, offs_m, m_ok, D, stride_qm, BLOCK_K)
         for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
-            if RESIDENT:
-                s, offs_n, n_ok = _resident_tile(qv, c_ptr, inv_ptr, n0, N, D, stride_cn, BLOCK_N, BLOCK_K, IEEE)
-            else:
-                s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
-                                               BLOCK_N, BLOCK_K, IEEE)
+            s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm,
+                                           stride_cn, BLOCK_N, BLOCK_K, IEEE)
             above = ((s >= best[:, None]) | best_nan[:, None]) & n_ok[None, :]
             for j in range(P):   # the query's own positives never count
                 pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
@@ -417,96 +301,42 @@ if HAS_TRITON:
 
 
 def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor, backend: str = "auto",
-                 block_m: int = 256, block_n: int = 128, num_warps: int = 16, num_stages: int = 3,
-                 resident: bool = False) -> torch.Tensor:
+                 block_m: int = 256, block_n: int = 128, num_warps: int = 16, num_stages: int = 3
+                 ) -> torch.Tensor:
     """q [M, D], corpus [N, D], pos_index [M] or [M, P] int64 (each query's positives; -1 pads a shorter list)
     -> int64 [M]: 1 + #{n not a positive: cos(q, c_n) >= max over the positives p of cos(q, c_p)}.
 
-    With one positive per query: 1 + #{n != pos: cos(q, c_n) >= cos(q, c_pos)}. Recall@K ("a hit if any positive
-    is in the top K") is rank <= K. The default tile (256 x 128, 16 warps) is the fastest of
-    `python kernels.py --sweep` on an H100. resident=True (D <= 256) keeps each program's query block in registers
-    and takes one tl.dot over all of D per corpus tile, instead of reloading the queries for every tile: a candidate
-    for the 60%-of-torch.mm target, timed by the sweep, off until a GPU measurement says it helps."""
-    _check_corpus_args(q, corpus)
+    With one positive per query: 1 + #{n != pos: cos(q, c_n) >= cos(q, c_pos)}. Recall@K ("a hit if any
+    positive is in the top K") is rank <= K. The default tile (256 x 128, 16 warps) is the fastest of
+    `python kernels.py --sweep` on an H100."""
+    if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
+        raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, "
+                         f"{tuple(corpus.shape)}")
     pos = _positive_lists(pos_index, q.shape[0], corpus.shape[0])
     if not _use_triton(backend, q, corpus, pos_index):
         return corpus_ranks_ref(q, corpus, pos)
-    tiles = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, resident=resident)
-    inv_norm = _inverse_norms(corpus)                                                # (N,), shared by both passes
-    best = _positive_scores_triton(q, corpus, inv_norm, pos, **tiles).max(dim=1).values   # (M,); NaN propagates
-    return _count_triton(q, corpus, inv_norm, pos, best, **tiles) + 1
-
-
-def corpus_ranks_sharded(q: torch.Tensor, shard: torch.Tensor, pos_index: torch.Tensor, offset: int,
-                         backend: str = "auto", group=None) -> torch.Tensor:
-    """corpus_ranks with the corpus split over the ranks of a torch.distributed group (torchrun): this rank holds
-    rows [offset, offset + len(shard)) of the corpus; q and pos_index (global row numbers) are the same on every
-    rank. Pass 1 on each shard, then one all_reduce(MAX) for each query's best positive score; pass 2 on each shard,
-    then one all_reduce(SUM) of the counts. The same ranks as corpus_ranks on the whole corpus (a test checks)."""
-    import torch.distributed as dist
-    _check_corpus_args(q, shard)
-    pos = pos_index[:, None] if pos_index.dim() == 1 else pos_index
-    local = torch.where((pos >= offset) & (pos < offset + shard.shape[0]), pos - offset, -1).to(torch.int64)
-    local = local.to(q.device)
-    use = _use_triton(backend, q, shard, pos_index)
-    inv_norm = _inverse_norms(shard)
-    s_pos = (_positive_scores_triton if use else _positive_scores_ref)(q, shard, inv_norm, local)
-    best = s_pos.max(dim=1).values                                                   # (M,), -inf if none here
-    nan = torch.isnan(best).to(torch.int32)
-    best = torch.nan_to_num(best, nan=float("-inf")).contiguous()
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=group)
-    best = torch.where(nan.bool(), torch.full_like(best, float("nan")), best)
-    count = (_count_triton if use else _count_ref)(q, shard, inv_norm, local, best)
-    count = count.to(torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return count + 1
-
-
-def _check_corpus_args(q, corpus):
-    if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
-        raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, {tuple(corpus.shape)}")
-
-
-def _block_k(D: int, resident: bool) -> tuple[int, bool]:
-    """The D slice of each tl.dot: 64 wide, or (resident, D <= 256) all of D in one slice kept in registers."""
-    if resident and D <= 256:
-        return max(16, triton.next_power_of_2(D)), True
-    return min(64, max(16, triton.next_power_of_2(D))), False
-
-
-def _positive_scores_triton(q, corpus, inv_norm, pos, block_m=256, block_n=128, num_warps=16,
-                            num_stages=3, resident=False) -> torch.Tensor:
-    """Pass 1 on the GPU: (M, P) positives' scores from the tiles that hold them (-inf pads)."""
     q, corpus, pos = q.contiguous(), corpus.contiguous(), pos.to(q.device).contiguous()
     (M, D), N, P = q.shape, corpus.shape[0], pos.shape[1]
-    s_pos = torch.full((M, P), float("-inf"), device=q.device, dtype=torch.float32)
-    block_k, res = _block_k(D, resident)
-    _positive_scores_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        q, corpus, inv_norm, pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=q.dtype == torch.float32, RESIDENT=res,
-        num_warps=num_warps, num_stages=num_stages)
-    return s_pos
-
-
-def _count_triton(q, corpus, inv_norm, pos, best, block_m=256, block_n=128, num_warps=16,
-                  num_stages=3, resident=False) -> torch.Tensor:
-    """Pass 2 on the GPU: int64 (M,) counts of non-positives at or above `best`. Enough corpus splits to give every
-    SM a few programs, each split a whole number of tiles (so tiles start at multiples of block_n, as in pass 1)."""
-    q, corpus, pos = q.contiguous(), corpus.contiguous(), pos.to(q.device).contiguous()
-    (M, D), N, P = q.shape, corpus.shape[0], pos.shape[1]
+    inv_norm = _inverse_norms(corpus)                                                # (N,), both passes
+    block_k = min(64, max(16, triton.next_power_of_2(D)))                            # D slice of each tl.dot
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=q.dtype == torch.float32,
+                 num_warps=num_warps, num_stages=num_stages)
     m_blocks = triton.cdiv(M, block_m)
+    # pass 1: the positives' scores (-inf pads) from the tiles that hold them; a query's best positive
+    s_pos = torch.full((M, P), float("-inf"), device=q.device, dtype=torch.float32)
+    _positive_scores_kernel[(m_blocks, triton.cdiv(N, block_n))](
+        q, corpus, inv_norm, pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0), **tiles)
+    best = s_pos.max(dim=1).values.contiguous()                                      # (M,); NaN propagates
+    # pass 2: counts of non-positives at or above the best. Enough corpus splits to give every SM a few
+    # programs, each split a whole number of tiles (so tiles start at multiples of block_n, as in pass 1).
     count = torch.zeros(M, device=q.device, dtype=torch.int32)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(4 * n_sm, m_blocks)))
     n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    splits = triton.cdiv(N, n_per_split)
-    block_k, res = _block_k(D, resident)
-    _corpus_kernel[(m_blocks, splits)](q, corpus, inv_norm, pos, best.float().contiguous(), count,
-                                       M, N, D, P, n_per_split, q.stride(0), corpus.stride(0), BLOCK_M=block_m,
-                                       BLOCK_N=block_n, BLOCK_K=block_k, IEEE=q.dtype == torch.float32,
-                                       RESIDENT=res, num_warps=num_warps, num_stages=num_stages)
-    return count.to(torch.int64)
+    _corpus_kernel[(m_blocks, triton.cdiv(N, n_per_split))](
+        q, corpus, inv_norm, pos, best, count, M, N, D, P, n_per_split, q.stride(0), corpus.stride(0),
+        **tiles)
+    return count.to(torch.int64) + 1
 
 
 # ======================================================================================================================
@@ -533,8 +363,8 @@ def _time(fn, cuda: bool, reps: int = 5, graph: bool = False) -> float:
 def benchmark(sweep: bool = False):
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} | triton: "
-          f"{'interpreter' if INTERPRET else 'compiled'} | torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device: {name} | triton: {'interpreter' if INTERPRET else 'compiled'} | torch {torch.__version__}")
     if cuda:  # an idle GPU sits at a low clock: keep it busy for a second so the first rows are not timed slow
         a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
         t_end = time.perf_counter() + 1.0
@@ -548,22 +378,13 @@ def benchmark(sweep: bool = False):
     R, C, D = (512, 101, 256) if cuda else (16, 101, 256)
     q = torch.randn(R, D, device=dev)
     c = torch.randn(R, C, D, device=dev)
-    s = torch.randn(R, C, device=dev)
     gb = (q.numel() + c.numel()) * 4 / 1e9
     for graph in ([False, True] if cuda else [False]):
         tag = " (graph)" if graph else ""
-        ref = _time(lambda: cosine_scores(q, c, backend="torch"), cuda, graph=graph)
-        tri = _time(lambda: cosine_scores(q, c, backend="triton"), cuda, graph=graph)
-        rows.append((f"cosine_scores R={R} C={C} D={D} fp32{tag}", ref, tri, f"{gb / tri * 1e3:.1f} GB/s"))
-        ref_rk = _time(lambda: descending_ranks(s, backend="torch"), cuda, graph=graph)
-        tri_rk = _time(lambda: descending_ranks(s, backend="triton"), cuda, graph=graph)
-        rows.append((f"descending_ranks R={R} C={C}{tag}", ref_rk, tri_rk, f"{R * C * 12 / tri_rk / 1e6:.1f} GB/s"))
-        ref_both = _time(lambda: descending_ranks_ref(torch.bmm(c, q[:, :, None])[..., 0]), cuda, graph=graph)
-        tri_both = _time(lambda: descending_ranks(cosine_scores(q, c, backend="triton"), backend="triton"), cuda,
-                         graph=graph)
-        rows.append((f"cosine + ranks vs bmm + argsort{tag}", ref_both, tri_both, ""))
-        tri_fused = _time(lambda: cosine_ranks(q, c, positive_last=True, backend="triton"), cuda, graph=graph)
-        rows.append((f"cosine_ranks (fused) vs bmm + argsort{tag}", ref_both, tri_fused, ""))
+        ref = _time(lambda: descending_ranks(torch.bmm(c, q[:, :, None])[..., 0]), cuda, graph=graph)
+        fused = _time(lambda: cosine_ranks(q, c, positive_last=True, backend="triton"), cuda, graph=graph)
+        rows.append((f"cosine_ranks R={R} C={C} D={D} vs bmm + sort{tag}", ref, fused,
+                     f"{gb / fused * 1e3:.1f} GB/s"))
     # corpus sizes: M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
     M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
     dt = torch.bfloat16 if cuda else torch.float32
@@ -573,47 +394,41 @@ def benchmark(sweep: bool = False):
     flops = 2 * M * N * D
     ref_c = _time(lambda: corpus_ranks(qc, corpus, pos, backend="torch"), cuda)
     tri_c = _time(lambda: corpus_ranks(qc, corpus, pos, backend="triton"), cuda)
-    mm = _time(lambda: qc @ corpus.T, cuda) if cuda else float("nan")
-    rows.append((f"corpus_ranks M={M} N={N} D={D} {str(dt)[6:]}", ref_c, tri_c,
-                 f"{flops / tri_c / 1e9:.1f} TFLOP/s" + (f" (torch.mm {flops / mm / 1e9:.1f} TFLOP/s = "
-                                                        f"{mm / tri_c * 100:.0f}% ceiling)" if cuda else "")))
+    rate = f"{flops / tri_c / 1e9:.1f} TFLOP/s"
+    if cuda:
+        mm = _time(lambda: qc @ corpus.T, cuda)
+        rate += f" (torch.mm {flops / mm / 1e9:.1f} TFLOP/s = {mm / tri_c * 100:.0f}% ceiling)"
+    rows.append((f"corpus_ranks M={M} N={N} D={D} {str(dt)[6:]}", ref_c, tri_c, rate))
     print(f"| {'kernel':52s} | {'torch ms':>9s} | {'triton ms':>9s} | {'speed-up':>8s} | rate")
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 11}|{'-' * 10}|------")
-    for name, r_ms, t_ms, rate in rows:
-        print(f"| {name:52s} | {r_ms:9.3f} | {t_ms:9.3f} | {r_ms / t_ms:7.2f}x | {rate}")
+    for label, r_ms, t_ms, rate in rows:
+        print(f"| {label:52s} | {r_ms:9.3f} | {t_ms:9.3f} | {r_ms / t_ms:7.2f}x | {rate}")
     if sweep and cuda:
-        # Tile shapes of corpus_ranks (the default first). The torch reference's bf16 matmul rounds every score to
-        # bf16 (8 mantissa bits) before comparing, the kernel compares fp32 accumulators: with a million candidates
-        # many lie within one bf16 step of the positive, so the two differ by a few ranks out of a million (on fp32
-        # inputs they agree exactly: the tests). The last columns count those differences.
-        ref_r = corpus_ranks(qc[:512], corpus, pos[:512], backend="torch")
-        print(f"\ncorpus_ranks tile sweep (M={M} N={N} D={D} {str(dt)[6:]}; torch.mm {mm:.3f} ms)")
-        print("| BLOCK_M | BLOCK_N | warps | stages | resident q | ms | % of torch.mm | queries != ref (of 512) | "
-              "max |diff| |")
-        for bm, bn, w, st, res in [(256, 128, 16, 3, False), (64, 128, 4, 3, False), (128, 128, 8, 3, False),
-                                   (256, 128, 8, 3, False), (256, 128, 8, 4, False), (256, 64, 8, 4, False),
-                                   (128, 256, 8, 3, False), (128, 64, 4, 4, False), (128, 128, 8, 2, True),
-                                   (128, 64, 8, 3, True), (256, 64, 16, 2, True), (128, 128, 4, 2, True),
-                                   (64, 128, 4, 3, True)]:
-            kw = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, resident=res)
-            try:
-                got = corpus_ranks(qc[:512], corpus, pos[:512], **kw)
-                d = (got - ref_r).abs()
-                t = _time(lambda: corpus_ranks(qc, corpus, pos, **kw), cuda)
-                print(f"| {bm} | {bn} | {w} | {st} | {res} | {t:.3f} | {mm / t * 100:.0f}% | {int((d > 0).sum())} | "
-                      f"{int(d.max())} |")
-            except Exception as e:  # e.g. out of shared memory or registers for the larger tiles
-                print(f"| {bm} | {bn} | {w} | {st} | {res} | failed: {type(e).__name__}: {str(e)[:80]} |")
-        print(f"\ncosine_scores sweep (R={R} C={C} D={D} fp32, graph replays)")
-        print("| BLOCK_C | warps | ms | GB/s | max |err| |")
-        ref_s = cosine_scores(q, c, backend="torch")
-        for bc, w in [(16, 4), (64, 4), (32, 4), (16, 2), (32, 2), (128, 8)]:
-            err = (cosine_scores(q, c, block_c=bc, num_warps=w) - ref_s).abs().max().item()
-            t = _time(lambda: cosine_scores(q, c, block_c=bc, num_warps=w), cuda, graph=True)
-            print(f"| {bc} | {w} | {t:.4f} | {gb / t * 1e3:.0f} | {err:.1e} |")
+        tile_sweep(qc, corpus, pos, mm)
     if not cuda:
         print("(CPU: the Triton column is Triton's *interpreter*, a correctness tool, so its times mean nothing; "
               "run on a CUDA machine for the real comparison)")
+
+
+def tile_sweep(qc, corpus, pos, mm: float):
+    """corpus_ranks over a few tile shapes (the default first). The torch reference's bf16 matmul rounds every
+    score to bf16 (8 mantissa bits) before comparing, the kernel compares fp32 accumulators: with a million
+    candidates many lie within one bf16 step of the positive, so the two differ by a few ranks out of a million
+    (on fp32 inputs they agree exactly: the tests). The last columns count those differences."""
+    ref = corpus_ranks(qc[:512], corpus, pos[:512], backend="torch")
+    print(f"\ncorpus_ranks tile sweep (M={qc.shape[0]} N={corpus.shape[0]} D={qc.shape[1]}; "
+          f"torch.mm {mm:.3f} ms)")
+    print("| BLOCK_M | BLOCK_N | warps | stages | ms | % of torch.mm | queries != ref (of 512) | max |diff| |")
+    for bm, bn, w, st in [(256, 128, 16, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+                          (256, 128, 8, 4), (256, 64, 8, 4), (128, 256, 8, 3), (128, 64, 4, 4)]:
+        kw = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        try:
+            d = (corpus_ranks(qc[:512], corpus, pos[:512], **kw) - ref).abs()
+            t = _time(lambda: corpus_ranks(qc, corpus, pos, **kw), True)
+            print(f"| {bm} | {bn} | {w} | {st} | {t:.3f} | {mm / t * 100:.0f}% | {int((d > 0).sum())} | "
+                  f"{int(d.max())} |")
+        except Exception as e:  # e.g. out of shared memory or registers for the larger tiles
+            print(f"| {bm} | {bn} | {w} | {st} | failed: {type(e).__name__}: {str(e)[:80]} |")
 
 
 if __name__ == "__main__":

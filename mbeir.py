@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-import elva
-from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, encode_batch, full_caption,
-                  mine_negatives, random_caption, render)
-from eval import n_nonfinite, ranks_of_best_positive, recall_mrr
-from runtime import my_share, my_share_of_items, rank_of, world_of
+from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, full_caption, mine_negatives,
+                  random_caption, render)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR root:
@@ -297,6 +292,11 @@ def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], lis
     return qs.items, pool.items, [set(p) for p in qs.positives]
 
 
+def _untoken(text) -> str:
+    """VLM2Vec's texts carry its image placeholder; our template places the image itself."""
+    return (text or "").replace("<|image_1|>", " ").strip()
+
+
 def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
     """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target instruction)], the
     first target being the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]."""
@@ -309,12 +309,14 @@ def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
             raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
         width = max(len(texts), len(imgs))
         texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
-        # VLM2Vec's texts carry its image placeholder; our template places the image itself
-        untoken = lambda t: (t or "").replace("<|image_1|>", " ").strip()                 # noqa: E731
-        query = _real_item(path, n, untoken(r["qry_text"]), r["qry_img_path"], Path(image_root))
-        targets = [_real_item(path, n, untoken(t), i, Path(image_root)) for t, i in zip(texts, imgs)]
+        query = _real_item(path, n, _untoken(r["qry_text"]), r["qry_img_path"], Path(image_root))
+        targets = [_real_item(path, n, _untoken(t), i, Path(image_root)) for t, i in zip(texts, imgs)]
         out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
     return out
+
+
+def _sample_image(i: int) -> str:
+    return f"mbeir_images/sample/{i}.jpg"
 
 
 def write_mbeir_sample(root) -> Path:
@@ -329,23 +331,22 @@ def write_mbeir_sample(root) -> Path:
     (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
         render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
-    img = lambda i: f"mbeir_images/sample/{i}.jpg"                                  # noqa: E731
     caps = [full_caption(rng, s) for s in scenes]
     # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text candidates
-    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": img(i), "modality": "image",
+    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": _sample_image(i), "modality": "image",
                   "src_content": None} for i in range(12)]
     pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
                   "src_content": None} for i in range(12)]
-    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": img(i), "modality": "image,text",
+    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": _sample_image(i), "modality": "image,text",
               "src_content": None} for i in range(12)]
     t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(), "query_img_path": None,
            "query_modality": "text", "query_src_content": None,
            "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [], "task_id": 0}
           for i in range(6)]
-    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": img(i), "query_modality": "image",
+    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": _sample_image(i), "query_modality": "image",
            "query_src_content": None, "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"],
            "task_id": 3} for i in range(6)]
-    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": img(i),
+    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": _sample_image(i),
            "query_modality": "image,text", "query_src_content": None, "pos_cand_list": [f"8:{i}"],
            "neg_cand_list": [], "task_id": 8} for i in range(6)]
     files = {
@@ -362,8 +363,8 @@ def write_mbeir_sample(root) -> Path:
     # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among 4
     files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
                                        "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
-                                       "tgt_img_path": [img((i + k) % 12) for k in range(4)]} for i in range(8)]
-    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": img(i),
+                                       "tgt_img_path": [_sample_image((i + k) % 12) for k in range(4)]} for i in range(8)]
+    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": _sample_image(i),
                                        "tgt_inst": "", "tgt_text": [caps[(i + k) % 12].text() for k in range(4)],
                                        "tgt_img_path": []} for i in range(8)]
     for name, rows in files.items():
@@ -387,22 +388,13 @@ def write_mbeir_sample(root) -> Path:
 # Training inputs from M-BEIR (train.py --mbeir): the same interface as GrainWorld's
 
 
-def add_train_flags(add):
-    """train.py's flags for training on M-BEIR (add: an argument group's add_argument)."""
-    add("--mbeir", default=None, help="an M-BEIR root: train on its train split, evaluate on its test split")
-    add("--train_tasks", default="all", help="comma list of M-BEIR training tasks, or all")
-    add("--mbeir_pool", default="union", choices=["union", "local"], help="the union pool or the tasks' own pools")
-    add("--summary_field", default=None, help="an M-BEIR record field holding a reference summary (default none)")
-    add("--eval_tasks", default=None, help="M-BEIR tasks to evaluate (default: the training tasks with a test file)")
-
-
-def make_mbeir_inputs(args, src: MBeirTrain, enc, limit, step: int) -> dict:
-    """Stage 2's step on M-BEIR: B queries drawn from the training tasks, for each one positive (any of its
-    positives) and one extra candidate -- an entry of its neg_cand_list where the data gives one, else a random pool
-    candidate -- laid out like stage 1's triplets: [queries, positives, extras]. The mask takes out every in-batch
-    candidate that is one of the query's positives."""
+def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
+    """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one positive (any of
+    its positives) and one extra candidate -- an entry of its neg_cand_list where the data gives one, else a
+    random pool candidate -- laid out like stage 1's triplets: 3 blocks [queries, positives, extras]. The mask
+    takes out every in-batch candidate that is one of the query's positives."""
     rng = random.Random(f"{args.seed}-mbeir-{step}")
-    qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]    # the global batch
+    qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]
     pos = [rng.choice(src.positives[i]) for i in qi]
     extra = []
     for i in qi:
@@ -411,17 +403,13 @@ def make_mbeir_inputs(args, src: MBeirTrain, enc, limit, step: int) -> dict:
         else:
             j = rng.randrange(len(src.pool.items))
             extra.append(j if j not in src.positives[i] else (j + 1) % len(src.pool.items))
-    drop = my_share_of_items([rng.random() < args.summary_dropout for _ in range(3 * args.batch_size)], args, 3)
-    mine, b = my_share(qi, args), len(qi) // world_of(args)
-    items = ([src.queries[i].item for i in mine] + [src.pool.items[j] for j in my_share(pos, args)]
-             + [src.pool.items[j] for j in my_share(extra, args)])
-    instr = [src.queries[i].instruction for i in mine] + [None] * (2 * b)
-    cols = [j for r in range(world_of(args)) for j in my_share(pos, args, r) + my_share(extra, args, r)]
-    false_neg = torch.tensor([[c != rank_of(args) * 2 * b + k and j in src.positives[i] for c, j in enumerate(cols)]
-                              for k, i in enumerate(mine)])                                  # (b, 2B)
-    summaries = enc.reference_summaries(items, drop)
-    return {"encoded": encode_batch(enc, items, instr, summaries, limit), "drop": drop,
-            "false_neg": false_neg, "n_queries": b}
+    B = len(qi)
+    drop = [rng.random() < args.summary_dropout for _ in range(3 * B)]
+    items = [src.queries[i].item for i in qi] + [src.pool.items[j] for j in pos + extra]
+    instructions = [src.queries[i].instruction for i in qi] + [None] * (2 * B)
+    false_neg = torch.tensor([[c != k and j in src.positives[i] for c, j in enumerate(pos + extra)]
+                              for k, i in enumerate(qi)])                                   # (B, 2B)
+    return {"blocks": 3, "items": items, "instructions": instructions, "drop": drop, "false_neg": false_neg}
 
 
 def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
@@ -449,163 +437,6 @@ def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
     return instances
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: M-BEIR in UniIR's layout, streamed: neither the [queries, pool] score matrix nor a
-# dense relevance matrix is ever built.
-
-
-def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
-    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
-    the top k, IDCG the same for min(#positives, k) relevant items at the top. `top` must come ranked by the
-    reward's rule (elva.ranked_top_k with the positives), so that a collapsed model earns nothing."""
-    import math
-    total = 0.0
-    for row, pos in zip(top.tolist(), positives):
-        ps = set(pos)
-        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
-        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
-        total += dcg / idcg if idcg else 0.0   # a query with no positive in the pool scores 0
-    return total / max(1, len(positives))
-
-
-def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
-    """The pool's embeddings, from the cache when the same model embedded the same pool file before. The cache file
-    (safetensors) holds the embeddings, the candidate ids and the hashes of the model and the pool file."""
-    model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
-    pool_sha = elva._sha256(pool.path)
-    path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
-    if path is not None and path.is_file():
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
-                print(f"  pool embeddings from the cache {path}")
-                return f.get_tensor("embeddings").to(ret.device)
-    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast(),
-                        progress=f"pool {pool.path.name}")[0]
-    if path is not None:
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        elva._atomic_write(path, lambda p: save_file({"embeddings": e.cpu().contiguous()}, str(p), metadata={
-            "pool_sha256": pool_sha, "model_sha256": model_sha, "dids": json.dumps(pool.dids)}))
-    return e
-
-
-def mbeir_score(results: dict, tasks: list[str]) -> float:
-    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and FashionIQ (Table 1)."""
-    return sum(results[t]["R@10" if any(f in t.lower() for f in ("fashion200k", "fashioniq")) else "R@5"]
-               for t in tasks) / len(tasks)
-
-
-def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
-                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256,
-                   instruction: str = "first", seed: int = 0) -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive (qrels/<split>/..._qrels.txt, else
-    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10 ranked by the same
-    rule, over the task's local pool (its `_<split>_cand_pool` where the release has one) or the union pool. A query
-    none of whose positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first (deterministic)
-    or one drawn at random with `seed` (UniIR draws). Every input is read and checked before any embedding; the run
-    file (TREC: qid Q0 did rank score run_id) is written whole or not at all."""
-    root = Path(root)
-    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
-    known = mbeir_tasks(root, split)
-    if tasks == ["all"]:
-        tasks = known
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
-        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
-                         f"query files for {known} (split {split})")
-    loaded, pools = [], {}
-    rng = random.Random(seed) if instruction == "random" else None
-    for task in tasks:   # read and check everything first
-        qpath, ppath = mbeir_paths(root, task, split, pool_kind)
-        if ppath not in pools:
-            pools[ppath] = read_mbeir_pool(ppath, root)
-        qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
-        qrels = read_qrels(qrels_path) if qrels_path.is_file() else None
-        qs = read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels, strict=False,
-                                instruction_rng=rng)
-        loaded.append((task, qs, pools[ppath]))
-        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} candidates); "
-              f"relevance from {qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
-    out, run_lines = {}, []
-    cache = Path(cache_dir) if cache_dir else None
-    for task, qs, pool in loaded:
-        t0 = time.time()
-        ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
-        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(), progress=f"{task} queries")[0]
-        width = max(1, max(len(p) for p in qs.relevant))
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])            # (Q, P_max), -1 pads
-        has = pos[:, 0] >= 0                                                    # a query with no positive in the pool
-        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)      # ... is a miss
-        if has.any():
-            ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
-        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after equal scores)
-        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))   # (Q, k)
-        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant), "queries": len(qs.items),
-                     "pool": len(pool.items), "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
-                     "seconds": time.time() - t0}
-        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
-            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
-    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
-    out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
-                  "M-BEIR score": mbeir_score(out, tasks)}
-    if run_file:
-        elva._atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
-    return out
-
-
-def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
-    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
-    chance level (mean of 1 / targets). Every file is read and checked before any embedding. To make these rows
-    from the released parquet files, read them with any parquet reader outside this project and write one JSON object
-    per row with the fields read_mmeb names (json.dumps of each row's dict)."""
-    loaded = [(p, read_mmeb(p, image_root)) for p in paths]
-    out = {}
-    for path, rows in loaded:
-        t0 = time.time()
-        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast(),
-                             progress=f"{Path(path).stem} queries")[0]
-        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their targets)
-        unique = {}
-        for r in rows:
-            for t in r[2]:
-                unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
-        slot = {key: i for i, key in enumerate(unique)}
-        et = ret.embed_items([t for t, _ in unique.values()], [ins for _, ins in unique.values()], batch_size,
-                             autocast=autocast(), progress=f"{Path(path).stem} targets")[0]
-        ranks = []
-        for i, r in enumerate(rows):
-            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]  # (targets,)
-            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
-        ranks = torch.tensor(ranks, dtype=torch.float64)
-        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
-                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
-                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
-    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
-    return out
-
-
-def mmeb_table(results: dict) -> str:
-    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
-    return "\n".join(lines)
-
-
-def mbeir_table(results: dict) -> str:
-    lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
-    for task, r in results.items():
-        q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
-        lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
-                     + " |")
-    if "avg" in results:
-        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and FashionIQ): "
-                     f"{results['avg']['M-BEIR score']:.3f}")
-    return "\n".join(lines)
-
-
 def meta_of(args) -> dict:
     """What a checkpoint records of M-BEIR training data (train.py's --mbeir flags)."""
     return {"mbeir": {"root": args.mbeir, "tasks": args.train_tasks, "split": "train", "pool": args.mbeir_pool,
@@ -621,26 +452,26 @@ def training_source(meta: dict) -> Source:
         raise SystemExit(f"--mbeir {meta['root']}: {e}") from None
     meta = {"root": str(src.root), "tasks": src.tasks, "split": src.split, "pool": src.pool_kind,
             "summary_field": src.summary_field}
-    return Source(src, {"mbeir": meta}, src.texts, make_mbeir_inputs, build_rl_instances_mbeir,
-                  f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against a pool of "
-                  f"{len(src.pool.items)}")
+    describe = (f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against a pool of "
+                f"{len(src.pool.items)}")
+    return Source(data=src, meta={"mbeir": meta}, texts=src.texts, contrastive_inputs=make_mbeir_inputs,
+                  rl_instances=build_rl_instances_mbeir, describe=describe)
 
 
-def evaluate_mbeir_run(args, out: Path, device, threads: int):
-    """After training on M-BEIR: eval.py --mbeir on the test split, per checkpoint of this run (its own process)."""
+def eval_tasks(args) -> str | None:
+    """The M-BEIR tasks train.py evaluates after training (--eval_tasks, else the training tasks that have a test
+    query file), checked before any training. None: no test file for them (the evaluation is skipped)."""
     test_tasks = mbeir_tasks(args.mbeir, "test")
-    tasks = args.eval_tasks or ("all" if args.train_tasks == ["all"] else
-                                ",".join(t for t in args.train_tasks if t in test_tasks))
-    if not tasks or not test_tasks:
-        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
-        return
-    for c in ("contrastive", args.elva_name):
-        if (out / c / "config.json").exists():   # eval.py is a program of its own, run in its own process
-            cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--ckpt", str(out / c), "--mbeir",
-                   args.mbeir, "--tasks", tasks, "--split", "test", "--out", str(out / f"eval_{c}.json"),
-                   "--device", str(device), "--threads", str(threads)]
-            print("eval:", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+    if args.eval_tasks is not None:
+        asked = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
+        unknown = [t for t in asked if t not in test_tasks and t != "all"]
+        if unknown or not asked:
+            raise SystemExit(f"--eval_tasks {args.eval_tasks}: unknown task(s) {unknown or asked}; {args.mbeir} "
+                             f"has test query files for {test_tasks}")
+        return ",".join(asked)
+    if args.train_tasks == ["all"]:
+        return "all" if test_tasks else None
+    return ",".join(t for t in args.train_tasks if t in test_tasks) or None
 
 
 if __name__ == "__main__":

@@ -1,32 +1,35 @@
 """
-Run machinery, shared by train.py and study.py: a reader of the paper may skip this file.
+Run machinery, shared by train.py, eval.py and study.py: a reader of the paper may skip this file.
 
 Nothing here is ELVA. It is what turns the stages into a run that can be trusted and resumed:
-- flag checks (one line naming the flag, before any work) and the run folder (run.json: a folder keeps one world);
-- threads, --compile, the learning-rate schedule;
-- logging (one plain line per log step, a JSONL record per step) and --profile's phase table;
-- data parallelism under torchrun (each process takes its share of a global batch, gradients averaged);
-- the optimizer step with its finiteness guard, checkpoints written whole or not at all, --resume;
-- DataLoader streams that make each step's inputs from the step's seed, ahead of the step.
+- flag checks (one line naming the flag, before any work), threads and the device, the run folder (run.json);
+- the loop every stage shares (run_steps): inputs made ahead, the step, the log line, checkpoints, --profile;
+- data parallelism under torchrun: each process takes its share of a step's global batch, one gather for
+  InfoNCE's candidates, gradients averaged;
+- the optimizer step with its finiteness guard;
+- checkpoints, all their file I/O: written whole or not at all, verified on load, --resume.
 
-It imports none of the stages (train.py, study.py import it).
+It imports none of the stages (train.py, eval.py and study.py import it; elva.py reads checkpoints through it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import data
-import elva
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Flags: checked before any work, one line naming the flag, the value and what was expected
@@ -43,13 +46,20 @@ def add_run_flags(p):
     add("--overwrite", action="store_true", help="restart an --out folder made with other world/tokenizer flags")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     add("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
-    add("--workers", type=int, default=None, help="DataLoader processes making the next batches (default: 0 on a "
-        "CPU, up to 4 beside a GPU)")
+    add("--workers", type=int, default=None, help="DataLoader processes making the next batches (default: "
+        "0 on a CPU, up to 4 beside a GPU)")
     add("--compile", action="store_true", help="torch.compile every transformer block (GPU)")
     add("--log_every", type=int, default=None, help="steps between log lines")
     add("--ckpt_every", type=int, default=250, help="steps between checkpoints")
     add("--no_eval", action="store_true", help="skip the final evaluation")
     add("--profile", action="store_true", help="print where a step's time goes (steps 1-10 of each stage)")
+
+
+def split_list(value) -> list[str]:
+    """A comma list flag ("a,b" or already a list) -> its non-empty items."""
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    return list(value)
 
 
 def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
@@ -61,9 +71,7 @@ def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
-    args.stages = args.stages or ("contrastive,elva" if args.mbeir else "text,contrastive,elva")
-    if isinstance(args.stages, str):
-        args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.stages = split_list(args.stages or ("contrastive,elva" if args.mbeir else "text,contrastive,elva"))
     if not args.stages or any(s not in ("text", "contrastive", "elva") for s in args.stages):
         fail("--stages", ",".join(args.stages), "a comma list of text, contrastive and/or elva")
     if "text" in args.stages and "contrastive" not in args.stages:
@@ -72,10 +80,9 @@ def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
         if not (Path(args.mbeir) / "query" / "train").is_dir():
             fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, instructions/)")
         if "text" in args.stages:
-            fail("--stages", ",".join(args.stages), "contrastive and/or elva with --mbeir (the text stage's NLI "
-                                                    "triplets are made from GrainWorld captions)")
-    if isinstance(args.train_tasks, str):
-        args.train_tasks = [t.strip() for t in args.train_tasks.split(",") if t.strip()]
+            fail("--stages", ",".join(args.stages), "contrastive and/or elva with --mbeir (the text stage's "
+                                                    "NLI triplets are made from GrainWorld captions)")
+    args.train_tasks = split_list(args.train_tasks)
     if isinstance(args.gamma, str):
         try:
             args.gamma = None if args.gamma == "auto" else float(args.gamma)
@@ -88,7 +95,8 @@ def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
 def check_args(args, n_tasks: int):
     """Every flag's range, before any work (train.get_args calls this after filling the preset's values)."""
     positive_ints = ("steps", "text_steps", "rl_steps", "ckpt_every", "log_every", "rl_batch", "rl_queries",
-                     "rl_pool_scenes", "num_iterations", "eval_queries", "mrbench_per_task", "n_train", "n_test")
+                     "rl_pool_scenes", "num_iterations", "eval_queries", "mrbench_per_task", "n_train",
+                     "n_test")
     for k in positive_ints:
         if getattr(args, k) < 1:
             fail(f"--{k}", getattr(args, k), "an integer >= 1")
@@ -124,12 +132,7 @@ def check_args(args, n_tasks: int):
         fail("--threads", args.threads, "an integer >= 1")
     if args.workers is not None and args.workers < 0:
         fail("--workers", args.workers, "an integer >= 0")
-    if args.device not in ("auto", "cpu", "cuda", "mps") and not args.device.startswith("cuda:"):
-        fail("--device", args.device, "auto, cpu, cuda, cuda:N or mps")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device", args.device, "a device this machine has: torch sees no CUDA GPU here (try --device cpu)")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        fail("--device", args.device, "a device this machine has: MPS is not available here")
+    check_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         fail("--out", args.out, "a folder (this path is a file)")
@@ -143,16 +146,88 @@ def check_fractions(args, bounds):
             fail(f"--{k}", v, f"a number in [{lo}, {hi}]")
 
 
+def check_device(name: str, flag: str = "--device"):
+    """A device this machine has, or auto."""
+    if name not in ("auto", "cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        fail(flag, name, "auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(flag, name, "a device this machine has: torch sees no CUDA GPU here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail(flag, name, "a device this machine has: MPS is not available here")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Threads and the device
+
+
+def default_threads() -> int:
+    """Torch's CPU threads by default: OMP_NUM_THREADS when set (torchrun sets 1); else the cores this process may
+    use (its CPU affinity, not the machine's count) divided by the processes torchrun started on this machine
+    (LOCAL_WORLD_SIZE) -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
+
+
+def default_workers(device: torch.device, workers: int | None = None) -> int:
+    """DataLoader processes that make batches ahead of the model: `workers` if given, else none on a CPU (its
+    cores do the model's work) and up to 4 beside a GPU."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
 def set_threads(args) -> int:
-    """Torch's CPU threads: --threads, else OMP_NUM_THREADS, else the cores this process may use divided by the
-    processes torchrun started beside it (elva.default_threads). Printed with where the number came from."""
-    n = args.threads or elva.default_threads()
+    """Torch's CPU threads: --threads, else default_threads(). Printed with where the number came from."""
+    n = args.threads or default_threads()
     torch.set_num_threads(n)
-    why = "--threads" if args.threads else ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else
-                                            "the cores this process may use / the processes on this machine")
-    print(f"threads: {n} (from {why})" + (f" | process {args.rank} of {args.world_size}"
-                                          if getattr(args, "world_size", 1) > 1 else ""))
+    if args.threads:
+        why = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        why = "OMP_NUM_THREADS"
+    else:
+        why = "the cores this process may use / the processes on this machine"
+    where = f" | process {args.rank} of {args.world_size}" if getattr(args, "world_size", 1) > 1 else ""
+    print(f"threads: {n} (from {why}){where}")
     return n
+
+
+def resolve_device(name: str):
+    """The one device/dtype resolver: cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    dev = torch.device(name)
+    autocast = cuda_autocast if dev.type == "cuda" else nullcontext
+    dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
+    print(f"device: {dev} | dtype: {dtype} | torch {torch.__version__}")
+    return dev, autocast
+
+
+def cuda_autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def compile_blocks(model, args):
+    """--compile: torch.compile each transformer block (ViT and decoder) in place, so parameter names and
+    checkpoints stay as they are; shapes are dynamic because prompt and summary lengths change every batch."""
+    if args.compile:
+        for blk in [*model.vit, *model.blocks]:
+            blk.compile(dynamic=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run folder
 
 
 def check_run_folder(args, shaping_args: tuple[str, ...]):
@@ -178,12 +253,12 @@ def check_run_folder(args, shaping_args: tuple[str, ...]):
             old = {}
         for k, v in shaping.items():
             if k in old and old[k] != v:
-                raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} {old[k]!r}; use another "
-                                 f"--out, the same --{k}, or --overwrite to start that folder afresh")
+                raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} {old[k]!r}; use "
+                                 f"another --out, the same --{k}, or --overwrite to start that folder afresh")
     elif args.overwrite:
         for stale in ("tokenizer.json", "eval.json"):
             (out / stale).unlink(missing_ok=True)
-    elva._atomic_write(path, lambda p: p.write_text(json.dumps(shaping, indent=2)))
+    write_json(path, shaping)
 
 
 def build_tokenizer(args, texts):
@@ -193,29 +268,34 @@ def build_tokenizer(args, texts):
     if path.exists():
         return data.load_tokenizer(path)
     tok = data.train_tokenizer(texts(), args.vocab_size)
-    elva._atomic_write(path, lambda p: tok.save(str(p)))
+    atomic_write(path, lambda p: tok.save(str(p)))
     return tok
 
 
-def evaluate_run(args, out: Path, device, threads: int):
-    """After training on GrainWorld: eval.py on this run's stage-2 and stage-3 checkpoints, side by side (eval.py is
-    a program of its own, run in its own process)."""
+def evaluate_run(args, out: Path, device, threads: int, eval_tasks: str | None = None):
+    """After training: eval.py on this run's stage-2 and stage-3 checkpoints, in its own process -- side by side
+    on GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation per checkpoint on the test split
+    (eval_<stage>.json) of eval_tasks (mbeir.eval_tasks chose them before any training)."""
     ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "config.json").exists()]
-    cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), "--out", str(out / "eval.json"),
-           "--queries", str(args.eval_queries), "--mrbench_per_task", str(args.mrbench_per_task),
-           "--device", str(device), "--threads", str(threads)]
-    for c in ckpts:
-        cmd += ["--ckpt", str(out / c)]
-    print("eval:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    common = ["--device", str(device), "--threads", str(threads)]
+    cmds = []
+    if not args.mbeir:
+        cmd = ["--out", str(out / "eval.json"), "--queries", str(args.eval_queries),
+               "--mrbench_per_task", str(args.mrbench_per_task)]
+        cmds.append(cmd + [x for c in ckpts for x in ("--ckpt", str(out / c))])
+    elif eval_tasks is None:
+        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
+    else:
+        cmds += [["--ckpt", str(out / c), "--mbeir", args.mbeir, "--tasks", eval_tasks, "--split", "test",
+                  "--out", str(out / f"eval_{c}.json")] for c in ckpts]
+    for cmd in cmds:
+        cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), *cmd, *common]
+        print("eval:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
 
 
-def compile_blocks(model, args):
-    """--compile: torch.compile each transformer block (ViT and decoder) in place, so parameter names and checkpoints
-    stay as they are; shapes are marked dynamic because prompt and summary lengths change from batch to batch."""
-    if args.compile:
-        for blk in [*model.vit, *model.blocks]:
-            blk.compile(dynamic=True)
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging and --profile
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -245,8 +325,9 @@ class Logger:
         path = folder / "log.jsonl"
         kept = []
         if start > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
-        elva._atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < start]
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         self.f = open(path, "a")
 
     def log(self, step: int, rec: dict, args=None, lazy: bool = False):
@@ -274,14 +355,18 @@ class Logger:
         rec = {"stage": self.stage, "step": step, "ms_per_step": round(ms, 1), **rec}
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
-        if step % self.every == 0 or step == self.total - 1 or now - self.printed >= 10:   # and at least every 10 s
+        last = step == self.total - 1
+        if step % self.every == 0 or last or now - self.printed >= 10:   # and at least every 10 s
             self.printed = now
             eta = (self.total - step - 1) * ms / 1000
-            parts = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                               if k not in ("stage", "step", "ms_per_step") and (self.show is None or k in self.show))
-            run = f" | run eta ~{(eta + self.later * ms / 1000) / 60:.0f} min + eval" if self.later else ""
-            print(f"{self.stage} {step:05d}/{self.total} | {parts} | {ms:.0f} ms/step | eta {eta / 60:.1f} min{run}",
-                  flush=True)
+            shown = [(k, v) for k, v in rec.items() if k not in ("stage", "step", "ms_per_step")
+                     and (self.show is None or k in self.show)]
+            parts = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
+            run = ""
+            if self.later:
+                run = f" | run eta ~{(eta + self.later * ms / 1000) / 60:.0f} min + eval"
+            print(f"{self.stage} {step:05d}/{self.total} | {parts} | {ms:.0f} ms/step | eta {eta / 60:.1f} min"
+                  f"{run}", flush=True)
 
 
 # The cost of a step of each stage relative to a stage-2 step, measured on the cpu preset with one thread (stage 1
@@ -315,8 +400,9 @@ class Profiler:
 
     def step_begins(self, step: int):
         if self.enabled and step == self.first:
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                            if torch.cuda.is_available() else [])
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.start()
             self.t0 = time.perf_counter()
@@ -338,6 +424,96 @@ class Profiler:
             print(f"| {name} | {host:.1f} | {dev:.1f} |")
         print(f"| whole step (wall) | {wall / n:.1f} | |", flush=True)
         self.prof = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stage loop. Every stage is: a model and its optimizer, --resume's checkpoint, the steps' inputs made ahead,
+# then per step the stage's own step function (train.py's: the paper) and the same bookkeeping.
+
+
+@dataclass
+class Stage:
+    """A stage's run state: what run_steps needs besides the step itself."""
+    name: str                       # the stage's folder name and log label
+    folder: Path                    # its checkpoint folder
+    steps: int                      # its optimizer steps
+    retriever: object               # elva.Retriever: the model being trained and its tokenizer
+    opt: torch.optim.Optimizer      # made by adamw()
+    meta: dict                      # what its checkpoints record beside the weights (data, arguments, stage)
+    start: int = 0                  # the first step still to run (0, or after --resume's checkpoint)
+
+
+def open_stage(args, name: str, steps: int, retriever, opt, meta: dict, device) -> Stage | None:
+    """A stage in --out/name: with --resume and a checkpoint there, its weights and optimizer state restored. None
+    (and a line saying so) when that checkpoint already holds every step."""
+    folder = Path(args.out) / name
+    start = resume_point(args, folder, retriever.model, opt, name, device)
+    if start >= steps:
+        print(f"{name}: already complete ({steps} steps) in {folder}")
+        return None
+    return Stage(name, folder, steps, retriever, opt, meta, start)
+
+
+def run_steps(args, stage: Stage, inputs, step_fn, show: tuple[str, ...] | None = None, gen=None):
+    """The loop of every stage: per step its inputs (made ahead, in step order), step_fn(step, inputs) -> the
+    step's log record, the log line, the device's verdicts on the updates read at each log step (a fused
+    optimizer's finiteness check), --profile, and a checkpoint every ckpt_every steps and at the end. gen: a
+    generator seeded per step and process (seed_step), so that --resume replays the same sampling."""
+    logger = Logger(stage.folder, stage.name, stage.steps, stage.start, args.log_every, rank_of(args) == 0,
+                    show=show, later=later_steps(args, stage.name))
+    prof = Profiler(args.profile, stage.name, stage.start, stage.steps)
+    lazy = stage.retriever.device.type == "cuda"   # on a GPU the log reads the device once per line
+    for step in range(stage.start, stage.steps):
+        prof.step_begins(step)
+        if gen is not None:
+            seed_step(gen, args, step)
+        with phase("data"):
+            made = next(inputs)
+        rec = step_fn(step, made)
+        logger.log(step, rec, args, lazy=lazy)
+        if step % args.log_every == 0:
+            check_updates(stage.opt)
+        prof.step_ends(step)
+        if (step + 1) % args.ckpt_every == 0 or step == stage.steps - 1:
+            save(stage, step, args)
+
+
+def seed_step(gen: torch.Generator, args, step: int):
+    """The sampling's seed of a step: from the run's seed and the step, and different on each process (each
+    samples its own rollouts)."""
+    gen.manual_seed(args.seed * 100003 + step + 7919 * rank_of(args))
+
+
+class StepStream(torch.utils.data.IterableDataset):
+    """The inputs of steps start..stop-1, one per item: encode(share(make(step), args)) -- the step's global batch
+    (from its seed), this process's share of it, its tensors. With n DataLoader workers, worker w makes steps
+    start + w, start + w + n, ...; the DataLoader hands them back round-robin, so in step order."""
+
+    def __init__(self, args, make, share, encode, start: int, stop: int):
+        self.args, self.make, self.share, self.encode = args, make, share, encode
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + w, self.stop, n):
+            yield self.encode(self.share(self.make(step), self.args))
+
+
+def step_inputs(args, make, share, encode, start: int, stop: int, device):
+    """Iterate over the steps' inputs (StepStream): made in DataLoader workers ahead of the step (--workers), in
+    pinned memory beside a GPU, so that rendering and tokenising overlap the device's work; in place with 0."""
+    workers = default_workers(device, args.workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked after the tokenizer is made
+    stream = StepStream(args, make, share, encode, start, stop)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                            pin_memory=device.type == "cuda",
+                                            prefetch_factor=2 if workers else None))
+
+
+def serializable(args) -> dict:
+    """The run's arguments as JSON-ready values."""
+    return dict(vars(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,11 +562,19 @@ def my_share(xs, args, rank: int | None = None):
     return xs[r * n:(r + 1) * n]
 
 
-def my_share_of_items(flags: list, args, blocks: int) -> list:
-    """Per-item flags of a global batch laid out as `blocks` equal blocks ([queries, positives, ...]) -> the flags
-    of this process's items, laid out the same way."""
-    n = len(flags) // blocks
-    return [f for k in range(blocks) for f in my_share(flags[k * n:(k + 1) * n], args)]
+def my_part(batch: dict, args) -> dict:
+    """This process's share of a stage-1/2 global batch, whose per-item lists are laid out as `blocks` equal blocks
+    of B (the queries, then each query's candidates: its positives, then any extras): rows r*b..(r+1)*b of every
+    block, and those rows of the false-negative mask (B, (blocks - 1) * B) with its columns in the order
+    gather_candidates lays the candidates out: process 0's candidate blocks, then process 1's, ..."""
+    W, r, n_blocks = world_of(args), rank_of(args), batch["blocks"]
+    B = len(batch["items"]) // n_blocks
+    b = B // W
+    rows = [k * B + r * b + i for k in range(n_blocks) for i in range(b)]
+    cols = [k * B + p * b + i for p in range(W) for k in range(n_blocks - 1) for i in range(b)]
+    part = {k: [v[j] for j in rows] for k, v in batch.items() if isinstance(v, list)}
+    false_neg = batch["false_neg"][r * b:(r + 1) * b][:, cols]                 # (b, W * (blocks - 1) * b)
+    return {**part, "false_neg": false_neg, "n_queries": b}
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -411,8 +595,33 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[r * ctx.rows:(r + 1) * ctx.rows]
 
 
-def gather(x: torch.Tensor, args) -> torch.Tensor:
-    return x if world_of(args) == 1 else _GatherWithGrad.apply(x)
+def gather_candidates(ec: torch.Tensor, args) -> tuple[torch.Tensor, int]:
+    """InfoNCE's candidates from every process (gradients flow back to their owners) -> (all candidates, where
+    this process's first candidate sits among them)."""
+    if world_of(args) == 1:
+        return ec, 0
+    return _GatherWithGrad.apply(ec), rank_of(args) * ec.shape[0]
+
+
+def batch_mean(total: torch.Tensor, count: torch.Tensor, args) -> torch.Tensor:
+    """total / count over the whole global batch: under torchrun the counts of every process summed, so that the
+    gradients averaged over processes are those of the whole batch's mean."""
+    if world_of(args) == 1:
+        return total / count.clamp(min=1)
+    n = count.float()
+    dist.all_reduce(n)
+    return total * world_of(args) / n.clamp(min=1)
+
+
+def global_tokens(mask: torch.Tensor, args, norm: str = "token") -> float | None:
+    """Under torchrun: the sampled tokens (norm "sequence": the summaries with a sampled token) of the whole batch /
+    the processes, so that grpo_loss's mean averaged over the processes is the mean over the whole batch. None
+    (the local count) otherwise."""
+    if world_of(args) == 1:
+        return None
+    n = (mask.sum() if norm == "token" else mask.any(1).sum()).float()
+    dist.all_reduce(n)
+    return float(n) / world_of(args)
 
 
 def average_gradients(model, args):
@@ -430,7 +639,9 @@ def average_gradients(model, args):
 
 def collective_device() -> torch.device:
     """Where a collective's tensor must live: NCCL has no CPU collectives, gloo takes CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def any_process(flag: torch.Tensor, args, read: bool = True):
@@ -453,27 +664,47 @@ def averaged(rec: dict, args) -> dict:
     return {**rec, **{k: x / world_of(args) for k, x in zip(keys, v.tolist())}}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The optimizer and its guard: a non-finite loss or gradient is never applied
+
+
+def adamw(params, lr: float, weight_decay: float, device, stage: str, folder) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.98; fused on CUDA) that knows its stage and checkpoint folder and counts its updates,
+    so that the guard's messages name the step and the checkpoint that is kept."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
+                            fused=torch.device(device).type == "cuda")
+    opt.stage, opt.folder, opt.updates = stage, Path(folder), 0
+    return opt
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def last_good(folder: Path) -> str:
     """What a stop leaves behind, for the error message."""
     try:
-        return f"the last checkpoint in {folder} (step {elva.read_manifest(folder)['step']}) is kept"
+        return f"the last checkpoint in {folder} (step {read_manifest(folder)['step']}) is kept"
     except (OSError, ValueError, KeyError):
         return f"no checkpoint of this stage was written to {folder}"
 
 
-def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: int, stage: str,
-                   folder: Path, args=None) -> torch.Tensor:
+def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, args=None) -> torch.Tensor:
     """Check the loss and the gradient are finite, backward, average the gradients over processes (torchrun), clip
     the gradient norm to 1, step. A non-finite loss or gradient stops the run before the update is applied (and so
-    before anything is saved). -> pre-clip grad norm.
+    before anything is saved). -> pre-clip grad norm. opt comes from adamw(): its update count is the step the
+    messages name (one update per step in every stage of the paper).
 
     With a fused AdamW (on CUDA) the check costs no host synchronisation: the optimizer is told on the device
     (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss or gradient is not finite, and
     the host reads the verdicts at the next log step or checkpoint (check_updates), where the run stops."""
     fused = opt.defaults.get("fused")
+    where = f"{opt.stage} step {opt.updates}"
     if not fused and any_process(~torch.isfinite(loss.detach()), args):   # every process stops, or none
         what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else "another process's loss is not finite"
-        raise FloatingPointError(f"{stage} step {step}: {what}; stopping before applying it; {last_good(folder)}")
+        raise FloatingPointError(f"{where}: {what}; stopping before applying it; {last_good(opt.folder)}")
     opt.zero_grad(set_to_none=True)
     with phase("backward"):
         loss.backward()
@@ -484,17 +715,19 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, step: 
             bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
             opt.found_inf = any_process(bad, args, read=False).float()   # the same verdict on every process
             opt.step()
-            opt.pending = getattr(opt, "pending", []) + [(step, opt.found_inf, loss.detach(), gnorm.detach())]
+            pending = (opt.updates, opt.found_inf, loss.detach(), gnorm.detach())
+            opt.pending = getattr(opt, "pending", []) + [pending]
             opt.found_inf = None
         elif not torch.isfinite(gnorm):
-            raise FloatingPointError(f"{stage} step {step}: the gradient norm is {gnorm.item()}; stopping before "
-                                     f"applying it; {last_good(folder)}")
+            raise FloatingPointError(f"{where}: the gradient norm is {gnorm.item()}; stopping before applying it; "
+                                     f"{last_good(opt.folder)}")
         else:
             opt.step()
+    opt.updates += 1
     return gnorm
 
 
-def check_updates(opt: torch.optim.Optimizer, stage: str, folder: Path):
+def check_updates(opt: torch.optim.Optimizer):
     """Read the verdicts of the updates a fused optimizer checked on the device (optimizer_step), in one
     synchronisation: stop at the first step whose loss or gradient was not finite (its update was not applied)."""
     pending, opt.pending = getattr(opt, "pending", []), []
@@ -502,119 +735,163 @@ def check_updates(opt: torch.optim.Optimizer, stage: str, folder: Path):
         return
     values = torch.stack([torch.stack([f.float(), l.float(), g.float()]) for _, f, l, g in pending]).tolist()
     for (step, _, _, _), (skipped, loss, gnorm) in zip(pending, values):
-        if skipped:
-            what = (f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
-                    if not math.isfinite(gnorm) else "another process's loss was not finite")
-            raise FloatingPointError(f"{stage} step {step}: {what}; its update was not applied; stopping; "
-                                     f"{last_good(folder)}")
+        if not skipped:
+            continue
+        if not math.isfinite(loss):
+            what = f"the loss is {loss}"
+        elif not math.isfinite(gnorm):
+            what = f"the gradient norm is {gnorm}"
+        else:
+            what = "another process's loss was not finite"
+        raise FloatingPointError(f"{opt.stage} step {step}: {what}; its update was not applied; stopping; "
+                                 f"{last_good(opt.folder)}")
 
 
-def save(folder: Path, model, tok, meta: dict, opt, step: int, stage: str, args=None):
-    """A checkpoint of the stage (weights + optimizer state, written as a unit) -- never of non-finite weights."""
-    check_updates(opt, stage, folder)
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: one folder, written as a unit. The weights (and the optimizer state, for --resume) go to files named by
+# the step, then config.json is renamed into place: it names those files with their sha256 and is the commit point. A
+# crash before that rename leaves the previous config.json naming the previous files, which are deleted only after
+# it. So a folder always holds one whole checkpoint (or none); the loader verifies the hashes and refuses a mixed set.
+
+
+def atomic_write(path: Path, write):
+    """write(tmp) then rename tmp over path: atomic on POSIX, so a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def optimizer_state(opt: torch.optim.Optimizer, model) -> dict:
+    """AdamW state as named tensors for safetensors (no pickles): exp_avg / exp_avg_sq / step per parameter name."""
+    names = {p: n for n, p in model.named_parameters()}
+    state = {}
+    for p, s in opt.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            state[f"{names[p]}::{k}"] = s[k].detach().cpu().contiguous()
+        state[f"{names[p]}::step"] = torch.as_tensor(s["step"]).float().reshape(1).cpu()
+    return state
+
+
+def save_checkpoint(folder, model, tok, extra: dict | None = None, optimizer=None):
+    """Write model-<step>.safetensors (+ optimizer-<step>.safetensors), tokenizer.json, then config.json: the
+    model's config (model.cfg), `extra` (the run's arguments, data and step) and the files with their hashes."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    tag = f"{extra['step']:06d}" if "step" in extra else "final"
+    files = {"model": f"model-{tag}.safetensors", "tokenizer": "tokenizer.json"}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / files["model"], lambda p: save_file(state, str(p)))
+    if optimizer is not None:
+        files["optimizer"] = f"optimizer-{tag}.safetensors"
+        opt_state = optimizer_state(optimizer, model)
+        atomic_write(folder / files["optimizer"], lambda p: save_file(opt_state, str(p)))
+    atomic_write(folder / files["tokenizer"], lambda p: tok.save(str(p)))
+    hashes = {k: {"name": v, "sha256": sha256(folder / v)} for k, v in files.items()}
+    write_json(folder / "config.json", {"model": asdict(model.cfg), **extra, "files": hashes})   # commit point
+    keep = set(files.values())
+    for old in list(folder.glob("model-*.safetensors")) + list(folder.glob("optimizer-*.safetensors")):
+        if old.name not in keep:
+            old.unlink()
+
+
+def read_manifest(folder) -> dict:
+    """config.json of a checkpoint folder, with every file it names present and matching its sha256."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder written by train.py")
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        files = meta["files"]
+        dict(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest written by train.py "
+                         f"({type(e).__name__}: {e})") from e
+    for f in files.values():
+        path = folder / f["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by config.json (step "
+                                    f"{meta.get('step')}); the folder is incomplete")
+        if sha256(path) != f["sha256"]:
+            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in config.json (step "
+                             f"{meta.get('step')}): a mixed or damaged checkpoint; refusing to load it")
+    return meta
+
+
+def read_checkpoint(folder) -> tuple[dict, object, dict]:
+    """A verified checkpoint folder -> (its weights as a state dict, its tokenizer, its manifest); elva.py builds
+    the model from them."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    meta = read_manifest(folder)
+    tok = data.load_tokenizer(folder / meta["files"]["tokenizer"]["name"])
+    weights = folder / meta["files"]["model"]["name"]
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors ({e})") from e
+    return state, tok, meta
+
+
+def load_optimizer(folder, opt: torch.optim.Optimizer, model, meta: dict | None = None) -> bool:
+    """Restore the AdamW state saved with a checkpoint (meta: its manifest, if already read and verified). Returns
+    False (and the caller says so) if it has none."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    meta = meta or read_manifest(folder)
+    if "optimizer" not in meta["files"]:
+        return False
+    state = load_file(str(folder / meta["files"]["optimizer"]["name"]))
+    # through load_state_dict, so that torch places each tensor where this optimizer wants it (a fused or capturable
+    # AdamW keeps `step` on the parameter's device, a plain one on the CPU)
+    sd = opt.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    sd["state"] = {index[id(p)]: {"step": state[f"{n}::step"][0].clone(), "exp_avg": state[f"{n}::exp_avg"],
+                                  "exp_avg_sq": state[f"{n}::exp_avg_sq"]}
+                   for n, p in model.named_parameters() if f"{n}::exp_avg" in state and id(p) in index}
+    opt.load_state_dict(sd)
+    return True
+
+
+def save(stage: Stage, step: int, args=None):
+    """A checkpoint of the stage at `step` (weights + optimizer state, written as a unit) -- never of non-finite
+    weights, and never past an update the device refused (check_updates)."""
+    model, opt = stage.retriever.model, stage.opt
+    check_updates(opt)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise FloatingPointError(f"{stage} step {step}: the weights became non-finite ({bad[0]}"
-                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not saving them; "
-                                 f"{last_good(folder)}")
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise FloatingPointError(f"{stage.name} step {step}: the weights became non-finite ({bad[0]}{more}); not "
+                                 f"saving them; {last_good(stage.folder)}")
     if rank_of(args) == 0:   # one writer: every process holds the same weights
-        elva.save_checkpoint(folder, model, tok, {**meta, "step": step}, optimizer=opt)
+        save_checkpoint(stage.folder, model, stage.retriever.tok, {**stage.meta, "step": step}, optimizer=opt)
     barrier(args)
 
 
 def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
     """With --resume and a checkpoint in `folder`: load its weights and optimizer state (hashes verified) into model
-    and opt. -> the first step still to run (0 when starting afresh)."""
+    and opt. -> the first step still to run (0 when starting afresh), which is also the optimizer's update count."""
     if not (args.resume and (folder / "config.json").exists()):
         return 0
-    saved, _, meta = elva.load_checkpoint(folder, device)
-    model.load_state_dict(saved.state_dict())
-    if not elva.load_optimizer(folder, opt, model, meta):
+    state, _, meta = read_checkpoint(folder)
+    model.load_state_dict(state)
+    if not load_optimizer(folder, opt, model, meta):
         print(f"{stage}: warning: {folder} holds no optimizer state; resuming with a fresh AdamW")
     print(f"{stage}: resumed from {folder} at step {meta['step'] + 1} (weights, optimizer state and tokenizer "
           f"verified against config.json)")
+    opt.updates = meta["step"] + 1
     return meta["step"] + 1
-
-class StepStream(torch.utils.data.IterableDataset):
-    """The inputs of steps start..stop-1, one per item, made by make(step). With n DataLoader workers, worker w makes
-    steps start + w, start + w + n, ...; the DataLoader hands them back round-robin, so in step order."""
-
-    def __init__(self, make, start: int, stop: int):
-        self.make, self.start, self.stop = make, start, stop
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        for step in range(self.start + w, self.stop, n):
-            yield self.make(step)
-
-
-def step_inputs(args, make, start: int, stop: int, device):
-    """Iterate over the steps' inputs: made in DataLoader workers ahead of the step (--workers), in pinned memory
-    beside a GPU, so that rendering and tokenising overlap the device's work; made in place with 0 workers."""
-    workers = elva.default_workers(device, args.workers)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked after the tokenizer is made
-    return iter(torch.utils.data.DataLoader(StepStream(make, start, stop), batch_size=None, num_workers=workers,
-                                            pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None))
-
-def serializable(args) -> dict:
-    """The run's arguments as JSON-ready values (a dataclass such as reward.RewardConfig as its fields)."""
-    return {k: (v.__dict__ if hasattr(v, "__dataclass_fields__") else v) for k, v in vars(args).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage 3's log line
-
-
-def rollout_diagnostics(args, ro, R, parts, A_seq, info, policy, e_ref) -> dict:
-    """What one stage-3 log line says about the step's signal (ro: train.Rollout).
-    `tied_groups`: groups whose G rewards all tie (no gradient). `corr_len` / `corr_exact`: the mean, over groups, of
-    the correlation between a rollout's reward and its summaries' mean length / whether its query summary is exactly
-    the reference -- what the reward pays for. `pg` / `kl_term`: the policy-gradient part of the loss and beta * KL.
-    `adv_query`: the share of the batch's |advantage| mass (over sampled tokens) on query summaries rather than
-    candidate summaries. `drift`: the mean cosine distance between the policy's and the stage-2 model's (e_ref)
-    embeddings of the same sampled words -- how far the map from words to embeddings has moved, which the policy
-    gradient does not see. `cos_mean` / `cos_std` / `cos_pos`: the rollouts' cosines, all and the positive's.
-    `scale_only_groups`: groups whose rollouts rank the candidates in the same order but whose rewards differ --
-    advantage that is pure score scale (at fixed ranks R_Rank is linear in the cosines)."""
-    B, G, K = ro.shape
-    R = R.float().cpu()
-    lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
-    exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
-                           for g in range(G)] for b, q in enumerate(ro.queries)])                    # (B, G)
-
-    def group_corr(x, y):   # mean over groups of Pearson's r; a group where either side is constant counts 0
-        x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-        den = (x.norm(dim=1) * y.norm(dim=1))
-        return torch.where(den > 1e-12, (x * y).sum(1) / den.clamp(min=1e-12), torch.zeros_like(den)).mean().item()
-
-    tok_adv = A_seq.abs().cpu()[:, None] * ro.sampled.cpu().float()                                 # (S, T)
-    per_item = tok_adv.sum(1).view(B, G, K)
-    # the scale channel: R_Rank is linear in the cosines at fixed ranks, so rewards can differ with the order unchanged
-    s = ro.scores.float().cpu()                                                                     # (B, G, C)
-    order = s.argsort(-1, descending=True)                                                          # (B, G, C)
-    same_order = (order == order[:, :1]).all(-1).all(-1)                                            # (B,)
-    differ = (R.max(1).values - R.min(1).values) >= 1e-6                                            # (B,)
-    return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
-           "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
-           "top1": (parts["pos_rank"] == 1).float().mean().item(),
-           "tied_groups": ((R.max(1).values - R.min(1).values) < 1e-6).float().mean().item(),
-           "kl": info["kl"].item(), "clip_low": info["clip_low"].item(), "clip_high": info["clip_high"].item(),
-           "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
-           "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
-           "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
-           "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
-           "drift": (1 - (ro.e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item(),
-           "cos_mean": s.mean().item(), "cos_std": s.std().item(), "cos_pos": s[..., 0].mean().item(),
-           "scale_only_groups": (same_order & differ).float().mean().item()}
-
-
-def global_tokens(mask: torch.Tensor, args, norm: str = "token") -> float | None:
-    """Under torchrun: the sampled tokens (norm "sequence": the summaries with a sampled token) of the whole batch /
-    the processes, so that grpo_loss's mean averaged over the processes is the mean over the whole batch. None (the
-    local count) otherwise."""
-    if world_of(args) == 1:
-        return None
-    n = (mask.sum() if norm == "token" else mask.any(1).sum()).float()
-    dist.all_reduce(n)
-    return float(n) / world_of(args)

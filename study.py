@@ -45,11 +45,13 @@ import argparse
 import copy
 import functools
 import json
+import os
 import random
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,40 +59,50 @@ import torch
 import data
 import elva
 import train
-from reward import (RewardConfig, group_advantages, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
-                    zscore_reward)
-from runtime import check_fractions, fail, my_share, my_share_of_items, optimizer_step, phase, world_of
+from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
+                    total_reward, zscore_reward)
+from runtime import (atomic_write, check_fractions, default_threads, fail, global_tokens, lr_at, my_part,
+                     my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, step_inputs, world_of,
+                     write_json)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 2 variants (ours): a batch maker and a loss that train.contrastive_stage takes in place of the paper's
+# Stage 2 variants (ours): their own batches and loss, in train.py's stage-2 loop pieces
 
 
 def dropout_at(args, step: int) -> float:
     """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end) annealed linearly."""
     if args.summary_dropout_end is None:
         return args.summary_dropout
-    return args.summary_dropout + (args.summary_dropout_end - args.summary_dropout) * step / max(1, args.steps - 1)
+    frac = step / max(1, args.steps - 1)
+    return args.summary_dropout + (args.summary_dropout_end - args.summary_dropout) * frac
 
 
-def stage2_variant_inputs(args, world, enc, limit, step: int) -> dict:
-    """train.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary is
-    the model's own (--own_summaries, from --own_from of the steps on) flagged `own`."""
+def stage2_variant_inputs(args, world, step: int) -> dict:
+    """train.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary
+    is the model's own (--own_summaries, from --own_from of the steps on) flagged `own`."""
     at_step = copy.copy(args)
     at_step.summary_dropout = dropout_at(args, step)
-    out = train.make_stage2_inputs(at_step, world, enc, limit, step)
+    batch = train.make_stage2_inputs(at_step, world, step)
     if args.own_summaries > 0 and step >= args.own_from * args.steps:
         own_rng = random.Random(f"{args.seed}-own-{step}")
-        own = my_share_of_items([own_rng.random() < args.own_summaries for _ in range(2 * args.batch_size)], args, 2)
-        out["own"] = [o and not d for o, d in zip(own, out["drop"])]
-    return out
+        own = [own_rng.random() < args.own_summaries for _ in range(2 * args.batch_size)]
+        batch["own"] = [o and not d for o, d in zip(own, batch["drop"])]
+    return batch
+
+
+def encode_variant_inputs(enc, limit: int, part: dict) -> dict:
+    """data.encode_pairs, keeping the items, instructions and `own` flags the variant's loss reads."""
+    return {**data.encode_pairs(enc, limit, part), "items": part["items"], "instr": part["instructions"],
+            "own": part.get("own")}
 
 
 def stage2_variant_loss(args, retriever, inputs, autocast, device):
-    """--own_summaries: stage 2 reading its own words. Stage 2 learns its embedding from reference summaries but is
-    evaluated (and, in stage 3, rewarded) on the summaries it generates; the items flagged `own` get the model's
-    current greedy summary instead, so that InfoNCE also teaches the [RET] state to use -- or discount -- the words
-    the model really writes. Those rows stay out of the next-token loss (they are not references)."""
-    if not any(inputs.get("own", ())):
+    """--own_summaries: stage 2 reading its own words. Stage 2 learns its embedding from reference summaries but
+    is evaluated (and, in stage 3, rewarded) on the summaries it generates; the items flagged `own` get the
+    model's current greedy summary instead, so that InfoNCE also teaches the [RET] state to use -- or discount --
+    the words the model really writes. Those rows stay out of the next-token loss (they are not references)."""
+    if not any(inputs.get("own") or ()):
         return train.stage2_loss(args, retriever, inputs, autocast, device)
     items, instr, own, drop = inputs["items"], inputs["instr"], inputs["own"], inputs["drop"]
     idx = [i for i, o in enumerate(own) if o]
@@ -105,69 +117,44 @@ def stage2_variant_loss(args, retriever, inputs, autocast, device):
     return train.stage2_loss(args, retriever, {**inputs, "encoded": encoded, "drop": no_lm}, autocast, device)
 
 
+def variant_contrastive_stage(args, source, tok, device, autocast):
+    """Stage 2 with --summary_dropout_end / --own_summaries: train.py's set-up and loop, these batches and loss."""
+    init = Path(args.out) / "text" if "text" in args.stages else None
+    stage = train.open_embedding_stage(args, source, tok, device, "contrastive", args.steps, init)
+    if stage is None:
+        return
+    ret, opt = stage.retriever, stage.opt
+    ret.model.train()
+    make = functools.partial(stage2_variant_inputs, args, source.data)
+    encode = functools.partial(encode_variant_inputs, ret.enc, ret.prompt_limit)
+    inputs = step_inputs(args, make, my_part, encode, stage.start, args.steps, device)
+
+    def step_fn(step: int, batch: dict) -> dict:
+        loss, l_nce, l_lm = stage2_variant_loss(args, ret, batch, autocast, device)
+        lr = set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
+        gnorm = optimizer_step(opt, ret.model, loss, args)
+        return {"loss": loss.detach(), "infonce": l_nce.detach(), "lm": l_lm.detach(), "lr": lr,
+                "grad_norm": gnorm.detach(), "masked_false_neg": int(batch["false_neg"].sum())}
+
+    run_steps(args, stage, inputs, step_fn)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 3 variants (ours): the steps of train.grpo_step they replace or add to
-
-
-def toy_reward(texts: list[str]) -> float:
-    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
-    words = [w for t in texts for w in t.replace(";", " ").split()]
-    return sum(w in data.COLORS for w in words) / max(1, len(words))
-
-
-def lexical_reward(args, ro: train.Rollout, policy) -> tuple[torch.Tensor, dict]:
-    """--reward toy | length (replaces step 2): a reward we know GRPO can reach, from the rollout's summaries alone.
-    toy: the fraction of colour words; length: minus the mean summary length in tokens (on worlds where the model's
-    own summaries hurt retrieval, writing less is a policy that ranks better)."""
-    B, G, K = ro.shape
-    if args.reward == "toy":
-        texts = [policy.enc.decode(s) for s in ro.summaries]
-        R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
-    else:
-        R = -torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K).mean(2)
-    _, parts = args.reward_cfg(ro.scores.cpu(), return_parts=True)   # still logged: does the ranking move?
-    return R, parts
-
-
-def sequence_credit_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
-    """--credit sequence (replaces step 3): each summary's own credit (reward.sequence_credit), normalised over the
-    group per item slot. -> (S,) advantages in (instance, rollout, item) order."""
-    B, G, K = ro.shape
-    en = ro.e.float().cpu()                                                    # (B, G, K, D)
-    S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])             # (B, G', G, K - 1)
-    credit = sequence_credit(S, args.reward_cfg)                               # (B, G, K)
-    A = group_advantages(credit.permute(0, 2, 1).reshape(-1, G))               # (B * K, G)
-    return A.view(B, K, G).permute(0, 2, 1).reshape(-1)                        # (S,)
-
-
-def pathwise_loss(args, ro: train.Rollout, policy, h, e_ref) -> torch.Tensor:
-    """--pathwise w (adds to step 4): R_total is differentiable almost everywhere in the scores, so -w * R_total's
-    gradient through the embeddings (of the sampled summaries) is added to GRPO's."""
-    e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(*ro.shape, -1)        # (B, G, K, D)
-    R_path = args.reward_cfg(train.rollout_scores(e, backend="torch")[0], backend="torch")   # differentiable
-    return -args.pathwise * R_path.mean()
-
-
-def anchor_loss(args, ro: train.Rollout, policy, h, e_ref) -> torch.Tensor:
-    """--anchor w (adds to step 4): w * mean(1 - cos(policy embedding, stage-2 embedding)) over the rollout's
-    sequences, the same (input, sampled summary) pairs through both models. GRPO's gradient only sees the words'
-    log-probs, but the same weights make the embeddings, so each update also moves the map from words to embeddings
-    and the reward the next rollout sees shifts under the policy (the ladder: at lr 1e-3 the paper's reward falls).
-    The anchor holds that map near stage 2's, so that what changes is which words are written."""
-    e = policy.model.ret_embedding(h, ro.batch["ret_pos"])                    # (S, D), with gradient
-    return args.anchor * (1 - (e * e_ref).sum(-1)).mean()
+# Stage 3 (ours): study_step is train.grpo_step's five steps, built from train.py's pieces, with the variant each
+# flag asks for at its step and the study's diagnostics in the log.
 
 
 def sample_queries_only(args, policy, pb, images, index, gen, K):
-    """--sample query (replaces step 1's sampling): sample the G summaries of each query; each candidate gets its
-    greedy summary, the same in every rollout (and not trained). Within a group the candidates' embeddings are then
+    """--sample query (step 1's sampling): sample the G summaries of each query; each candidate gets its greedy
+    summary, the same in every rollout (and not trained). Within a group the candidates' embeddings are then
     identical, so the rewards differ by the query's words alone: each advantage credits exactly one summary.
-    -> (summaries, ended, fixed (S,) bool: rows whose summary was not sampled), rows in (instance, rollout, item)."""
+    -> (summaries, ended, fixed (S,) bool: rows whose summary was not sampled), in (instance, rollout, item)."""
     is_query = index % K == 0                                                  # (S,): item 0 of each rollout
     q_rows = is_query.nonzero()[:, 0]
     sampled, s_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
                                              generator=gen, return_ended=True, index=index[q_rows])
-    greedy, g_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=0.0, return_ended=True)
+    greedy, g_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=0.0,
+                                            return_ended=True)
     summ, ended, it = [], [], iter(zip(sampled, s_ended))
     for s, u in enumerate(index.tolist()):
         a, b = next(it) if is_query[s] else (greedy[u], g_ended[u])
@@ -176,34 +163,70 @@ def sample_queries_only(args, policy, pb, images, index, gen, K):
     return summ, ended, ~is_query
 
 
+def study_rollout(args, policy, made: dict, gen, autocast) -> train.Rollout:
+    """Step 1: train.rollout, or with --sample query the queries' summaries alone sampled."""
+    if args.sample != "query":
+        return train.rollout(args, policy, made, gen, autocast)
+    batch = made["batch"]
+    B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
+    pb, images = policy.on_device(*made["encoded"])
+    index = train.rollout_index(B, G, K, pb["tokens"].device)
+    with phase("generate"), autocast():
+        summ, ended, fixed = sample_queries_only(args, policy, pb, images, index, gen, K)
+    ro = train.embed_rollout(args, policy, pb, images, (B, G, K), summ, ended, autocast)
+    ro.sampled[fixed] = False                                                  # the candidates' words: not trained
+    return ro
+
+
+def reward_weights(args) -> dict:
+    """The paper's R_total constants, as reward.total_reward takes them."""
+    return dict(alpha=args.alpha, epsilon=args.epsilon, delta=args.delta, gamma=args.gamma)
+
+
+def toy_reward(texts: list[str]) -> float:
+    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
+    words = [w for t in texts for w in t.replace(";", " ").split()]
+    return sum(w in data.COLORS for w in words) / max(1, len(words))
+
+
 def one_grain_apart(a, b) -> bool:
-    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit: an attribute, a binding swap, a
-    relation swap)."""
+    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit: an attribute, a binding swap,
+    a relation swap)."""
     return a is not None and b is not None and b in data.edit_neighbours(a)
 
 
 def grain_gains(query, negatives) -> torch.Tensor:
-    """NDCG gains of an instance's candidate list (positive, negatives): 1 for the positive, 0.5 for a negative one
-    grain from the positive's scene (GrainWorld knows), else 0. -> (C,)"""
+    """NDCG gains of an instance's candidate list (positive, negatives): 1 for the positive, 0.5 for a negative
+    one grain from the positive's scene (GrainWorld knows), else 0. -> (C,)"""
     pos = query.positive.scene
     return torch.tensor([1.0] + [0.5 if one_grain_apart(c.scene, pos) else 0.0 for c in negatives])
 
 
-def scale_free_reward(args, ro: train.Rollout, policy) -> tuple[torch.Tensor, dict]:
-    """--reward rank | zscore | ndcg | pool (replaces step 2): scale-free rewards (ours): the order of the ranked list
-    alone (rank: 1 / (1 + ln r); ndcg: graded, near misses half credit), R_total on standardised scores (zscore), or
-    the rank in a whole training pool (pool_reward). The paper's parts are still logged."""
+def study_reward(args, ro: train.Rollout, batch, policy) -> tuple[torch.Tensor, dict]:
+    """Step 2 (--reward): the paper's R_total, or ours -- toy / length (lexical: a reward GRPO can surely climb,
+    from the summaries alone: the fraction of colour words / minus the mean summary length), rank / zscore /
+    ndcg (scale-free, reward.py), pool (the rank in a whole training pool). The paper's parts are logged always.
+    -> (R (B, G), parts)"""
+    w = reward_weights(args)
+    if args.reward == "paper":
+        return total_reward(ro.scores, **w, return_parts=True, ranks=ro.ranks)
+    B, G, K = ro.shape
     s = ro.scores.cpu()                                                        # (B, G, C)
-    if args.reward == "rank":
+    if args.reward == "toy":
+        texts = [policy.enc.decode(x) for x in ro.summaries]
+        R = torch.tensor([toy_reward(texts[i * K:(i + 1) * K]) for i in range(B * G)]).view(B, G)
+    elif args.reward == "length":
+        R = -torch.tensor([len(x) for x in ro.summaries], dtype=torch.float32).view(B, G, K).mean(2)
+    elif args.reward == "rank":
         R = rank_reward(s)
     elif args.reward == "zscore":
-        R = zscore_reward(s, args.reward_cfg)
+        R = zscore_reward(s, **w)
     elif args.reward == "ndcg":
-        gains = torch.stack([grain_gains(q, n) for q, n in zip(ro.queries, ro.negatives)])   # (B, C)
+        gains = torch.stack([grain_gains(q, n) for q, n in batch])              # (B, C)
         R = ndcg_reward(s, gains[:, None, :])
     else:
-        R = pool_reward(args, ro)
-    _, parts = args.reward_cfg(s, return_parts=True)
+        R = pool_reward(args, ro, batch)
+    _, parts = total_reward(s, **w, return_parts=True)                          # does the ranking move?
     return R, parts
 
 
@@ -228,22 +251,23 @@ def training_pools(args) -> dict:
 
 def pool_rank(eq: torch.Tensor, ep: torch.Tensor, relevant: torch.Tensor, s_pos: torch.Tensor) -> torch.Tensor:
     """The positive's rank in a pool, by the reward's rule: 1 + #{non-relevant j: cos(q, p_j) >= the best of the
-    positive's own score s_pos and the relevant pool items' scores}. eq (G, D) unit, ep (P, D) unit, relevant (P,)
-    bool, s_pos (G,). -> (G,) int64"""
+    positive's own score s_pos and the relevant pool items' scores}. eq (G, D) unit, ep (P, D) unit, relevant
+    (P,) bool, s_pos (G,). -> (G,) int64"""
     s = eq @ ep.T                                                              # (G, P)
     best = torch.maximum(s_pos, s.masked_fill(~relevant, float("-inf")).max(1).values)   # (G,)
     return 1 + ((s >= best[:, None]) & ~relevant).sum(1)
 
 
-def pool_reward(args, ro: train.Rollout) -> torch.Tensor:
-    """--reward pool: 1 / (1 + ln r), r the positive's rank among a whole training pool (training_pools) rather than
-    among the instance's 2 + N candidates -- denser than a rank among 9, and closest to the evaluation's metric. The
-    query is the rollout's (policy) embedding; the pool keeps the stage-2 embeddings; the rollout's own positive
-    embedding counts as relevant too, so a query whose positive is not in the pool still has one. -> (B, G)"""
+def pool_reward(args, ro: train.Rollout, batch) -> torch.Tensor:
+    """--reward pool: 1 / (1 + ln r), r the positive's rank among a whole training pool (training_pools) rather
+    than among the instance's 2 + N candidates -- denser than a rank among 9, and closest to the evaluation's
+    metric. The query is the rollout's (policy) embedding; the pool keeps the stage-2 embeddings; the rollout's
+    own positive embedding counts as relevant too, so a query whose positive is not in the pool still has one.
+    -> (B, G)"""
     pools = training_pools(args)
-    e = ro.e.float().cpu()                                                     # (B, G, K, D)
+    e = ro.e.detach().float().cpu()                                            # (B, G, K, D)
     R = []
-    for b, q in enumerate(ro.queries):
+    for b, (q, _) in enumerate(batch):
         items, ep = pools[q.task]
         relevant = torch.tensor([data.relevant(q.task, q.item, c) for c in items])          # (P,)
         s_pos = (e[b, :, 0] * e[b, :, 1]).sum(-1)                                           # (G,)
@@ -252,23 +276,131 @@ def pool_reward(args, ro: train.Rollout) -> torch.Tensor:
     return torch.stack(R)                                                      # (B, G)
 
 
-def best_of_group_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
-    """--best_of_g (replaces step 3): best-of-G distillation as a one-hot advantage. The rollout with the group's
-    highest reward gets A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so
-    that the clipped loss is about the mean next-token loss of the kept summaries: rejection sampling by the reward,
-    iterated on-policy (the improved policy samples the next round). -> (S,)"""
+def study_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
+    """Step 3 -> (S,) advantages in (instance, rollout, item) order: the paper's group advantage shared by a
+    rollout's K summaries, or ours --
+    --credit sequence: each summary's own credit (reward.sequence_credit), normalised over the group per item;
+    --best_of_g: best-of-G distillation as a one-hot advantage: the rollout with the group's highest reward gets
+      A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so that the clipped
+      loss is about the mean next-token loss of the kept summaries -- rejection sampling by the reward, iterated
+      on-policy."""
     B, G, K = ro.shape
-    A = torch.zeros(B, G, K)
-    best = R.argmax(1)                                                         # (B,)
-    live = (R.max(1).values - R.min(1).values) >= 1e-6                         # (B,)
-    A[torch.arange(B)[live], best[live], 0] = float(G)
-    return A.reshape(-1)
+    if args.best_of_g:
+        A = torch.zeros(B, G, K)
+        best = R.argmax(1)                                                     # (B,)
+        live = (R.max(1).values - R.min(1).values) >= 1e-6                     # (B,)
+        A[torch.arange(B)[live], best[live], 0] = float(G)
+        return A.reshape(-1)
+    if args.credit == "sequence":
+        en = ro.e.detach().float().cpu()                                       # (B, G, K, D)
+        S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])         # (B, G', G, K - 1)
+        credit = sequence_credit(S, **reward_weights(args))                    # (B, G, K)
+        A = group_advantages(credit.permute(0, 2, 1).reshape(-1, G))           # (B * K, G)
+        return A.view(B, K, G).permute(0, 2, 1).reshape(-1)
+    return group_advantages(R)[:, :, None].expand(B, G, K).reshape(-1)
 
 
-def control_step(args, policy, ref, opt, made, gen, autocast, step, folder: Path) -> dict:
-    """--control (replaces grpo_step): the equal-compute control, stage 2 continued -- stage 2's exact loss (InfoNCE
-    with summary dropout + next-token loss, its tau, lm_weight and dropout rate, read from the stage-2 checkpoint)
-    -- over the same candidate sets (positive + the mined negatives), one optimizer step per batch as GRPO takes."""
+def pathwise_loss(args, e: torch.Tensor) -> torch.Tensor:
+    """--pathwise w (added at step 4): R_total is differentiable almost everywhere in the scores, so
+    -w * R_total's gradient through the embeddings e (B, G, K, D) of the sampled summaries joins GRPO's."""
+    scores = train.rollout_scores(e, backend="torch")[0]                       # differentiable
+    return -args.pathwise * total_reward(scores, **reward_weights(args)).mean()
+
+
+def anchor_loss(args, e: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
+    """--anchor w (added at step 4): w * mean(1 - cos(policy embedding, stage-2 embedding)) over the rollout's
+    sequences, the same (input, sampled summary) pairs through both models. GRPO's gradient only sees the words'
+    log-probs, but the same weights make the embeddings, so each update also moves the map from words to
+    embeddings and the reward the next rollout sees shifts under the policy (the ladder: at lr 1e-3 the paper's
+    reward falls). The anchor holds that map near stage 2's, so that what changes is which words are written."""
+    return args.anchor * (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean()
+
+
+def study_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
+    """The study's stage-3 step: train.grpo_step's five steps with the variants (--sample, --reward, --credit,
+    --best_of_g, --anchor, --pathwise, --num_iterations), and the diagnostics (diagnostics) in the log."""
+    batch = made["batch"]
+    # 1. rollout
+    ro = study_rollout(args, policy, made, gen, autocast)
+    B, G, K = ro.shape
+    # 2. reward
+    R, parts = study_reward(args, ro, batch, policy)                          # (B, G)
+    # 3. advantage
+    A = study_advantages(args, ro, R).to(ro.logp.device)                      # (S,)
+    # 4. loss, with the reference's embeddings of the same words (the anchor's target, the drift diagnostic)
+    with phase("reference"), torch.no_grad(), autocast():
+        ref_logp, ref_h = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
+        e_ref = ref.model.ret_embedding(ref_h, ro.batch["ret_pos"])            # (S, D)
+    old_logp = ro.logp.detach()
+    logp, e = ro.logp, ro.e
+    n_tokens = global_tokens(ro.sampled, args, args.loss_norm)
+    for it in range(args.num_iterations):
+        if it > 0:   # a further update on the same rollouts (PPO-style reuse: the ratio now differs from 1)
+            with autocast():
+                logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
+            e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(B, G, K, -1)
+        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A, ro.sampled, args.clip_eps,
+                               args.beta, n_tokens=n_tokens, norm=args.loss_norm)
+        if args.pathwise > 0:
+            loss = loss + pathwise_loss(args, e)
+        if args.anchor > 0:
+            loss = loss + anchor_loss(args, e, e_ref)
+        # 5. update
+        optimizer_step(opt, policy.model, loss, args)
+    return {"loss": loss.item(), **diagnostics(args, ro, batch, R, parts, A, info, policy, e_ref)}
+
+
+def group_corr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over groups (rows) of Pearson's r; a group where either side is constant counts 0."""
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    den = x.norm(dim=1) * y.norm(dim=1)
+    r = torch.where(den > 1e-12, (x * y).sum(1) / den.clamp(min=1e-12), torch.zeros_like(den))
+    return r.mean().item()
+
+
+def diagnostics(args, ro: train.Rollout, batch, R, parts, A, info, policy, e_ref) -> dict:
+    """What one stage-3 log line of the study says about the step's signal.
+    `tied_groups`: groups whose G rewards all tie (no gradient). `corr_len` / `corr_exact`: the mean, over groups,
+    of the correlation between a rollout's reward and its summaries' mean length / whether its query summary is
+    exactly the reference -- what the reward pays for. `pg` / `kl_term`: the policy-gradient part of the loss and
+    beta * KL. `adv_query`: the share of the batch's |advantage| mass (over sampled tokens) on query summaries
+    rather than candidate summaries. `drift`: the mean cosine distance between the policy's and the stage-2
+    model's (e_ref) embeddings of the same sampled words -- how far the map from words to embeddings has moved,
+    which the policy gradient does not see. `cos_mean` / `cos_std` / `cos_pos`: the rollouts' cosines, all and
+    the positive's. `scale_only_groups`: groups whose rollouts rank the candidates in the same order but whose
+    rewards differ -- advantage that is pure score scale (at fixed ranks R_Rank is linear in the cosines)."""
+    B, G, K = ro.shape
+    R = R.float().cpu()
+    lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
+    exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
+                           for g in range(G)] for b, (q, _) in enumerate(batch)])                 # (B, G)
+    tok_adv = A.abs().cpu()[:, None] * ro.sampled.cpu().float()                                  # (S, T)
+    per_item = tok_adv.sum(1).view(B, G, K)
+    # the scale channel: R_Rank is linear in the cosines at fixed ranks, so rewards can differ, order unchanged
+    s = ro.scores.float().cpu()                                                                  # (B, G, C)
+    order = s.argsort(-1, descending=True)                                                       # (B, G, C)
+    same_order = (order == order[:, :1]).all(-1).all(-1)                                         # (B,)
+    spread = R.max(1).values - R.min(1).values                                                   # (B,)
+    e = ro.e.detach()
+    return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
+            "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
+            "top1": (parts["pos_rank"] == 1).float().mean().item(),
+            "tied_groups": (spread < 1e-6).float().mean().item(),
+            "kl": info["kl"].item(), "clip_low": info["clip_low"].item(), "clip_high": info["clip_high"].item(),
+            "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
+            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
+            "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
+            "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
+            "drift": (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item(),
+            "cos_mean": s.mean().item(), "cos_std": s.std().item(), "cos_pos": s[..., 0].mean().item(),
+            "scale_only_groups": (same_order & (spread >= 1e-6)).float().mean().item()}
+
+
+def control_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
+    """--control (in place of GRPO): the equal-compute control, stage 2 continued -- stage 2's exact loss
+    (InfoNCE with summary dropout + next-token loss, its tau, lm_weight and dropout rate, read from the stage-2
+    checkpoint) -- over the same candidate sets (positive + the mined negatives), one optimizer step per batch
+    as GRPO takes."""
     saved = ref.meta.get("args", {})
     tau, lm_weight = saved.get("tau", args.tau), saved.get("lm_weight", args.lm_weight)
     rate = saved.get("summary_dropout_end")   # an annealed stage 2 is continued at its final rate
@@ -281,26 +413,31 @@ def control_step(args, policy, ref, opt, made, gen, autocast, step, folder: Path
     with phase("data"):
         b, imgs = policy.batch(items, instr, policy.enc.reference_summaries(items, drop))
     e, logp, lm_mask = train.teacher_forced_on(policy.model, b, imgs, torch.tensor(drop), autocast)
-    e = e.view(len(batch), -1, e.shape[-1])                                    # (B, K, D): query, positive, negatives
+    e = e.view(len(batch), -1, e.shape[-1])                                    # (B, K, D): query, pos, negs
     l_nce = train.info_nce(e[:, 0], e[:, 1:], tau)
     l_lm = train.lm_loss(logp, lm_mask, args)
     loss = l_nce + lm_weight * l_lm
-    optimizer_step(opt, policy.model, loss, step, "control", folder, args)
+    optimizer_step(opt, policy.model, loss, args)
     return {"loss": loss.item(), "infonce": l_nce.item(), "lm": l_lm.item()}
 
 
-def elva_variant(args):
-    """The stage-3 step a run's flags ask for: the control, or train.grpo_step with its variant steps."""
-    if args.control:
-        return control_step
-    extra = ([pathwise_loss] if args.pathwise > 0 else []) + ([anchor_loss] if args.anchor > 0 else [])
-    return functools.partial(
-        train.grpo_step, sample=sample_queries_only if args.sample == "query" else train.sample_all,
-        reward={"paper": train.paper_reward, "toy": lexical_reward, "length": lexical_reward}.get(args.reward,
-                                                                                             scale_free_reward),
-        advantages=(best_of_group_advantages if args.best_of_g else sequence_credit_advantages
-                    if args.credit == "sequence" else train.rollout_advantages),
-        extra_losses=tuple(extra))
+STUDY_SHOWN = train.ELVA_SHOWN + ("cos_pos", "infonce", "lm")
+
+
+def study_elva_stage(args, device, autocast):
+    """Stage 3 of `study.py run`: train.py's set-up (open_elva_stage, rl_inputs), then the study's step or
+    the control in runtime's loop."""
+    t0 = time.time()
+    setup = train.open_elva_stage(args, device, autocast)
+    if setup is None:
+        return
+    st = setup.stage
+    step = control_step if args.control else study_step
+    gen = torch.Generator(device=device)
+    run_steps(args, st, train.rl_inputs(args, setup.instances, st, device),
+              lambda i, made: step(args, st.retriever, setup.ref, st.opt, made, gen, autocast, i),
+              show=STUDY_SHOWN, gen=gen)
+    print(f"{st.name}: saved {st.folder} ({time.time() - t0:.0f}s)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,15 +455,17 @@ def run_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("stage 2 variants (ours; each off by default)").add_argument
     add("--summary_dropout_end", type=float, default=None, help="anneal summary dropout linearly to this value")
     add("--own_summaries", type=float, default=0.0, help="fraction of kept summaries that are the model's own")
-    add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries starts")
+    add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries "
+        "starts")
     add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
     add("--control", action="store_true", help="the equal-compute control instead of GRPO (control_step)")
     add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg", "pool"],
-        help="the reward: the paper's, a lexical one (lexical_reward) or a scale-free one (scale_free_reward)")
-    add("--best_of_g", action="store_true", help="best-of-G distillation: only the best rollout's query summary is "
-        "trained (best_of_group_advantages); use with --sample query")
-    add("--credit", default="rollout", choices=["rollout", "sequence"], help="advantages (sequence_credit_advantages)")
-    add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled (sample_queries_only)")
+        help="the reward (study_reward)")
+    add("--best_of_g", action="store_true", help="best-of-G distillation: only the best rollout's query "
+        "summary is trained (study_advantages); use with --sample query")
+    add("--credit", default="rollout", choices=["rollout", "sequence"], help="advantages (study_advantages)")
+    add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled "
+        "(sample_queries_only)")
     add("--anchor", type=float, default=0.0, help="weight of the embedding anchor (anchor_loss)")
     add("--pathwise", type=float, default=0.0, help="weight of -R_total through the embeddings (pathwise_loss)")
     add("--num_iterations", type=int, default=None, help="updates per rollout batch (default 1)")
@@ -345,10 +484,24 @@ def get_run_args(argv):
 
 
 def run(argv):
+    """train.main's pipeline, each stage the paper's or, where a flag asks for one, the study's."""
     args = get_run_args(argv)
+    eval_tasks = None
+    if args.mbeir:
+        import mbeir
+        eval_tasks = mbeir.eval_tasks(args)
+    device, autocast, threads = train.start_run(args)
+    t0 = time.time()
     variant2 = args.summary_dropout_end is not None or args.own_summaries > 0
-    train.main(args=args, contrastive_inputs=stage2_variant_inputs if variant2 else None,
-               contrastive_loss=stage2_variant_loss if variant2 else train.stage2_loss, elva_step=elva_variant(args))
+    stages = {"text": train.text_stage,
+              "contrastive": variant_contrastive_stage if variant2 else train.contrastive_stage}
+    if "contrastive" in args.stages:
+        source, tok = train.source_and_tokenizer(args, t0)
+        for name in [s for s in ("text", "contrastive") if s in args.stages]:
+            stages[name](args, source, tok, device, autocast)
+    if "elva" in args.stages:
+        study_elva_stage(args, device, autocast)
+    train.finish_run(args, device, threads, t0, eval_tasks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,9 +587,8 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
     scores = torch.einsum("qgd,qgcd->qgc", es.view(Q, G, -1).cpu(), ec)         # (Q, G, C)
     gains = torch.stack([torch.tensor([1.0] + [0.5 if one_grain_apart(pool[j].scene, q.positive.scene) else 0.0
                                                for j in row[1:].tolist()]) for q, row in zip(queries, ctx)])
-    cfg = RewardConfig()
-    rewards = {"R_total (paper)": cfg(scores), "R_Rank (paper)": ranking_reward(scores),
-               "rank only": rank_reward(scores), "zscore R_total": zscore_reward(scores, cfg),
+    rewards = {"R_total (paper)": total_reward(scores), "R_Rank (paper)": ranking_reward(scores),
+               "rank only": rank_reward(scores), "zscore R_total": zscore_reward(scores),
                "ndcg (graded)": ndcg_reward(scores, gains[:, None, :])}
     lengths = torch.tensor([len(x) for x in samples], dtype=torch.float32).view(Q, G)
     return ranks, true, rewards, lengths, scores.mean(-1)
@@ -461,8 +613,8 @@ def audit(argv):
     a = p.parse_args(argv)
     if a.samples < 2 or a.queries < 1 or not a.temperature > 0:
         fail("--samples / --queries / --temperature", (a.samples, a.queries, a.temperature), ">= 2, >= 1, > 0")
-    torch.set_num_threads(a.threads or elva.default_threads())
-    device, autocast = elva.resolve_device(a.device)
+    torch.set_num_threads(a.threads or default_threads())
+    device, autocast = resolve_device(a.device)
     ret = elva.Retriever.from_pretrained(a.ckpt, device)
     if not isinstance(ret.meta.get("world"), dict):
         fail("--ckpt", a.ckpt, "a checkpoint trained on GrainWorld (its config.json has a 'world' section)")
@@ -475,8 +627,7 @@ def audit(argv):
         parts.append(audit_task(ret, task, queries, pool, a.samples, a.temperature, gen, a.n_hard, a.n_rand, rng,
                                 autocast, a.sample_candidates))
         print(f"audit: {task} done ({time.time() - t0:.0f}s)", flush=True)
-    cat = lambda i: torch.cat([x[i] for x in parts])                          # noqa: E731
-    true, lengths, mean_cos = cat(1), cat(3), cat(4)                           # (N, G)
+    true, lengths, mean_cos = (torch.cat([x[i] for x in parts]) for i in (1, 3, 4))   # (N, G) each
     rows = {f"{k} summary": torch.cat([x[0][k] for x in parts]).float() for k in ("greedy", "empty", "reference")}
     rows[f"mean of {a.samples} samples"] = true                                # R@5 averaged over the samples
     idx = torch.arange(true.shape[0])
@@ -502,7 +653,7 @@ def audit(argv):
     for k, v in res["spearman"].items():
         print(f"| {k} | {v['true_rank']:+.2f} | {v['length']:+.2f} | {v['mean_cos']:+.2f} |")
     if a.out:
-        elva._atomic_write(Path(a.out), lambda f: f.write_text(json.dumps(res, indent=2)))
+        write_json(Path(a.out), res)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -577,7 +728,7 @@ def study_runs(argv):
         name, seed, *flags = line.split("#")[0].split()
         if re.search(a.only, f"{name}-s{seed}"):
             todo.append((name, seed, flags))
-    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # one thread each: --jobs of them share the cores
 
     def one(name, seed, flags):
         tag = f"{name}-s{seed}"
@@ -595,7 +746,6 @@ def study_runs(argv):
                                stdout=log, stderr=subprocess.STDOUT, env=env)
         return f"{time.strftime('%H:%M:%S')} done {tag}"
 
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(a.jobs) as pool:
         for msg in pool.map(lambda r: one(*r), todo):
             print(msg, flush=True)
@@ -605,38 +755,65 @@ def study_runs(argv):
 # `python study.py compare A B`: two run folders, number for number (what a refactor must not change)
 
 
+TIMING = {"ms_per_step", "eval_seconds", "seconds", "ckpt"}   # wall-clock fields and paths: not compared
+
+
+def _untimed(x):
+    """A JSON value with its timing fields removed, at every depth."""
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if k not in TIMING}
+    if isinstance(x, list):
+        return [_untimed(v) for v in x]
+    return x
+
+
 def _numbers(path: Path):
-    """A file's content with wall-clock fields removed: tensors for safetensors, records for JSON / JSONL."""
-    timing = {"ms_per_step", "eval_seconds", "seconds", "ckpt"}
-    strip = lambda x: ({k: strip(v) for k, v in x.items() if k not in timing} if isinstance(x, dict)  # noqa: E731
-                       else [strip(v) for v in x] if isinstance(x, list) else x)
+    """A file's content without wall-clock fields: tensors for safetensors, records for JSON / JSONL."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     if path.suffix == ".jsonl":
-        return [strip(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".json" and path.name not in ("config.json", "run.json"):   # these hold paths and arguments
-        return strip(json.loads(path.read_text()))
+        return [_untimed(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json" and path.name not in ("config.json", "run.json"):   # paths and arguments
+        return _untimed(json.loads(path.read_text()))
     return None
 
 
+def _verdict(x, y, shared_keys: bool) -> str:
+    """same | same on shared keys (...) | DIFFERENT."""
+    if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+        tensors = isinstance(y, dict) and x.keys() == y.keys()
+        return "same" if tensors and all(torch.equal(x[k], y[k]) for k in x) else "DIFFERENT"
+    if x == y:
+        return "same"
+    if shared_keys and isinstance(x, list) and isinstance(y, list) and len(x) == len(y) and all(
+            isinstance(a, dict) and isinstance(b, dict) for a, b in zip(x, y)):
+        if all(all(a[k] == b[k] for k in a.keys() & b.keys()) for a, b in zip(x, y)):
+            only = sorted(set().union(*(a.keys() ^ b.keys() for a, b in zip(x, y))))
+            return f"same on shared keys ({len(only)} keys on one side only: {', '.join(only)})"
+    return "DIFFERENT"
+
+
 def compare(argv):
-    p = argparse.ArgumentParser(prog="study.py compare", description="are two run folders the same, number for "
-                                "number? (weights bit for bit; logs and evaluations without their timing fields)")
+    p = argparse.ArgumentParser(prog="study.py compare", description="are two run folders the same, number "
+                                "for number? (weights bit for bit; logs and evaluations without their timing "
+                                "fields; a file on one side only is a difference)")
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument("--shared_keys", action="store_true", help="a log record may hold keys the other lacks: "
+                   "compare the keys both have (a step that logs fewer values)")
     a = p.parse_args(argv)
     A, B = Path(a.a), Path(a.b)
-    files = sorted({f.relative_to(A) for f in A.rglob("*") if f.is_file() and _numbers(f) is not None})
+    files = sorted({f.relative_to(root) for root in (A, B) for f in root.rglob("*")
+                    if f.is_file() and _numbers(f) is not None})
     bad = 0
     for rel in files:
-        x, y = _numbers(A / rel), (_numbers(B / rel) if (B / rel).is_file() else "missing")
-        if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
-            same = isinstance(y, dict) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        if not (A / rel).is_file() or not (B / rel).is_file():
+            verdict = f"ONLY IN {'B' if (B / rel).is_file() else 'A'}"
         else:
-            same = x == y
-        bad += not same
-        print(f"{'same' if same else 'MISSING' if isinstance(y, str) else 'DIFFERENT'}  {rel}")
+            verdict = _verdict(_numbers(A / rel), _numbers(B / rel), a.shared_keys)
+        bad += not verdict.startswith("same")
+        print(f"{verdict}  {rel}")
     print(f"{len(files) - bad} of {len(files)} files the same")
     sys.exit(1 if bad or not files else 0)
 
