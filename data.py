@@ -18,6 +18,7 @@ sampling, BPE tokenizer, the stages' data interface (Source), collation. Real da
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -679,6 +680,95 @@ class Source:
     describe: str                # one line for the log
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# GrainWorld as the stages' data (train.read_source picks it; mbeir.py gives M-BEIR the same interface): the
+# global batches of stages 1 and 2, made from each step's seed without the model (runtime.my_part takes each
+# process's share), and stage 3's RL instances with their mined negatives (ELVA, Section 3.4).
+
+
+def dropout_flags(rng: random.Random, n: int, rate: float) -> list[bool]:
+    """Summary dropout: which of n items are embedded with no summary."""
+    return [rng.random() < rate for _ in range(n)]
+
+
+def make_text_inputs(args, world, step: int) -> dict:
+    """Stage 1's global batch, from the step's seed (--resume and DataLoader workers replay it): B
+    (premise, entailed rewording, one-grain contradiction) captions of training scenes in 3 blocks
+    of B items, the dropout flags, and which candidates each premise's scene satisfies (its own
+    target excluded). runtime.my_part takes each process's share."""
+    rng = random.Random(f"{args.seed}-text-{step}")
+    scenes, triplets = [], []
+    while len(triplets) < args.batch_size:
+        s = rng.choice(world.splits["train"])
+        t = nli_triplet(rng, s)
+        if t is not None:
+            scenes.append(s)
+            triplets.append(t)
+    B = len(triplets)
+    drop = dropout_flags(rng, 3 * B, args.summary_dropout)
+    caps = [t[k] for k in range(3) for t in triplets]                          # (3B,) block-major
+    items = [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
+    false_neg = torch.tensor([[j != i and satisfies(s, c) for j, c in enumerate(caps[B:])]
+                              for i, s in enumerate(scenes)])                 # (B, 2B)
+    return {"blocks": 3, "items": items, "instructions": [None] * len(items), "drop": drop,
+            "false_neg": false_neg}
+
+
+def in_batch_false_negatives(queries) -> torch.Tensor:
+    """(B, B) bool: query j's positive is relevant to query i too (of any task: candidates carry
+    no instruction)."""
+    return torch.tensor([[i != j and relevant(qi.task, qi.item, qj.positive)
+                          for j, qj in enumerate(queries)] for i, qi in enumerate(queries)],
+                        dtype=torch.bool)
+
+
+def make_stage2_inputs(args, world, step: int) -> dict:
+    """Stage 2's global batch, from the step's seed: B queries over the four tasks and their
+    positives (2 blocks), the dropout flags, the in-batch false negatives."""
+    rng = random.Random(f"{args.seed}-contrastive-{step}")
+    queries = world.sample_queries(rng, args.batch_size)
+    drop = dropout_flags(rng, 2 * len(queries), args.summary_dropout)
+    items = [q.item for q in queries] + [q.positive for q in queries]
+    instructions = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
+    return {"blocks": 2, "items": items, "instructions": instructions, "drop": drop,
+            "false_neg": in_batch_false_negatives(queries)}
+
+
+def grainworld_rl_instances(args, world, retriever, autocast):
+    """Per task, rl_queries RL queries on training scenes, each with its positive and n_hard
+    filtered hard + n_rand random negatives mined from a pool of training scenes and their
+    one-grain siblings (Sec. 3.4: hard negatives alone make a group's rewards alike, and the
+    advantages vanish)."""
+    rng = random.Random(f"{args.seed}-rl-data")
+    gen = torch.Generator().manual_seed(args.seed)
+    instances = []
+    for task in TASKS:
+        pool = world.rl_pool(task, args.rl_pool_scenes, rng)
+        queries = []
+        while len(queries) < args.rl_queries:
+            scene = rng.choice(world.splits["train"]) if task == "i2t" else rng.choice(pool).scene
+            q = make_query(task, rng, scene)
+            if q is not None and q.item.target not in world.outside("train"):
+                queries.append(q)
+        rel = torch.tensor([[relevant(task, q.item, c) for c in pool] for q in queries])
+        instr = [INSTRUCTIONS[task]] * len(queries)
+        neg = mine_negatives(retriever, [q.item for q in queries], instr, pool, rel,   # (Q, N)
+                                  args.n_hard, args.n_rand, args.hard_threshold, gen, autocast)
+        for q, idx in zip(queries, neg.tolist()):
+            instances.append((q, [pool[i] for i in idx]))
+    return instances
+
+
+def grainworld_source(cfg: WorldConfig) -> Source:
+    """GrainWorld as the stages' data (train.read_source): its text, batches and RL instances."""
+    world = GrainWorld(cfg)
+    n_train, n_test = len(world.splits["train"]), len(world.splits["test"])
+    return Source(data=world, meta={"world": cfg.__dict__},
+                  texts=functools.partial(world_corpus, world, seed=cfg.seed),
+                  contrastive_inputs=make_stage2_inputs, rl_instances=grainworld_rl_instances,
+                  describe=f"world: {n_train} train / {n_test} test scenes")
+
+
 def load_image(item: Item, image_size: int) -> torch.Tensor:
     """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file on disk."""
     if item.scene is not None:
@@ -782,6 +872,28 @@ def encode_pairs(enc: Encoder, limit: int, part: dict) -> dict:
     items, drop = part["items"], part["drop"]
     encoded = encode_batch(enc, items, part["instructions"], enc.reference_summaries(items, drop), limit)
     return {"encoded": encoded, "drop": drop, "false_neg": part["false_neg"], "n_queries": part["n_queries"]}
+
+
+def instruction_of(q: Query) -> str:
+    """A query's instruction: its own (real data) or its task's (GrainWorld)."""
+    return q.instruction if q.instruction is not None else INSTRUCTIONS[q.task]
+
+
+def rollout_items(batch) -> tuple[list, list]:
+    """The items of an RL batch [(Query, [negative Items])], each once, in (instance, item) order --
+    query, positive, negatives -- and their instructions: the query's, candidates none (as in
+    M-BEIR's pools)."""
+    items, instr = [], []
+    for q, negs in batch:
+        items += [q.item, q.positive, *negs]
+        instr += [instruction_of(q)] + [None] * (1 + len(negs))
+    return items, instr
+
+
+def encode_rollout(enc: Encoder, limit: int, batch) -> dict:
+    """A stage-3 step's share of instances -> the instances and their items' prompts, encoded
+    without summaries (the rollout samples those)."""
+    return {"batch": batch, "encoded": encode_batch(enc, *rollout_items(batch), None, limit)}
 
 
 def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:

@@ -3,20 +3,22 @@ The model: a tiny MLLM in the shape of Qwen2-VL whose embedding is *generated* (
 
     python elva.py      # builds each preset, prints its parameter count and one embedding's shape
 
-Image (3, H, W) -> ViT over patches -> 2x2 patch merger + MLP projector (Qwen2-VL's PatchMerger) -> LM token space,
-placed at the [IMG] placeholder tokens of the paper's template:
+Image (3, H, W) -> ViT over patches -> 2x2 patch merger + MLP projector (Qwen2-VL's PatchMerger) ->
+LM token space, placed at the [IMG] placeholder tokens of the paper's template:
 
-    USER: {image} <Instruction> {query}. Analyze and summarize the key information of the above input. Finally,
-    append the special token [RET] to represent the entire input. ASSISTANT: {Generated Summary} [RET]
+    USER: {image} <Instruction> {query}. Analyze and summarize the key information of the above
+    input. Finally, append the special token [RET] to represent the entire input.
+    ASSISTANT: {Generated Summary} [RET]
 
--> causal decoder (RMSNorm, RoPE, SwiGLU) -> LM head (tied to the token embedding). The embedding of an input is the
-final hidden state at [RET], L2-normalised. Because the summary before [RET] is sampled, G rollouts of one input give G
-different embeddings: the variance that GRPO needs (ELVA, Section 3.4: a fixed-token embedding would give G
-identical rollouts and no advantage).
+-> causal decoder (RMSNorm, RoPE, SwiGLU) -> LM head (tied to the token embedding). The embedding of
+an input is the final hidden state at [RET], L2-normalised. Because the summary before [RET] is
+sampled, G rollouts of one input give G different embeddings: the variance that GRPO needs (ELVA,
+Section 3.4: a fixed-token embedding would give G identical rollouts and no advantage).
 
-Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs, build_model,
-Retriever (model + tokenizer: items -> embeddings with generated summaries; from_pretrained, encode_text,
-encode_image, search), save_checkpoint / load_checkpoint (one folder, written as a unit).
+Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs,
+build_model, Retriever (model + tokenizer: items -> embeddings with generated summaries;
+from_pretrained, encode_text, encode_image, search), save_checkpoint / load_checkpoint (one folder,
+written as a unit).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 import data
 import runtime
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building blocks
 
 
@@ -46,19 +48,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """positions (B, T) long -> cos, sin (B, 1, T, head_dim/2). Positions come from the attention mask, so left
-    padding does not shift a sequence's rotary phases."""
+    """positions (B, T) long -> cos, sin (B, 1, T, head_dim/2). Positions come from the attention
+    mask, so left padding does not shift a sequence's rotary phases."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     ang = positions.float()[..., None] * inv                                  # (B, T, hd/2)
     return ang.cos()[:, None], ang.sin()[:, None]
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)                                        # (B, H, T, hd/2) each
+    x1, x2 = x.float().chunk(2, dim=-1)                                       # (B, H, T, hd/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -82,7 +85,8 @@ class Attention(nn.Module):
 
     def forward(self, x, mask=None, cos=None, sin=None, cache=None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                    # 3 x (B, H, T, hd)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # KV cache for generation: append this step's keys and values
@@ -94,7 +98,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the ViT uses it without RoPE (learned positions), the decoder with RoPE."""
+    """Pre-norm transformer block; the ViT uses it without RoPE (learned positions), the decoder
+    with RoPE."""
 
     def __init__(self, dim: int, n_heads: int, rope: bool):
         super().__init__()
@@ -107,14 +112,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config and presets
 
 
 @dataclass
 class ModelConfig:
     image_size: int = 36        # input images are resized to this square
-    patch_size: int = 6         # ViT patch side: 6x6 patches, merged 2x2 into 3x3 LM tokens, one per GrainWorld cell
+    patch_size: int = 6         # ViT patch side: 6x6 patches, merged 2x2 into 3x3 LM tokens (one
+                                # per GrainWorld cell)
     vit_dim: int = 96           # ViT width
     vit_layers: int = 3
     vit_heads: int = 4
@@ -131,8 +137,10 @@ class ModelConfig:
 
     def validate(self):
         if self.image_size % (2 * self.patch_size):
-            raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size ({2 * self.patch_size})")
-        for w, h, name in ((self.vit_dim, self.vit_heads, "vit"), (self.d_model, self.n_heads, "decoder")):
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size "
+                             f"({2 * self.patch_size})")
+        for w, h, name in ((self.vit_dim, self.vit_heads, "vit"),
+                           (self.d_model, self.n_heads, "decoder")):
             if w % h or (w // h) % 2:
                 raise ValueError(f"{name} width {w} must split into {h} heads of even size")
 
@@ -147,7 +155,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -157,17 +165,20 @@ class ELVAModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.img_id, self.ret_id, self.pad_id = img_token_id, ret_token_id, pad_token_id
-        # vision tower: patches -> ViT (bidirectional) -> 2x2 merge -> projector MLP into the decoder width
+        # vision tower: patches -> ViT (bidirectional) -> 2x2 merge -> projector MLP into the
+        # decoder width
         n_patch = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vit_dim)
         self.vit_pos = nn.Parameter(torch.randn(1, n_patch, cfg.vit_dim) * 0.02)
-        self.vit = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, rope=False) for _ in range(cfg.vit_layers))
+        self.vit = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, rope=False)
+                                 for _ in range(cfg.vit_layers))
         self.vit_norm = RMSNorm(cfg.vit_dim)
         self.projector = nn.Sequential(nn.Linear(4 * cfg.vit_dim, cfg.d_model), nn.GELU(),
                                        nn.Linear(cfg.d_model, cfg.d_model))
         # decoder LM
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, rope=True) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, rope=True)
+                                    for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.apply(self._init)
 
@@ -180,21 +191,24 @@ class ELVAModel(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    # -- vision ------------------------------------------------------------------------------------------------------
+    # -- vision ------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) -> image tokens (N, n_img_tokens, d_model)."""
         N, C, H, W = images.shape
         p, g = self.cfg.patch_size, H // self.cfg.patch_size
-        x = images.reshape(N, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(N, g * g, C * p * p)  # (N, P, 3pp)
+        x = images.reshape(N, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        x = x.reshape(N, g * g, C * p * p)                                      # (N, P, 3pp)
         x = self.patch_embed(x) + self.vit_pos
         for blk in self.vit:
             x = blk(x)
         x = self.vit_norm(x)
-        # 2x2 patch merger: concatenate each 2x2 neighbourhood (Qwen2-VL), quartering the tokens the LM must read
-        x = x.view(N, g // 2, 2, g // 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(N, (g // 2) ** 2, -1)  # (N, P/4, 4dv)
+        # 2x2 patch merger: concatenate each 2x2 neighbourhood (Qwen2-VL), quartering the tokens the
+        # LM must read
+        x = x.view(N, g // 2, 2, g // 2, 2, -1).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(N, (g // 2) ** 2, -1)                                     # (N, P/4, 4 dv)
         return self.projector(x)
 
-    # -- decoder -----------------------------------------------------------------------------------------------------
+    # -- decoder -----------------------------------------------------------------------------------
     def _embed_tokens(self, tokens, images):
         x = self.tok_emb(tokens)                                                # (B, T, D)
         is_img = tokens == self.img_id
@@ -202,17 +216,19 @@ class ELVAModel(nn.Module):
         if n_img:
             if images is None or images.shape[0] * self.cfg.n_img_tokens != n_img:
                 got = 0 if images is None else images.shape[0]
-                raise ValueError(f"the batch has {n_img} [IMG] tokens, i.e. {n_img / self.cfg.n_img_tokens:g} images, "
+                raise ValueError(f"the batch has {n_img} [IMG] tokens, i.e. "
+                                 f"{n_img / self.cfg.n_img_tokens:g} images, "
                                  f"but {got} images were given")
             feats = self.encode_images(images).to(x.dtype)
             x = x.masked_scatter(is_img[..., None], feats.reshape(-1, x.shape[-1]))
         return x
 
     def forward(self, tokens, attn, images=None, cache=None, positions=None):
-        """tokens (B, T), attn (B, Tk) bool over every key so far (cache included) -> final hidden states (B, T, D).
+        """tokens (B, T), attn (B, Tk) bool over every key so far (cache included) -> final hidden
+        states (B, T, D).
 
-        The attention mask is causal AND key-not-padding; each position may always see itself, so rows that are pure
-        padding stay finite (their outputs are never used)."""
+        The attention mask is causal AND key-not-padding; each position may always see itself, so
+        rows that are pure padding stay finite (their outputs are never used)."""
         B, T = tokens.shape
         x = self._embed_tokens(tokens, images)
         Tk = attn.shape[1]
@@ -232,9 +248,10 @@ class ELVAModel(nn.Module):
         return h @ self.tok_emb.weight.T                                        # tied LM head
 
     def summary_logits(self, h, temperature: float = 1.0):
-        """The distribution summaries are sampled from, in fp32: the LM head's logits with [PAD] and [IMG] ruled out
-        (never a valid summary token), divided by the temperature. generate samples from it and token_logprobs scores
-        with it, so GRPO's ratio, gradient and KL use exactly the distribution that was sampled."""
+        """The distribution summaries are sampled from, in fp32: the LM head's logits with [PAD]
+        and [IMG] ruled out (never a valid summary token), divided by the temperature. generate
+        samples from it and token_logprobs scores with it, so GRPO's ratio, gradient and KL use
+        exactly the distribution that was sampled."""
         logits = self.logits(h).float()
         logits[..., self.pad_id] = float("-inf")
         logits[..., self.img_id] = float("-inf")
@@ -243,10 +260,11 @@ class ELVAModel(nn.Module):
     def token_logprobs(self, batch: dict, images=None, temperature: float = 1.0, groups: int = 1):
         """Teacher-forced pass over full sequences (prompt + summary + [RET]).
 
-        Returns (logp (B, T), h (B, T, D)): logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) at `temperature` for t
-        in gen_mask (zero elsewhere); h are the final hidden states, so h[b, ret_pos[b]] is the embedding's source.
-        groups > 1: the rows run in that many passes of similar length with their all-padding columns cut
-        (length_groups): the same numbers up to rounding, less work on padding (h is zero on the cut columns)."""
+        Returns (logp (B, T), h (B, T, D)): logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) at
+        `temperature` for t in gen_mask (zero elsewhere); h are the final hidden states, so h[b,
+        ret_pos[b]] is the embedding's source. groups > 1: the rows run in that many passes of
+        similar length with their all-padding columns cut (length_groups): the same numbers up to
+        rounding, less work on padding (h is zero on the cut columns)."""
         if groups > 1:
             logp = torch.zeros(batch["tokens"].shape, device=batch["tokens"].device)
             h = torch.zeros(*batch["tokens"].shape, self.cfg.d_model, device=batch["tokens"].device)
@@ -258,13 +276,13 @@ class ELVAModel(nn.Module):
             return logp, h
         tokens, attn = batch["tokens"], batch["attn"]
         h = self.forward(tokens, attn, images)
-        # the LM head only where a summary token is predicted (a tenth of the positions in stage 2): state t-1
-        # predicts token t
+        # the LM head only where a summary token is predicted (a tenth of the positions in stage 2):
+        # state t-1 predicts token t
         sel = batch["gen_mask"][:, 1:]                                          # (B, T-1)
         logits = self.summary_logits(h[:, :-1][sel], temperature)              # (n, V)
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:][sel][:, None])[:, 0]   # (n,)
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:][sel][:, None])[:, 0]  # (n,)
         logp = torch.zeros(tokens.shape, dtype=lp.dtype, device=tokens.device)
-        logp[:, 1:] = logp[:, 1:].masked_scatter(sel, lp)                       # zero outside the summary
+        logp[:, 1:] = logp[:, 1:].masked_scatter(sel, lp)                 # zero outside the summary
         return logp, h
 
     @staticmethod
@@ -275,49 +293,55 @@ class ELVAModel(nn.Module):
 
     def embed(self, batch: dict, images=None) -> torch.Tensor:
         """The embedding (B, D): final hidden state at [RET], L2-normalised."""
-        return self.ret_embedding(self.forward(batch["tokens"], batch["attn"], images), batch["ret_pos"])
+        h = self.forward(batch["tokens"], batch["attn"], images)
+        return self.ret_embedding(h, batch["ret_pos"])
 
     def shared_prefix_logprobs(self, rb: dict, temperature: float = 1.0):
-        """Teacher-forced pass over summaries that continue *shared* prompts (GRPO's G rollouts of one item share its
-        prompt): each prompt runs once, its KV cache is expanded over the rows that continue it, and only the
-        summary tokens run per row. The same numbers as token_logprobs over the full sequences (a test checks),
-        with the prompt's compute and memory divided by G; gradients flow into the shared prompt states.
+        """Teacher-forced pass over summaries that continue *shared* prompts (GRPO's G rollouts of
+        one item share its prompt): each prompt runs once, its KV cache is expanded over the rows
+        that continue it, and only the summary tokens run per row. The same numbers as
+        token_logprobs over the full sequences (a test checks), with the prompt's compute and memory
+        divided by G; gradients flow into the shared prompt states.
 
-        rb: prompt_tokens / prompt_attn (U, P) left-padded, images, index (S,) -- row s continues prompt index[s] --
-        and the summary part tokens / attn / gen_mask (S, Ts), ret_pos (S,) from data.collate_summaries.
-        Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
+        rb: prompt_tokens / prompt_attn (U, P) left-padded, images, index (S,) -- row s continues
+        prompt index[s] -- and the summary part tokens / attn / gen_mask (S, Ts), ret_pos (S,)
+        from data.collate_summaries. Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
         cache = [dict() for _ in self.blocks]
-        hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)   # (U, P, D)
+        hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)
+        # hp (U, P, D): the prompts' states
         idx = rb["index"]
         cache = expand_cache(cache, idx)
-        attn = torch.cat([rb["prompt_attn"].index_select(0, idx), rb["attn"]], dim=1)      # (S, P + Ts)
-        h = self.forward(rb["tokens"], attn, None, cache=cache)                           # (S, Ts, D)
-        # summary token t is predicted from the state before it: the prompt's last state (every prompt ends in
-        # the last column: left padding) for t = 0, then the summary's own states
-        prev = torch.cat([hp[:, -1:].index_select(0, idx), h[:, :-1]], dim=1)             # (S, Ts, D)
-        logits = self.summary_logits(prev, temperature)                                   # (S, Ts, V)
+        attn = torch.cat([rb["prompt_attn"].index_select(0, idx), rb["attn"]], dim=1)  # (S, P + Ts)
+        h = self.forward(rb["tokens"], attn, None, cache=cache)                         # (S, Ts, D)
+        # summary token t is predicted from the state before it: the prompt's last state (every
+        # prompt ends in the last column: left padding) for t = 0, then the summary's own states
+        prev = torch.cat([hp[:, -1:].index_select(0, idx), h[:, :-1]], dim=1)           # (S, Ts, D)
+        logits = self.summary_logits(prev, temperature)                                 # (S, Ts, V)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, rb["tokens"][..., None])[..., 0]
         return torch.where(rb["gen_mask"], lp, torch.zeros_like(lp)), h
 
     @torch.no_grad()
-    def generate(self, tokens, attn, images=None, max_new: int | None = None, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, return_ended: bool = False, index=None):
+    def generate(self, tokens, attn, images=None, max_new: int | None = None,
+                 temperature: float = 0.0, generator: torch.Generator | None = None,
+                 return_ended: bool = False, index=None):
         """Summaries for left-padded prompts (B, P): greedy when temperature == 0, else sampled.
 
-        Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per row; all rows stop
-        when every row has ended) or after max_new tokens. Returns each row's summary ids without [RET]; the caller
-        appends [RET] and runs one teacher-forced pass for the embedding (and, in RL, the log-probs with gradient).
-        With return_ended, also a list of bools: True where the row *sampled* [RET], False where it ran out of
-        tokens and the caller's [RET] is forced (a token the policy did not choose, so RL must not train it).
-        With index (S,), the prompts are read once and row s continues prompt index[s] (GRPO's G rollouts)."""
+        Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per
+        row; all rows stop when every row has ended) or after max_new tokens. Returns each row's
+        summary ids without [RET]; the caller appends [RET] and runs one teacher-forced pass for
+        the embedding (and, in RL, the log-probs with gradient). With return_ended, also a list
+        of bools: True where the row *sampled* [RET], False where it ran out of tokens and the
+        caller's [RET] is forced (a token the policy did not choose, so RL must not train it).
+        With index (S,), the prompts are read once and row s continues prompt index[s] (GRPO's G
+        rollouts)."""
         max_new = max_new or self.cfg.max_summary_len
         cache = [dict() for _ in self.blocks]
         h = self.forward(tokens, attn, images, cache=cache)
-        if index is not None:   # expand the prompts' states and KV cache over the rows that continue them
+        if index is not None:   # expand the prompts' states and KV cache over the rows that follow
             h, attn = h[:, -1:].index_select(0, index), attn.index_select(0, index)
             cache = expand_cache(cache, index)
         B = h.shape[0]
-        pos = attn.long().sum(1) - 1                                            # (B,) last real position
+        pos = attn.long().sum(1) - 1                                       # (B,) last real position
         out = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=tokens.device)
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         for t in range(max_new):
@@ -342,57 +366,66 @@ class ELVAModel(nn.Module):
         return (rows, ended) if return_ended else rows
 
     def vision_parameters(self):
-        """The vision tower and projector (Qwen2-VL's visual module, merger included): frozen in ELVA's stage 3."""
+        """The vision tower and projector (Qwen2-VL's visual module, merger included): frozen in
+        ELVA's stage 3."""
         for mod in (self.patch_embed, self.vit, self.vit_norm, self.projector):
             yield from mod.parameters()
         yield self.vit_pos
 
 
 def length_groups(batch: dict, images, groups: int, img_id: int, n_img_tokens: int):
-    """Split a collated batch (data.collate: left-padded prompts, then right-padded summaries) into `groups` parts
-    of rows of similar length, each without the columns that are padding in all of its rows: the same sequences
-    (positions come from the attention mask), less padding to compute on -- stage 2's batches are ~70% real tokens.
-    Yields (rows (b,), cols (t,), the part's batch, its images) -- its rows' images, in order."""
+    """Split a collated batch (data.collate: left-padded prompts, then right-padded summaries)
+    into `groups` parts of rows of similar length, each without the columns that are padding in
+    all of its rows: the same sequences (positions come from the attention mask), less padding to
+    compute on -- stage 2's batches are ~70% real tokens. Yields (rows (b,), cols (t,), the
+    part's batch, its images) -- its rows' images, in order."""
     attn = batch["attn"]
-    order = attn.sum(1).argsort(stable=True)                                   # rows, shortest first
+    order = attn.sum(1).argsort(stable=True)                                  # rows, shortest first
     n_img = (batch["tokens"] == img_id).sum(1) // n_img_tokens                 # (B,) images per row
-    first_img = n_img.cumsum(0) - n_img                                        # (B,) the row's first image
+    first_img = n_img.cumsum(0) - n_img                                 # (B,) the row's first image
     for rows in order.tensor_split(groups):
         if len(rows) == 0:
             continue
-        rows = rows.sort().values                                              # keep the batch's order within a part
+        rows = rows.sort().values                             # keep the batch's order within a part
         used = attn[rows].any(0).nonzero()[:, 0]
         cols = torch.arange(int(used[0]), int(used[-1]) + 1, device=attn.device)
-        part = {k: (v[rows][:, cols] if k != "ret_pos" else v[rows] - cols[0]) for k, v in batch.items()}
+        part = {k: v[rows][:, cols] for k, v in batch.items() if k != "ret_pos"}
+        part["ret_pos"] = batch["ret_pos"][rows] - cols[0]
         imgs = None
         if images is not None and len(images):
-            idx = [i for r in rows.tolist() for i in range(int(first_img[r]), int(first_img[r] + n_img[r]))]
+            idx = [i for r in rows.tolist()
+                   for i in range(int(first_img[r]), int(first_img[r] + n_img[r]))]
             imgs = images[torch.tensor(idx, dtype=torch.long, device=images.device)]
         yield rows, cols, part, imgs
 
 
 def expand_cache(cache: list[dict], index: torch.Tensor) -> list[dict]:
-    """A KV cache of U prompts -> one for S rows, row s continuing prompt index[s] (each layer's k, v: (U, H, P, hd)
-    -> (S, H, P, hd)). Gradients flow back into the shared prompt states."""
+    """A KV cache of U prompts -> one for S rows, row s continuing prompt index[s] (each layer's
+    k, v: (U, H, P, hd) -> (S, H, P, hd)). Gradients flow back into the shared prompt states."""
     return [{"k": c["k"].index_select(0, index), "v": c["v"].index_select(0, index)} for c in cache]
 
 
 def build_model(cfg: ModelConfig, tok) -> ELVAModel:
-    """A fresh model whose special-token ids come from the tokenizer (the one way a model is made)."""
+    """A fresh model whose special-token ids come from the tokenizer (the one way a model is
+    made)."""
     cfg.vocab_size = tok.get_vocab_size()
-    return ELVAModel(cfg, tok.token_to_id("[IMG]"), tok.token_to_id("[RET]"), tok.token_to_id("[PAD]"))
+    ids = [tok.token_to_id(t) for t in ("[IMG]", "[RET]", "[PAD]")]
+    return ELVAModel(cfg, *ids)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given (teacher forcing).
+# --------------------------------------------------------------------------------------------------
+# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given
+# (teacher forcing).
 
 
 class Retriever:
-    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation, RL) or given
-    (teacher forcing). The public face is the one people know from CLIP and sentence-transformers:
+    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation,
+    RL) or given (teacher forcing). The public face is the one people know from CLIP and
+    sentence-transformers:
 
         r = Retriever.from_pretrained("runs/cpu/contrastive")       # the GPU when there is one
-        q = r.encode_text("a red circle left of a blue square", instruction=data.INSTRUCTIONS["t2i"])   # (D,)
+        q = r.encode_text("a red circle left of a blue square",
+                          instruction=data.INSTRUCTIONS["t2i"])             # (D,)
         c = r.encode_image(["a.png", "b.png"])                       # PIL images or paths -> (2, D)
         e, words = r.encode(texts=["make the circle blue"], images=["a.png"], return_summaries=True)
         scores, indices = r.search(q, c, k=5)                        # tensors or numpy
@@ -404,7 +437,8 @@ class Retriever:
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "Retriever":
-        """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there is one)."""
+        """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there
+        is one)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok, meta = load_checkpoint(folder, device)
         return cls(model.eval(), tok, meta)
@@ -414,14 +448,18 @@ class Retriever:
         return next(self.model.parameters()).device
 
     def batch(self, items, instructions, summaries: list[list[int]] | None):
-        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict, images) on device.
-        Prompts longer than the model's maximum length (minus room for the summary) are cut; see Encoder.prompt."""
-        return self.on_device(*data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit))
+        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict,
+        images) on device. Prompts longer than the model's maximum length (minus room for the
+        summary) are cut; see Encoder.prompt."""
+        encoded = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
+        return self.on_device(*encoded)
 
     def on_device(self, b: dict, imgs: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """An encoded batch (data.encode_batch / data.collate, made on the CPU) -> on the model's device."""
+        """An encoded batch (data.encode_batch / data.collate, made on the CPU) -> on the model's
+        device."""
         dev = self.device
-        return {k: v.to(dev, non_blocking=True) for k, v in b.items()}, imgs.to(dev, non_blocking=True)
+        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+        return b, imgs.to(dev, non_blocking=True)
 
     @property
     def prompt_limit(self) -> int:
@@ -430,44 +468,49 @@ class Retriever:
     @torch.no_grad()
     def summarise(self, items, instructions, temperature=0.0, generator=None, return_ended=False):
         b, imgs = self.batch(items, instructions, None)
-        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=generator,
-                                   return_ended=return_ended)
+        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature,
+                                   generator=generator, return_ended=return_ended)
 
     @torch.no_grad()
     def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
-                    workers: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, list[str]]:
-        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries (for reading).
-        progress: a label; a long call prints items/s and an ETA under it at least every 10 s.
+                    workers: int | None = None, progress: str | None = None):
+        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries
+        (for reading). progress: a label; a long call prints items/s and an ETA under it at least
+        every 10 s.
 
-        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read once (in DataLoader
-        workers ahead of the model on a GPU: `workers`, default 0 on CPU), the summaries generated, then one
-        teacher-forced pass over prompt + summary + [RET] gives the embeddings."""
+        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read
+        once (in DataLoader workers ahead of the model on a GPU: `workers`, default 0 on CPU),
+        the summaries generated, then one teacher-forced pass over prompt + summary + [RET] gives
+        the embeddings."""
         chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
-        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=runtime.default_workers(self.device, workers),
+        n_workers = runtime.default_workers(self.device, workers)
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=n_workers,
                                              pin_memory=self.device.type == "cuda")
         embs, texts = [], []
+        pad_ret = self.enc.pad, self.enc.ret
         t0 = last = time.time()
         for prompts, imgs in loader:
-            if progress and time.time() - last >= 10:   # a long phase says how far it is, at least every 10 s
+            if progress and time.time() - last >= 10:   # a long phase says how far it is (10 s)
                 last, done = time.time(), len(texts)
                 rate = done / (last - t0)
                 print(f"{progress}: {done}/{len(items)} items, {rate:.0f} items/s, eta "
                       f"{(len(items) - done) / max(rate, 1e-9):.0f} s", flush=True)
             with autocast or nullcontext():
-                pb, imgs = self.on_device(data.collate(prompts, None, self.enc.pad, self.enc.ret), imgs)
+                pb, imgs = self.on_device(data.collate(prompts, None, *pad_ret), imgs)
                 summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
-                b, _ = self.on_device(data.collate(prompts, summ, self.enc.pad, self.enc.ret), imgs)
+                b, _ = self.on_device(data.collate(prompts, summ, *pad_ret), imgs)
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
 
-    # -- the public API ----------------------------------------------------------------------------------------------
+    # -- the public API ----------------------------------------------------------------------------
     def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
                return_summaries: bool = False, convert_to_numpy: bool = False):
-        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image, text) -> image tasks)
-        -> unit embeddings, each from a generated summary and [RET]. A single input (a str, a PIL image or a path)
-        gives (D,), a list (N, D), an empty list (0, D). Texts longer than the model's maximum are cut (said once).
-        return_summaries: also the generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
+        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image,
+        text) -> image tasks) -> unit embeddings, each from a generated summary and [RET]. A
+        single input (a str, a PIL image or a path) gives (D,), a list (N, D), an empty list (0,
+        D). Texts longer than the model's maximum are cut (said once). return_summaries: also the
+        generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
         single = isinstance(texts, str) or _is_image(images)
         texts = [texts] if isinstance(texts, str) else texts
         images = [images] if _is_image(images) else images
@@ -475,11 +518,12 @@ class Retriever:
             raise ValueError("encode: give texts=, images= or both")
         for name, xs in (("texts", texts), ("images", images)):
             if xs is not None and not isinstance(xs, (list, tuple)):
-                raise TypeError(f"encode: {name} must be a {'str' if name == 'texts' else 'PIL image, a path'} or a "
-                                f"list of them, got {type(xs).__name__}")
+                one = "str" if name == "texts" else "PIL image, a path"
+                raise TypeError(f"encode: {name} must be a {one} or a list of them, got "
+                                f"{type(xs).__name__}")
         if texts is not None and images is not None and len(texts) != len(images):
-            raise ValueError(f"encode: {len(texts)} texts and {len(images)} images; a composed query pairs text i "
-                             f"with image i, so give as many of each")
+            raise ValueError(f"encode: {len(texts)} texts and {len(images)} images; a composed "
+                             f"query pairs text i with image i, so give as many of each")
         n = len(texts if texts is not None else images)
         items = []
         for i in range(n):
@@ -496,8 +540,9 @@ class Retriever:
             n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
             if n_cut:
                 print(f"encode: {n_cut} of {n} texts were cut to the model's maximum length")
-            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None)
-            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast, progress="encode")
+            autocast = runtime.cuda_autocast() if self.device.type == "cuda" else None
+            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast,
+                                       progress="encode")
         out = (e[0], summ[0]) if single else (e, summ)
         if convert_to_numpy:
             out = (out[0].cpu().numpy(), out[1])
@@ -513,27 +558,30 @@ class Retriever:
 
     def save_pretrained(self, folder):
         """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back."""
-        kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # save_checkpoint writes those
+        kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # written anew
         runtime.save_checkpoint(folder, self.model, self.tok, kept)
 
     @staticmethod
-    def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536, as_hits: bool = False):
-        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN score ranks last, equal
-        scores keep corpus order. Tensors or numpy in (a single query (D,) is one row). -> (scores (Q, k), indices
-        (Q, k)), numpy when the queries came as numpy; as_hits: sentence-transformers' semantic_search form, a list
-        per query of {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
+    def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536,
+               as_hits: bool = False):
+        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN
+        score ranks last, equal scores keep corpus order. Tensors or numpy in (a single query
+        (D,) is one row). -> (scores (Q, k), indices (Q, k)), numpy when the queries came as
+        numpy; as_hits: sentence-transformers' semantic_search form, a list per query of
+        {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
         as_numpy = not isinstance(query_embeddings, torch.Tensor)
         q, c = torch.as_tensor(query_embeddings), torch.as_tensor(corpus_embeddings)
         q = q[None] if q.dim() == 1 else q
         scores, idx = ranked_top_k(q, c.to(q.device), k, chunk=chunk)
         if as_hits:
-            return [[{"corpus_id": j, "score": v} for j, v in zip(ri, rs)] for ri, rs in zip(idx.tolist(),
-                                                                                       scores.tolist())]
+            return [[{"corpus_id": j, "score": v} for j, v in zip(ri, rs)]
+                    for ri, rs in zip(idx.tolist(), scores.tolist())]
         return (scores.cpu().numpy(), idx.cpu().numpy()) if as_numpy else (scores, idx)
 
 
 def _is_image(x) -> bool:
-    """A single image input: a PIL image or a path (a str that names a file is a path only for images=)."""
+    """A single image input: a PIL image or a path (a str that names a file is a path only for
+    images=)."""
     return hasattr(x, "convert") or isinstance(x, (str, os.PathLike))
 
 
@@ -545,28 +593,32 @@ def _image_field(im, i: int) -> dict:
         return {"image": im}
     if isinstance(im, (str, os.PathLike)):
         if not Path(im).is_file():
-            raise FileNotFoundError(f"encode: image {i} {str(im)!r} is not a file; expected an image Pillow can open")
+            raise FileNotFoundError(f"encode: image {i} {str(im)!r} is not a file; expected an "
+                                    f"image Pillow can open")
         return {"image_path": str(im)}
     raise TypeError(f"encode: image {i} is a {type(im).__name__}; expected a PIL image or a path")
 
 
-def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives: torch.Tensor | None = None,
-                 chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top k of each query by cosine, in the order every ranked output of this project uses -- the reward's rule:
-    a NaN score ranks last, and among equal scores a relevant item (positives (Q, P_max): query i's relevant corpus
-    indices, -1 pads) ranks after the others (ties never favour the positive), the rest in corpus order. Streamed in
-    chunks with a running top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
+def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, chunk: int = 65536):
+    """The top k of each query by cosine, in the order every ranked output of this project uses
+    -- the reward's rule: a NaN score ranks last, and among equal scores a relevant item
+    (positives (Q, P_max): query i's relevant corpus indices, -1 pads) ranks after the others
+    (ties never favour the positive), the rest in corpus order. Streamed in chunks with a running
+    top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
     qn = F.normalize(q.float(), dim=-1)
     Q, dev = q.shape[0], q.device
     best_s = torch.empty(Q, 0, device=dev)
     best_i = torch.empty(Q, 0, dtype=torch.long, device=dev)
-    pos = None if positives is None else torch.as_tensor(positives, dtype=torch.long, device=dev).reshape(Q, -1)
+    pos = None
+    if positives is not None:
+        pos = torch.as_tensor(positives, dtype=torch.long, device=dev).reshape(Q, -1)   # (Q, P_max)
     for n0 in range(0, corpus.shape[0], chunk):
         c = F.normalize(corpus[n0:n0 + chunk].float(), dim=-1)
-        s = torch.cat([best_s, qn @ c.T], 1)                                   # (Q, k + chunk): best so far first
+        s = torch.cat([best_s, qn @ c.T], 1)                     # (Q, k + chunk): best so far first
         i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=dev).expand(Q, -1)], 1)
-        if pos is not None:   # relevant items first sorted to the back, so that the stable sort below keeps them
-            rel = torch.zeros(Q, c.shape[0], dtype=torch.bool, device=dev)     # after every equal-scoring other
+        if pos is not None:   # relevant items first sorted to the back, so that the stable sort
+            # below keeps them after every equal-scoring other
+            rel = torch.zeros(Q, c.shape[0], dtype=torch.bool, device=dev)
             m = (pos >= n0) & (pos < n0 + c.shape[0])
             rel[m.nonzero()[:, 0], pos[m] - n0] = True
             rel = torch.cat([(best_i[:, :, None] == pos[:, None, :]).any(-1), rel], 1)
@@ -578,33 +630,35 @@ def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives: torch
     return best_s, best_i
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Embedding in chunks
 
 
 class _PromptChunks(torch.utils.data.Dataset):
-    """Chunk k of the items -> (their prompts' token ids, their images (N_img, 3, H, W)): what embedding a chunk
-    needs before the model, made by DataLoader workers when there are any."""
+    """Chunk k of the items -> (their prompts' token ids, their images (N_img, 3, H, W)): what
+    embedding a chunk needs before the model, made by DataLoader workers when there are any."""
 
     def __init__(self, enc, items, instructions, batch_size: int, limit: int):
-        self.enc, self.items, self.instructions, self.bs, self.limit = enc, items, instructions, batch_size, limit
+        self.enc, self.items, self.instructions = enc, items, instructions
+        self.bs, self.limit = batch_size, limit
 
     def __len__(self):
         return (len(self.items) + self.bs - 1) // self.bs
 
     def __getitem__(self, k):
-        its, ins = self.items[k * self.bs:(k + 1) * self.bs], self.instructions[k * self.bs:(k + 1) * self.bs]
+        rows = slice(k * self.bs, (k + 1) * self.bs)
+        its, ins = self.items[rows], self.instructions[rows]
         return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: runtime.py writes and verifies the files (one folder, written as a unit); here the model is built
-# from what it read.
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: runtime.py writes and verifies the files (one folder, written as a unit); here the
+# model is built from what it read.
 
 
 def load_checkpoint(folder, device="cpu"):
-    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt or mixed file set, or a config that
-    does not match the weights."""
+    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt or mixed file
+    set, or a config that does not match the weights."""
     folder = Path(folder)
     state, tok, meta = runtime.read_checkpoint(folder)
     try:
@@ -622,4 +676,5 @@ if __name__ == "__main__":
     for name, cfg in PRESETS.items():
         m = ELVAModel(cfg, 3, 4, 0)
         n = sum(p.numel() for p in m.parameters())
-        print(f"{name:6s} {n / 1e6:6.2f}M parameters, {cfg.n_img_tokens} image tokens, d_model {cfg.d_model}")
+        print(f"{name:6s} {n / 1e6:6.2f}M parameters, {cfg.n_img_tokens} image tokens, "
+              f"d_model {cfg.d_model}")

@@ -680,7 +680,7 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
         raise SystemExit(f"--explain_task {task!r}: expected one of {sorted({q.task for q, _ in instances})}")
     batch = chosen[:1]
     gen = torch.Generator(device=device).manual_seed(seed)
-    made = train.encode_rl_prompts(ret.enc, ret.prompt_limit, batch)
+    made = data.encode_rollout(ret.enc, ret.prompt_limit, batch)
     with torch.no_grad():
         ro = train.rollout(args, ret, made, gen, autocast)
     R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True,
@@ -694,7 +694,7 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at temperature "
           f"{args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} R_Rank, delta {args.delta}, "
           f"gamma {gamma:.4f}")
-    print(f"query:      {describe(q.item)}   [instruction: {train.instruction_of(q)}]")
+    print(f"query:      {describe(q.item)}   [instruction: {data.instruction_of(q)}]")
     for name, c in zip(names, [q.positive, *negs]):
         print(f"{name + ':':12s}{describe(c)}")
     for g in range(G):

@@ -1,18 +1,21 @@
 """
-The paper's rule-based ranking rewards (ELVA, Section 3.4) and the GRPO pieces built on them, as pure functions.
+The paper's rule-based ranking rewards (ELVA, Section 3.4) and the GRPO pieces built on them, as pure
+functions, in the paper's order; ours after them.
 
     pytest -k reward        # the hand-computed cases in test_elva.py
 
-Conventions: `scores` are cosine similarities of shape [..., C] with the positive at index 0 and the negatives at
-1..C-1; every function is vectorised over the leading dimensions (in training: (B, G, C), B queries x G rollouts).
-Nothing here needs gradients: as in the paper (and UME-R1), rewards are computed from the rollout's scores without
-gradient, and GRPO's gradient flows only through the log-probabilities of the sampled summary tokens.
+Conventions: `scores` are cosine similarities [..., C], the positive at index 0 and the negatives at
+1..C-1; every function is vectorised over the leading dimensions (in training (B, G, C): B queries x
+G rollouts). Nothing here takes gradients: as in the paper (and UME-R1) the rewards are computed from
+the rollout's scores without gradient, and GRPO's gradient flows only through the log-probabilities
+of the sampled summary tokens.
 
-Choices the paper leaves open, and ours (each a flag of train.py; README, "Choices the paper leaves open"):
+Choices the paper leaves open, and ours (each a flag of train.py; the README's table of choices):
 - log base: natural log.
-- ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the positive: a collapsed
-  model (all scores equal) gets the worst rank, not the best.
-- delta = 0.05 (DEFAULT_DELTA) and gamma = auto_gamma(C): the rule that scales with the candidate count C.
+- ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the positive:
+  a collapsed model (all scores equal) gets the worst rank, not the best.
+- delta = 0.05 (DEFAULT_DELTA) and gamma = auto_gamma(C), the rule that scales with the candidate
+  count C.
 """
 
 from __future__ import annotations
@@ -21,22 +24,23 @@ import math
 
 import torch
 
-# alpha and epsilon: R_total's weights, the paper's best pair (Table 4: (0.4, 0.6) 58.7 M-BEIR average).
+# alpha and epsilon: R_total's weights, the paper's best pair (Table 4: (0.4, 0.6), 58.7 on M-BEIR).
 ALPHA, EPSILON = 0.4, 0.6
 
-# delta: the margin of R_Margin in cosine units. Small, because a margin few rollouts ever clear gives R_Margin = 0
-# for the whole group and no signal; 0.05 is about the gap a trained model leaves between a positive and its one-grain
-# near miss in GrainWorld.
+# delta: R_Margin's margin in cosine units. Small, because a margin few rollouts ever clear gives the
+# whole group R_Margin = 0 and no signal; 0.05 is about the gap a trained model leaves between a
+# positive and its one-grain near miss in GrainWorld.
 DEFAULT_DELTA = 0.05
 
 
 def auto_gamma(n_candidates: int) -> float:
-    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over the ranks 2..C that
-    negatives fill then sum to one in absolute value, so the negative term stays comparable to the positive term
-    s_(r) / (1 + ln r) <= 1 whatever the candidate count C. C = 9 (8 negatives): 0.185; C = 33: 0.0186; the
-    paper's C = 101: 0.0037. A fixed gamma tuned at one C makes R_Rank almost all penalty at a larger one (gamma 0.2
-    at C = 33 gives the negatives' weights a sum of 10.7, against a positive term of at most 1). The absolute value
-    keeps small C sane: (ln k - 1) is negative at k = 2, and the plain sum is near zero at C = 4."""
+    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over the
+    ranks 2..C that negatives fill then sum to one in absolute value, so that the negative term stays
+    comparable to the positive term s_(r) / (1 + ln r) <= 1 whatever the candidate count C. C = 9
+    (8 negatives): 0.185; C = 33: 0.0186; the paper's C = 101: 0.0037. A fixed gamma tuned at one C
+    makes R_Rank almost all penalty at a larger one (gamma 0.2 at C = 33: the negatives' weights sum
+    to 10.7, against a positive term of at most 1). The absolute value keeps small C sane: ln k - 1
+    is negative at k = 2, and the plain sum is near zero at C = 4."""
     if n_candidates < 2:
         raise ValueError(f"auto_gamma needs C >= 2 candidates, got {n_candidates}")
     return 1.0 / sum(abs(math.log(k) - 1.0) for k in range(2, n_candidates + 1))
@@ -44,50 +48,54 @@ def auto_gamma(n_candidates: int) -> float:
 
 def _check(scores: torch.Tensor):
     if scores.dim() < 1 or scores.shape[-1] < 2:
-        raise ValueError(f"scores must have shape [..., C] with C >= 2 (a positive and a negative), got "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(f"scores must have shape [..., C] with C >= 2 (a positive and a "
+                         f"negative), got {tuple(scores.shape)}")
 
 
 def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """scores [R, C] -> int64 1-based ranks in descending order, ties by index (the earlier ranks first), NaN last
-    (NaNs among themselves by index). A stable sort keeps tied elements in index order; a second stable sort moves
-    the NaNs to the end. (kernels.cosine_ranks computes the same ranks on a GPU, fused with the scores.)"""
+    """scores [R, C] -> int64 1-based ranks, best first; ties by index (the earlier ranks first); NaN
+    last (NaNs among themselves by index). A stable sort keeps tied elements in index order, a second
+    stable sort moves the NaNs to the end. (kernels.cosine_ranks gives the same ranks on a GPU.)"""
     nan = torch.isnan(scores)
-    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
-    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
+    key = scores.masked_fill(nan, float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices                 # (R, C)
+    nan_last = torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices
+    order = order.gather(-1, nan_last)
     ranks = torch.empty_like(order)
     ar = torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order)
-    return ranks.scatter_(-1, order, ar)                                            # (R, C)
+    return ranks.scatter_(-1, order, ar)
 
 
 def ranks_with_positive_last(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (positive's rank [...], negatives' ranks [..., C-1]), 1-based, in one ranked list.
+    """-> (the positive's rank [...], the negatives' ranks [..., C-1]), 1-based, in one ranked list.
 
-    descending_ranks breaks ties by index (the earlier index ranks first). Moving the positive to the last column
-    therefore gives exactly our pessimistic rule: r = 1 + #{negatives with s >= s_0}."""
+    descending_ranks breaks ties by index (the earlier index first). Moving the positive to the last
+    column therefore gives exactly our pessimistic rule: r = 1 + #{negatives with s >= s_0}."""
     _check(scores)
     lead = scores.shape[:-1]
-    moved = torch.cat([scores[..., 1:], scores[..., :1]], dim=-1).reshape(-1, scores.shape[-1])   # (R, C)
-    ranks = descending_ranks(moved.float().contiguous()).reshape(*lead, -1)                       # (..., C)
+    moved = torch.cat([scores[..., 1:], scores[..., :1]], dim=-1)
+    moved = moved.reshape(-1, scores.shape[-1]).float().contiguous()                       # (R, C)
+    ranks = descending_ranks(moved).reshape(*lead, -1)                                     # (..., C)
     return ranks[..., -1], ranks[..., :-1]
 
 
 def margin_reward(scores: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor:
-    """R_Margin = max(0, cos(q, c_p) - max_n cos(q, c_n) - delta)   (ELVA, Section 3.4, margin reward)."""
+    """R_Margin = max(0, cos(q, c_p) - max_n cos(q, c_n) - delta)   (ELVA, Section 3.4)."""
     _check(scores)
-    hardest = scores[..., 1:].max(dim=-1).values  # the hardest negative: highest cosine to the query
+    hardest = scores[..., 1:].max(dim=-1).values   # the hardest negative: the highest cosine
     return (scores[..., 0] - hardest - delta).clamp(min=0.0)
 
 
 def ranking_reward(scores: torch.Tensor, gamma: float | None = None, return_rank: bool = False,
                    ranks: torch.Tensor | None = None):
-    """R_Rank = s_(r) * 1/(1 + ln r)  -  gamma * sum_{k != r} s_(k) * (ln k - 1)   (ELVA, Section 3.4).
+    """R_Rank = s_(r) * 1/(1 + ln r)  -  gamma * sum_{k != r} s_(k) * (ln k - 1)   (ELVA, Sec. 3.4).
 
-    s_(k) is the score at rank k of the rollout's sorted list and r the positive's rank. First term: a high score
-    for the positive and a place near the top. Second term: a negative placed low (large k) is penalised more for
-    keeping a high score, so near negatives may stay close while far ones are pushed away. Note (ln k - 1) < 0 for
-    k <= 2: the paper's formula *rewards* the negative at rank 2 (or 1) for scoring high. gamma None:
-    auto_gamma(C). ranks [..., C]: the list's ranks by the same rule, if already computed (the rollout's kernel)."""
+    s_(k) is the score at rank k of the rollout's sorted list and r the positive's rank. The first
+    term pays a high score for the positive and a place near the top. The second penalises a
+    negative placed low (large k) more for keeping a high score, so near negatives may stay close
+    while far ones are pushed away. Note ln k - 1 < 0 for k <= 2: the paper's formula *rewards* the
+    negative at rank 2 (or 1) for scoring high. gamma None: auto_gamma(C). ranks [..., C]: the
+    list's ranks by the same rule, if already computed (the rollout's kernel)."""
     if gamma is None:
         gamma = auto_gamma(scores.shape[-1])
     if ranks is None:
@@ -102,11 +110,11 @@ def ranking_reward(scores: torch.Tensor, gamma: float | None = None, return_rank
 
 
 def total_reward(scores: torch.Tensor, alpha: float = ALPHA, epsilon: float = EPSILON,
-                 delta: float = DEFAULT_DELTA, gamma: float | None = None, return_parts: bool = False,
-                 ranks: torch.Tensor | None = None):
-    """R_total = alpha * R_Margin + epsilon * R_Rank, alpha = 0.4, epsilon = 0.6 (ELVA, Section 3.4, Table 4).
+                 delta: float = DEFAULT_DELTA, gamma: float | None = None,
+                 return_parts: bool = False, ranks: torch.Tensor | None = None):
+    """R_total = alpha * R_Margin + epsilon * R_Rank, alpha 0.4, epsilon 0.6 (Sec. 3.4, Table 4).
 
-    With return_parts, also {"margin": R_Margin, "rank": R_Rank, "pos_rank": r} for logging."""
+    With return_parts, also {"margin": R_Margin, "rank": R_Rank, "pos_rank": r}, for the log."""
     R_margin = margin_reward(scores, delta)
     R_rank, r = ranking_reward(scores, gamma, return_rank=True, ranks=ranks)
     R = alpha * R_margin + epsilon * R_rank
@@ -116,35 +124,36 @@ def total_reward(scores: torch.Tensor, alpha: float = ALPHA, epsilon: float = EP
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantage: rewards [B, G] -> (r - mean) / (std + eps) over each query's G rollouts.
 
-    std is torch.std's default (N-1). A group whose rewards all tie gets zeros: no gradient from that query,
-    which is why the train log reports the fraction of tied groups."""
+    std is torch.std's default (N-1). A group whose rewards all tie gets zeros: no gradient from that
+    query, which is why the train log reports the fraction of tied groups."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [B, G] with G >= 2 rollouts per query, got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be [B, G] with G >= 2 rollouts per query, got "
+                         f"{tuple(rewards.shape)}")
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True)
     return (rewards - mean) / (std + eps)
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.2, n_tokens: float | None = None,
-              norm: str = "token"):
-    """The GRPO objective per summary token, averaged over all generated tokens of the batch (norm "token", as
-    DAPO and TRL's default), or over each summary's tokens first, then over the summaries (norm "sequence", GRPO
-    as first published: a long summary weighs no more than a short one). The paper does not say which.
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+              beta: float = 0.2, n_tokens: float | None = None, norm: str = "token"):
+    """The GRPO objective per summary token, averaged over all the batch's sampled tokens (norm
+    "token", as DAPO and TRL's default) or over each summary's tokens first, then over the summaries
+    (norm "sequence", GRPO as first published: a long summary weighs no more than a short one). The
+    paper does not say which.
 
-    logp, old_logp, ref_logp, mask: (S, T) -- S sequences; advantages: (S,), each sequence's rollout advantage.
-      ratio  = exp(logp - old_logp)                      (= 1 on the first update of an on-policy batch)
+    logp, old_logp, ref_logp, mask: (S, T) for S sequences; advantages (S,): their rollouts'.
+      ratio  = exp(logp - old_logp)                   (1 on the first update of an on-policy batch)
       L_clip = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
-      KL     = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator; >= 0, 0 where policy == reference)
-      loss   = mean over tokens of (L_clip + beta * KL)   (n_tokens: the denominator -- tokens, or with norm
-               "sequence" the summaries with a sampled token -- when the batch is split over processes)
-    With one update per rollout batch (the paper's setting: on-policy) the ratio is exactly 1 and the clip never
-    acts: the gradient is REINFORCE's with the group baseline, plus the KL term. The clip is kept so that the
-    objective is GRPO's as written, and acts when a batch is reused (study.py's --num_iterations).
-    Returns (loss, {"kl": mean KL, "pg": the mean of L_clip (the policy-gradient part), "clip_low": the fraction
-    of tokens where the min picks the clipped term because the ratio fell below 1 - eps with A < 0, "clip_high":
-    ... rose above 1 + eps with A > 0, "clip_frac": their sum}): the tokens whose gradient the clip removes
-    (TRL's clip_ratio/low_mean and clip_ratio/high_mean)."""
+      KL     = exp(ref - logp) - (ref - logp) - 1     (the k3 estimator: >= 0, 0 where logp == ref)
+      loss   = mean over tokens of (L_clip + beta * KL)
+    n_tokens: the mean's denominator (tokens, or with norm "sequence" the summaries with a sampled
+    token) when the batch is split over processes. On-policy (one update per rollout batch: the
+    paper's setting) the ratio is exactly 1 and the clip never acts; it acts when a batch is reused.
+    -> (loss, {"kl": mean KL, "pg": mean L_clip (the policy-gradient part), "clip_low": the fraction
+    of tokens where the min takes the clipped term because the ratio fell below 1 - eps with A < 0,
+    "clip_high": ... rose above 1 + eps with A > 0, "clip_frac": their sum}): the tokens whose
+    gradient the clip removes (TRL's clip_ratio/low_mean and clip_ratio/high_mean)."""
     A = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * A
@@ -169,40 +178,41 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         clip_low, clip_high = (low * m).sum() / n, (high * m).sum() / n
         kl_mean = (kl * m).sum() / n
         pg_mean = (l_clip * m).sum() / n
-    info = {"kl": kl_mean.detach(), "pg": pg_mean.detach(), "clip_low": clip_low, "clip_high": clip_high,
-            "clip_frac": clip_low + clip_high}
+    info = {"kl": kl_mean.detach(), "pg": pg_mean.detach(), "clip_low": clip_low,
+            "clip_high": clip_high, "clip_frac": clip_low + clip_high}
     return loss, info
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Ours, not the paper's: scale-free rewards (study.py --reward rank | zscore | ndcg) and per-summary credit
-# (study.py --credit sequence). At fixed ranks R_Rank is linear in the cosines: scaling every score by 2 doubles
-# it with the ranking unchanged, so a policy can earn by inflating scores. The rewards below depend on the order
-# only (rank, ndcg) or on the scores standardised within each list (zscore): s -> a * s + b (a > 0) leaves them
-# unchanged. `weights` are total_reward's alpha, epsilon, delta and gamma.
+# ----------------------------------------------------------------------------------------------------
+# Ours, not the paper's: scale-free rewards (study.py --reward rank | zscore | ndcg) and per-summary
+# credit (study.py --credit sequence). At fixed ranks R_Rank is linear in the cosines: doubling every
+# score doubles it with the ranking unchanged, so a policy can earn by inflating scores. The rewards
+# below depend on the order alone (rank, ndcg) or on the scores standardised within each list
+# (zscore): s -> a * s + b (a > 0) leaves them unchanged. `weights`: total_reward's alpha, epsilon,
+# delta and gamma.
 
 
 def rank_reward(scores: torch.Tensor) -> torch.Tensor:
-    """R_rank-only = 1 / (1 + ln r): the paper's positive term with the score taken out; r by the pessimistic
-    rule."""
+    """1 / (1 + ln r): the paper's positive term without the score; r by the pessimistic rule."""
     r, _ = ranks_with_positive_last(scores)
     return 1.0 / (1.0 + torch.log(r.to(torch.float32)))
 
 
 def zscore_reward(scores: torch.Tensor, eps: float = 1e-6, **weights) -> torch.Tensor:
-    """R_total(z), z = (s - mean_C s) / (std_C s + eps): the paper's reward on each list's standardised scores.
-    A list whose scores all tie gets z = 0 everywhere: the positive ranks last (pessimistic ties)."""
+    """R_total(z), z = (s - mean_C s) / (std_C s + eps): the paper's reward on each list's
+    standardised scores. A list whose scores all tie gets z = 0: the positive ranks last."""
     z = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + eps)
     return total_reward(z, **weights)
 
 
 def ndcg_reward(scores: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    """Graded NDCG of the ranked list: DCG = sum_i gain_i / log2(1 + rank_i), divided by the DCG of the gains
-    sorted best first. gains [..., C] >= 0, the positive's (index 0) the largest: the paper's "hierarchy among
-    negatives" with the relevance a world knows (a one-grain near miss earns partial credit). Ranks: the
-    pessimistic rule for the positive, negatives in descending order (ties by index), as in R_Rank."""
+    """Graded NDCG of the ranked list: DCG = sum_i gain_i / log2(1 + rank_i), divided by the DCG of
+    the gains sorted best first. gains [..., C] >= 0, the positive's (index 0) the largest: the
+    paper's "hierarchy among negatives" with the relevance a world knows (a one-grain near miss
+    earns partial credit). Ranks as R_Rank's: the pessimistic rule for the positive, negatives in
+    descending order, ties by index."""
     r, neg_ranks = ranks_with_positive_last(scores)
-    ranks = torch.cat([r[..., None], neg_ranks], -1).to(torch.float32)                 # (..., C) a permutation
+    ranks = torch.cat([r[..., None], neg_ranks], -1).to(torch.float32)         # (..., C) a permutation
     gains = gains.to(torch.float32).expand_as(ranks)
     dcg = (gains / torch.log2(1 + ranks)).sum(-1)
     ideal = gains.sort(-1, descending=True).values
@@ -212,25 +222,26 @@ def ndcg_reward(scores: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_credit(S: torch.Tensor, **weights) -> torch.Tensor:
-    """Ours, not the paper's: per-sequence credit with the paper's R_total, for `--credit sequence`.
+    """Per-summary credit with the paper's R_total (--credit sequence).
 
-    In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's one reward,
-    so one good summary's credit is shared with the C others it was sampled with. Here each summary is scored for
-    its own part, holding the other summaries at what the group's other rollouts wrote:
-      query summary of rollout g:         mean over g' of R_total(query_g  vs  candidates of rollout g')
-      candidate j's summary of rollout g: mean over g' of R_total(query_g' vs  candidates of rollout g', with
-                                          candidate j's embedding taken from rollout g)
-    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), positive j = 0.
-    Returns (B, G, 1 + C): the credit of each rollout's query summary, then of its C candidates' summaries.
-    If all G rollouts embed alike, every credit equals the rollout's R_total."""
+    In the paper every summary of a rollout (the query's and each candidate's) shares the rollout's
+    one reward, so one good summary's credit is shared with the C others it was sampled with. Here
+    each summary is scored for its own part, the other summaries held at what the group's other
+    rollouts wrote:
+      query summary of rollout g:  mean over g' of R_total(query_g vs the candidates of rollout g')
+      candidate j's summary of g:  mean over g' of R_total(query_g' vs the candidates of rollout g',
+                                   candidate j's embedding taken from rollout g)
+    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), the
+    positive at j = 0. -> (B, G, 1 + C): the credit of each rollout's query summary, then of its C
+    candidates' summaries. If all G rollouts embed alike, every credit is the rollout's R_total."""
     if S.dim() != 4 or S.shape[1] != S.shape[2]:
-        raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, candidate), "
-                         f"got {tuple(S.shape)}")
+        raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, "
+                         f"candidate), got {tuple(S.shape)}")
     B, G, _, C = S.shape
-    credit_q = total_reward(S, **weights).mean(dim=2)                               # (B, G): mean over g'
-    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                              # (B, G', C): own rollouts
-    eye = torch.eye(C, dtype=torch.bool, device=S.device)                           # (C, C)
+    credit_q = total_reward(S, **weights).mean(dim=2)                          # (B, G): mean over g'
+    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                         # (B, G', C): own lists
+    eye = torch.eye(C, dtype=torch.bool, device=S.device)                      # (C, C)
     # X[b, g', g, j, :] = rollout g' 's scores with slot j taken from rollout g
-    X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])                # (B, G', G, C, C)
-    credit_c = total_reward(X, **weights).mean(dim=1)                               # (B, G, C): mean over g'
-    return torch.cat([credit_q[..., None], credit_c], dim=-1)                       # (B, G, 1 + C)
+    X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])           # (B, G', G, C, C)
+    credit_c = total_reward(X, **weights).mean(dim=1)                          # (B, G, C): over g'
+    return torch.cat([credit_q[..., None], credit_c], dim=-1)                  # (B, G, 1 + C)

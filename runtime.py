@@ -2,14 +2,17 @@
 Run machinery, shared by train.py, eval.py and study.py: a reader of the paper may skip this file.
 
 Nothing here is ELVA. It is what turns the stages into a run that can be trusted and resumed:
-- flag checks (one line naming the flag, before any work), threads and the device, the run folder (run.json);
-- the loop every stage shares (run_steps): inputs made ahead, the step, the log line, checkpoints, --profile;
-- data parallelism under torchrun: each process takes its share of a step's global batch, one gather for
-  InfoNCE's candidates, gradients averaged;
+- flag checks (one line naming the flag, before any work), threads and the device, the run folder
+  (run.json);
+- the loop every stage shares (run_steps): inputs made ahead, the step, the log line, checkpoints,
+  --profile;
+- data parallelism under torchrun: each process takes its share of a step's global batch, one gather
+  for InfoNCE's candidates, gradients averaged;
 - the optimizer step with its finiteness guard;
 - checkpoints, all their file I/O: written whole or not at all, verified on load, --resume.
 
-It imports none of the stages (train.py, eval.py and study.py import it; elva.py reads checkpoints through it).
+It imports none of the stages (train.py, eval.py and study.py import it; elva.py reads checkpoints
+through it).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.distributed as dist
 import data
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flags: checked before any work, one line naming the flag, the value and what was expected
 
 
@@ -42,17 +45,22 @@ def fail(flag: str, value, expected: str):
 def add_run_flags(p):
     """The run's machinery flags, a group of their own in train.py's --help."""
     add = p.add_argument_group("run machinery (runtime.py)").add_argument
-    add("--resume", action="store_true", help="continue each stage from its last checkpoint in --out")
-    add("--overwrite", action="store_true", help="restart an --out folder made with other world/tokenizer flags")
+    add("--resume", action="store_true", help="continue each stage from its last checkpoint in "
+                                              "--out")
+    add("--overwrite", action="store_true",
+        help="restart an --out folder made with other world/tokenizer flags")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    add("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
-    add("--workers", type=int, default=None, help="DataLoader processes making the next batches (default: "
+    add("--threads", type=int, default=None,
+        help="CPU threads (default: the cores this process may use)")
+    add("--workers", type=int, default=None,
+        help="DataLoader processes making the next batches (default: "
         "0 on a CPU, up to 4 beside a GPU)")
     add("--compile", action="store_true", help="torch.compile every transformer block (GPU)")
     add("--log_every", type=int, default=None, help="steps between log lines")
     add("--ckpt_every", type=int, default=250, help="steps between checkpoints")
     add("--no_eval", action="store_true", help="skip the final evaluation")
-    add("--profile", action="store_true", help="print where a step's time goes (steps 1-10 of each stage)")
+    add("--profile", action="store_true",
+        help="print where a step's time goes (steps 1-10 of each stage)")
 
 
 def split_list(value) -> list[str]:
@@ -63,7 +71,8 @@ def split_list(value) -> list[str]:
 
 
 def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
-    """Fill a run's arguments from its preset (and the values every preset shares), then check every flag."""
+    """Fill a run's arguments from its preset (and the values every preset shares), then check
+    every flag."""
     args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     if args.preset not in presets:
         fail("--preset", args.preset, f"one of {list(presets)}")
@@ -71,17 +80,21 @@ def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
-    args.stages = split_list(args.stages or ("contrastive,elva" if args.mbeir else "text,contrastive,elva"))
+    default = "contrastive,elva" if args.mbeir else "text,contrastive,elva"
+    args.stages = split_list(args.stages or default)
     if not args.stages or any(s not in ("text", "contrastive", "elva") for s in args.stages):
         fail("--stages", ",".join(args.stages), "a comma list of text, contrastive and/or elva")
     if "text" in args.stages and "contrastive" not in args.stages:
-        fail("--stages", ",".join(args.stages), "text together with contrastive (stage 2 starts from stage 1)")
+        fail("--stages", ",".join(args.stages),
+             "text together with contrastive (stage 2 starts from stage 1)")
     if args.mbeir is not None:
         if not (Path(args.mbeir) / "query" / "train").is_dir():
-            fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, instructions/)")
+            fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, "
+                                        "instructions/)")
         if "text" in args.stages:
-            fail("--stages", ",".join(args.stages), "contrastive and/or elva with --mbeir (the text stage's "
-                                                    "NLI triplets are made from GrainWorld captions)")
+            fail("--stages", ",".join(args.stages),
+                 "contrastive and/or elva with --mbeir (the text stage's NLI triplets are made "
+                 "from GrainWorld captions)")
     args.train_tasks = split_list(args.train_tasks)
     if isinstance(args.gamma, str):
         try:
@@ -93,10 +106,11 @@ def resolve_stage_args(args, presets: dict, common: dict, n_tasks: int):
 
 
 def check_args(args, n_tasks: int):
-    """Every flag's range, before any work (train.get_args calls this after filling the preset's values)."""
-    positive_ints = ("steps", "text_steps", "rl_steps", "ckpt_every", "log_every", "rl_batch", "rl_queries",
-                     "rl_pool_scenes", "num_iterations", "eval_queries", "mrbench_per_task", "n_train",
-                     "n_test")
+    """Every flag's range, before any work (train.get_args calls this after filling the preset's
+    values)."""
+    positive_ints = ("steps", "text_steps", "rl_steps", "ckpt_every", "log_every", "rl_batch",
+                     "rl_queries", "rl_pool_scenes", "num_iterations", "eval_queries",
+                     "mrbench_per_task", "n_train", "n_test")
     for k in positive_ints:
         if getattr(args, k) < 1:
             fail(f"--{k}", getattr(args, k), "an integer >= 1")
@@ -106,7 +120,8 @@ def check_args(args, n_tasks: int):
     if args.n_hard + args.n_rand < 1:
         fail("--n_hard + --n_rand", args.n_hard + args.n_rand, ">= 1: a ranking needs a negative")
     if args.batch_size < 2:
-        fail("--batch_size", args.batch_size, ">= 2: with one query InfoNCE has no negative and learns nothing")
+        fail("--batch_size", args.batch_size,
+             ">= 2: with one query InfoNCE has no negative and learns nothing")
     if args.rl_batch > n_tasks * args.rl_queries:
         fail("--rl_batch", args.rl_batch, f"<= the RL instances ({n_tasks} tasks x --rl_queries "
                                          f"{args.rl_queries} = {n_tasks * args.rl_queries})")
@@ -127,7 +142,8 @@ def check_args(args, n_tasks: int):
     check_fractions(args, (("summary_dropout", 0, 1), ("warmup", 0, 1), ("clip_eps", 1e-6, 1),
                            ("hard_threshold", -1, 1)))
     if args.vocab_size < 300:
-        fail("--vocab_size", args.vocab_size, ">= 300 (256 byte symbols, 5 special tokens and some merges)")
+        fail("--vocab_size", args.vocab_size,
+             ">= 300 (256 byte symbols, 5 special tokens and some merges)")
     if args.threads is not None and args.threads < 1:
         fail("--threads", args.threads, "an integer >= 1")
     if args.workers is not None and args.workers < 0:
@@ -151,19 +167,20 @@ def check_device(name: str, flag: str = "--device"):
     if name not in ("auto", "cpu", "cuda", "mps") and not name.startswith("cuda:"):
         fail(flag, name, "auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        fail(flag, name, "a device this machine has: torch sees no CUDA GPU here (try --device cpu)")
+        fail(flag, name, "a device this machine has: torch sees no CUDA GPU (try --device cpu)")
     if name == "mps" and not torch.backends.mps.is_available():
         fail(flag, name, "a device this machine has: MPS is not available here")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Threads and the device
 
 
 def default_threads() -> int:
-    """Torch's CPU threads by default: OMP_NUM_THREADS when set (torchrun sets 1); else the cores this process may
-    use (its CPU affinity, not the machine's count) divided by the processes torchrun started on this machine
-    (LOCAL_WORLD_SIZE) -- two jobs sharing two cores ran 12x slower with two threads each than with one."""
+    """Torch's CPU threads by default: OMP_NUM_THREADS when set (torchrun sets 1); else the cores
+    this process may use (its CPU affinity, not the machine's count) divided by the processes
+    torchrun started on this machine (LOCAL_WORLD_SIZE) -- two jobs sharing two cores ran 12x
+    slower with two threads each than with one."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -176,15 +193,16 @@ def default_threads() -> int:
 
 
 def default_workers(device: torch.device, workers: int | None = None) -> int:
-    """DataLoader processes that make batches ahead of the model: `workers` if given, else none on a CPU (its
-    cores do the model's work) and up to 4 beside a GPU."""
+    """DataLoader processes that make batches ahead of the model: `workers` if given, else none
+    on a CPU (its cores do the model's work) and up to 4 beside a GPU."""
     if workers is not None:
         return workers
     return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
 def set_threads(args) -> int:
-    """Torch's CPU threads: --threads, else default_threads(). Printed with where the number came from."""
+    """Torch's CPU threads: --threads, else default_threads(). Printed with where the number came
+    from."""
     n = args.threads or default_threads()
     torch.set_num_threads(n)
     if args.threads:
@@ -193,13 +211,15 @@ def set_threads(args) -> int:
         why = "OMP_NUM_THREADS"
     else:
         why = "the cores this process may use / the processes on this machine"
-    where = f" | process {args.rank} of {args.world_size}" if getattr(args, "world_size", 1) > 1 else ""
+    many = getattr(args, "world_size", 1) > 1
+    where = f" | process {args.rank} of {args.world_size}" if many else ""
     print(f"threads: {n} (from {why}){where}")
     return n
 
 
 def resolve_device(name: str):
-    """The one device/dtype resolver: cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere."""
+    """The one device/dtype resolver: cuda, else mps, else cpu; bf16 autocast on CUDA, fp32
+    elsewhere."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -219,21 +239,23 @@ def cuda_autocast():
 
 
 def compile_blocks(model, args):
-    """--compile: torch.compile each transformer block (ViT and decoder) in place, so parameter names and
-    checkpoints stay as they are; shapes are dynamic because prompt and summary lengths change every batch."""
+    """--compile: torch.compile each transformer block (ViT and decoder) in place, so parameter
+    names and checkpoints stay as they are; shapes are dynamic because prompt and summary lengths
+    change every batch."""
     if args.compile:
         for blk in [*model.vit, *model.blocks]:
             blk.compile(dynamic=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run folder
 
 
 def check_run_folder(args, shaping_args: tuple[str, ...]):
-    """A run folder belongs to one world, tokenizer and model shape (run.json), which the contrastive stage makes.
-    Refuse to mix: a saved tokenizer would silently override --vocab_size, another --seed would train on another
-    world. (An ELVA-only run takes its world and tokenizer from --init: its --seed varies only the RL sampling.)"""
+    """A run folder belongs to one world, tokenizer and model shape (run.json), which the
+    contrastive stage makes. Refuse to mix: a saved tokenizer would silently override
+    --vocab_size, another --seed would train on another world. (An ELVA-only run takes its world
+    and tokenizer from --init: its --seed varies only the RL sampling.)"""
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +275,9 @@ def check_run_folder(args, shaping_args: tuple[str, ...]):
             old = {}
         for k, v in shaping.items():
             if k in old and old[k] != v:
-                raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} {old[k]!r}; use "
-                                 f"another --out, the same --{k}, or --overwrite to start that folder afresh")
+                raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} "
+                                 f"{old[k]!r}; use another --out, the same --{k}, or --overwrite "
+                                 "to start that folder afresh")
     elif args.overwrite:
         for stale in ("tokenizer.json", "eval.json"):
             (out / stale).unlink(missing_ok=True)
@@ -262,8 +285,8 @@ def check_run_folder(args, shaping_args: tuple[str, ...]):
 
 
 def build_tokenizer(args, texts):
-    """The run's BPE tokenizer, trained once on texts() (the source's text) and kept in the run folder;
-    check_run_folder made sure that a saved one was made with these arguments."""
+    """The run's BPE tokenizer, trained once on texts() (the source's text) and kept in the run
+    folder; check_run_folder made sure that a saved one was made with these arguments."""
     path = Path(args.out) / "tokenizer.json"
     if path.exists():
         return data.load_tokenizer(path)
@@ -272,10 +295,52 @@ def build_tokenizer(args, texts):
     return tok
 
 
+SHOWN_ARGS = ("preset", "out", "seed", "stages", "device", "steps", "rl_steps", "rl_lr", "beta",
+              "mbeir")
+
+
+def start_run(args, shaping_args: tuple[str, ...]):
+    """torchrun, threads, the device, the run folder, the seed -> (device, autocast, threads), each
+    printed; the run's first line shows its main arguments (config.json keeps them all)."""
+    init_distributed(args)
+    threads = set_threads(args)
+    device, autocast = resolve_device(args.device)
+    if args.rank == 0:
+        check_run_folder(args, shaping_args)
+    barrier(args)
+    torch.manual_seed(args.seed)
+    shown = [f"--{k} {','.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+             if k in SHOWN_ARGS and v is not None]
+    print("args:", " ".join(shown), f"(all: {args.out}/<stage>/config.json)")
+    return device, autocast, threads
+
+
+def source_tokenizer(args, source, t0: float):
+    """The run's tokenizer for the source's text: trained once, by the first process."""
+    if args.rank == 0:
+        build_tokenizer(args, source.texts)
+    barrier(args)
+    tok = build_tokenizer(args, source.texts)   # the first process trained and wrote it
+    print(f"{source.describe} | tokenizer: {tok.get_vocab_size()} tokens "
+          f"({time.time() - t0:.1f}s)")
+    return source, tok
+
+
+def finish_run(args, device, threads: int, t0: float, eval_tasks: str | None = None):
+    """The final evaluation (evaluate_run) and the total time."""
+    if not args.no_eval and args.rank == 0:
+        evaluate_run(args, Path(args.out), device, threads, eval_tasks)
+    print(f"total time {(time.time() - t0) / 60:.1f} min")
+    if args.world_size > 1:
+        barrier(args)
+        dist.destroy_process_group()
+
+
 def evaluate_run(args, out: Path, device, threads: int, eval_tasks: str | None = None):
-    """After training: eval.py on this run's stage-2 and stage-3 checkpoints, in its own process -- side by side
-    on GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation per checkpoint on the test split
-    (eval_<stage>.json) of eval_tasks (mbeir.eval_tasks chose them before any training)."""
+    """After training: eval.py on this run's stage-2 and stage-3 checkpoints, in its own process
+    -- side by side on GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation per
+    checkpoint on the test split (eval_<stage>.json) of eval_tasks (mbeir.eval_tasks chose them
+    before any training)."""
     ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "config.json").exists()]
     common = ["--device", str(device), "--threads", str(threads)]
     cmds = []
@@ -284,17 +349,18 @@ def evaluate_run(args, out: Path, device, threads: int, eval_tasks: str | None =
                "--mrbench_per_task", str(args.mrbench_per_task)]
         cmds.append(cmd + [x for c in ckpts for x in ("--ckpt", str(out / c))])
     elif eval_tasks is None:
-        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give --eval_tasks)")
+        print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks (give "
+              "--eval_tasks)")
     else:
-        cmds += [["--ckpt", str(out / c), "--mbeir", args.mbeir, "--tasks", eval_tasks, "--split", "test",
-                  "--out", str(out / f"eval_{c}.json")] for c in ckpts]
+        cmds += [["--ckpt", str(out / c), "--mbeir", args.mbeir, "--tasks", eval_tasks, "--split",
+                  "test", "--out", str(out / f"eval_{c}.json")] for c in ckpts]
     for cmd in cmds:
         cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), *cmd, *common]
         print("eval:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logging and --profile
 
 
@@ -308,15 +374,19 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
 
 
 class Logger:
-    """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a resumed one keeps
-    only the records up to the checkpoint it resumed from, so a log never holds a step twice."""
+    """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a
+    resumed one keeps only the records up to the checkpoint it resumed from, so a log never holds
+    a step twice."""
 
-    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int, writer: bool = True,
+    def __init__(self, folder: Path, stage: str, total: int, start: int, every: int,
+                 writer: bool = True,
                  show: tuple[str, ...] | None = None, later: float = 0.0):
         self.writer = writer   # under torchrun only the first process writes and prints
         self.stage, self.total, self.start, self.every = stage, total, start, every
-        self.show = show       # the keys the console line shows (None: all); the JSONL record keeps every key
-        self.later = later     # the run's later stages, in steps of this one (later_steps), for the run's ETA
+        # the keys the console line shows (None: all); the JSONL record keeps every key
+        self.show = show
+        # the run's later stages, in steps of this one (later_steps), for the run's ETA
+        self.later = later
         self.t0 = self.printed = time.time()
         self.buffer = []       # records not yet read from the device (log with lazy=True)
         if not writer:
@@ -331,9 +401,10 @@ class Logger:
         self.f = open(path, "a")
 
     def log(self, step: int, rec: dict, args=None, lazy: bool = False):
-        """Record step `step`. Values may be 0-d tensors: with lazy (on a GPU), records wait in a buffer and are
-        read from the device together at the next print step (one synchronisation per log line, not per step);
-        otherwise at once. Under torchrun every process calls this; the values are averaged over processes."""
+        """Record step `step`. Values may be 0-d tensors: with lazy (on a GPU), records wait in a
+        buffer and are read from the device together at the next print step (one synchronisation
+        per log line, not per step); otherwise at once. Under torchrun every process calls this;
+        the values are averaged over processes."""
         self.buffer.append((step, time.time(), rec))
         if lazy and not (step % self.every == 0 or step == self.total - 1):
             return
@@ -361,21 +432,24 @@ class Logger:
             eta = (self.total - step - 1) * ms / 1000
             shown = [(k, v) for k, v in rec.items() if k not in ("stage", "step", "ms_per_step")
                      and (self.show is None or k in self.show)]
-            parts = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
+            parts = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in shown)
             run = ""
             if self.later:
                 run = f" | run eta ~{(eta + self.later * ms / 1000) / 60:.0f} min + eval"
-            print(f"{self.stage} {step:05d}/{self.total} | {parts} | {ms:.0f} ms/step | eta {eta / 60:.1f} min"
-                  f"{run}", flush=True)
+            print(f"{self.stage} {step:05d}/{self.total} | {parts} | {ms:.0f} ms/step "
+                  f"| eta {eta / 60:.1f} min{run}", flush=True)
 
 
-# The cost of a step of each stage relative to a stage-2 step, measured on the cpu preset with one thread (stage 1
-# 1.1 s, stage 2 1.2 s, stage 3 1.7 s per step): a rough guide for the run's ETA, not a promise.
+# The cost of a step of each stage relative to a stage-2 step, measured on the cpu preset with one
+# thread (stage 1 1.1 s, stage 2 1.2 s, stage 3 1.7 s per step): a rough guide for the run's ETA,
+# not a promise.
 STEP_COST = {"text": 0.9, "contrastive": 1.0, "elva": 1.4}
 
 
 def later_steps(args, stage: str) -> float:
-    """The steps of the stages this run has after `stage`, in units of one `stage` step (STEP_COST)."""
+    """The steps of the stages this run has after `stage`, in units of one `stage` step
+    (STEP_COST)."""
     order = [s for s in ("text", "contrastive", "elva") if s in args.stages]
     steps = {"text": args.text_steps, "contrastive": args.steps, "elva": args.rl_steps}
     kind = "elva" if stage not in steps else stage
@@ -383,18 +457,20 @@ def later_steps(args, stage: str) -> float:
 
 
 def phase(name: str):
-    """Label a phase of a step for --profile (torch.profiler.record_function: next to free when not profiling)."""
+    """Label a phase of a step for --profile (torch.profiler.record_function: next to free when
+    not profiling)."""
     return torch.profiler.record_function(f"phase/{name}")
 
 
 class Profiler:
-    """--profile: runs torch.profiler over steps first..first+n-1 of a stage, then prints the mean milliseconds per
-    step of each phase() label and of the whole step (wall clock). On CUDA the table also shows the GPU's time per
-    phase, so a reader sees whether the GPU waits on the host."""
+    """--profile: runs torch.profiler over steps first..first+n-1 of a stage, then prints the
+    mean milliseconds per step of each phase() label and of the whole step (wall clock). On CUDA
+    the table also shows the GPU's time per phase, so a reader sees whether the GPU waits on the
+    host."""
 
     def __init__(self, enabled: bool, stage: str, start: int, total: int, n: int = 10):
         self.enabled, self.stage = enabled, stage
-        self.first = min(start + 1, total - 1)                 # step `start` warms up (allocations, caches)
+        self.first = min(start + 1, total - 1)         # step `start` warms up (allocations, caches)
         self.last = min(self.first + n, total) - 1
         self.prof, self.t0 = None, 0.0
 
@@ -415,10 +491,11 @@ class Profiler:
         wall = (time.perf_counter() - self.t0) * 1000
         self.prof.stop()
         n = self.last - self.first + 1
-        rows = [(e.key[len("phase/"):], e.cpu_time_total / 1000 / n, getattr(e, "device_time_total", 0) / 1000 / n)
+        rows = [(e.key[len("phase/"):], e.cpu_time_total / 1000 / n,
+                 getattr(e, "device_time_total", 0) / 1000 / n)
                 for e in self.prof.key_averages() if e.key.startswith("phase/")]
-        print(f"{self.stage} profile, steps {self.first}-{self.last} (ms per step; host time includes the host's "
-              f"waits on the GPU):")
+        print(f"{self.stage} profile, steps {self.first}-{self.last} (ms per step; host time "
+              "includes the host's waits on the GPU):")
         print("| phase | host ms | GPU ms |\n|---|---|---|")
         for name, host, dev in sorted(rows, key=lambda r: -r[1]):
             print(f"| {name} | {host:.1f} | {dev:.1f} |")
@@ -426,9 +503,10 @@ class Profiler:
         self.prof = None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The stage loop. Every stage is: a model and its optimizer, --resume's checkpoint, the steps' inputs made ahead,
-# then per step the stage's own step function (train.py's: the paper) and the same bookkeeping.
+# --------------------------------------------------------------------------------------------------
+# The stage loop. Every stage is: a model and its optimizer, --resume's checkpoint, the steps'
+# inputs made ahead, then per step the stage's own step function (train.py's: the paper) and the
+# same bookkeeping.
 
 
 @dataclass
@@ -439,13 +517,13 @@ class Stage:
     steps: int                      # its optimizer steps
     retriever: object               # elva.Retriever: the model being trained and its tokenizer
     opt: torch.optim.Optimizer      # made by adamw()
-    meta: dict                      # what its checkpoints record beside the weights (data, arguments, stage)
-    start: int = 0                  # the first step still to run (0, or after --resume's checkpoint)
+    meta: dict             # what its checkpoints record beside the weights (data, arguments, stage)
+    start: int = 0                 # the first step still to run (0, or after --resume's checkpoint)
 
 
 def open_stage(args, name: str, steps: int, retriever, opt, meta: dict, device) -> Stage | None:
-    """A stage in --out/name: with --resume and a checkpoint there, its weights and optimizer state restored. None
-    (and a line saying so) when that checkpoint already holds every step."""
+    """A stage in --out/name: with --resume and a checkpoint there, its weights and optimizer
+    state restored. None (and a line saying so) when that checkpoint already holds every step."""
     folder = Path(args.out) / name
     start = resume_point(args, folder, retriever.model, opt, name, device)
     if start >= steps:
@@ -455,11 +533,13 @@ def open_stage(args, name: str, steps: int, retriever, opt, meta: dict, device) 
 
 
 def run_steps(args, stage: Stage, inputs, step_fn, show: tuple[str, ...] | None = None, gen=None):
-    """The loop of every stage: per step its inputs (made ahead, in step order), step_fn(step, inputs) -> the
-    step's log record, the log line, the device's verdicts on the updates read at each log step (a fused
-    optimizer's finiteness check), --profile, and a checkpoint every ckpt_every steps and at the end. gen: a
-    generator seeded per step and process (seed_step), so that --resume replays the same sampling."""
-    logger = Logger(stage.folder, stage.name, stage.steps, stage.start, args.log_every, rank_of(args) == 0,
+    """The loop of every stage: per step its inputs (made ahead, in step order), step_fn(step,
+    inputs) -> the step's log record, the log line, the device's verdicts on the updates read at
+    each log step (a fused optimizer's finiteness check), --profile, and a checkpoint every
+    ckpt_every steps and at the end. gen: a generator seeded per step and process (seed_step), so
+    that --resume replays the same sampling."""
+    logger = Logger(stage.folder, stage.name, stage.steps, stage.start, args.log_every,
+                    rank_of(args) == 0,
                     show=show, later=later_steps(args, stage.name))
     prof = Profiler(args.profile, stage.name, stage.start, stage.steps)
     lazy = stage.retriever.device.type == "cuda"   # on a GPU the log reads the device once per line
@@ -479,15 +559,16 @@ def run_steps(args, stage: Stage, inputs, step_fn, show: tuple[str, ...] | None 
 
 
 def seed_step(gen: torch.Generator, args, step: int):
-    """The sampling's seed of a step: from the run's seed and the step, and different on each process (each
-    samples its own rollouts)."""
+    """The sampling's seed of a step: from the run's seed and the step, and different on each
+    process (each samples its own rollouts)."""
     gen.manual_seed(args.seed * 100003 + step + 7919 * rank_of(args))
 
 
 class StepStream(torch.utils.data.IterableDataset):
-    """The inputs of steps start..stop-1, one per item: encode(share(make(step), args)) -- the step's global batch
-    (from its seed), this process's share of it, its tensors. With n DataLoader workers, worker w makes steps
-    start + w, start + w + n, ...; the DataLoader hands them back round-robin, so in step order."""
+    """The inputs of steps start..stop-1, one per item: encode(share(make(step), args)) -- the
+    step's global batch (from its seed), this process's share of it, its tensors. With n
+    DataLoader workers, worker w makes steps start + w, start + w + n, ...; the DataLoader hands
+    them back round-robin, so in step order."""
 
     def __init__(self, args, make, share, encode, start: int, stop: int):
         self.args, self.make, self.share, self.encode = args, make, share, encode
@@ -501,10 +582,12 @@ class StepStream(torch.utils.data.IterableDataset):
 
 
 def step_inputs(args, make, share, encode, start: int, stop: int, device):
-    """Iterate over the steps' inputs (StepStream): made in DataLoader workers ahead of the step (--workers), in
-    pinned memory beside a GPU, so that rendering and tokenising overlap the device's work; in place with 0."""
+    """Iterate over the steps' inputs (StepStream): made in DataLoader workers ahead of the step
+    (--workers), in pinned memory beside a GPU, so that rendering and tokenising overlap the
+    device's work; in place with 0."""
     workers = default_workers(device, args.workers)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked after the tokenizer is made
+    # workers are forked after the tokenizer is made
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = StepStream(args, make, share, encode, start, stop)
     return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                             pin_memory=device.type == "cuda",
@@ -516,22 +599,25 @@ def serializable(args) -> dict:
     return dict(vars(args))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data parallelism (torchrun). Every process builds the same global batch from the same per-step seed and takes its
-# share; gradients are averaged over the processes before the optimizer step, so the processes keep identical
-# weights. This is what DistributedDataParallel does, written out: our model is driven through several methods
-# (generate, token_logprobs, shared_prefix_logprobs), not one forward() that DDP could wrap. Without torchrun every
-# helper here is the identity.
+# --------------------------------------------------------------------------------------------------
+# Data parallelism (torchrun). Every process builds the same global batch from the same per-step
+# seed and takes its share; gradients are averaged over the processes before the optimizer step, so
+# the processes keep identical weights. This is what DistributedDataParallel does, written out: our
+# model is driven through several methods (generate, token_logprobs, shared_prefix_logprobs), not
+# one forward() that DDP could wrap. Without torchrun every helper here is the identity.
 
 
 def init_distributed(args):
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU share (gloo)."""
-    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU
+    share (gloo)."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
     if args.world_size == 1:
         return
     for name, n in (("--batch_size", args.batch_size), ("--rl_batch", args.rl_batch)):
         if n % args.world_size:
-            fail(name, n, f"a multiple of the {args.world_size} processes (each takes an equal share)")
+            fail(name, n, f"a multiple of the {args.world_size} processes (each takes an equal "
+                          "share)")
     if args.rank > 0:   # one voice: only the first process prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     nccl = torch.cuda.is_available() and not args.device.startswith("cpu")
@@ -563,22 +649,24 @@ def my_share(xs, args, rank: int | None = None):
 
 
 def my_part(batch: dict, args) -> dict:
-    """This process's share of a stage-1/2 global batch, whose per-item lists are laid out as `blocks` equal blocks
-    of B (the queries, then each query's candidates: its positives, then any extras): rows r*b..(r+1)*b of every
-    block, and those rows of the false-negative mask (B, (blocks - 1) * B) with its columns in the order
-    gather_candidates lays the candidates out: process 0's candidate blocks, then process 1's, ..."""
+    """This process's share of a stage-1/2 global batch, whose per-item lists are laid out as
+    `blocks` equal blocks of B (the queries, then each query's candidates: its positives, then
+    any extras): rows r*b..(r+1)*b of every block, and those rows of the false-negative mask (B,
+    (blocks - 1) * B) with its columns in the order gather_candidates lays the candidates out:
+    process 0's candidate blocks, then process 1's, ..."""
     W, r, n_blocks = world_of(args), rank_of(args), batch["blocks"]
     B = len(batch["items"]) // n_blocks
     b = B // W
     rows = [k * B + r * b + i for k in range(n_blocks) for i in range(b)]
     cols = [k * B + p * b + i for p in range(W) for k in range(n_blocks - 1) for i in range(b)]
     part = {k: [v[j] for j in rows] for k, v in batch.items() if isinstance(v, list)}
-    false_neg = batch["false_neg"][r * b:(r + 1) * b][:, cols]                 # (b, W * (blocks - 1) * b)
+    false_neg = batch["false_neg"][r * b:(r + 1) * b][:, cols]           # (b, W * (blocks - 1) * b)
     return {**part, "false_neg": false_neg, "n_queries": b}
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands every process the gradient of the summed losses w.r.t. its own rows."""
+    """all_gather whose backward hands every process the gradient of the summed losses w.r.t. its
+    own rows."""
 
     @staticmethod
     def forward(ctx, x):
@@ -590,22 +678,22 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)                                  # every process's loss depends on every row
+        dist.all_reduce(grad)                            # every process's loss depends on every row
         r = dist.get_rank()
         return grad[r * ctx.rows:(r + 1) * ctx.rows]
 
 
 def gather_candidates(ec: torch.Tensor, args) -> tuple[torch.Tensor, int]:
-    """InfoNCE's candidates from every process (gradients flow back to their owners) -> (all candidates, where
-    this process's first candidate sits among them)."""
+    """InfoNCE's candidates from every process (gradients flow back to their owners) -> (all
+    candidates, where this process's first candidate sits among them)."""
     if world_of(args) == 1:
         return ec, 0
     return _GatherWithGrad.apply(ec), rank_of(args) * ec.shape[0]
 
 
 def batch_mean(total: torch.Tensor, count: torch.Tensor, args) -> torch.Tensor:
-    """total / count over the whole global batch: under torchrun the counts of every process summed, so that the
-    gradients averaged over processes are those of the whole batch's mean."""
+    """total / count over the whole global batch: under torchrun the counts of every process
+    summed, so that the gradients averaged over processes are those of the whole batch's mean."""
     if world_of(args) == 1:
         return total / count.clamp(min=1)
     n = count.float()
@@ -614,9 +702,9 @@ def batch_mean(total: torch.Tensor, count: torch.Tensor, args) -> torch.Tensor:
 
 
 def global_tokens(mask: torch.Tensor, args, norm: str = "token") -> float | None:
-    """Under torchrun: the sampled tokens (norm "sequence": the summaries with a sampled token) of the whole batch /
-    the processes, so that grpo_loss's mean averaged over the processes is the mean over the whole batch. None
-    (the local count) otherwise."""
+    """Under torchrun: the sampled tokens (norm "sequence": the summaries with a sampled token)
+    of the whole batch / the processes, so that grpo_loss's mean averaged over the processes is
+    the mean over the whole batch. None (the local count) otherwise."""
     if world_of(args) == 1:
         return None
     n = (mask.sum() if norm == "token" else mask.any(1).sum()).float()
@@ -629,7 +717,8 @@ def average_gradients(model, args):
     if world_of(args) == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]   # a share without images
+    # a share without images
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat)
     flat /= world_of(args)
@@ -638,15 +727,16 @@ def average_gradients(model, args):
 
 
 def collective_device() -> torch.device:
-    """Where a collective's tensor must live: NCCL has no CPU collectives, gloo takes CPU tensors."""
+    """Where a collective's tensor must live: NCCL has no CPU collectives, gloo takes CPU
+    tensors."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def any_process(flag: torch.Tensor, args, read: bool = True):
-    """A 0-d bool flag, true if it is true on any process (one all_reduce under torchrun). read: as a Python bool
-    (a host synchronisation), else as a tensor on the flag's device."""
+    """A 0-d bool flag, true if it is true on any process (one all_reduce under torchrun). read:
+    as a Python bool (a host synchronisation), else as a tensor on the flag's device."""
     if world_of(args) > 1:
         f = flag.to(collective_device(), torch.float32)
         dist.all_reduce(f, op=dist.ReduceOp.MAX)
@@ -664,13 +754,15 @@ def averaged(rec: dict, args) -> dict:
     return {**rec, **{k: x / world_of(args) for k, x in zip(keys, v.tolist())}}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The optimizer and its guard: a non-finite loss or gradient is never applied
 
 
-def adamw(params, lr: float, weight_decay: float, device, stage: str, folder) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.98; fused on CUDA) that knows its stage and checkpoint folder and counts its updates,
-    so that the guard's messages name the step and the checkpoint that is kept."""
+def adamw(params, lr: float, weight_decay: float, device, stage: str,
+          folder) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.98; fused on CUDA) that knows its stage and checkpoint folder and
+    counts its updates, so that the guard's messages name the step and the checkpoint that is
+    kept."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
                             fused=torch.device(device).type == "cuda")
     opt.stage, opt.folder, opt.updates = stage, Path(folder), 0
@@ -691,36 +783,45 @@ def last_good(folder: Path) -> str:
         return f"no checkpoint of this stage was written to {folder}"
 
 
-def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, args=None) -> torch.Tensor:
-    """Check the loss and the gradient are finite, backward, average the gradients over processes (torchrun), clip
-    the gradient norm to 1, step. A non-finite loss or gradient stops the run before the update is applied (and so
-    before anything is saved). -> pre-clip grad norm. opt comes from adamw(): its update count is the step the
-    messages name (one update per step in every stage of the paper).
+def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor,
+                   args=None) -> torch.Tensor:
+    """Check the loss and the gradient are finite, backward, average the gradients over processes
+    (torchrun), clip the gradient norm to 1, step. A non-finite loss or gradient stops the run
+    before the update is applied (and so before anything is saved). -> pre-clip grad norm. opt comes
+    from adamw(): its update count is the step the messages name (one update per step in every stage
+    of the paper).
 
-    With a fused AdamW (on CUDA) the check costs no host synchronisation: the optimizer is told on the device
-    (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss or gradient is not finite, and
-    the host reads the verdicts at the next log step or checkpoint (check_updates), where the run stops."""
+    With a fused AdamW (on CUDA) the check costs no host synchronisation: the optimizer is told
+    on the device (found_inf, the mechanism of torch's GradScaler) to skip an update whose loss
+    or gradient is not finite, and the host reads the verdicts at the next log step or checkpoint
+    (check_updates), where the run stops."""
     fused = opt.defaults.get("fused")
     where = f"{opt.stage} step {opt.updates}"
-    if not fused and any_process(~torch.isfinite(loss.detach()), args):   # every process stops, or none
-        what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else "another process's loss is not finite"
-        raise FloatingPointError(f"{where}: {what}; stopping before applying it; {last_good(opt.folder)}")
+    # every process stops, or none
+    if not fused and any_process(~torch.isfinite(loss.detach()), args):
+        what = "another process's loss is not finite"
+        if not torch.isfinite(loss):
+            what = f"the loss is {loss.item()}"
+        raise FloatingPointError(f"{where}: {what}; stopping before applying it; "
+                                 f"{last_good(opt.folder)}")
     opt.zero_grad(set_to_none=True)
     with phase("backward"):
         loss.backward()
         average_gradients(model, args)
     with phase("optimizer"):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if fused:   # the check on the device: found_inf = 1 skips the update; check_updates reads it later
+        # the check on the device: found_inf = 1 skips the update; check_updates reads it later
+        if fused:
             bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
-            opt.found_inf = any_process(bad, args, read=False).float()   # the same verdict on every process
+            # the same verdict on every process
+            opt.found_inf = any_process(bad, args, read=False).float()
             opt.step()
             pending = (opt.updates, opt.found_inf, loss.detach(), gnorm.detach())
             opt.pending = getattr(opt, "pending", []) + [pending]
             opt.found_inf = None
         elif not torch.isfinite(gnorm):
-            raise FloatingPointError(f"{where}: the gradient norm is {gnorm.item()}; stopping before applying it; "
-                                     f"{last_good(opt.folder)}")
+            raise FloatingPointError(f"{where}: the gradient norm is {gnorm.item()}; stopping "
+                                     f"before applying it; {last_good(opt.folder)}")
         else:
             opt.step()
     opt.updates += 1
@@ -728,12 +829,14 @@ def optimizer_step(opt: torch.optim.Optimizer, model, loss: torch.Tensor, args=N
 
 
 def check_updates(opt: torch.optim.Optimizer):
-    """Read the verdicts of the updates a fused optimizer checked on the device (optimizer_step), in one
-    synchronisation: stop at the first step whose loss or gradient was not finite (its update was not applied)."""
+    """Read the verdicts of the updates a fused optimizer checked on the device (optimizer_step),
+    in one synchronisation: stop at the first step whose loss or gradient was not finite (its
+    update was not applied)."""
     pending, opt.pending = getattr(opt, "pending", []), []
     if not pending:
         return
-    values = torch.stack([torch.stack([f.float(), l.float(), g.float()]) for _, f, l, g in pending]).tolist()
+    values = torch.stack([torch.stack([f.float(), l.float(), g.float()])
+                          for _, f, l, g in pending]).tolist()
     for (step, _, _, _), (skipped, loss, gnorm) in zip(pending, values):
         if not skipped:
             continue
@@ -743,19 +846,21 @@ def check_updates(opt: torch.optim.Optimizer):
             what = f"the gradient norm is {gnorm}"
         else:
             what = "another process's loss was not finite"
-        raise FloatingPointError(f"{opt.stage} step {step}: {what}; its update was not applied; stopping; "
-                                 f"{last_good(opt.folder)}")
+        raise FloatingPointError(f"{opt.stage} step {step}: {what}; its update was not applied; "
+                                 f"stopping; {last_good(opt.folder)}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: one folder, written as a unit. The weights (and the optimizer state, for --resume) go to files named by
-# the step, then config.json is renamed into place: it names those files with their sha256 and is the commit point. A
-# crash before that rename leaves the previous config.json naming the previous files, which are deleted only after
-# it. So a folder always holds one whole checkpoint (or none); the loader verifies the hashes and refuses a mixed set.
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: one folder, written as a unit. The weights (and the optimizer state, for --resume) go
+# to files named by the step, then config.json is renamed into place: it names those files with
+# their sha256 and is the commit point. A crash before that rename leaves the previous config.json
+# naming the previous files, which are deleted only after it. So a folder always holds one whole
+# checkpoint (or none); the loader verifies the hashes and refuses a mixed set.
 
 
 def atomic_write(path: Path, write):
-    """write(tmp) then rename tmp over path: atomic on POSIX, so a crash leaves the old file or the new one."""
+    """write(tmp) then rename tmp over path: atomic on POSIX, so a crash leaves the old file or
+    the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -775,7 +880,8 @@ def sha256(path: Path) -> str:
 
 
 def optimizer_state(opt: torch.optim.Optimizer, model) -> dict:
-    """AdamW state as named tensors for safetensors (no pickles): exp_avg / exp_avg_sq / step per parameter name."""
+    """AdamW state as named tensors for safetensors (no pickles): exp_avg / exp_avg_sq / step per
+    parameter name."""
     names = {p: n for n, p in model.named_parameters()}
     state = {}
     for p, s in opt.state.items():
@@ -786,8 +892,9 @@ def optimizer_state(opt: torch.optim.Optimizer, model) -> dict:
 
 
 def save_checkpoint(folder, model, tok, extra: dict | None = None, optimizer=None):
-    """Write model-<step>.safetensors (+ optimizer-<step>.safetensors), tokenizer.json, then config.json: the
-    model's config (model.cfg), `extra` (the run's arguments, data and step) and the files with their hashes."""
+    """Write model-<step>.safetensors (+ optimizer-<step>.safetensors), tokenizer.json, then
+    config.json: the model's config (model.cfg), `extra` (the run's arguments, data and step) and
+    the files with their hashes."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -802,39 +909,44 @@ def save_checkpoint(folder, model, tok, extra: dict | None = None, optimizer=Non
         atomic_write(folder / files["optimizer"], lambda p: save_file(opt_state, str(p)))
     atomic_write(folder / files["tokenizer"], lambda p: tok.save(str(p)))
     hashes = {k: {"name": v, "sha256": sha256(folder / v)} for k, v in files.items()}
-    write_json(folder / "config.json", {"model": asdict(model.cfg), **extra, "files": hashes})   # commit point
+    # commit point
+    write_json(folder / "config.json", {"model": asdict(model.cfg), **extra, "files": hashes})
     keep = set(files.values())
-    for old in list(folder.glob("model-*.safetensors")) + list(folder.glob("optimizer-*.safetensors")):
+    for old in [*folder.glob("model-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
         if old.name not in keep:
             old.unlink()
 
 
 def read_manifest(folder) -> dict:
-    """config.json of a checkpoint folder, with every file it names present and matching its sha256."""
+    """config.json of a checkpoint folder, with every file it names present and matching its
+    sha256."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder written by train.py")
+        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder "
+                                "written by train.py")
     try:
         meta = json.loads((folder / "config.json").read_text())
         files = meta["files"]
         dict(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest written by train.py "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest "
+                         f"written by train.py ({type(e).__name__}: {e})") from e
     for f in files.values():
         path = folder / f["name"]
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by config.json (step "
+            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by "
+                                    "config.json (step "
                                     f"{meta.get('step')}); the folder is incomplete")
         if sha256(path) != f["sha256"]:
-            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in config.json (step "
-                             f"{meta.get('step')}): a mixed or damaged checkpoint; refusing to load it")
+            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in "
+                             f"config.json (step {meta.get('step')}): a mixed or damaged "
+                             "checkpoint; refusing to load it")
     return meta
 
 
 def read_checkpoint(folder) -> tuple[dict, object, dict]:
-    """A verified checkpoint folder -> (its weights as a state dict, its tokenizer, its manifest); elva.py builds
-    the model from them."""
+    """A verified checkpoint folder -> (its weights as a state dict, its tokenizer, its
+    manifest); elva.py builds the model from them."""
     from safetensors.torch import load_file
     folder = Path(folder)
     meta = read_manifest(folder)
@@ -843,55 +955,60 @@ def read_checkpoint(folder) -> tuple[dict, object, dict]:
     try:
         state = load_file(str(weights))
     except Exception as e:
-        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors ({e})") from e
+        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors "
+                         f"({e})") from e
     return state, tok, meta
 
 
 def load_optimizer(folder, opt: torch.optim.Optimizer, model, meta: dict | None = None) -> bool:
-    """Restore the AdamW state saved with a checkpoint (meta: its manifest, if already read and verified). Returns
-    False (and the caller says so) if it has none."""
+    """Restore the AdamW state saved with a checkpoint (meta: its manifest, if already read and
+    verified). Returns False (and the caller says so) if it has none."""
     from safetensors.torch import load_file
     folder = Path(folder)
     meta = meta or read_manifest(folder)
     if "optimizer" not in meta["files"]:
         return False
     state = load_file(str(folder / meta["files"]["optimizer"]["name"]))
-    # through load_state_dict, so that torch places each tensor where this optimizer wants it (a fused or capturable
-    # AdamW keeps `step` on the parameter's device, a plain one on the CPU)
+    # through load_state_dict, so that torch places each tensor where this optimizer wants it (a
+    # fused or capturable AdamW keeps `step` on the parameter's device, a plain one on the CPU)
     sd = opt.state_dict()
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    sd["state"] = {index[id(p)]: {"step": state[f"{n}::step"][0].clone(), "exp_avg": state[f"{n}::exp_avg"],
+    sd["state"] = {index[id(p)]: {"step": state[f"{n}::step"][0].clone(),
+                                  "exp_avg": state[f"{n}::exp_avg"],
                                   "exp_avg_sq": state[f"{n}::exp_avg_sq"]}
-                   for n, p in model.named_parameters() if f"{n}::exp_avg" in state and id(p) in index}
+                   for n, p in model.named_parameters()
+                   if f"{n}::exp_avg" in state and id(p) in index}
     opt.load_state_dict(sd)
     return True
 
 
 def save(stage: Stage, step: int, args=None):
-    """A checkpoint of the stage at `step` (weights + optimizer state, written as a unit) -- never of non-finite
-    weights, and never past an update the device refused (check_updates)."""
+    """A checkpoint of the stage at `step` (weights + optimizer state, written as a unit) --
+    never of non-finite weights, and never past an update the device refused (check_updates)."""
     model, opt = stage.retriever.model, stage.opt
     check_updates(opt)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise FloatingPointError(f"{stage.name} step {step}: the weights became non-finite ({bad[0]}{more}); not "
-                                 f"saving them; {last_good(stage.folder)}")
+        raise FloatingPointError(f"{stage.name} step {step}: the weights became non-finite "
+                                 f"({bad[0]}{more}); not saving them; {last_good(stage.folder)}")
     if rank_of(args) == 0:   # one writer: every process holds the same weights
-        save_checkpoint(stage.folder, model, stage.retriever.tok, {**stage.meta, "step": step}, optimizer=opt)
+        save_checkpoint(stage.folder, model, stage.retriever.tok, {**stage.meta, "step": step},
+                        optimizer=opt)
     barrier(args)
 
 
 def resume_point(args, folder: Path, model, opt, stage: str, device) -> int:
-    """With --resume and a checkpoint in `folder`: load its weights and optimizer state (hashes verified) into model
-    and opt. -> the first step still to run (0 when starting afresh), which is also the optimizer's update count."""
+    """With --resume and a checkpoint in `folder`: load its weights and optimizer state (hashes
+    verified) into model and opt. -> the first step still to run (0 when starting afresh), which
+    is also the optimizer's update count."""
     if not (args.resume and (folder / "config.json").exists()):
         return 0
     state, _, meta = read_checkpoint(folder)
     model.load_state_dict(state)
     if not load_optimizer(folder, opt, model, meta):
         print(f"{stage}: warning: {folder} holds no optimizer state; resuming with a fresh AdamW")
-    print(f"{stage}: resumed from {folder} at step {meta['step'] + 1} (weights, optimizer state and tokenizer "
-          f"verified against config.json)")
+    print(f"{stage}: resumed from {folder} at step {meta['step'] + 1} (weights, optimizer state "
+          "and tokenizer verified against config.json)")
     opt.updates = meta["step"] + 1
     return meta["step"] + 1

@@ -61,9 +61,9 @@ import elva
 import train
 from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
                     total_reward, zscore_reward)
-from runtime import (atomic_write, check_fractions, default_threads, fail, global_tokens, lr_at, my_part,
-                     my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, step_inputs, world_of,
-                     write_json)
+from runtime import (check_fractions, default_threads, fail, finish_run, global_tokens, lr_at, my_part,
+                     my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, source_tokenizer,
+                     start_run, step_inputs, world_of, write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,11 +79,11 @@ def dropout_at(args, step: int) -> float:
 
 
 def stage2_variant_inputs(args, world, step: int) -> dict:
-    """train.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary
+    """data.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary
     is the model's own (--own_summaries, from --own_from of the steps on) flagged `own`."""
     at_step = copy.copy(args)
     at_step.summary_dropout = dropout_at(args, step)
-    batch = train.make_stage2_inputs(at_step, world, step)
+    batch = data.make_stage2_inputs(at_step, world, step)
     if args.own_summaries > 0 and step >= args.own_from * args.steps:
         own_rng = random.Random(f"{args.seed}-own-{step}")
         own = [own_rng.random() < args.own_summaries for _ in range(2 * args.batch_size)]
@@ -407,7 +407,7 @@ def control_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict
     rate = saved.get("summary_dropout", args.summary_dropout) if rate is None else rate
     policy.model.train()
     batch = made["batch"]
-    items, instr = train.rollout_items(batch)
+    items, instr = data.rollout_items(batch)
     rng = random.Random(f"{args.seed}-control-{step}")
     drop = my_share([rng.random() < rate for _ in range(len(items) * world_of(args))], args)
     with phase("data"):
@@ -490,18 +490,18 @@ def run(argv):
     if args.mbeir:
         import mbeir
         eval_tasks = mbeir.eval_tasks(args)
-    device, autocast, threads = train.start_run(args)
+    device, autocast, threads = start_run(args, train.SHAPING_ARGS)
     t0 = time.time()
     variant2 = args.summary_dropout_end is not None or args.own_summaries > 0
     stages = {"text": train.text_stage,
               "contrastive": variant_contrastive_stage if variant2 else train.contrastive_stage}
     if "contrastive" in args.stages:
-        source, tok = train.source_and_tokenizer(args, t0)
+        source, tok = source_tokenizer(args, train.read_source(args), t0)
         for name in [s for s in ("text", "contrastive") if s in args.stages]:
             stages[name](args, source, tok, device, autocast)
     if "elva" in args.stages:
         study_elva_stage(args, device, autocast)
-    train.finish_run(args, device, threads, t0, eval_tasks)
+    finish_run(args, device, threads, t0, eval_tasks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

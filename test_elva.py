@@ -495,7 +495,7 @@ def test_shared_prompts_give_the_full_pass_numbers(world, tok):
     G = 3
     ro = train.rollout(rl_args(group_size=G), ret, made_of(ret, inst), torch.Generator().manual_seed(0),
                        nullcontext)
-    once, once_instr = train.rollout_items(inst)
+    once, once_instr = data.rollout_items(inst)
     K = len(once) // len(inst)
     items = [it for b in range(len(inst)) for _ in range(G) for it in once[b * K:(b + 1) * K]]
     instr = [x for b in range(len(inst)) for _ in range(G) for x in once_instr[b * K:(b + 1) * K]]
@@ -665,14 +665,14 @@ def test_false_negatives_are_masked_across_tasks():
     full = Caption((Mention("circle", "red", "large"),))
     i2t = data.Query("i2t", Item(scene=red, summary=red.summary(), render_seed=4),
                      Item(text=full.text(), summary=full.summary(), caption=full), 3)
-    m = train.in_batch_false_negatives([t2i, i2i, i2t])
+    m = data.in_batch_false_negatives([t2i, i2i, i2t])
     assert m[0, 1] and m[1, 0]            # the i2i positive satisfies the caption; the t2i positive is the i2i scene
     assert not m[0, 2] and not m[1, 2]    # a caption is never a match for an image task (another modality)
     assert not m[2].any() and not m.diagonal().any()   # the i2t query's in-batch candidates are images
     # over real batches: every relevant in-batch candidate is masked
     w = data.GrainWorld(data.WorldConfig(seed=0, n_train=300, n_val=10, n_test=20))
     qs = w.sample_queries(random.Random(0), 48)
-    m = train.in_batch_false_negatives(qs)
+    m = data.in_batch_false_negatives(qs)
     assert m.sum() > sum(m[i, j] for i in range(48) for j in range(48) if qs[i].task == qs[j].task)
 
 
@@ -756,7 +756,7 @@ def rl_args(*flags, **kw):
 
 def made_of(ret, instances) -> dict:
     """A rollout batch as the stage-3 stream makes it: the instances and their encoded prompts."""
-    return train.encode_rl_prompts(ret.enc, ret.prompt_limit, instances)
+    return data.encode_rollout(ret.enc, ret.prompt_limit, instances)
 
 
 def teacher_forced(ret, items, instr, drop):
@@ -1070,7 +1070,7 @@ def test_sample_query_only_fixes_candidate_summaries(world, tok):
     assert len({tuple(r[0]) for r in summ}) > 1                        # queries: sampled
     trained = ro.sampled.any(1).view(B, G, K)
     assert not trained[:, :, 1:].any() and trained[:, :, 0].all()
-    items, instr = train.rollout_items(inst)
+    items, instr = data.rollout_items(inst)
     assert ret.summarise(items[1:K], instr[1:K]) == summ[0][1:]       # the greedy summaries
 
 
