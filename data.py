@@ -1,19 +1,23 @@
 """
-GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything data-shaped.
+GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything
+data-shaped.
 
     python data.py                       # draws a few scenes to grainworld_samples.png and prints their captions
 
-Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that InfoNCE with
-random negatives leaves secondary grains (attributes, bindings, relations) under-trained. To measure that exactly,
-the generator knows every grain of every scene, so relevance ("does this image satisfy every grain the query
-states?") is decided by a rule, not by a human label. A scene holds 1-3 objects on a 3x3 grid. Grains of an object:
-shape (the entity), colour and size (attributes) and its cell; between objects, spatial relations ("left of",
-"above": this world's stand-in for the paper's "action"). Random in-batch negatives almost never differ from a
-positive in only *which* colour sits on *which* shape, or in which object is on the left: the bag-of-words failure
-ARO / SugarCrepe report for CLIP-style models. Near-miss sets (MRBench-mini) test precisely those.
+Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that
+InfoNCE with random negatives leaves secondary grains (attributes, bindings, relations)
+under-trained. To measure that exactly, the generator knows every grain of every scene, so relevance
+("does this image satisfy every grain the query states?") is decided by a rule, not by a human
+label. A scene holds 1-3 objects on a 3x3 grid. Grains of an object: shape (the entity), colour and
+size (attributes) and its cell; between objects, spatial relations ("left of", "above": this world's
+stand-in for the paper's "action"). Random in-batch negatives almost never differ from a positive in
+only *which* colour sits on *which* shape, or in which object is on the left: the bag-of-words
+failure ARO / SugarCrepe report for CLIP-style models. Near-miss sets (MRBench-mini) test precisely
+those.
 
-Bottom-up: vocabulary, scenes, captions, relevance, one-grain edits, renderer, tasks, splits, MRBench-mini, negative
-sampling, BPE tokenizer, the stages' data interface (Source), collation. Real data (M-BEIR, MMEB): mbeir.py.
+Bottom-up: vocabulary, scenes, captions, relevance, one-grain edits, renderer, tasks, splits,
+MRBench-mini, negative sampling, BPE tokenizer, the stages' data interface (Source), collation. Real
+data (M-BEIR, MMEB): mbeir.py.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The world's vocabulary. Eight colours and five shapes make one-grain differences common enough to mine and rare
-# enough that a random negative almost never is one.
+# --------------------------------------------------------------------------------------------------
+# The world's vocabulary. Eight colours and five shapes make one-grain differences common enough to
+# mine and rare enough that a random negative almost never is one.
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {
@@ -44,11 +48,14 @@ COLS = ("left", "center", "right")
 RELATIONS = ("left of", "right of", "above", "below")
 RELATION_FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
-# The paper's template (ELVA, Section 3.4, generative embeddings). {image} becomes the [IMG] placeholder tokens.
+# The paper's template (ELVA, Section 3.4, generative embeddings). {image} becomes the [IMG]
+# placeholder tokens.
 PROMPT = ("Analyze and summarize the key information of the above input. "
           "Finally, append the special token [RET] to represent the entire input.")
-TEMPLATE_TEXT = (PROMPT, "USER:", "ASSISTANT:")   # the template's words, in every tokenizer's training text
-INSTRUCTIONS = {  # one instruction per task, M-BEIR style; candidates get none (as in M-BEIR's pools)
+# the template's words, in every tokenizer's training text
+TEMPLATE_TEXT = (PROMPT, "USER:", "ASSISTANT:")
+# one instruction per task, M-BEIR style; candidates get none (as in M-BEIR's pools)
+INSTRUCTIONS = {
     "t2i": "Retrieve an image that matches the given caption:",
     "i2t": "Find a caption that describes the given image.",
     "i2i": "Find another picture of the same scene.",
@@ -58,7 +65,7 @@ TASKS = tuple(INSTRUCTIONS)
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[IMG]", "[RET]"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scenes and captions
 
 @dataclass(frozen=True, order=True)
@@ -83,7 +90,8 @@ class Scene:
         cells = {(o.row, o.col) for o in objs}
         kinds = {(o.color, o.shape) for o in objs}
         if len(cells) != len(objs) or len(kinds) != len(objs):
-            raise ValueError(f"invalid scene {objs}: objects need distinct cells and distinct (colour, shape)")
+            raise ValueError(f"invalid scene {objs}: objects need distinct cells and distinct "
+                             "(colour, shape)")
         return Scene(objs)
 
     def summary(self) -> str:
@@ -123,7 +131,8 @@ class Caption:
         return f"{self.mentions[0].words()} {self.relation or 'and'} {self.mentions[1].words()}"
 
     def n_grains(self) -> int:
-        """Entities, attributes and relations the caption states (ELVA, Section 3.2: a query is a set of grains)."""
+        """Entities, attributes and relations the caption states (ELVA, Section 3.2: a query is a
+        set of grains)."""
         n = sum(1 + (m.color is not None) + (m.size is not None) for m in self.mentions)
         return n + (self.relation is not None)
 
@@ -134,7 +143,8 @@ def holds(rel: str, a: Obj, b: Obj) -> bool:
 
 
 def assignments(scene: Scene, cap: Caption) -> list[tuple[Obj, ...]]:
-    """Every injective assignment of the caption's mentions to the scene's objects that matches every stated grain."""
+    """Every injective assignment of the caption's mentions to the scene's objects that matches
+    every stated grain."""
     objs = scene.objects
     if len(cap.mentions) == 1:
         return [(o,) for o in objs if cap.mentions[0].matches(o)]
@@ -148,11 +158,12 @@ def satisfies(scene: Scene, cap: Caption) -> bool:
     return bool(assignments(scene, cap))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Random scenes and captions
 
 def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
-    n = n_objects or rng.choice((2, 3, 3))  # mostly 3 objects: bindings need company to be ambiguous
+    # mostly 3 objects: bindings need company to be ambiguous
+    n = n_objects or rng.choice((2, 3, 3))
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
     return Scene.of(Obj(s, c, rng.choice(SIZES), r, col) for (c, s), (r, col) in zip(kinds, cells))
@@ -164,16 +175,19 @@ def _relation_between(rng: random.Random, a: Obj, b: Obj) -> str | None:
 
 
 def random_caption(rng: random.Random, scene: Scene) -> Caption:
-    """A reference caption as real captions are: a random subset of grains, always true of the scene.
+    """A reference caption as real captions are: a random subset of grains, always true of the
+    scene.
 
-    Kinds: one object (1-3 grains), two objects joined by "and" (a binding test), two objects with a relation."""
+    Kinds: one object (1-3 grains), two objects joined by "and" (a binding test), two objects
+    with a relation."""
     kind = rng.choice(("one", "and", "rel", "rel")) if len(scene.objects) > 1 else "one"
     if kind == "one":
         o = rng.choice(scene.objects)
         return Caption((Mention(o.shape, rng.choice((o.color, None)), rng.choice((o.size, None, None))),))
     a, b = rng.sample(scene.objects, 2)
     rel = _relation_between(rng, a, b) if kind == "rel" else None
-    # Both objects keep their colour, so that the caption binds colours to shapes; size is stated now and then.
+    # Both objects keep their colour, so that the caption binds colours to shapes; size is stated
+    # now and then.
     ma = Mention(a.shape, a.color, rng.choice((a.size, None, None)))
     mb = Mention(b.shape, b.color, rng.choice((b.size, None, None)))
     return Caption((ma, mb), rel)
@@ -189,7 +203,7 @@ def full_caption(rng: random.Random, scene: Scene) -> Caption:
                    _relation_between(rng, a, b))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One-grain edits: the near misses. Each returns None when the edit is impossible for this input.
 
 def _replace(objs, i, **kw):
@@ -205,9 +219,11 @@ def _try_scene(objs) -> Scene | None:
         return None
 
 
-def scene_edit(rng: random.Random, scene: Scene, kind: str, pair: tuple[Obj, Obj] | None = None) -> Scene | None:
-    """A scene one grain away: 'attribute' (one colour, size or shape changes), 'binding' (two objects swap colours),
-    'relation' (two objects swap places). `pair` picks the two objects (default: two at random)."""
+def scene_edit(rng: random.Random, scene: Scene, kind: str,
+               pair: tuple[Obj, Obj] | None = None) -> Scene | None:
+    """A scene one grain away: 'attribute' (one colour, size or shape changes), 'binding' (two
+    objects swap colours), 'relation' (two objects swap places). `pair` picks the two objects
+    (default: two at random)."""
     objs = list(scene.objects)
     if kind == "attribute":
         i = rng.randrange(len(objs))
@@ -229,7 +245,8 @@ def scene_edit(rng: random.Random, scene: Scene, kind: str, pair: tuple[Obj, Obj
 
 
 def edit_neighbours(scene: Scene) -> set[Scene]:
-    """Every scene one scene_edit away: each attribute of each object changed, each pair's colours or places swapped."""
+    """Every scene one scene_edit away: each attribute of each object changed, each pair's
+    colours or places swapped."""
     objs, out = list(scene.objects), set()
     for i, o in enumerate(objs):
         for which, values in (("color", COLORS), ("size", SIZES), ("shape", SHAPES)):
@@ -257,15 +274,17 @@ def caption_edit(rng: random.Random, cap: Caption, kind: str) -> Caption | None:
         a, b = ms
         if a.color is None or b.color is None or a.color == b.color:
             return None
-        return Caption((Mention(a.shape, b.color, a.size), Mention(b.shape, a.color, b.size)), cap.relation)
+        return Caption((Mention(a.shape, b.color, a.size), Mention(b.shape, a.color, b.size)),
+                       cap.relation)
     if kind == "relation":
         return None if cap.relation is None else Caption(cap.mentions, RELATION_FLIP[cap.relation])
     raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
 
 
 def entailed_caption(rng: random.Random, cap: Caption) -> Caption | None:
-    """A caption the premise `cap` entails, reworded: a subset of its grains (an attribute dropped, one of two objects
-    dropped) or the same grains from the other side ("a B right of an A" for "an A left of a B")."""
+    """A caption the premise `cap` entails, reworded: a subset of its grains (an attribute
+    dropped, one of two objects dropped) or the same grains from the other side ("a B right of an
+    A" for "an A left of a B")."""
     ms, options = cap.mentions, []
     for i, m in enumerate(ms):
         for g in ("color", "size"):
@@ -279,10 +298,12 @@ def entailed_caption(rng: random.Random, cap: Caption) -> Caption | None:
     return rng.choice(options) if options else None
 
 
-def nli_triplet(rng: random.Random, scene: Scene, tries: int = 10) -> tuple[Caption, Caption, Caption] | None:
-    """(premise, entailed, contradiction) for the paper's stage 1 in miniature (language-only NLI pairs): a caption
-    of the scene with at least two grains, a caption it entails, and the premise with one grain contradicted (an
-    attribute changed, colours swapped between its objects, its relation reversed) that the scene does not satisfy."""
+def nli_triplet(rng: random.Random, scene: Scene,
+                tries: int = 10) -> tuple[Caption, Caption, Caption] | None:
+    """(premise, entailed, contradiction) for the paper's stage 1 in miniature (language-only NLI
+    pairs): a caption of the scene with at least two grains, a caption it entails, and the
+    premise with one grain contradicted (an attribute changed, colours swapped between its
+    objects, its relation reversed) that the scene does not satisfy."""
     for _ in range(tries):
         premise = random_caption(rng, scene)
         if premise.n_grains() < 2:
@@ -308,7 +329,8 @@ class Edit:
         return f"make the {t.color} {t.shape} {self.value}"
 
     def apply(self, scene: Scene, on: Obj | None = None) -> Scene | None:
-        """Apply to `on` (default: the named target). Applying to another object is the binding near miss."""
+        """Apply to `on` (default: the named target). Applying to another object is the binding
+        near miss."""
         objs = list(scene.objects)
         i = objs.index(on or self.target)
         return _try_scene(_replace(objs, i, **{self.grain: self.value}))
@@ -323,13 +345,14 @@ def random_edit(rng: random.Random, scene: Scene) -> tuple[Edit, Scene] | None:
     return None if out is None else (e, out)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Rendering with Pillow. Every render of a scene jitters positions and sizes and adds pixel noise, so that two
-# renders of one scene differ in pixels (the image -> image task).
+# --------------------------------------------------------------------------------------------------
+# Rendering with Pillow. Every render of a scene jitters positions and sizes and adds pixel noise,
+# so that two renders of one scene differ in pixels (the image -> image task).
 
 def render(scene: Scene, image_size: int, seed: int) -> Image.Image:
     rng = random.Random(seed)
-    img = Image.new("RGB", (image_size, image_size), (rng.randint(20, 60),) * 3)  # dark background: white is visible
+    # dark background: white is visible
+    img = Image.new("RGB", (image_size, image_size), (rng.randint(20, 60),) * 3)
     draw = ImageDraw.Draw(img)
     cell = image_size / 3
     for o in scene.objects:
@@ -351,19 +374,22 @@ def render(scene: Scene, image_size: int, seed: int) -> Image.Image:
             w = r / 2.6
             draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
             draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
-    arr = np.asarray(img, dtype=np.int16) + np.random.default_rng(seed).integers(-8, 9, img.size + (3,))
+    arr = np.asarray(img, dtype=np.int16) + np.random.default_rng(seed).integers(-8, 9,
+                                                                                 img.size + (3,))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input size."""
+    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input
+    size."""
     if img.size != (image_size, image_size):
         img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
+    # (3, H, W)
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
     return x / 127.5 - 1.0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Items, the four tasks and exact relevance.
 # An Item is one side of a retrieval pair: optional image (a scene to render) and optional text.
 
@@ -377,7 +403,8 @@ class Item:
     target: Scene | None = None     # for edits: the scene the query asks for
     edit: Edit | None = None        # for edits: the instruction, structured
     image_path: str | None = None   # real data: an image on disk instead of a scene
-    image: Image.Image | None = field(default=None, compare=False, hash=False)   # or an image in memory (PIL)
+    # or an image in memory (PIL)
+    image: Image.Image | None = field(default=None, compare=False, hash=False)
 
     @property
     def has_image(self) -> bool:
@@ -390,13 +417,17 @@ class Query:
     item: Item
     positive: Item
     n_grains: int = 0
-    distractors: list[tuple[str, Item]] = field(default_factory=list)  # (kind, item): MRBench-mini near misses
-    instruction: str | None = None  # real data: the query's own instruction (GrainWorld: INSTRUCTIONS[task])
+    # (kind, item): MRBench-mini near misses
+    distractors: list[tuple[str, Item]] = field(default_factory=list)
+    # real data: the query's own instruction (GrainWorld: INSTRUCTIONS[task])
+    instruction: str | None = None
 
 
 def relevant(task: str, q: Item, c: Item) -> bool:
-    """The exact relevance rule: a candidate is relevant when it satisfies every grain the query states."""
-    # a candidate of the wrong modality (an in-batch caption for a text->image query, say) is never relevant
+    """The exact relevance rule: a candidate is relevant when it satisfies every grain the query
+    states."""
+    # a candidate of the wrong modality (an in-batch caption for a text->image query, say) is never
+    # relevant
     if task == "t2i":
         return c.scene is not None and satisfies(c.scene, q.caption)
     if task == "i2t":
@@ -409,7 +440,8 @@ def relevant(task: str, q: Item, c: Item) -> bool:
 
 
 def candidate_item(task: str, rng: random.Random, scene: Scene) -> Item:
-    """What a task's pool holds for a scene: a full caption for i2t, a fresh render for the image tasks."""
+    """What a task's pool holds for a scene: a full caption for i2t, a fresh render for the image
+    tasks."""
     if task == "i2t":
         cap = full_caption(rng, scene)
         return Item(text=cap.text(), summary=cap.summary(), caption=cap)
@@ -434,21 +466,25 @@ def make_query(task: str, rng: random.Random, scene: Scene) -> Query | None:
         if made is None:
             return None
         e, target = made
-        q = Item(scene=scene, text=e.text(), summary=target.summary(), render_seed=seed, target=target, edit=e)
-        return Query(task, q, candidate_item(task, rng, target), 3)  # object, edited grain, new value
+        q = Item(scene=scene, text=e.text(), summary=target.summary(), render_seed=seed,
+                 target=target, edit=e)
+        # object, edited grain, new value
+        return Query(task, q, candidate_item(task, rng, target), 3)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly one grain.
+# --------------------------------------------------------------------------------------------------
+# Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly
+# one grain.
 
 def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int = 30,
                 exclude: set | frozenset = frozenset()) -> list[tuple[str, Item]]:
-    """Up to per_kind near misses of each kind; no near-miss scene is in `exclude` (the other splits' scenes)."""
+    """Up to per_kind near misses of each kind; no near-miss scene is in `exclude` (the other
+    splits' scenes)."""
     task, q, out = query.task, query.item, []
     if task == "it2i":
-        # binding: the same edit applied to another object; no-edit: the source image itself; attribute: the right
-        # object edited to a wrong value.
+        # binding: the same edit applied to another object; no-edit: the source image itself;
+        # attribute: the right object edited to a wrong value.
         e, src = q.edit, q.scene
         cands = [("binding", e.apply(src, on=o)) for o in src.objects if o != e.target]
         cands.append(("no-edit", src))
@@ -474,7 +510,8 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
                 item = Item(text=cap.text(), summary=cap.summary(), caption=cap)
             else:
                 base = query.positive.scene
-                # t2i: a binding or relation near miss swaps the two objects the caption names, nothing else
+                # t2i: a binding or relation near miss swaps the two objects the caption names,
+                # nothing else
                 pair = rng.choice(assignments(base, q.caption)) if task == "t2i" and kind != "attribute" else None
                 if pair is not None and len(pair) < 2:
                     break
@@ -490,7 +527,7 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The world: disjoint train / val / test scenes, deterministic from a seed.
 
 @dataclass
@@ -513,11 +550,13 @@ class GrainWorld:
             if s not in seen:
                 seen.add(s)
                 scenes.append(s)
-        self.splits = {"train": scenes[:cfg.n_train], "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
+        self.splits = {"train": scenes[:cfg.n_train],
+                       "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
                        "test": scenes[cfg.n_train + cfg.n_val:]}
-        # Derived scenes (edit targets, near misses, siblings) never cross splits. A test query's derived scene is
-        # one edit from a test scene, so a scene training derives must be neither a held-out scene nor one edit
-        # from one; and a test query's derived scene is never a training scene.
+        # Derived scenes (edit targets, near misses, siblings) never cross splits. A test query's
+        # derived scene is one edit from a test scene, so a scene training derives must be neither a
+        # held-out scene nor one edit from one; and a test query's derived scene is never a training
+        # scene.
         self.heldout = set(scenes[cfg.n_train:])
         self.near_heldout = self.heldout.union(*(edit_neighbours(s) for s in self.heldout))
         self.train_scenes = set(self.splits["train"])
@@ -527,7 +566,8 @@ class GrainWorld:
         return self.near_heldout if split == "train" else self.train_scenes
 
     def sample_queries(self, rng: random.Random, n: int, split: str = "train") -> list[Query]:
-        """Random queries over the four tasks for the contrastive stage (fresh captions and renders each call)."""
+        """Random queries over the four tasks for the contrastive stage (fresh captions and
+        renders each call)."""
         out = []
         while len(out) < n:
             q = make_query(rng.choice(TASKS), rng, rng.choice(self.splits[split]))
@@ -536,8 +576,8 @@ class GrainWorld:
         return out
 
     def standard_split(self, task: str, n_queries: int, split: str = "test", seed: int = 1):
-        """(queries, pool): queries on split scenes; the pool holds one candidate per split scene (plus, for edits,
-        each query's target). Relevance over the pool is exact (`relevant`)."""
+        """(queries, pool): queries on split scenes; the pool holds one candidate per split scene
+        (plus, for edits, each query's target). Relevance over the pool is exact (`relevant`)."""
         rng = random.Random(f"{self.cfg.seed}-{split}-{task}-{seed}")
         scenes = self.splits[split]
         pool = [candidate_item(task, rng, s) for s in scenes]
@@ -545,7 +585,8 @@ class GrainWorld:
         for i in rng.sample(range(len(scenes)), min(n_queries, len(scenes))):
             q = make_query(task, rng, scenes[i])
             if q is None or (q.item.target is not None and q.item.target in self.outside(split)):
-                continue   # an edit whose result is another split's scene would leak that scene into this split
+                # an edit whose result is another split's scene would leak that scene into this split
+                continue
             if task == "it2i":
                 pool.append(q.positive)
             else:
@@ -554,9 +595,10 @@ class GrainWorld:
         return queries, pool
 
     def mrbench_mini(self, n_per_task: int, per_kind: int = 2, split: str = "test", seed: int = 2):
-        """MRBench-mini: {task: (queries, pool)}. Queries state at least two grains, an equal number per task, and
-        each brings near misses differing from it in exactly one grain (a binding, a relation, an attribute).
-        The pool of a task is the positives and near misses of all its queries."""
+        """MRBench-mini: {task: (queries, pool)}. Queries state at least two grains, an equal
+        number per task, and each brings near misses differing from it in exactly one grain (a
+        binding, a relation, an attribute). The pool of a task is the positives and near misses
+        of all its queries."""
         out = {}
         for task in TASKS:
             rng = random.Random(f"{self.cfg.seed}-mrbench-{task}-{seed}")
@@ -575,8 +617,8 @@ class GrainWorld:
         return out
 
     def rl_pool(self, task: str, n_scenes: int, rng: random.Random) -> list[Item]:
-        """A training pool for mining hard negatives: train scenes plus one-grain siblings of them, as a real corpus
-        holds near duplicates that random batches rarely bring together."""
+        """A training pool for mining hard negatives: train scenes plus one-grain siblings of
+        them, as a real corpus holds near duplicates that random batches rarely bring together."""
         base = rng.sample(self.splits["train"], n_scenes)
         scenes = list(base)
         for s in base:
@@ -588,50 +630,60 @@ class GrainWorld:
         return [candidate_item(task, rng, s) for s in scenes]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Balanced negative sampling (ELVA, Section 3.4): filtered hard negatives + random negatives.
 
 def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
                        threshold: float, generator: torch.Generator) -> torch.Tensor:
-    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices [Q, n_hard+n_rand].
+    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices
+    [Q, n_hard+n_rand].
 
-    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the paper's guard
-    against unlabelled false negatives), keep the top n_hard of the rest; above-threshold candidates only fill hard
-    slots that would otherwise stay empty. Random: n_rand uniformly from the remaining
-    non-relevant candidates. The paper's reason for the mix: hard negatives alone make the reward distribution narrow
-    and the GRPO advantages vanish."""
+    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the
+    paper's guard against unlabelled false negatives), keep the top n_hard of the rest;
+    above-threshold candidates only fill hard slots that would otherwise stay empty. Random:
+    n_rand uniformly from the remaining non-relevant candidates. The paper's reason for the mix:
+    hard negatives alone make the reward distribution narrow and the GRPO advantages vanish."""
     Q, P = scores.shape
     if (~is_relevant).sum(1).min() < n_hard + n_rand:
-        raise ValueError(f"balanced_negatives: a query has fewer than n_hard + n_rand = {n_hard + n_rand} "
-                         f"non-relevant candidates in a pool of {P}; enlarge the pool or lower the counts")
-    # hard: the top of the below-threshold candidates; above-threshold ones only fill slots that would stay empty
-    # (a barely trained model may score almost everything above the threshold)
-    key = torch.where(scores <= threshold, scores, scores - 1e3).masked_fill(is_relevant, float("-inf"))
-    hard = key.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)      # (Q, n_hard)
+        raise ValueError("balanced_negatives: a query has fewer than n_hard + n_rand = "
+                         f"{n_hard + n_rand} non-relevant candidates in a pool of {P}; enlarge "
+                         "the pool or lower the counts")
+    # hard: the top of the below-threshold candidates; above-threshold ones only fill slots that
+    # would stay empty (a barely trained model may score almost everything above the threshold)
+    key = torch.where(scores <= threshold, scores, scores - 1e3).masked_fill(is_relevant,
+                                                                             float("-inf"))
+    # (Q, n_hard)
+    hard = key.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)
     rest = ~is_relevant.clone()
     rest.scatter_(1, hard, False)
     noise = torch.rand(Q, P, generator=generator).masked_fill(~rest, -1.0)
-    rand = noise.topk(n_rand, dim=1).indices if n_rand else torch.empty(Q, 0, dtype=torch.long)    # (Q, n_rand)
+    # (Q, n_rand)
+    rand = noise.topk(n_rand, dim=1).indices if n_rand else torch.empty(Q, 0, dtype=torch.long)
     return torch.cat([hard, rand], dim=1)
 
 
-def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item], is_relevant: torch.Tensor,
+def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item],
+                   is_relevant: torch.Tensor,
                    n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
                    listed: torch.Tensor | None = None) -> torch.Tensor:
-    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and pool, their cosines,
-    then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q, P] bool: the data's own hard negatives
-    (M-BEIR's neg_cand_list), scored at the threshold itself: above every mined candidate."""
+    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and
+    pool, their cosines, then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q,
+    P] bool: the data's own hard negatives (M-BEIR's neg_cand_list), scored at the threshold
+    itself: above every mined candidate."""
     t0 = time.time()
-    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(), progress="mining: queries")
-    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(), progress="mining: pool")
-    print(f"mining: {len(queries)} queries x {len(pool)} candidates embedded in {time.time() - t0:.0f}s", flush=True)
-    scores = (eq @ ep.T).cpu()                                                 # (Q, P) stage-2 cosines
+    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(),
+                                  progress="mining: queries")
+    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(),
+                                  progress="mining: pool")
+    print(f"mining: {len(queries)} queries x {len(pool)} candidates embedded in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    scores = (eq @ ep.T).cpu()                                              # (Q, P) stage-2 cosines
     if listed is not None:
         scores = torch.where(listed, torch.full_like(scores, threshold), scores)
     return balanced_negatives(scores, is_relevant, n_hard, n_rand, threshold, generator)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained with `tokenizers` on the world's text.
 
 def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
@@ -647,7 +699,8 @@ def train_tokenizer(lines: list[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(lines, trainer)
     return tok
@@ -657,7 +710,8 @@ def load_tokenizer(path: str | os.PathLike):
     from tokenizers import Tokenizer
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} not found; expected the tokenizer.json saved beside a checkpoint")
+        raise FileNotFoundError(f"tokenizer file {path} not found; expected the tokenizer.json "
+                                "saved beside a checkpoint")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
@@ -668,22 +722,25 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class Source:
     """The stages' one interface to their data: train.grainworld_source or mbeir.training_source."""
     data: object                 # GrainWorld, or mbeir.MBeirTrain
-    meta: dict                   # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
+    meta: dict       # what a checkpoint records to rebuild it: {"world": {...}} or {"mbeir": {...}}
     texts: object                # () -> the lines the run's BPE tokenizer is trained on
-    contrastive_inputs: object   # (args, data, step) -> stage 2's global batch of that step (a dict)
-    rl_instances: object         # (args, data, retriever, autocast) -> [(Query, [negative Items])]: the RL set
+    # (args, data, step) -> stage 2's global batch of that step (a dict)
+    contrastive_inputs: object
+    # (args, data, retriever, autocast) -> [(Query, [negative Items])]: the RL set
+    rl_instances: object
     describe: str                # one line for the log
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# GrainWorld as the stages' data (train.read_source picks it; mbeir.py gives M-BEIR the same interface): the
-# global batches of stages 1 and 2, made from each step's seed without the model (runtime.my_part takes each
-# process's share), and stage 3's RL instances with their mined negatives (ELVA, Section 3.4).
+# --------------------------------------------------------------------------------------------------
+# GrainWorld as the stages' data (train.read_source picks it; mbeir.py gives M-BEIR the same
+# interface): the global batches of stages 1 and 2, made from each step's seed without the model
+# (runtime.my_part takes each process's share), and stage 3's RL instances with their mined
+# negatives (ELVA, Section 3.4).
 
 
 def dropout_flags(rng: random.Random, n: int, rate: float) -> list[bool]:
@@ -770,7 +827,8 @@ def grainworld_source(cfg: WorldConfig) -> Source:
 
 
 def load_image(item: Item, image_size: int) -> torch.Tensor:
-    """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file on disk."""
+    """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file
+    on disk."""
     if item.scene is not None:
         return image_tensor(render(item.scene, image_size, item.render_seed), image_size)
     if item.image is not None:
@@ -779,17 +837,19 @@ def load_image(item: Item, image_size: int) -> torch.Tensor:
         with Image.open(item.image_path) as img:
             return image_tensor(img, image_size)
     except (OSError, ValueError) as e:
-        raise ValueError(f"image {item.image_path} could not be read ({e}); expected an image file Pillow can open") from e
+        raise ValueError(f"image {item.image_path} could not be read ({e}); expected an image "
+                         "file Pillow can open") from e
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Encoding and collation.
-# Sequence layout (the paper's template, Section 3.4), left-padded so that every prompt ends in the same column and generation can
-# append columns for the whole batch:
-#   [PAD]* [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET] [PAD]*
+# --------------------------------------------------------------------------------------------------
+# Encoding and collation. Sequence layout (the paper's template, Section 3.4), left-padded so that
+# every prompt ends in the same column and generation can append columns for the whole batch: [PAD]*
+# [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET]
+# [PAD]*
 
 class Encoder:
-    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the template."""
+    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the
+    template."""
 
     def __init__(self, tok, n_img_tokens: int, image_size: int):
         self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size
@@ -801,8 +861,8 @@ class Encoder:
         return self.tok.encode(s, add_special_tokens=False).ids
 
     def prompt(self, item: Item, instruction: str | None, limit: int | None = None) -> list[int]:
-        """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt has at most `limit`
-        tokens (the template's fixed parts and the image are kept whole)."""
+        """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt
+        has at most `limit` tokens (the template's fixed parts and the image are kept whole)."""
         if not item.has_image and not item.text.strip():
             raise ValueError("empty query: an item needs a text or an image")
         words = " ".join(w for w in (instruction, item.text.strip()) if w)
@@ -819,7 +879,8 @@ class Encoder:
         return self._ids(" " + text)
 
     def reference_summaries(self, items: list[Item], drop: list[bool]) -> list[list[int]]:
-        """Each item's reference summary ids, or none where summary dropout drops it (stages 1 and 2)."""
+        """Each item's reference summary ids, or none where summary dropout drops it (stages 1
+        and 2)."""
         return [[] if d else self.summary(it.summary) for it, d in zip(items, drop)]
 
     def decode(self, ids: list[int]) -> str:
@@ -833,11 +894,13 @@ class Encoder:
         return torch.stack(imgs)
 
 
-def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int, ret_id: int) -> dict:
+def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int,
+            ret_id: int) -> dict:
     """Left-pad prompts, append summary + [RET], right-pad.
 
-    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the summary tokens and
-    [RET]: what the model generates, and where the LM / RL losses live), ret_pos (B,) long (-1 without summaries)."""
+    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the
+    summary tokens and [RET]: what the model generates, and where the LM / RL losses live),
+    ret_pos (B,) long (-1 without summaries)."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     S = max(len(s) + 1 for s in summaries) if summaries is not None else 0
@@ -857,21 +920,25 @@ def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id:
     return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
 
 
-def encode_batch(enc: Encoder, items: list[Item], instructions: list, summaries: list[list[int]] | None,
+def encode_batch(enc: Encoder, items: list[Item], instructions: list,
+                 summaries: list[list[int]] | None,
                  limit: int | None = None) -> tuple[dict, torch.Tensor]:
-    """Items -> (collated token tensors, images (N_img, 3, H, W)) on the CPU: everything a step needs that involves
-    no model (rendering, tokenising, padding), so that DataLoader workers can make it ahead of the step."""
+    """Items -> (collated token tensors, images (N_img, 3, H, W)) on the CPU: everything a step
+    needs that involves no model (rendering, tokenising, padding), so that DataLoader workers can
+    make it ahead of the step."""
     prompts = [enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
     return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
 
 
 def encode_pairs(enc: Encoder, limit: int, part: dict) -> dict:
-    """A stage-1/2 step's share (runtime.my_part) -> what its loss reads: the items' tensors (CPU) with their
-    reference summaries teacher-forced (none where summary dropout drops them), the dropout flags, the
-    false-negative mask and the query count."""
+    """A stage-1/2 step's share (runtime.my_part) -> what its loss reads: the items' tensors
+    (CPU) with their reference summaries teacher-forced (none where summary dropout drops them),
+    the dropout flags, the false-negative mask and the query count."""
     items, drop = part["items"], part["drop"]
-    encoded = encode_batch(enc, items, part["instructions"], enc.reference_summaries(items, drop), limit)
-    return {"encoded": encoded, "drop": drop, "false_neg": part["false_neg"], "n_queries": part["n_queries"]}
+    encoded = encode_batch(enc, items, part["instructions"], enc.reference_summaries(items, drop),
+                           limit)
+    return {"encoded": encoded, "drop": drop, "false_neg": part["false_neg"],
+            "n_queries": part["n_queries"]}
 
 
 def instruction_of(q: Query) -> str:
@@ -897,8 +964,9 @@ def encode_rollout(enc: Encoder, limit: int, batch) -> dict:
 
 
 def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:
-    """The summary part alone, for prompts whose states are shared (ELVAModel.shared_prefix_logprobs): summary +
-    [RET], right-padded. Returns tokens / attn / gen_mask (S, Ts) and ret_pos (S,), positions within the part."""
+    """The summary part alone, for prompts whose states are shared
+    (ELVAModel.shared_prefix_logprobs): summary + [RET], right-padded. Returns tokens / attn /
+    gen_mask (S, Ts) and ret_pos (S,), positions within the part."""
     S = len(summaries)
     Ts = max(len(s) + 1 for s in summaries)
     tokens = torch.full((S, Ts), pad_id, dtype=torch.long)

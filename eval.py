@@ -1,27 +1,32 @@
 """
-Evaluation: Recall@K / MRR on the four tasks, MRBench-mini, near-miss grain blindness, the grain-masking probe and
-the summary-swap diagnostic, for one or several checkpoints side by side.
+Evaluation: Recall@K / MRR on the four tasks, MRBench-mini, near-miss grain blindness, the
+grain-masking probe and the summary-swap diagnostic, for one or several checkpoints side by side.
 
     python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
     python eval.py --ckpt runs/cpu/contrastive --mbeir ROOT [--tasks all] [--pool local|union] [--run_file run.trec]
     python eval.py --ckpt runs/cpu/contrastive --mmeb ROOT/mmeb/*.jsonl --mmeb_images ROOT   # MMEB rows
 
 Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [RET].
-- Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A hit at K means
-  any relevant item (exact relevance, data.relevant) is in the top K; the rank of the best-scoring relevant item comes
-  from kernels.corpus_ranks with the positives as index lists (no [queries, pool] matrix). Ties are pessimistic: a
-  candidate scoring *equal* to the best positive ranks above it, so a collapsed model scores nothing. Chance R@5
-  depends on how many items are relevant (a short caption is satisfied by many scenes): the table prints it per task.
-- MRBench-mini (the paper's Table 6 layout): queries with >= 2 grains, an equal number per task, in a pool made of
-  every query's positive and its one-grain near misses. Recall@5 per task and the average.
-- Near misses (grain blindness, the paper's Definition 2 in Section 3.2, in retrieval form): Recall@1 of the positive
-  against only its own near misses, and the pairwise win rate s(q, pos) > s(q, near miss) per kind (attribute,
-  binding, relation, no-edit).
-- Grain-masking probe (the paper's grain-masking test): mean cosine distance between a query's embedding and the
-  embedding of the same query with one grain removed, per grain type; larger = the grain moves the embedding.
-- Summary swap: cosine distance between an input embedded with its own summary and with another input's summary:
-  how much the [RET] state depends on the summary, i.e. how much RL on summaries can move.
-- Non-finite embeddings (a broken model) rank last everywhere, and the table says how many there were.
+- Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A
+  hit at K means any relevant item (exact relevance, data.relevant) is in the top K; the rank of the
+  best-scoring relevant item comes from kernels.corpus_ranks with the positives as index lists (no
+  [queries, pool] matrix). Ties are pessimistic: a candidate scoring *equal* to the best positive
+  ranks above it, so a collapsed model scores nothing. Chance R@5 depends on how many items are
+  relevant (a short caption is satisfied by many scenes): the table prints it per task.
+- MRBench-mini (the paper's Table 6 layout): queries with >= 2 grains, an equal number per task, in
+  a pool made of every query's positive and its one-grain near misses. Recall@5 per task and the
+  average.
+- Near misses (grain blindness, the paper's Definition 2 in Section 3.2, in retrieval form):
+  Recall@1 of the positive against only its own near misses, and the pairwise win rate s(q, pos) >
+  s(q, near miss) per kind (attribute, binding, relation, no-edit).
+- Grain-masking probe (the paper's grain-masking test): mean cosine distance between a query's
+  embedding and the embedding of the same query with one grain removed, per grain type; larger = the
+  grain moves the embedding.
+- Summary swap: cosine distance between an input embedded with its own summary and with another
+  input's summary: how much the [RET] state depends on the summary, i.e. how much RL on summaries
+  can move.
+- Non-finite embeddings (a broken model) rank last everywhere, and the table says how many there
+  were.
 """
 
 from __future__ import annotations
@@ -42,26 +47,30 @@ from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query,
 from kernels import corpus_ranks
 from runtime import atomic_write, default_threads, resolve_device, sha256, write_json
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics
 
 
 def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch.Tensor:
-    """[Q, P_max] int64: each query's relevant pool indices, -1 padding a shorter list -- the positives as index
-    lists that kernels.corpus_ranks takes, so that evaluation never builds a [Q, pool] matrix."""
+    """[Q, P_max] int64: each query's relevant pool indices, -1 padding a shorter list -- the
+    positives as index lists that kernels.corpus_ranks takes, so that evaluation never builds a
+    [Q, pool] matrix."""
     lists = [[j for j, c in enumerate(pool) if relevant(task, q.item, c)] for q in queries]
     width = max(1, max((len(x) for x in lists), default=1))
     return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
 
 
-def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """eq (Q, D), ep (P, D), positives (Q, P_max) int64 relevant pool indices (-1 pads) -> rank (Q,) of each query's
-    best-scoring relevant candidate among the non-relevant ones (pessimistic ties; NaN ranks last), streamed."""
+def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor,
+                           positives: torch.Tensor) -> torch.Tensor:
+    """eq (Q, D), ep (P, D), positives (Q, P_max) int64 relevant pool indices (-1 pads) -> rank
+    (Q,) of each query's best-scoring relevant candidate among the non-relevant ones (pessimistic
+    ties; NaN ranks last), streamed."""
     return corpus_ranks(eq, ep, positives.to(eq.device)).cpu()
 
 
 def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
-    """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries with r relevant."""
+    """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries
+    with r relevant."""
     import math
     return sum(1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()) / len(n_relevant)
 
@@ -76,7 +85,7 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Benchmarks
 
 
@@ -94,14 +103,16 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
     out = {}
     for task in TASKS:
         queries, pool = world.standard_split(task, n_queries)
-        (eq, texts), ep = embed_queries(ret, task, queries, autocast, True), embed_pool(ret, pool, autocast)
+        (eq, texts), ep = embed_queries(ret, task, queries, autocast, True), embed_pool(ret, pool,
+                                                                                        autocast)
         pos = relevant_indices(task, queries, pool)                       # (Q, P_max), -1 pads
         n_rel = (pos >= 0).sum(1)
         # how often the generated (greedy) summary of a query is exactly its reference summary
         exact = sum(t == q.item.summary for t, q in zip(texts, queries)) / len(queries)
         out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, pos)), "pool": len(pool),
                      "relevant_per_query": n_rel.float().mean().item(), "summary_exact": exact,
-                     "chance_R@5": chance_recall(n_rel, len(pool), 5), "nonfinite": n_nonfinite(eq, ep)}
+                     "chance_R@5": chance_recall(n_rel, len(pool), 5), "nonfinite": n_nonfinite(eq,
+                                                                                                ep)}
     out["avg"] = {k: sum(out[t][k] for t in TASKS) / len(TASKS)
                   for k in ("R@1", "R@5", "R@10", "MRR", "summary_exact", "chance_R@5")}
     out["nonfinite"] = sum(out[t]["nonfinite"] for t in TASKS)
@@ -109,7 +120,8 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
 
 
 def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
-    """-> (MRBench-mini R@5 per task, near-miss R@1 / pairwise win rates per task and kind, the benchmark itself)."""
+    """-> (MRBench-mini R@5 per task, near-miss R@1 / pairwise win rates per task and kind, the
+    benchmark itself)."""
     bench = world.mrbench_mini(n_per_task)
     mrb, near = {}, {}
     for task, (queries, pool) in bench.items():
@@ -126,7 +138,8 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
             for (kind, _), s in zip(q.distractors, s_d):
                 wins.setdefault(kind, []).append(s_pos > s)
             off += 1 + len(q.distractors)
-        near[task] = {"R@1": sum(top1) / len(top1), **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
+        near[task] = {"R@1": sum(top1) / len(top1),
+                      **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
         # the top 5 of a few queries, for the retrieval picture
         top = elva.Retriever.search(eq[:4], ep, k=5)[1].cpu()
         near[task]["examples"] = [[(int(j), bool((pos[i] == j).any())) for j in top[i]] for i in range(top.shape[0])]
@@ -141,7 +154,8 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
 
 
 def masked_captions(cap: Caption) -> list[tuple[str, Caption]]:
-    """The caption with one grain removed, for each grain it states: (grain type, masked caption)."""
+    """The caption with one grain removed, for each grain it states: (grain type, masked
+    caption)."""
     out = []
     for i, m in enumerate(cap.mentions):
         for g in ("color", "size"):
@@ -157,9 +171,9 @@ def masked_captions(cap: Caption) -> list[tuple[str, Caption]]:
 
 
 def grain_masking_probe(ret, bench, n: int, autocast) -> dict:
-    """Mean cosine distance 1 - cos(f(q), f(q \\ {g})) over MRBench-mini queries (the paper: 100 queries; 0.07 for
-    the contrastive baseline, 0.15 for ELVA). Text queries (t2i) drop an attribute, the relation or an object; image
-    queries (i2i) drop one object from the scene."""
+    """Mean cosine distance 1 - cos(f(q), f(q \\ {g})) over MRBench-mini queries (the paper: 100
+    queries; 0.07 for the contrastive baseline, 0.15 for ELVA). Text queries (t2i) drop an
+    attribute, the relation or an object; image queries (i2i) drop one object from the scene."""
     full, masked, kinds = [], [], []
     t2i = bench["t2i"][0][: n // 2]
     i2i = bench["i2i"][0][: n - len(t2i)]
@@ -187,7 +201,8 @@ def grain_masking_probe(ret, bench, n: int, autocast) -> dict:
 
 
 def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
-    """How far an embedding moves when its summary is swapped for another input's (same task, no instruction)."""
+    """How far an embedding moves when its summary is swapped for another input's (same task, no
+    instruction)."""
     rng = random.Random(7)
     scenes = rng.sample(world.splits["test"], min(n, len(world.splits["test"])))
     items = [data.Item(scene=s, summary=s.summary(), render_seed=i) for i, s in enumerate(scenes)]
@@ -204,9 +219,10 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
 
 
 def summary_headroom(ret, bench, autocast) -> dict:
-    """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference* summary, and by an
-    empty one ([RET] right after the prompt). Against the greedy-summary score this bounds what better words alone
-    could buy -- all that GRPO's gradient can change -- and shows how much of the score the summary carries at all."""
+    """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference*
+    summary, and by an empty one ([RET] right after the prompt). Against the greedy-summary score
+    this bounds what better words alone could buy -- all that GRPO's gradient can change -- and
+    shows how much of the score the summary carries at all."""
     out = {}
     for mode in ("reference", "empty"):
         r5 = []
@@ -238,32 +254,35 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dic
     ret = elva.Retriever.from_pretrained(ckpt, device)
     meta = ret.meta
     if not isinstance(meta.get("world"), dict):
-        raise SystemExit(f"--ckpt {ckpt}: config.json has no 'world' section; expected a checkpoint written by "
-                         f"train.py on GrainWorld")
+        raise SystemExit(f"--ckpt {ckpt}: config.json has no 'world' section; expected a "
+                         "checkpoint written by train.py on GrainWorld")
     world = GrainWorld(WorldConfig(**meta["world"]))
     t0 = time.time()
     std = standard_split(ret, world, n_queries, autocast)
     if std["nonfinite"]:
-        print(f"warning: {ckpt} gives {std['nonfinite']} non-finite embeddings on the standard split; they rank last")
+        print(f"warning: {ckpt} gives {std['nonfinite']} non-finite embeddings on the standard "
+              "split; they rank last")
     mrb, near, bench = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
     headroom = summary_headroom(ret, bench, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
-    return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb, "near_miss": near,
+    return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb,
+            "near_miss": near,
             "probe": probe, "swap": swap, "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
             "eval_seconds": time.time() - t0}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Real data: M-BEIR in UniIR's layout (readers in mbeir.py) and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a
-# dense relevance matrix is ever built.
+# --------------------------------------------------------------------------------------------------
+# Real data: M-BEIR in UniIR's layout (readers in mbeir.py) and MMEB's rows, streamed: neither the
+# [queries, pool] score matrix nor a dense relevance matrix is ever built.
 
 
 def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
-    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i rel_i / log2(i + 1) over
-    the top k, IDCG the same for min(#positives, k) relevant items at the top. `top` must come ranked by the
-    reward's rule (elva.ranked_top_k with the positives), so that a collapsed model earns nothing."""
+    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
+    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at
+    the top. `top` must come ranked by the reward's rule (elva.ranked_top_k with the positives),
+    so that a collapsed model earns nothing."""
     import math
     total = 0.0
     for row, pos in zip(top.tolist(), positives):
@@ -275,8 +294,9 @@ def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> flo
 
 
 def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
-    """The pool's embeddings, from the cache when the same model embedded the same pool file before. The cache file
-    (safetensors) holds the embeddings, the candidate ids and the hashes of the model and the pool file."""
+    """The pool's embeddings, from the cache when the same model embedded the same pool file
+    before. The cache file (safetensors) holds the embeddings, the candidate ids and the hashes
+    of the model and the pool file."""
     model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
     pool_sha = sha256(pool.path)
     path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
@@ -298,20 +318,24 @@ def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: in
 
 
 def mbeir_score(results: dict, tasks: list[str]) -> float:
-    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and FashionIQ (Table 1)."""
+    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and
+    FashionIQ (Table 1)."""
     return sum(results[t]["R@10" if any(f in t.lower() for f in ("fashion200k", "fashioniq")) else "R@5"]
                for t in tasks) / len(tasks)
 
 
-def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast, run_file: str | None = None,
+def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast,
+                   run_file: str | None = None,
                    cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256,
                    instruction: str = "first", seed: int = 0) -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive (qrels/<split>/..._qrels.txt, else
-    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10 ranked by the same
-    rule, over the task's local pool (its `_<split>_cand_pool` where the release has one) or the union pool. A query
-    none of whose positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first (deterministic)
-    or one drawn at random with `seed` (UniIR draws). Every input is read and checked before any embedding; the run
-    file (TREC: qid Q0 did rank score run_id) is written whole or not at all."""
+    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive
+    (qrels/<split>/..._qrels.txt, else pos_cand_list; no dataset filter) is in the top K,
+    pessimistic ties -- plus MRR and NDCG@10 ranked by the same rule, over the task's local pool
+    (its `_<split>_cand_pool` where the release has one) or the union pool. A query none of whose
+    positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first
+    (deterministic) or one drawn at random with `seed` (UniIR draws). Every input is read and
+    checked before any embedding; the run file (TREC: qid Q0 did rank score run_id) is written
+    whole or not at all."""
     root = Path(root)
     instructions = mbeir.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
     known = mbeir.mbeir_tasks(root, split)
@@ -319,8 +343,8 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
         tasks = known
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the M-BEIR folder {root} has "
-                         f"query files for {known} (split {split})")
+        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the "
+                         f"M-BEIR folder {root} has query files for {known} (split {split})")
     loaded, pools = [], {}
     rng = random.Random(seed) if instruction == "random" else None
     for task in tasks:   # read and check everything first
@@ -329,29 +353,38 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
             pools[ppath] = mbeir.read_mbeir_pool(ppath, root)
         qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
         qrels = mbeir.read_qrels(qrels_path) if qrels_path.is_file() else None
-        qs = mbeir.read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels, strict=False,
+        qs = mbeir.read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels,
+                                      strict=False,
                                 instruction_rng=rng)
         loaded.append((task, qs, pools[ppath]))
-        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} candidates); "
-              f"relevance from {qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
+        print(f"{task}: {len(qs.items)} queries against {ppath.name} "
+              f"({len(pools[ppath].items)} candidates); relevance from "
+              f"{qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
     out, run_lines = {}, []
     cache = Path(cache_dir) if cache_dir else None
     for task, qs, pool in loaded:
         t0 = time.time()
         ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
-        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(), progress=f"{task} queries")[0]
+        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(),
+                             progress=f"{task} queries")[0]
         width = max(1, max(len(p) for p in qs.relevant))
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])            # (Q, P_max), -1 pads
-        has = pos[:, 0] >= 0                                                    # a query with no positive in the pool
-        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)      # ... is a miss
+        # (Q, P_max), -1 pads
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])
+        has = pos[:, 0] >= 0                                  # a query with no positive in the pool
+        # ... is a miss
+        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)
         if has.any():
             ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
-        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after equal scores)
-        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))   # (Q, k)
-        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant), "queries": len(qs.items),
+        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after
+        # equal scores)
+        # (Q, k)
+        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
+        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
+                     "queries": len(qs.items),
                      "pool": len(pool.items), "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
                      "seconds": time.time() - t0}
-        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(), scores[:, :run_depth].tolist()):
+        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(),
+                                  scores[:, :run_depth].tolist()):
             run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
     keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
     out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
@@ -362,18 +395,20 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
 
 
 def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target being the positive.
-    Per file: Precision@1 (VLM2Vec's metric: the positive ranks first; pessimistic ties, NaN last), MRR, and the
-    chance level (mean of 1 / targets). Every file is read and checked before any embedding. To make these rows
-    from the released parquet files, read them with any parquet reader outside this project and write one JSON object
-    per row with the fields read_mmeb names (json.dumps of each row's dict)."""
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target
+    being the positive. Per file: Precision@1 (VLM2Vec's metric: the positive ranks first;
+    pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets). Every file is
+    read and checked before any embedding. To make these rows from the released parquet files,
+    read them with any parquet reader outside this project and write one JSON object per row with
+    the fields read_mmeb names (json.dumps of each row's dict)."""
     loaded = [(p, mbeir.read_mmeb(p, image_root)) for p in paths]
     out = {}
     for path, rows in loaded:
         t0 = time.time()
         eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast(),
                              progress=f"{Path(path).stem} queries")[0]
-        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their targets)
+        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their
+        # targets)
         unique = {}
         for r in rows:
             for t in r[2]:
@@ -386,7 +421,8 @@ def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: 
             s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]  # (targets,)
             ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
         ranks = torch.tensor(ranks, dtype=torch.float64)
-        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(),
+                                "MRR": (1 / ranks).mean().item(),
                                 "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
                                 "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
     out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
@@ -396,7 +432,8 @@ def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: 
 def mmeb_table(results: dict) -> str:
     lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | {r['chance_P@1']:.3f} |")
+        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | "
+                     f"{r['chance_P@1']:.3f} |")
     return "\n".join(lines)
 
 
@@ -412,7 +449,7 @@ def mbeir_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures, drawn with Pillow (no plotting library)
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
@@ -426,15 +463,18 @@ def _smooth(ys, k):
     return out
 
 
-def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "reward_mean", "R_margin", "R_rank",
+def draw_curves(stage_dirs: list[str], out_png: str,
+                keys=("infonce", "lm", "reward_mean", "R_margin", "R_rank",
                                                              "top1", "kl", "tied_groups")):
-    """One panel per logged quantity, one line per stage folder (its log.jsonl), smoothed over 10 steps."""
+    """One panel per logged quantity, one line per stage folder (its log.jsonl), smoothed over 10
+    steps."""
     from PIL import Image, ImageDraw
     logs = {}
     for d in stage_dirs:
         path = Path(d) / "log.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"--curves: {path} not found; expected a stage folder written by train.py")
+            raise FileNotFoundError(f"--curves: {path} not found; expected a stage folder written "
+                                    "by train.py")
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         logs[f"{Path(d).parent.name}/{Path(d).name}"] = recs
     keys = [k for k in keys if any(k in r for recs in logs.values() for r in recs)]
@@ -443,7 +483,8 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
     img = Image.new("RGB", (cols * W, rows * H + 24 + 16 * len(logs)), "white")
     draw = ImageDraw.Draw(img)
     for li, name in enumerate(logs):
-        draw.line([(10, 12 + 16 * li), (30, 12 + 16 * li)], fill=PALETTE[li % len(PALETTE)], width=3)
+        draw.line([(10, 12 + 16 * li), (30, 12 + 16 * li)], fill=PALETTE[li % len(PALETTE)],
+                  width=3)
         draw.text((36, 6 + 16 * li), name, fill="black")
     top0 = 24 + 16 * len(logs)
     for ki, key in enumerate(keys):
@@ -455,10 +496,12 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
             continue
         lo, hi = min(ys), max(ys)
         hi = hi if hi > lo else lo + 1e-6
-        xmax = max(x for pts in series.values() for x, _ in pts) or 1         # one step axis for every line
+        # one step axis for every line
+        xmax = max(x for pts in series.values() for x, _ in pts) or 1
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
         draw.text((x0, y0 - 16), f"{key} (smoothed over 10 steps)", fill="black")
-        for f in (0.0, 0.5, 1.0):   # ticks: the value axis left, the step axis below, with their labels
+        # ticks: the value axis left, the step axis below, with their labels
+        for f in (0.0, 0.5, 1.0):
             yv, xv = lo + f * (hi - lo), round(f * xmax)
             ty, tx = y0 + ph * (1 - f), x0 + pw * f
             draw.line([(x0 - 4, ty), (x0, ty)], fill="gray")
@@ -477,7 +520,8 @@ def draw_curves(stage_dirs: list[str], out_png: str, keys=("infonce", "lm", "rew
 
 
 def log_summary(stage_dir: str) -> str:
-    """Means of the logged quantities over the first and the last fifth of a stage's steps, and its wall time."""
+    """Means of the logged quantities over the first and the last fifth of a stage's steps, and
+    its wall time."""
     recs = [json.loads(line) for line in (Path(stage_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
     n = max(1, len(recs) // 5)
     keys = [k for k in recs[0] if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
@@ -490,8 +534,10 @@ def log_summary(stage_dir: str) -> str:
     return f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: " + ", ".join(parts)
 
 
-def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"), per_task=1):
-    """For a few MRBench-mini queries: the query, then each checkpoint's top 5 (green frame: relevant)."""
+def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"),
+                        per_task=1):
+    """For a few MRBench-mini queries: the query, then each checkpoint's top 5 (green frame:
+    relevant)."""
     from PIL import Image, ImageDraw
     S, pad, qw = 64, 6, 230
     rows = [(t, i, r) for t in tasks for i in range(per_task) for r in results]
@@ -513,12 +559,13 @@ def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", 
             c = bench[task][1][idx]
             cx = qw + j * (S + pad)
             img.paste(data.render(c.scene, S, c.render_seed), (cx, y))
-            draw.rectangle([cx, y, cx + S - 1, y + S - 1], outline=(0, 170, 0) if ok else (220, 0, 0), width=3)
+            draw.rectangle([cx, y, cx + S - 1, y + S - 1],
+                           outline=(0, 170, 0) if ok else (220, 0, 0), width=3)
         draw.text((qw + 5 * (S + pad) + 4, y + S // 2 - 6), Path(res["ckpt"]).name, fill="black")
     img.save(out_png)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Table
 
 
@@ -570,8 +617,8 @@ def table(results: list[dict]) -> str:
 
 
 def _log_stats(ckpt: str) -> dict:
-    """From a stage's log.jsonl (if there): its training minutes (mining excluded) and the reward's mean over the
-    first and the last fifth of its steps (GRPO runs only)."""
+    """From a stage's log.jsonl (if there): its training minutes (mining excluded) and the
+    reward's mean over the first and the last fifth of its steps (GRPO runs only)."""
     path = Path(ckpt) / "log.jsonl"
     if not path.exists():
         return {}
@@ -586,17 +633,21 @@ def _log_stats(ckpt: str) -> dict:
 
 
 def ladder_table(folder: str) -> str:
-    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as `study.py runs` writes),
-    its reward and budget, and how its reward, KL and summaries moved from the first to the last fifth of its steps.
-    t = (last - first) / the standard error of that difference over the per-step means: "rises clearly" is t > 3."""
+    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as
+    `study.py runs` writes), its reward and budget, and how its reward, KL and summaries moved
+    from the first to the last fifth of its steps. t = (last - first) / the standard error of
+    that difference over the per-step means: "rises clearly" is t > 3."""
     import statistics
-    rows = ["| run | reward | lr | beta | reward first -> last fifth | t | KL last fifth | summary length | "
-            "query summaries exact | MRBench-mini avg R@5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | reward | lr | beta | reward "
+            "first -> last fifth | t | KL last fifth "
+            "| summary length | query summaries "
+            "exact | MRBench-mini avg R@5 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg_path in sorted(Path(folder).glob("*/config.json")):
         run = cfg_path.parent
         meta = json.loads(cfg_path.read_text())
         a = meta.get("args", {})
-        control = a.get("control") or a.get("rl_objective", "grpo") != "grpo"   # (older runs: --rl_objective)
+        # (older runs: --rl_objective)
+        control = a.get("control") or a.get("rl_objective", "grpo") != "grpo"
         if meta.get("stage") != "elva" or control or not (run / "log.jsonl").exists():
             continue
         recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
@@ -613,16 +664,18 @@ def ladder_table(folder: str) -> str:
         if res.exists():
             r = json.loads(res.read_text())
             mrb = f"{(r[0] if isinstance(r, list) else r)['mrbench']['avg']:.3f}"
-        rows.append(f"| {run.name} | {a.get('reward', 'paper')} | {a.get('rl_lr'):g} | {a.get('beta'):g} | "
-                    f"{statistics.mean(r0):.3f} -> {statistics.mean(r1):.3f} | {t:+.1f} | {mean(last, 'kl'):.4f} | "
-                    f"{mean(first, 'summary_len'):.1f} -> {mean(last, 'summary_len'):.1f} | "
-                    f"{mean(first, 'query_exact'):.3f} -> {mean(last, 'query_exact'):.3f} | {mrb} |")
+        rows.append(f"| {run.name} | {a.get('reward', 'paper')} | {a.get('rl_lr'):g} | "
+                    f"{a.get('beta'):g} | {statistics.mean(r0):.3f} -> {statistics.mean(r1):.3f} "
+                    f"| {t:+.1f} | {mean(last, 'kl'):.4f} | {mean(first, 'summary_len'):.1f} -> "
+                    f"{mean(last, 'summary_len'):.1f} | {mean(first, 'query_exact'):.3f} -> "
+                    f"{mean(last, 'query_exact'):.3f} | {mrb} |")
     return "\n".join(rows)
 
 
 def aggregate(results: list[dict]) -> str:
-    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown table). Where the
-    checkpoint's log.jsonl is at hand, also the reward's first-fifth -> last-fifth means and the training minutes."""
+    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown
+    table). Where the checkpoint's log.jsonl is at hand, also the reward's first-fifth ->
+    last-fifth means and the training minutes."""
     import re
     import statistics
     groups = {}
@@ -637,7 +690,8 @@ def aggregate(results: list[dict]) -> str:
             ("win vs relation", lambda r: r["near_miss"]["avg"]["win_relation"]),
             ("grain-masking dist.", lambda r: r["probe"]["all"]),
             ("MRBench-mini, reference summaries", lambda r: r["headroom"]["reference"])]
-    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " | reward first -> last fifth | train min |",
+    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " | reward first -> last fifth "
+                                                                   "| train min |",
              "|---|---|" + "---|" * (len(cols) + 2)]
     for name, rs in groups.items():
         cells = []
@@ -651,7 +705,8 @@ def aggregate(results: list[dict]) -> str:
             cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
         logs = [_log_stats(r["ckpt"]) for r in rs]
         rw = [lg["reward"] for lg in logs if "reward" in lg]
-        cells.append(f"{statistics.mean(a for a, _ in rw):.3f} -> {statistics.mean(b for _, b in rw):.3f}" if rw
+        cells.append(f"{statistics.mean(a for a, _ in rw):.3f} -> "
+                     f"{statistics.mean(b for _, b in rw):.3f}" if rw
                      else "-")
         mins = [f"{lg['minutes']:.1f}" for lg in logs if "minutes" in lg]
         cells.append(" / ".join(mins) if mins else "-")
@@ -659,16 +714,17 @@ def aggregate(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One RL step, shown: python eval.py --explain CKPT
 
 
 def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
-    """One RL instance through the paper's stage-3 step (Section 3.4) with the functions training uses: its query
-    and candidates (the positive and the mined negatives), the G rollouts' sampled summaries, each rollout's
-    scores and ranked list, R_Margin, R_Rank, R_total and the group advantage. The checkpoint is the policy and
-    also mines the negatives (in training the stage-2 model mines them); the run's own arguments (config.json)
-    give G, the temperature, the negative counts and the reward's constants."""
+    """One RL instance through the paper's stage-3 step (Section 3.4) with the functions training
+    uses: its query and candidates (the positive and the mined negatives), the G rollouts'
+    sampled summaries, each rollout's scores and ranked list, R_Margin, R_Rank, R_total and the
+    group advantage. The checkpoint is the policy and also mines the negatives (in training the
+    stage-2 model mines them); the run's own arguments (config.json) give G, the temperature, the
+    negative counts and the reward's constants."""
     import train
     from reward import auto_gamma, group_advantages, total_reward
     ret = elva.Retriever.from_pretrained(ckpt, device)
@@ -677,13 +733,15 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     instances = source.rl_instances(args, source.data, ret, autocast)          # one query per task
     chosen = [x for x in instances if task is None or x[0].task == task]
     if not chosen:
-        raise SystemExit(f"--explain_task {task!r}: expected one of {sorted({q.task for q, _ in instances})}")
+        raise SystemExit(f"--explain_task {task!r}: expected one of "
+                         f"{sorted({q.task for q, _ in instances})}")
     batch = chosen[:1]
     gen = torch.Generator(device=device).manual_seed(seed)
     made = data.encode_rollout(ret.enc, ret.prompt_limit, batch)
     with torch.no_grad():
         ro = train.rollout(args, ret, made, gen, autocast)
-    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma, return_parts=True,
+    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
+                            return_parts=True,
                             ranks=ro.ranks)                                    # (1, G)
     A = group_advantages(R)
     B, G, K = ro.shape
@@ -691,29 +749,31 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     names = ["positive"] + [f"negative {i + 1}" for i in range(len(negs))]
     C = K - 1
     gamma = auto_gamma(C) if args.gamma is None else args.gamma
-    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at temperature "
-          f"{args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} R_Rank, delta {args.delta}, "
-          f"gamma {gamma:.4f}")
+    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at "
+          f"temperature {args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} "
+          f"R_Rank, delta {args.delta}, gamma {gamma:.4f}")
     print(f"query:      {describe(q.item)}   [instruction: {data.instruction_of(q)}]")
     for name, c in zip(names, [q.positive, *negs]):
         print(f"{name + ':':12s}{describe(c)}")
     for g in range(G):
-        rows = [(g * K + k) for k in range(K)]                                  # sequences of rollout g
+        rows = [(g * K + k) for k in range(K)]                              # sequences of rollout g
         said = [ret.enc.decode(ro.summaries[r]) for r in rows]
         order = ro.ranks[0, g].tolist()
         ranked = sorted(range(C), key=lambda j: order[j])
         listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}" for j in ranked)
         print(f"\nrollout {g}: the query wrote {said[0]!r}")
         print(f"  ranked list: {listing}")
-        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank {parts['rank'][0, g].item():.4f} | "
+        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank "
+              f"{parts['rank'][0, g].item():.4f} | "
               f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
         print("  the candidates wrote: " + " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:])))
-    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary of rollout g "
-          f"shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
+    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary "
+          "of rollout g shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
 
 
 def describe(item: Item) -> str:
-    """An item in words: its text, and for an image its scene's reference summary (what the image shows)."""
+    """An item in words: its text, and for an image its scene's reference summary (what the image
+    shows)."""
     parts = [repr(item.text)] if item.text else []
     if item.scene is not None:
         parts.append(f"(image: {item.scene.summary()})")
@@ -722,44 +782,58 @@ def describe(item: Item) -> str:
     return " ".join(parts) or "(empty)"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The command line: one small function per mode
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--ckpt", action="append", default=[], help="checkpoint folder (repeat for a side-by-side table)")
+    add("--ckpt", action="append", default=[],
+        help="checkpoint folder (repeat for a side-by-side table)")
     add("--queries", type=int, default=200, help="standard-split queries per task")
     add("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
     add("--device", default="auto", help="auto | cpu | cuda | mps")
-    add("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
+    add("--threads", type=int, default=None,
+        help="CPU threads (default: the cores this process may use)")
     add("--out", default=None, help="write the results as JSON here")
-    add("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) here")
-    add("--curves", nargs="*", default=None, help="stage folders whose log.jsonl to plot (no --ckpt needed)")
+    add("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) "
+                                     "here")
+    add("--curves", nargs="*", default=None,
+        help="stage folders whose log.jsonl to plot (no --ckpt needed)")
     add("--curves_png", default="curves.png", help="where --curves writes its PNG")
-    add("--explain", default=None, metavar="CKPT", help="walk one RL instance through the paper's stage-3 "
-        "step and print it (explain)")
-    add("--explain_task", default=None, help="the task of --explain's instance (default: the first task's)")
-    add = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py --sample DIR writes "
-                               "one)").add_argument
+    add("--explain", default=None, metavar="CKPT",
+        help="walk one RL instance through the paper's stage-3 step and print it (explain)")
+    add("--explain_task", default=None, help="the task of --explain's instance (default: the "
+                                             "first task's)")
+    add = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py "
+                               "--sample DIR writes one)").add_argument
     add("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/, images)")
-    add("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; or all")
-    add("--pool", default="local", choices=["local", "union"], help="each task's own pool or the union pool")
+    add("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; "
+                                       "or all")
+    add("--pool", default="local", choices=["local", "union"],
+        help="each task's own pool or the union pool")
     add("--split", default="test", help="query split (query/<split>/)")
     add("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
     add("--run_depth", type=int, default=100, help="candidates per query in the run file")
-    add("--cache", default=None, help="folder for cached pool embeddings (default: <ckpt>/mbeir_cache)")
-    add("--instruction", default="first", choices=["first", "random"], help="UniIR's prompt per query: the "
+    add("--cache", default=None, help="folder for cached pool embeddings (default: "
+                                      "<ckpt>/mbeir_cache)")
+    add("--instruction", default="first", choices=["first", "random"],
+        help="UniIR's prompt per query: the "
         "first (deterministic) or one at random with --seed (UniIR draws one)")
-    add("--seed", type=int, default=0, help="seed of --instruction random and of --explain's sampling")
+    add("--seed", type=int, default=0, help="seed of --instruction random and of --explain's "
+                                            "sampling")
     add = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line").add_argument
-    add("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
+    add("--mmeb", nargs="+", default=None,
+        help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
         "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
     add("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
-    p.add_argument("--ladder", default=None, help="print the learnability-ladder table of a study folder "
+    p.add_argument("--ladder", default=None,
+                   help="print the learnability-ladder table of a study folder "
                    "(study.py writes one) and exit")
-    p.add_argument("--from_json", nargs="+", default=None, help="re-print the tables of earlier --out JSON "
+    p.add_argument("--from_json", nargs="+", default=None,
+                   help="re-print the tables of earlier --out JSON "
                    "files (no evaluation); several files are concatenated, e.g. runs/study/*.json")
     return p
 
@@ -772,8 +846,8 @@ def check_inputs(p, args):
         if not (Path(c) / "config.json").is_file():
             stages = sorted(d.name for d in Path(c).glob("*") if (d / "config.json").is_file())
             if stages:
-                p.error(f"--ckpt {c}: a run folder, not a checkpoint; it holds the stage folders {stages}, "
-                        f"e.g. --ckpt {Path(c) / stages[0]}")
+                p.error(f"--ckpt {c}: a run folder, not a checkpoint; it holds the stage folders "
+                        f"{stages}, e.g. --ckpt {Path(c) / stages[0]}")
             p.error(f"--ckpt {c}: no config.json; expected a checkpoint folder written by train.py")
     if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
         p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
@@ -781,8 +855,8 @@ def check_inputs(p, args):
         if args.run_depth < 1:
             p.error(f"--run_depth {args.run_depth}: expected an integer >= 1")
         if not Path(args.mbeir).is_dir():
-            p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, cand_pool/, "
-                    f"instructions/)")
+            p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, "
+                    "cand_pool/, instructions/)")
 
 
 def write_results(args, res):
@@ -796,7 +870,8 @@ def mmeb_mode(args, device, autocast):
     try:
         res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images {args.mmeb_images})") \
+        raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images "
+                         f"{args.mmeb_images})") \
             from None
     print(mmeb_table(res))
     write_results(args, res)
@@ -806,7 +881,8 @@ def mbeir_mode(args, device, autocast):
     ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cache = args.cache or str(Path(args.ckpt[0]) / "mbeir_cache")
-    res = evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast, args.run_file, cache,
+    res = evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast, args.run_file,
+                         cache,
                          args.run_depth, instruction=args.instruction, seed=args.seed)
     print(mbeir_table(res))
     if args.run_file:
@@ -815,8 +891,8 @@ def mbeir_mode(args, device, autocast):
 
 
 def grainworld_mode(p, args, device, autocast):
-    """The checkpoints side by side (and earlier results, --from_json): the table, the seeds' aggregate, the
-    retrieval grid."""
+    """The checkpoints side by side (and earlier results, --from_json): the table, the seeds'
+    aggregate, the retrieval grid."""
     results = []
     for f in args.from_json or []:
         try:

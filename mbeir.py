@@ -1,16 +1,16 @@
 """
-Real retrieval data: UniIR's M-BEIR release and MMEB's evaluation rows -- readers, a sample writer, the training
-inputs made from M-BEIR, and the M-BEIR / MMEB evaluation.
+Real retrieval data: UniIR's M-BEIR release and MMEB's evaluation rows -- readers, a sample writer,
+the training inputs made from M-BEIR, and the M-BEIR / MMEB evaluation.
 
     python mbeir.py --sample DIR                                   # a small M-BEIR-format folder (no downloads)
     python train.py --mbeir DIR --train_tasks all                  # both stages on M-BEIR (mbeir.training_source)
     python eval.py --ckpt runs/x/contrastive --mbeir DIR           # UniIR's protocol (evaluate_mbeir)
     python eval.py --ckpt runs/x/contrastive --mmeb DIR/mmeb/*.jsonl --mmeb_images DIR
 
-The paper trains stage 2 on M-BEIR (8 task types, 10 datasets, ~1.1M pairs) and ELVA on 1% of each dataset, and
-reports M-BEIR's 16 tasks (ELVA, Section 4). GrainWorld (data.py) is this project's default data; everything here
-gives the stages the same interface as GrainWorld does (train.Source): a tokenizer corpus, stage 2's step inputs and
-the RL instances with their mined negatives.
+The paper trains stage 2 on M-BEIR (8 task types, 10 datasets, ~1.1M pairs) and ELVA on 1% of each
+dataset, and reports M-BEIR's 16 tasks (ELVA, Section 4). GrainWorld (data.py) is this project's
+default data; everything here gives the stages the same interface as GrainWorld does (train.Source):
+a tokenizer corpus, stage 2's step inputs and the RL instances with their mined negatives.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from PIL import Image
 from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, full_caption, mine_negatives,
                   random_caption, render)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR root:
-#   query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path", "query_modality",
-#                                                          "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
-#   cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl, cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
-#                                                         {"did", "txt", "img_path", "modality", "src_content"}
-#   instructions/query_instructions.tsv                   header; query modality, candidate modality, ..., dataset id,
-#                                                         then one or more prompts
-# Ids are "<dataset_id>:<n>"; image paths are relative to the root. Texts may be null or "".
+# --------------------------------------------------------------------------------------------------
+# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR
+# root: query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path",
+# "query_modality", "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
+# cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl,
+# cand_pool/global/mbeir_union_<split>_cand_pool.jsonl {"did", "txt", "img_path", "modality",
+# "src_content"} instructions/query_instructions.tsv                   header; query modality,
+# candidate modality, ..., dataset id, then one or more prompts Ids are "<dataset_id>:<n>"; image
+# paths are relative to the root. Texts may be null or "".
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
@@ -48,12 +48,14 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON object per line") from e
+                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON "
+                                 "object per line") from e
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected {list(required)}")
+                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected "
+                                 f"{list(required)}")
             row["_line"] = n
             rows.append(row)
     return rows
@@ -72,10 +74,12 @@ def _real_item(path: Path, n: int, text, img, image_root: Path, check_image: boo
 
 
 def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
-    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality): [prompts]}."""
+    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality):
+    [prompts]}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected instructions/query_instructions.tsv")
+        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected "
+                                "instructions/query_instructions.tsv")
     out = {}
     lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines[1:], 2):   # the first line is the header
@@ -84,7 +88,8 @@ def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
         parts = line.split("\t")
         prompts = [p.strip() for p in parts[4:] if p.strip()]
         if len(parts) < 5 or not prompts:
-            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate modality, task, dataset "
+            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate "
+                             "modality, task, dataset "
                              f"id and at least one prompt; got {len(parts)} fields")
         out[(parts[3].strip(), parts[0].strip(), parts[1].strip())] = prompts
     return out
@@ -101,24 +106,27 @@ class MBeirPool:
 
 
 def _summary_of(path: Path, row: dict, summary_field: str | None) -> str:
-    """The reference summary of a record: its `summary_field` (training on real data that has one), else none."""
+    """The reference summary of a record: its `summary_field` (training on real data that has
+    one), else none."""
     if summary_field is None or row.get(summary_field) is None:
         return ""
     if not isinstance(row[summary_field], str):
-        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is {type(row[summary_field]).__name__}; "
+        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is "
+                         f"{type(row[summary_field]).__name__}; "
                          f"expected a string (the summary) or null")
     return row[summary_field].strip()
 
 
-def read_mbeir_pool(path, image_root, check_images: bool = True, summary_field: str | None = None) -> MBeirPool:
+def read_mbeir_pool(path, image_root, check_images: bool = True,
+                    summary_field: str | None = None) -> MBeirPool:
     path = Path(path)
     rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
     items, dids, mods, index = [], [], [], {}
     for r in rows:
         did = str(r["did"])
         if did in index:
-            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at record "
-                             f"{index[did] + 1})")
+            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at "
+                             f"record {index[did] + 1})")
         index[did] = len(items)
         item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images)
         items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
@@ -136,13 +144,17 @@ class MBeirQueries:
     task_ids: list[int | None]
     modalities: list[str]
     instructions: list[str | None]
-    positives: list[list[int]]      # pool indices of the query's own dataset's positives (training; the instruction)
-    negatives: list[list[int]]      # pool indices of neg_cand_list entries found in the pool (often empty)
-    relevant: list[list[int]]       # pool indices of every qrels positive in the pool: what evaluation counts
+    # pool indices of the query's own dataset's positives (training; the instruction)
+    positives: list[list[int]]
+    # pool indices of neg_cand_list entries found in the pool (often empty)
+    negatives: list[list[int]]
+    # pool indices of every qrels positive in the pool: what evaluation counts
+    relevant: list[list[int]]
 
 
 def read_qrels(path) -> dict[str, list[str]]:
-    """UniIR's qrels file (qid 0 did relevance task_id, one per line) -> {qid: [relevant candidate ids]}."""
+    """UniIR's qrels file (qid 0 did relevance task_id, one per line) -> {qid: [relevant
+    candidate ids]}."""
     out: dict[str, list[str]] = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
@@ -159,12 +171,13 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
                        same_dataset_positives: bool = True, check_images: bool = True,
                        summary_field: str | None = None, qrels: dict | None = None, strict: bool = True,
                        instruction_rng: random.Random | None = None) -> MBeirQueries:
-    """Read a query file against a pool, as UniIR's evaluation does: every qrels positive (`qrels`, else the
-    record's pos_cand_list) that is in the pool is relevant, whatever its dataset (`relevant`); a positive outside
-    the pool cannot be retrieved and is no error. The query's own dataset's positives (`positives`: OVEN and InfoSeek
-    also list other datasets' candidates) pick its instruction -- UniIR's prompt for (its dataset, its modality, the
-    positive's modality), the first (or with instruction_rng one at random, as UniIR draws) -- and are what training
-    pairs it with; strict (training): they must be in the pool."""
+    """Read a query file against a pool, as UniIR's evaluation does: every qrels positive
+    (`qrels`, else the record's pos_cand_list) that is in the pool is relevant, whatever its
+    dataset (`relevant`); a positive outside the pool cannot be retrieved and is no error. The
+    query's own dataset's positives (`positives`: OVEN and InfoSeek also list other datasets'
+    candidates) pick its instruction -- UniIR's prompt for (its dataset, its modality, the
+    positive's modality), the first (or with instruction_rng one at random, as UniIR draws) --
+    and are what training pairs it with; strict (training): they must be in the pool."""
     path = Path(path)
     rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
     out = MBeirQueries(path, [], [], [], [], [], [], [], [])
@@ -176,24 +189,27 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
         dataset = qid.split(":")[0]
         kept = [str(p) for p in pos if not same_dataset_positives or str(p).split(":")[0] == dataset]
         if not kept:
-            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset {dataset}")
+            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset "
+                             f"{dataset}")
         missing = [p for p in kept if p not in pool.index]
         if strict and missing:
-            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not in the pool "
-                             f"{pool.path}")
+            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not "
+                             f"in the pool {pool.path}")
         kept = [p for p in kept if p in pool.index] or [str(p) for p in pos if str(p) in pool.index]
         instruction = None
         if instructions is not None:
             if not kept:
-                raise ValueError(f"{path}:{n}: no positive of query {qid} is in the pool {pool.path}; its instruction "
-                                 f"depends on a positive's modality")
+                raise ValueError(f"{path}:{n}: no positive of query {qid} is in the pool "
+                                 f"{pool.path}; its instruction depends on a positive's modality")
             key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
             if key not in instructions:
-                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query modality {key[1]!r}, "
+                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query "
+                                 f"modality {key[1]!r}, "
                                  f"candidate modality {key[2]!r} in query_instructions.tsv")
             prompts = instructions[key]
             instruction = instruction_rng.choice(prompts) if instruction_rng else prompts[0]
-        item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root), check_images)
+        item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root),
+                          check_images)
         out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
         out.qids.append(qid)
         out.task_ids.append(r.get("task_id"))
@@ -213,9 +229,9 @@ def mbeir_tasks(root, split: str = "test") -> list[str]:
 
 
 def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
-    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own: its split's pool
-    `mbeir_<task>_<split>_cand_pool.jsonl` where the release has one, as MSCOCO's 5K-image / 25K-caption test pools,
-    else `mbeir_<task>_cand_pool.jsonl`) or 'union'."""
+    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own:
+    its split's pool `mbeir_<task>_<split>_cand_pool.jsonl` where the release has one, as
+    MSCOCO's 5K-image / 25K-caption test pools, else `mbeir_<task>_cand_pool.jsonl`) or 'union'."""
     root = Path(root)
     q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
     if pool == "local":
@@ -231,9 +247,10 @@ def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tu
 
 @dataclass
 class MBeirTrain:
-    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local pools merged by id)
-    and every query of the training tasks against it. queries[i] carries its task name, item, first positive and
-    UniIR instruction; positives[i] / negatives[i] are pool indices (negatives: the neg_cand_list entries)."""
+    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local
+    pools merged by id) and every query of the training tasks against it. queries[i] carries its
+    task name, item, first positive and UniIR instruction; positives[i] / negatives[i] are pool
+    indices (negatives: the neg_cand_list entries)."""
     root: Path
     tasks: list[str]
     split: str
@@ -253,15 +270,16 @@ class MBeirTrain:
 
 def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "union",
                      summary_field: str | None = None) -> MBeirTrain:
-    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for `split`) and the pool
-    they retrieve from, checking every record and image first. Instructions as in UniIR; same-dataset positives."""
+    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for
+    `split`) and the pool they retrieve from, checking every record and image first. Instructions
+    as in UniIR; same-dataset positives."""
     root = Path(root)
     known = mbeir_tasks(root, split)
     tasks = known if tasks == ["all"] else tasks
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under {root / 'query' / split}; "
-                         f"expected some of {known}")
+        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under "
+                         f"{root / 'query' / split}; expected some of {known}")
     instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
     paths = [mbeir_paths(root, t, split, pool) for t in tasks]
     merged = MBeirPool(paths[0][1], [], [], [], {})
@@ -281,12 +299,14 @@ def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "
             out.positives.append(pos)
             out.negatives.append([n for n in neg if n not in pos])
     if len(merged.items) < 2:
-        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); training needs negatives")
+        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); "
+                         "training needs negatives")
     return out
 
 
 def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
-    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool indices)."""
+    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool
+    indices)."""
     pool = read_mbeir_pool(pool_path, image_root)
     qs = read_mbeir_queries(queries_path, pool, image_root, same_dataset_positives=False)
     return qs.items, pool.items, [set(p) for p in qs.positives]
@@ -298,15 +318,17 @@ def _untoken(text) -> str:
 
 
 def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
-    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target instruction)], the
-    first target being the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst, tgt_text[], tgt_img_path[]."""
+    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target
+    instruction)], the first target being the positive. Fields: qry_inst, qry_text, qry_img_path,
+    tgt_inst, tgt_text[], tgt_img_path[]."""
     path = Path(path)
     out = []
     for r in _read_jsonl(path, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")):
         n = r["_line"]
         texts, imgs = r["tgt_text"] or [], r["tgt_img_path"] or []
         if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
-            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one non-empty")
+            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one "
+                             "non-empty")
         width = max(len(texts), len(imgs))
         texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
         query = _real_item(path, n, _untoken(r["qry_text"]), r["qry_img_path"], Path(image_root))
@@ -320,19 +342,22 @@ def _sample_image(i: int) -> str:
 
 
 def write_mbeir_sample(root) -> Path:
-    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for trying the commands:
-    two datasets ("9": text->image and image->text; "8": (image, text)->(image, text)), local and union pools, qrels,
-    instructions, non-square JPEGs, null and empty texts, image+text candidates, a positive from another dataset
-    (relevant in evaluation when the union pool holds it; not a training positive) and empty negative lists."""
+    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for
+    trying the commands: two datasets ("9": text->image and image->text; "8": (image,
+    text)->(image, text)), local and union pools, qrels, instructions, non-square JPEGs, null and
+    empty texts, image+text candidates, a positive from another dataset (relevant in evaluation
+    when the union pool holds it; not a training positive) and empty negative lists."""
     root = Path(root)
     rng = random.Random(0)
     world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
     scenes = world.splits["train"]
     (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
-        render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
+        render(s, 48, i).resize((64, 48),
+                                Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
     caps = [full_caption(rng, s) for s in scenes]
-    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text candidates
+    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text
+    # candidates
     pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": _sample_image(i), "modality": "image",
                   "src_content": None} for i in range(12)]
     pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
@@ -357,10 +382,12 @@ def write_mbeir_sample(root) -> Path:
         "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
         "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
     }
-    for name in [n for n in files if n.startswith("query/test/")]:   # a train split too, for train.py --mbeir
+    # a train split too, for train.py --mbeir
+    for name in [n for n in files if n.startswith("query/test/")]:
         files[name.replace("/test/", "/train/").replace("_test.jsonl", "_train.jsonl")] = files[name]
     files["cand_pool/global/mbeir_union_train_cand_pool.jsonl"] = files["cand_pool/global/mbeir_union_test_cand_pool.jsonl"]
-    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among 4
+    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among
+    # 4
     files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
                                        "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
                                        "tgt_img_path": [_sample_image((i + k) % 12) for k in range(4)]} for i in range(8)]
@@ -372,7 +399,8 @@ def write_mbeir_sample(root) -> Path:
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         if name.startswith("query/"):
             split = name.split("/")[1]
-            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl", f"_{split}_qrels.txt")
+            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl",
+                                                                     f"_{split}_qrels.txt")
             qrels.parent.mkdir(parents=True, exist_ok=True)
             qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
     (root / "instructions").mkdir(exist_ok=True)
@@ -384,15 +412,16 @@ def write_mbeir_sample(root) -> Path:
     return root
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training inputs from M-BEIR (train.py --mbeir): the same interface as GrainWorld's
 
 
 def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
-    """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one positive (any of
-    its positives) and one extra candidate -- an entry of its neg_cand_list where the data gives one, else a
-    random pool candidate -- laid out like stage 1's triplets: 3 blocks [queries, positives, extras]. The mask
-    takes out every in-batch candidate that is one of the query's positives."""
+    """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one
+    positive (any of its positives) and one extra candidate -- an entry of its neg_cand_list
+    where the data gives one, else a random pool candidate -- laid out like stage 1's triplets: 3
+    blocks [queries, positives, extras]. The mask takes out every in-batch candidate that is one
+    of the query's positives."""
     rng = random.Random(f"{args.seed}-mbeir-{step}")
     qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]
     pos = [rng.choice(src.positives[i]) for i in qi]
@@ -408,14 +437,16 @@ def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
     items = [src.queries[i].item for i in qi] + [src.pool.items[j] for j in pos + extra]
     instructions = [src.queries[i].instruction for i in qi] + [None] * (2 * B)
     false_neg = torch.tensor([[c != k and j in src.positives[i] for c, j in enumerate(pos + extra)]
-                              for k, i in enumerate(qi)])                                   # (B, 2B)
-    return {"blocks": 3, "items": items, "instructions": instructions, "drop": drop, "false_neg": false_neg}
+                              for k, i in enumerate(qi)])                                  # (B, 2B)
+    return {"blocks": 3, "items": items, "instructions": instructions, "drop": drop,
+            "false_neg": false_neg}
 
 
 def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
-    """build_rl_instances on M-BEIR: per training task, rl_queries queries, each with its first positive, n_hard
-    hard negatives -- its neg_cand_list entries first, then mined: the stage-2 model's top-scoring non-positives
-    (below --hard_threshold) of a pool sample of rl_pool_scenes candidates -- and n_rand random ones."""
+    """build_rl_instances on M-BEIR: per training task, rl_queries queries, each with its first
+    positive, n_hard hard negatives -- its neg_cand_list entries first, then mined: the stage-2
+    model's top-scoring non-positives (below --hard_threshold) of a pool sample of rl_pool_scenes
+    candidates -- and n_rand random ones."""
     rng = random.Random(f"{args.seed}-rl-data")
     gen = torch.Generator().manual_seed(args.seed)
     instances = []
@@ -426,8 +457,9 @@ def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
                       | {j for i in mine for j in src.negatives[i]})
         rel = torch.tensor([[j in src.positives[i] for j in cand] for i in mine])           # (Q, P)
         if (~rel).sum(1).min() < args.n_hard + args.n_rand:
-            raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining sample has fewer than "
-                             f"--n_hard + --n_rand = {args.n_hard + args.n_rand} non-positive candidates")
+            raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining "
+                             "sample has fewer than --n_hard + --n_rand = "
+                             f"{args.n_hard + args.n_rand} non-positive candidates")
         listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
         neg = mine_negatives(retriever, [src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
                              [src.pool.items[j] for j in cand], rel, args.n_hard, args.n_rand, args.hard_threshold,
@@ -444,29 +476,34 @@ def meta_of(args) -> dict:
 
 
 def training_source(meta: dict) -> Source:
-    """M-BEIR as the stages' data (train.py --mbeir): meta = {"root", "tasks", "split", "pool", "summary_field"}, as
-    a checkpoint records it. Every record and image is read and checked here, before any work."""
+    """M-BEIR as the stages' data (train.py --mbeir): meta = {"root", "tasks", "split", "pool",
+    "summary_field"}, as a checkpoint records it. Every record and image is read and checked
+    here, before any work."""
     try:
-        src = read_mbeir_train(meta["root"], meta["tasks"], meta["split"], meta["pool"], meta["summary_field"])
+        src = read_mbeir_train(meta["root"], meta["tasks"], meta["split"], meta["pool"],
+                               meta["summary_field"])
     except (OSError, ValueError) as e:
         raise SystemExit(f"--mbeir {meta['root']}: {e}") from None
     meta = {"root": str(src.root), "tasks": src.tasks, "split": src.split, "pool": src.pool_kind,
             "summary_field": src.summary_field}
     describe = (f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against a pool of "
                 f"{len(src.pool.items)}")
-    return Source(data=src, meta={"mbeir": meta}, texts=src.texts, contrastive_inputs=make_mbeir_inputs,
+    return Source(data=src, meta={"mbeir": meta}, texts=src.texts,
+                  contrastive_inputs=make_mbeir_inputs,
                   rl_instances=build_rl_instances_mbeir, describe=describe)
 
 
 def eval_tasks(args) -> str | None:
-    """The M-BEIR tasks train.py evaluates after training (--eval_tasks, else the training tasks that have a test
-    query file), checked before any training. None: no test file for them (the evaluation is skipped)."""
+    """The M-BEIR tasks train.py evaluates after training (--eval_tasks, else the training tasks
+    that have a test query file), checked before any training. None: no test file for them (the
+    evaluation is skipped)."""
     test_tasks = mbeir_tasks(args.mbeir, "test")
     if args.eval_tasks is not None:
         asked = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
         unknown = [t for t in asked if t not in test_tasks and t != "all"]
         if unknown or not asked:
-            raise SystemExit(f"--eval_tasks {args.eval_tasks}: unknown task(s) {unknown or asked}; {args.mbeir} "
+            raise SystemExit(f"--eval_tasks {args.eval_tasks}: unknown task(s) "
+                             f"{unknown or asked}; {args.mbeir} "
                              f"has test query files for {test_tasks}")
         return ",".join(asked)
     if args.train_tasks == ["all"]:
@@ -476,5 +513,6 @@ def eval_tasks(args) -> str | None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--sample":
-        raise SystemExit("usage: python mbeir.py --sample DIR   (writes a small M-BEIR-format folder to DIR)")
+        raise SystemExit("usage: python mbeir.py --sample DIR   (writes a small M-BEIR-format "
+                         "folder to DIR)")
     print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(sys.argv[2])}")

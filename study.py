@@ -1,6 +1,7 @@
 """
-The study: our own variants of stages 2 and 3, the equal-compute control, and the study's runs -- everything here is
-ours, not the paper's. train.py is the paper; this file calls its functions with other arguments.
+The study: our own variants of stages 2 and 3, the equal-compute control, and the study's runs --
+everything here is ours, not the paper's. train.py is the paper; this file calls its functions with
+other arguments.
 
     python study.py run [train.py's flags] [a variant's flags]    # the pipeline with variants (e.g. --control)
     python study.py runs INIT OUT [--only REGEX] [--jobs 2]       # the study's stage-3 runs from one stage-2 model
@@ -9,9 +10,10 @@ ours, not the paper's. train.py is the paper; this file calls its functions with
     python study.py compare RUN_A RUN_B                           # are two run folders the same, number for number?
     python study.py run --help                                    # every flag
 
-Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what InfoNCE misses. In this
-miniature the paper's configuration does not beat the control (docs/results.md), and these variants are how we find
-out which step fails. Each is off by default; `python study.py run` with none of them is `python train.py`.
+Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what
+InfoNCE misses. In this miniature the paper's configuration does not beat the control
+(docs/results.md), and these variants are how we find out which step fails. Each is off by default;
+`python study.py run` with none of them is `python train.py`.
 
 The variants (each off by default; stage, what it changes -- why):
   --control                stage 3: stage 2's loss continued on the same candidate sets and steps instead of GRPO
@@ -66,12 +68,13 @@ from runtime import (check_fractions, default_threads, fail, finish_run, global_
                      start_run, step_inputs, world_of, write_json)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 2 variants (ours): their own batches and loss, in train.py's stage-2 loop pieces
 
 
 def dropout_at(args, step: int) -> float:
-    """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end) annealed linearly."""
+    """Stage 2's summary-dropout rate at `step`: constant, or (--summary_dropout_end) annealed
+    linearly."""
     if args.summary_dropout_end is None:
         return args.summary_dropout
     frac = step / max(1, args.steps - 1)
@@ -79,8 +82,9 @@ def dropout_at(args, step: int) -> float:
 
 
 def stage2_variant_inputs(args, world, step: int) -> dict:
-    """data.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items whose summary
-    is the model's own (--own_summaries, from --own_from of the steps on) flagged `own`."""
+    """data.make_stage2_inputs at the step's dropout rate (--summary_dropout_end), with the items
+    whose summary is the model's own (--own_summaries, from --own_from of the steps on) flagged
+    `own`."""
     at_step = copy.copy(args)
     at_step.summary_dropout = dropout_at(args, step)
     batch = data.make_stage2_inputs(at_step, world, step)
@@ -92,16 +96,19 @@ def stage2_variant_inputs(args, world, step: int) -> dict:
 
 
 def encode_variant_inputs(enc, limit: int, part: dict) -> dict:
-    """data.encode_pairs, keeping the items, instructions and `own` flags the variant's loss reads."""
-    return {**data.encode_pairs(enc, limit, part), "items": part["items"], "instr": part["instructions"],
+    """data.encode_pairs, keeping the items, instructions and `own` flags the variant's loss
+    reads."""
+    return {**data.encode_pairs(enc, limit, part), "items": part["items"],
+            "instr": part["instructions"],
             "own": part.get("own")}
 
 
 def stage2_variant_loss(args, retriever, inputs, autocast, device):
-    """--own_summaries: stage 2 reading its own words. Stage 2 learns its embedding from reference summaries but
-    is evaluated (and, in stage 3, rewarded) on the summaries it generates; the items flagged `own` get the
-    model's current greedy summary instead, so that InfoNCE also teaches the [RET] state to use -- or discount --
-    the words the model really writes. Those rows stay out of the next-token loss (they are not references)."""
+    """--own_summaries: stage 2 reading its own words. Stage 2 learns its embedding from
+    reference summaries but is evaluated (and, in stage 3, rewarded) on the summaries it
+    generates; the items flagged `own` get the model's current greedy summary instead, so that
+    InfoNCE also teaches the [RET] state to use -- or discount -- the words the model really
+    writes. Those rows stay out of the next-token loss (they are not references)."""
     if not any(inputs.get("own") or ()):
         return train.stage2_loss(args, retriever, inputs, autocast, device)
     items, instr, own, drop = inputs["items"], inputs["instr"], inputs["own"], inputs["drop"]
@@ -114,11 +121,13 @@ def stage2_variant_loss(args, retriever, inputs, autocast, device):
     with phase("data"):
         encoded = retriever.batch(items, instr, summaries)
     no_lm = [d or o for d, o in zip(drop, own)]
-    return train.stage2_loss(args, retriever, {**inputs, "encoded": encoded, "drop": no_lm}, autocast, device)
+    return train.stage2_loss(args, retriever, {**inputs, "encoded": encoded, "drop": no_lm},
+                             autocast, device)
 
 
 def variant_contrastive_stage(args, source, tok, device, autocast):
-    """Stage 2 with --summary_dropout_end / --own_summaries: train.py's set-up and loop, these batches and loss."""
+    """Stage 2 with --summary_dropout_end / --own_summaries: train.py's set-up and loop, these
+    batches and loss."""
     init = Path(args.out) / "text" if "text" in args.stages else None
     stage = train.open_embedding_stage(args, source, tok, device, "contrastive", args.steps, init)
     if stage is None:
@@ -139,19 +148,21 @@ def variant_contrastive_stage(args, source, tok, device, autocast):
     run_steps(args, stage, inputs, step_fn)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage 3 (ours): study_step is train.grpo_step's five steps, built from train.py's pieces, with the variant each
-# flag asks for at its step and the study's diagnostics in the log.
+# --------------------------------------------------------------------------------------------------
+# Stage 3 (ours): study_step is train.grpo_step's five steps, built from train.py's pieces, with the
+# variant each flag asks for at its step and the study's diagnostics in the log.
 
 
 def sample_queries_only(args, policy, pb, images, index, gen, K):
-    """--sample query (step 1's sampling): sample the G summaries of each query; each candidate gets its greedy
-    summary, the same in every rollout (and not trained). Within a group the candidates' embeddings are then
-    identical, so the rewards differ by the query's words alone: each advantage credits exactly one summary.
-    -> (summaries, ended, fixed (S,) bool: rows whose summary was not sampled), in (instance, rollout, item)."""
-    is_query = index % K == 0                                                  # (S,): item 0 of each rollout
+    """--sample query (step 1's sampling): sample the G summaries of each query; each candidate
+    gets its greedy summary, the same in every rollout (and not trained). Within a group the
+    candidates' embeddings are then identical, so the rewards differ by the query's words alone:
+    each advantage credits exactly one summary. -> (summaries, ended, fixed (S,) bool: rows whose
+    summary was not sampled), in (instance, rollout, item)."""
+    is_query = index % K == 0                                         # (S,): item 0 of each rollout
     q_rows = is_query.nonzero()[:, 0]
-    sampled, s_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=args.temperature,
+    sampled, s_ended = policy.model.generate(pb["tokens"], pb["attn"], images,
+                                             temperature=args.temperature,
                                              generator=gen, return_ended=True, index=index[q_rows])
     greedy, g_ended = policy.model.generate(pb["tokens"], pb["attn"], images, temperature=0.0,
                                             return_ended=True)
@@ -174,7 +185,7 @@ def study_rollout(args, policy, made: dict, gen, autocast) -> train.Rollout:
     with phase("generate"), autocast():
         summ, ended, fixed = sample_queries_only(args, policy, pb, images, index, gen, K)
     ro = train.embed_rollout(args, policy, pb, images, (B, G, K), summ, ended, autocast)
-    ro.sampled[fixed] = False                                                  # the candidates' words: not trained
+    ro.sampled[fixed] = False                                   # the candidates' words: not trained
     return ro
 
 
@@ -184,29 +195,30 @@ def reward_weights(args) -> dict:
 
 
 def toy_reward(texts: list[str]) -> float:
-    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among summary words."""
+    """A verifiable toy reward for checking GRPO itself: the fraction of colour words among
+    summary words."""
     words = [w for t in texts for w in t.replace(";", " ").split()]
     return sum(w in data.COLORS for w in words) / max(1, len(words))
 
 
 def one_grain_apart(a, b) -> bool:
-    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit: an attribute, a binding swap,
-    a relation swap)."""
+    """Scenes a and b differ by exactly one of GrainWorld's edits (data.scene_edit: an attribute,
+    a binding swap, a relation swap)."""
     return a is not None and b is not None and b in data.edit_neighbours(a)
 
 
 def grain_gains(query, negatives) -> torch.Tensor:
-    """NDCG gains of an instance's candidate list (positive, negatives): 1 for the positive, 0.5 for a negative
-    one grain from the positive's scene (GrainWorld knows), else 0. -> (C,)"""
+    """NDCG gains of an instance's candidate list (positive, negatives): 1 for the positive, 0.5
+    for a negative one grain from the positive's scene (GrainWorld knows), else 0. -> (C,)"""
     pos = query.positive.scene
     return torch.tensor([1.0] + [0.5 if one_grain_apart(c.scene, pos) else 0.0 for c in negatives])
 
 
 def study_reward(args, ro: train.Rollout, batch, policy) -> tuple[torch.Tensor, dict]:
-    """Step 2 (--reward): the paper's R_total, or ours -- toy / length (lexical: a reward GRPO can surely climb,
-    from the summaries alone: the fraction of colour words / minus the mean summary length), rank / zscore /
-    ndcg (scale-free, reward.py), pool (the rank in a whole training pool). The paper's parts are logged always.
-    -> (R (B, G), parts)"""
+    """Step 2 (--reward): the paper's R_total, or ours -- toy / length (lexical: a reward GRPO
+    can surely climb, from the summaries alone: the fraction of colour words / minus the mean
+    summary length), rank / zscore / ndcg (scale-free, reward.py), pool (the rank in a whole
+    training pool). The paper's parts are logged always. -> (R (B, G), parts)"""
     w = reward_weights(args)
     if args.reward == "paper":
         return total_reward(ro.scores, **w, return_parts=True, ranks=ro.ranks)
@@ -226,16 +238,18 @@ def study_reward(args, ro: train.Rollout, batch, policy) -> tuple[torch.Tensor, 
         R = ndcg_reward(s, gains[:, None, :])
     else:
         R = pool_reward(args, ro, batch)
-    _, parts = total_reward(s, **w, return_parts=True)                          # does the ranking move?
+    _, parts = total_reward(s, **w, return_parts=True)                      # does the ranking move?
     return R, parts
 
 
-_POOLS: dict = {}   # --reward pool: per stage-2 checkpoint, {task: (pool items, their stage-2 embeddings)}
+# --reward pool: per stage-2 checkpoint, {task: (pool items, their stage-2 embeddings)}
+_POOLS: dict = {}
 
 
 def training_pools(args) -> dict:
-    """--reward pool's pools, made once per run: per task a training pool (train scenes and their one-grain
-    siblings, as mining draws them, from another seed) embedded by the frozen stage-2 model (--init)."""
+    """--reward pool's pools, made once per run: per task a training pool (train scenes and their
+    one-grain siblings, as mining draws them, from another seed) embedded by the frozen stage-2
+    model (--init)."""
     init = str(args.init or Path(args.out) / "contrastive")
     if init not in _POOLS:
         ref = elva.Retriever.from_pretrained(init)
@@ -249,21 +263,22 @@ def training_pools(args) -> dict:
     return _POOLS[init]
 
 
-def pool_rank(eq: torch.Tensor, ep: torch.Tensor, relevant: torch.Tensor, s_pos: torch.Tensor) -> torch.Tensor:
-    """The positive's rank in a pool, by the reward's rule: 1 + #{non-relevant j: cos(q, p_j) >= the best of the
-    positive's own score s_pos and the relevant pool items' scores}. eq (G, D) unit, ep (P, D) unit, relevant
-    (P,) bool, s_pos (G,). -> (G,) int64"""
+def pool_rank(eq: torch.Tensor, ep: torch.Tensor, relevant: torch.Tensor,
+              s_pos: torch.Tensor) -> torch.Tensor:
+    """The positive's rank in a pool, by the reward's rule: 1 + #{non-relevant j: cos(q, p_j) >=
+    the best of the positive's own score s_pos and the relevant pool items' scores}. eq (G, D)
+    unit, ep (P, D) unit, relevant (P,) bool, s_pos (G,). -> (G,) int64"""
     s = eq @ ep.T                                                              # (G, P)
     best = torch.maximum(s_pos, s.masked_fill(~relevant, float("-inf")).max(1).values)   # (G,)
     return 1 + ((s >= best[:, None]) & ~relevant).sum(1)
 
 
 def pool_reward(args, ro: train.Rollout, batch) -> torch.Tensor:
-    """--reward pool: 1 / (1 + ln r), r the positive's rank among a whole training pool (training_pools) rather
-    than among the instance's 2 + N candidates -- denser than a rank among 9, and closest to the evaluation's
-    metric. The query is the rollout's (policy) embedding; the pool keeps the stage-2 embeddings; the rollout's
-    own positive embedding counts as relevant too, so a query whose positive is not in the pool still has one.
-    -> (B, G)"""
+    """--reward pool: 1 / (1 + ln r), r the positive's rank among a whole training pool
+    (training_pools) rather than among the instance's 2 + N candidates -- denser than a rank
+    among 9, and closest to the evaluation's metric. The query is the rollout's (policy)
+    embedding; the pool keeps the stage-2 embeddings; the rollout's own positive embedding counts
+    as relevant too, so a query whose positive is not in the pool still has one. -> (B, G)"""
     pools = training_pools(args)
     e = ro.e.detach().float().cpu()                                            # (B, G, K, D)
     R = []
@@ -277,10 +292,10 @@ def pool_reward(args, ro: train.Rollout, batch) -> torch.Tensor:
 
 
 def study_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
-    """Step 3 -> (S,) advantages in (instance, rollout, item) order: the paper's group advantage shared by a
-    rollout's K summaries, or ours --
-    --credit sequence: each summary's own credit (reward.sequence_credit), normalised over the group per item;
-    --best_of_g: best-of-G distillation as a one-hot advantage: the rollout with the group's highest reward gets
+    """Step 3 -> (S,) advantages in (instance, rollout, item) order: the paper's group advantage
+    shared by a rollout's K summaries, or ours -- --credit sequence: each summary's own credit
+    (reward.sequence_credit), normalised over the group per item; --best_of_g: best-of-G
+    distillation as a one-hot advantage: the rollout with the group's highest reward gets
       A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so that the clipped
       loss is about the mean next-token loss of the kept summaries -- rejection sampling by the reward, iterated
       on-policy."""
@@ -301,24 +316,27 @@ def study_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
 
 
 def pathwise_loss(args, e: torch.Tensor) -> torch.Tensor:
-    """--pathwise w (added at step 4): R_total is differentiable almost everywhere in the scores, so
-    -w * R_total's gradient through the embeddings e (B, G, K, D) of the sampled summaries joins GRPO's."""
+    """--pathwise w (added at step 4): R_total is differentiable almost everywhere in the scores,
+    so -w * R_total's gradient through the embeddings e (B, G, K, D) of the sampled summaries
+    joins GRPO's."""
     scores = train.rollout_scores(e, backend="torch")[0]                       # differentiable
     return -args.pathwise * total_reward(scores, **reward_weights(args)).mean()
 
 
 def anchor_loss(args, e: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
-    """--anchor w (added at step 4): w * mean(1 - cos(policy embedding, stage-2 embedding)) over the rollout's
-    sequences, the same (input, sampled summary) pairs through both models. GRPO's gradient only sees the words'
-    log-probs, but the same weights make the embeddings, so each update also moves the map from words to
-    embeddings and the reward the next rollout sees shifts under the policy (the ladder: at lr 1e-3 the paper's
-    reward falls). The anchor holds that map near stage 2's, so that what changes is which words are written."""
+    """--anchor w (added at step 4): w * mean(1 - cos(policy embedding, stage-2 embedding)) over
+    the rollout's sequences, the same (input, sampled summary) pairs through both models. GRPO's
+    gradient only sees the words' log-probs, but the same weights make the embeddings, so each
+    update also moves the map from words to embeddings and the reward the next rollout sees
+    shifts under the policy (the ladder: at lr 1e-3 the paper's reward falls). The anchor holds
+    that map near stage 2's, so that what changes is which words are written."""
     return args.anchor * (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean()
 
 
 def study_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
-    """The study's stage-3 step: train.grpo_step's five steps with the variants (--sample, --reward, --credit,
-    --best_of_g, --anchor, --pathwise, --num_iterations), and the diagnostics (diagnostics) in the log."""
+    """The study's stage-3 step: train.grpo_step's five steps with the variants (--sample,
+    --reward, --credit, --best_of_g, --anchor, --pathwise, --num_iterations), and the diagnostics
+    (diagnostics) in the log."""
     batch = made["batch"]
     # 1. rollout
     ro = study_rollout(args, policy, made, gen, autocast)
@@ -327,7 +345,8 @@ def study_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
     R, parts = study_reward(args, ro, batch, policy)                          # (B, G)
     # 3. advantage
     A = study_advantages(args, ro, R).to(ro.logp.device)                      # (S,)
-    # 4. loss, with the reference's embeddings of the same words (the anchor's target, the drift diagnostic)
+    # 4. loss, with the reference's embeddings of the same words (the anchor's target, the drift
+    # diagnostic)
     with phase("reference"), torch.no_grad(), autocast():
         ref_logp, ref_h = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
         e_ref = ref.model.ret_embedding(ref_h, ro.batch["ret_pos"])            # (S, D)
@@ -335,11 +354,13 @@ def study_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
     logp, e = ro.logp, ro.e
     n_tokens = global_tokens(ro.sampled, args, args.loss_norm)
     for it in range(args.num_iterations):
-        if it > 0:   # a further update on the same rollouts (PPO-style reuse: the ratio now differs from 1)
+        # a further update on the same rollouts (PPO-style reuse: the ratio now differs from 1)
+        if it > 0:
             with autocast():
                 logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
             e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(B, G, K, -1)
-        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A, ro.sampled, args.clip_eps,
+        loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A, ro.sampled,
+                               args.clip_eps,
                                args.beta, n_tokens=n_tokens, norm=args.loss_norm)
         if args.pathwise > 0:
             loss = loss + pathwise_loss(args, e)
@@ -359,28 +380,31 @@ def group_corr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def diagnostics(args, ro: train.Rollout, batch, R, parts, A, info, policy, e_ref) -> dict:
-    """What one stage-3 log line of the study says about the step's signal.
-    `tied_groups`: groups whose G rewards all tie (no gradient). `corr_len` / `corr_exact`: the mean, over groups,
-    of the correlation between a rollout's reward and its summaries' mean length / whether its query summary is
-    exactly the reference -- what the reward pays for. `pg` / `kl_term`: the policy-gradient part of the loss and
-    beta * KL. `adv_query`: the share of the batch's |advantage| mass (over sampled tokens) on query summaries
-    rather than candidate summaries. `drift`: the mean cosine distance between the policy's and the stage-2
-    model's (e_ref) embeddings of the same sampled words -- how far the map from words to embeddings has moved,
-    which the policy gradient does not see. `cos_mean` / `cos_std` / `cos_pos`: the rollouts' cosines, all and
-    the positive's. `scale_only_groups`: groups whose rollouts rank the candidates in the same order but whose
-    rewards differ -- advantage that is pure score scale (at fixed ranks R_Rank is linear in the cosines)."""
+    """What one stage-3 log line of the study says about the step's signal. `tied_groups`: groups
+    whose G rewards all tie (no gradient). `corr_len` / `corr_exact`: the mean, over groups, of
+    the correlation between a rollout's reward and its summaries' mean length / whether its query
+    summary is exactly the reference -- what the reward pays for. `pg` / `kl_term`: the
+    policy-gradient part of the loss and beta * KL. `adv_query`: the share of the batch's
+    |advantage| mass (over sampled tokens) on query summaries rather than candidate summaries.
+    `drift`: the mean cosine distance between the policy's and the stage-2 model's (e_ref)
+    embeddings of the same sampled words -- how far the map from words to embeddings has moved,
+    which the policy gradient does not see. `cos_mean` / `cos_std` / `cos_pos`: the rollouts'
+    cosines, all and the positive's. `scale_only_groups`: groups whose rollouts rank the
+    candidates in the same order but whose rewards differ -- advantage that is pure score scale
+    (at fixed ranks R_Rank is linear in the cosines)."""
     B, G, K = ro.shape
     R = R.float().cpu()
     lens = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32).view(B, G, K)
     exact = torch.tensor([[float(policy.enc.decode(ro.summaries[(b * G + g) * K]) == q.item.summary)
-                           for g in range(G)] for b, (q, _) in enumerate(batch)])                 # (B, G)
-    tok_adv = A.abs().cpu()[:, None] * ro.sampled.cpu().float()                                  # (S, T)
+                           for g in range(G)] for b, (q, _) in enumerate(batch)])           # (B, G)
+    tok_adv = A.abs().cpu()[:, None] * ro.sampled.cpu().float()                             # (S, T)
     per_item = tok_adv.sum(1).view(B, G, K)
-    # the scale channel: R_Rank is linear in the cosines at fixed ranks, so rewards can differ, order unchanged
-    s = ro.scores.float().cpu()                                                                  # (B, G, C)
-    order = s.argsort(-1, descending=True)                                                       # (B, G, C)
-    same_order = (order == order[:, :1]).all(-1).all(-1)                                         # (B,)
-    spread = R.max(1).values - R.min(1).values                                                   # (B,)
+    # the scale channel: R_Rank is linear in the cosines at fixed ranks, so rewards can differ,
+    # order unchanged
+    s = ro.scores.float().cpu()                                                          # (B, G, C)
+    order = s.argsort(-1, descending=True)                                               # (B, G, C)
+    same_order = (order == order[:, :1]).all(-1).all(-1)                                      # (B,)
+    spread = R.max(1).values - R.min(1).values                                                # (B,)
     e = ro.e.detach()
     return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
             "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
@@ -388,7 +412,8 @@ def diagnostics(args, ro: train.Rollout, batch, R, parts, A, info, policy, e_ref
             "tied_groups": (spread < 1e-6).float().mean().item(),
             "kl": info["kl"].item(), "clip_low": info["clip_low"].item(), "clip_high": info["clip_high"].item(),
             "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
-            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(), exact),
+            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(),
+                                                                                      exact),
             "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
             "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
             "drift": (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item(),
@@ -397,10 +422,10 @@ def diagnostics(args, ro: train.Rollout, batch, R, parts, A, info, policy, e_ref
 
 
 def control_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
-    """--control (in place of GRPO): the equal-compute control, stage 2 continued -- stage 2's exact loss
-    (InfoNCE with summary dropout + next-token loss, its tau, lm_weight and dropout rate, read from the stage-2
-    checkpoint) -- over the same candidate sets (positive + the mined negatives), one optimizer step per batch
-    as GRPO takes."""
+    """--control (in place of GRPO): the equal-compute control, stage 2 continued -- stage 2's
+    exact loss (InfoNCE with summary dropout + next-token loss, its tau, lm_weight and dropout
+    rate, read from the stage-2 checkpoint) -- over the same candidate sets (positive + the mined
+    negatives), one optimizer step per batch as GRPO takes."""
     saved = ref.meta.get("args", {})
     tau, lm_weight = saved.get("tau", args.tau), saved.get("lm_weight", args.lm_weight)
     rate = saved.get("summary_dropout_end")   # an annealed stage 2 is continued at its final rate
@@ -413,7 +438,7 @@ def control_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict
     with phase("data"):
         b, imgs = policy.batch(items, instr, policy.enc.reference_summaries(items, drop))
     e, logp, lm_mask = train.teacher_forced_on(policy.model, b, imgs, torch.tensor(drop), autocast)
-    e = e.view(len(batch), -1, e.shape[-1])                                    # (B, K, D): query, pos, negs
+    e = e.view(len(batch), -1, e.shape[-1])                            # (B, K, D): query, pos, negs
     l_nce = train.info_nce(e[:, 0], e[:, 1:], tau)
     l_lm = train.lm_loss(logp, lm_mask, args)
     loss = l_nce + lm_weight * l_lm
@@ -425,8 +450,8 @@ STUDY_SHOWN = train.ELVA_SHOWN + ("cos_pos", "infonce", "lm")
 
 
 def study_elva_stage(args, device, autocast):
-    """Stage 3 of `study.py run`: train.py's set-up (open_elva_stage, rl_inputs), then the study's step or
-    the control in runtime's loop."""
+    """Stage 3 of `study.py run`: train.py's set-up (open_elva_stage, rl_inputs), then the
+    study's step or the control in runtime's loop."""
     t0 = time.time()
     setup = train.open_elva_stage(args, device, autocast)
     if setup is None:
@@ -440,7 +465,7 @@ def study_elva_stage(args, device, autocast):
     print(f"{st.name}: saved {st.folder} ({time.time() - t0:.0f}s)")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # `python study.py run`: train.py's pipeline with the variants
 
 
@@ -453,21 +478,27 @@ def run_parser() -> argparse.ArgumentParser:
         add(f"--{k}", type=t, default=None, help=f"(default: the preset's {k})")
     add("--elva_name", default=None, help="the stage-3 checkpoint's folder name (default elva)")
     add = p.add_argument_group("stage 2 variants (ours; each off by default)").add_argument
-    add("--summary_dropout_end", type=float, default=None, help="anneal summary dropout linearly to this value")
-    add("--own_summaries", type=float, default=0.0, help="fraction of kept summaries that are the model's own")
-    add("--own_from", type=float, default=0.5, help="fraction of stage 2's steps after which --own_summaries "
-        "starts")
+    add("--summary_dropout_end", type=float, default=None,
+        help="anneal summary dropout linearly to this value")
+    add("--own_summaries", type=float, default=0.0,
+        help="fraction of kept summaries that are the model's own")
+    add("--own_from", type=float, default=0.5,
+        help="fraction of stage 2's steps after which --own_summaries starts")
     add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
-    add("--control", action="store_true", help="the equal-compute control instead of GRPO (control_step)")
+    add("--control", action="store_true",
+        help="the equal-compute control instead of GRPO (control_step)")
     add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg", "pool"],
         help="the reward (study_reward)")
-    add("--best_of_g", action="store_true", help="best-of-G distillation: only the best rollout's query "
+    add("--best_of_g", action="store_true",
+        help="best-of-G distillation: only the best rollout's query "
         "summary is trained (study_advantages); use with --sample query")
-    add("--credit", default="rollout", choices=["rollout", "sequence"], help="advantages (study_advantages)")
+    add("--credit", default="rollout", choices=["rollout", "sequence"],
+        help="advantages (study_advantages)")
     add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled "
         "(sample_queries_only)")
     add("--anchor", type=float, default=0.0, help="weight of the embedding anchor (anchor_loss)")
-    add("--pathwise", type=float, default=0.0, help="weight of -R_total through the embeddings (pathwise_loss)")
+    add("--pathwise", type=float, default=0.0,
+        help="weight of -R_total through the embeddings (pathwise_loss)")
     add("--num_iterations", type=int, default=None, help="updates per rollout batch (default 1)")
     return p
 
@@ -479,7 +510,8 @@ def get_run_args(argv):
             fail(f"--{k}", getattr(args, k), "a finite number >= 0")
     check_fractions(args, (("summary_dropout_end", 0, 1), ("own_summaries", 0, 1), ("own_from", 0, 1)))
     if args.mbeir and (args.summary_dropout_end is not None or args.own_summaries > 0):
-        fail("--mbeir", args.mbeir, "GrainWorld with the stage-2 variants (they wrap GrainWorld's batch maker)")
+        fail("--mbeir", args.mbeir, "GrainWorld with the stage-2 variants (they wrap GrainWorld's "
+                                    "batch maker)")
     return args
 
 
@@ -504,9 +536,10 @@ def run(argv):
     finish_run(args, device, threads, t0, eval_tasks)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# `python study.py audit --ckpt DIR`: the reward audit, no training. Does the reward point at better summaries when
-# they are sampled (then the optimiser is what fails), or the wrong way (then the reward is)?
+# --------------------------------------------------------------------------------------------------
+# `python study.py audit --ckpt DIR`: the reward audit, no training. Does the reward point at better
+# summaries when they are sampled (then the optimiser is what fails), or the wrong way (then the
+# reward is)?
 
 
 def _avg_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -517,11 +550,13 @@ def _avg_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean over rows of Spearman's rho between x and y (N, G); a row where either side is constant counts 0."""
+    """Mean over rows of Spearman's rho between x and y (N, G); a row where either side is
+    constant counts 0."""
     a, b = _avg_ranks(x), _avg_ranks(y)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     den = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(den > 1e-9, (a * b).sum(1) / den.clamp(min=1e-9), torch.zeros_like(den)).mean().item()
+    return torch.where(den > 1e-9, (a * b).sum(1) / den.clamp(min=1e-9),
+                       torch.zeros_like(den)).mean().item()
 
 
 @torch.no_grad()
@@ -535,22 +570,25 @@ def embed_with(ret, items, instr, summaries, chunk: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int, rng, autocast,
+def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int,
+               rng, autocast,
                sample_candidates: bool = False):
-    """One task's MRBench-mini queries: the true pool rank of the positive with each kind of query summary, and
-    the rewards of G sampled summaries in the paper's context (positive + n_hard hardest + n_rand random candidates
-    of the pool, each with its greedy summary -- or, with sample_candidates, with a summary sampled afresh for each
-    of the G rollouts, as the paper's rollouts sample every item's words; the true rank stays the query summary's
-    rank in the pool with its greedy summaries, what evaluation measures)."""
+    """One task's MRBench-mini queries: the true pool rank of the positive with each kind of
+    query summary, and the rewards of G sampled summaries in the paper's context (positive +
+    n_hard hardest + n_rand random candidates of the pool, each with its greedy summary -- or,
+    with sample_candidates, with a summary sampled afresh for each of the G rollouts, as the
+    paper's rollouts sample every item's words; the true rank stays the query summary's rank in
+    the pool with its greedy summaries, what evaluation measures)."""
     import eval as evaluation
     Q, instr = len(queries), [data.INSTRUCTIONS[task]] * len(queries)
     items = [q.item for q in queries]
     with autocast():
-        ep, _ = ret.embed_items(pool, [None] * len(pool))                      # (P, D) the pool's greedy summaries
+        ep, _ = ret.embed_items(pool, [None] * len(pool))       # (P, D) the pool's greedy summaries
         b, imgs = ret.batch(items, instr, None)
         greedy = ret.model.generate(b["tokens"], b["attn"], imgs)
         index = torch.arange(Q, device=b["tokens"].device).repeat_interleave(G)
-        samples = ret.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature, generator=gen,
+        samples = ret.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature,
+                                     generator=gen,
                                      index=index)                              # Q * G, query-major
         kinds = {"greedy": greedy, "empty": [[] for _ in items],
                  "reference": [ret.enc.summary(q.item.summary) for q in queries]}
@@ -558,8 +596,10 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
         es = embed_with(ret, [it for it in items for _ in range(G)], [i for i in instr for _ in range(G)], samples)
     rel = evaluation.relevant_indices(task, queries, pool)                           # (Q, P_max)
     ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
-    true = evaluation.ranks_of_best_positive(es, ep, rel.repeat_interleave(G, 0)).view(Q, G).float()   # (Q, G)
-    # the paper's context per query: the positive, the hardest and some random non-relevant pool candidates
+    # (Q, G)
+    true = evaluation.ranks_of_best_positive(es, ep, rel.repeat_interleave(G, 0)).view(Q, G).float()
+    # the paper's context per query: the positive, the hardest and some random non-relevant pool
+    # candidates
     s_greedy = emb["greedy"] @ ep.T                                            # (Q, P)
     ctx = []
     for qi, q in enumerate(queries):
@@ -574,12 +614,13 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
     else:   # every context candidate writes G summaries, one per rollout
         cand = [pool[j] for j in ctx.flatten().tolist()]                       # Q * C, query-major
         ec = []
-        for i in range(0, len(cand), 64):                                      # 64 candidates x G rows at a time
+        for i in range(0, len(cand), 64):                         # 64 candidates x G rows at a time
             part = cand[i:i + 64]
             with autocast():
                 cb, cimgs = ret.batch(part, [None] * len(part), None)
                 index = torch.arange(len(part), device=cb["tokens"].device).repeat_interleave(G)
-                cs = ret.model.generate(cb["tokens"], cb["attn"], cimgs, temperature=temperature, generator=gen,
+                cs = ret.model.generate(cb["tokens"], cb["attn"], cimgs, temperature=temperature,
+                                        generator=gen,
                                         index=index)                           # len(part) * G
                 ec.append(embed_with(ret, [c for c in part for _ in range(G)], [None] * len(cs), cs).cpu())
         ec = torch.cat(ec)                                                     # (Q * C * G, D)
@@ -595,29 +636,37 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
 
 
 def audit(argv):
-    p = argparse.ArgumentParser(prog="study.py audit", description="the reward audit (no training): R@5 on "
-                                "MRBench-mini with greedy / empty / reference query summaries, the mean of G sampled "
-                                "ones, the best of G chosen by each reward, and the oracle best of G")
+    p = argparse.ArgumentParser(prog="study.py audit",
+                                description="the reward audit (no training): R@5 on MRBench-mini "
+                                            "with greedy / empty / reference query summaries, the "
+                                            "mean of G sampled ones, the best of G chosen by each "
+                                            "reward, and the oracle best of G")
     p.add_argument("--ckpt", required=True, help="a checkpoint folder (e.g. runs/cpu/contrastive)")
     p.add_argument("--samples", type=int, default=16, help="G: sampled query summaries per query")
     p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--n_hard", type=int, default=4, help="hardest pool candidates in each reward's context")
-    p.add_argument("--n_rand", type=int, default=4, help="random pool candidates in each reward's context")
-    p.add_argument("--sample_candidates", action="store_true", help="the context candidates' summaries sampled "
-                   "too, afresh per rollout (the paper's rollouts); default: their greedy summaries")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the random context")
+    p.add_argument("--n_hard", type=int, default=4,
+                   help="hardest pool candidates in each reward's context")
+    p.add_argument("--n_rand", type=int, default=4,
+                   help="random pool candidates in each reward's context")
+    p.add_argument("--sample_candidates", action="store_true",
+                   help="the context candidates' summaries sampled too, afresh per rollout (the "
+                        "paper's rollouts); default: their greedy summaries")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling and the random context")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     a = p.parse_args(argv)
     if a.samples < 2 or a.queries < 1 or not a.temperature > 0:
-        fail("--samples / --queries / --temperature", (a.samples, a.queries, a.temperature), ">= 2, >= 1, > 0")
+        fail("--samples / --queries / --temperature", (a.samples, a.queries, a.temperature),
+             ">= 2, >= 1, > 0")
     torch.set_num_threads(a.threads or default_threads())
     device, autocast = resolve_device(a.device)
     ret = elva.Retriever.from_pretrained(a.ckpt, device)
     if not isinstance(ret.meta.get("world"), dict):
-        fail("--ckpt", a.ckpt, "a checkpoint trained on GrainWorld (its config.json has a 'world' section)")
+        fail("--ckpt", a.ckpt, "a checkpoint trained on GrainWorld (its config.json has a 'world' "
+                               "section)")
     world = data.GrainWorld(data.WorldConfig(**ret.meta["world"]))
     gen = torch.Generator(device=device).manual_seed(a.seed)
     rng = random.Random(a.seed)
@@ -629,7 +678,7 @@ def audit(argv):
         print(f"audit: {task} done ({time.time() - t0:.0f}s)", flush=True)
     true, lengths, mean_cos = (torch.cat([x[i] for x in parts]) for i in (1, 3, 4))   # (N, G) each
     rows = {f"{k} summary": torch.cat([x[0][k] for x in parts]).float() for k in ("greedy", "empty", "reference")}
-    rows[f"mean of {a.samples} samples"] = true                                # R@5 averaged over the samples
+    rows[f"mean of {a.samples} samples"] = true                      # R@5 averaged over the samples
     idx = torch.arange(true.shape[0])
     corr = {}
     for name in parts[0][2]:
@@ -642,33 +691,34 @@ def audit(argv):
            "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()} for k, v in rows.items()},
            "spearman": {k: dict(zip(("true_rank", "length", "mean_cos"), v)) for k, v in corr.items()}}
     ctx_words = "sampled afresh per rollout" if a.sample_candidates else "their greedy summaries"
-    print(f"\nReward audit of {a.ckpt}: MRBench-mini, {res['queries']} queries ({a.queries} per task), the pool's "
-          f"greedy summaries; context = positive + {a.n_hard} hardest + {a.n_rand} random, {ctx_words} "
-          f"({time.time() - t0:.0f}s)")
+    print(f"\nReward audit of {a.ckpt}: MRBench-mini, {res['queries']} queries ({a.queries} per "
+          f"task), the pool's greedy summaries; context = positive + {a.n_hard} hardest + "
+          f"{a.n_rand} random, {ctx_words} ({time.time() - t0:.0f}s)")
     print("| the query's summary | R@5 | mean rank of the positive |\n|---|---|---|")
     for k, v in res["rows"].items():
         print(f"| {k} | {v['R@5']:.3f} | {v['mean_rank']:.2f} |")
-    print("\n| reward | Spearman with the true pool rank (+: better) | with summary length | with mean cosine |"
-          "\n|---|---|---|---|")
+    print("\n| reward | Spearman with the true pool rank (+: better) | with summary length | with "
+          "mean cosine |\n|---|---|---|---|")
     for k, v in res["spearman"].items():
         print(f"| {k} | {v['true_rank']:+.2f} | {v['length']:+.2f} | {v['mean_cos']:+.2f} |")
     if a.out:
         write_json(Path(a.out), res)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# `python study.py runs`: the study's stage-3 runs, each a single-thread process, --jobs at a time (on 2 CPU cores
-# two single-thread runs finish sooner than two 2-thread runs in a row). A run whose checkpoint exists is skipped;
-# each finished run (but the toy-reward ones) is evaluated into OUT/<run>.json. Then:
-#   python eval.py --from_json runs/cpu/eval.json runs/study/*.json     # the tables
-#   python eval.py --ladder runs/study                                  # the learnability ladder's table
+# --------------------------------------------------------------------------------------------------
+# `python study.py runs`: the study's stage-3 runs, each a single-thread process, --jobs at a time
+# (on 2 CPU cores two single-thread runs finish sooner than two 2-thread runs in a row). A run whose
+# checkpoint exists is skipped; each finished run (but the toy-reward ones) is evaluated into
+# OUT/<run>.json. Then: python eval.py --from_json runs/cpu/eval.json runs/study/*.json     # the
+# tables python eval.py --ladder runs/study                                  # the learnability
+# ladder's table
 
 RUNS = """
 elva 0                                                         # ELVA as the paper describes it
-control 0 --control                                            # equal compute: stage 2 continued on the same sets
+control 0 --control                              # equal compute: stage 2 continued on the same sets
 toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0             # the learnability ladder (seed 0): three rewards
 length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0       # through the same GRPO code at growing budgets
-paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0                        # (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
+paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0       # (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
 toy 0 --reward toy
 length 0 --reward length
 toy_lr1e-4_b0 0 --reward toy --rl_lr 1e-4 --beta 0
@@ -686,14 +736,14 @@ anchor_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 10
 anchor1_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 1
 anchor_paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_credit_lr1e-4_b0 0 --credit sequence --rl_lr 1e-4 --beta 0 --anchor 10
-anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10      # only queries sampled
+anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10     # only queries sampled
 anchor_query_lr1e-4_b0 1 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-4_b0 2 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-3_b0 0 --sample query --rl_lr 1e-3 --beta 0 --anchor 10
 big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 --rl_batch 8 --rl_steps 600
 big_control 0 --control --rl_batch 8 --rl_steps 600
 big_elva 0 --rl_batch 8 --rl_steps 600                         # the paper's GRPO, 16x the groups
-elva_seqnorm 0 --loss_norm sequence                            # the paper's GRPO, each summary's tokens averaged first
+elva_seqnorm 0 --loss_norm sequence         # the paper's GRPO, each summary's tokens averaged first
 rank_query_anchor_lr1e-4_b0 0 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0   # scale-free reward
 rank_query_anchor_lr1e-4_b0 1 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
 rank_query_anchor_lr1e-4_b0 2 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
@@ -713,10 +763,14 @@ long_control 0 --control --rl_steps 600
 
 
 def study_runs(argv):
-    p = argparse.ArgumentParser(prog="study.py runs", description="the study's stage-3 runs from one stage-2 model")
-    p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. runs/cpu/contrastive)")
-    p.add_argument("out", help="the study's folder (each run's checkpoint lands in OUT/<name>-s<seed>)")
-    p.add_argument("--only", default=".", help="only the runs whose name-s<seed> matches this regex")
+    p = argparse.ArgumentParser(prog="study.py runs",
+                                description="the study's stage-3 runs from one stage-2 model")
+    p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. "
+                                "runs/cpu/contrastive)")
+    p.add_argument("out", help="the study's folder (each run's checkpoint lands in "
+                               "OUT/<name>-s<seed>)")
+    p.add_argument("--only", default=".",
+                   help="only the runs whose name-s<seed> matches this regex")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--preset", default="cpu", help="the preset of every run")
     p.add_argument("--device", default="cpu", help="the device of every run")
@@ -751,11 +805,13 @@ def study_runs(argv):
             print(msg, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# `python study.py compare A B`: two run folders, number for number (what a refactor must not change)
+# --------------------------------------------------------------------------------------------------
+# `python study.py compare A B`: two run folders, number for number (what a refactor must not
+# change)
 
 
-TIMING = {"ms_per_step", "eval_seconds", "seconds", "ckpt"}   # wall-clock fields and paths: not compared
+# wall-clock fields and paths: not compared
+TIMING = {"ms_per_step", "eval_seconds", "seconds", "ckpt"}
 
 
 def _untimed(x):
@@ -768,13 +824,15 @@ def _untimed(x):
 
 
 def _numbers(path: Path):
-    """A file's content without wall-clock fields: tensors for safetensors, records for JSON / JSONL."""
+    """A file's content without wall-clock fields: tensors for safetensors, records for JSON /
+    JSONL."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     if path.suffix == ".jsonl":
         return [_untimed(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".json" and path.name not in ("config.json", "run.json"):   # paths and arguments
+    # paths and arguments
+    if path.suffix == ".json" and path.name not in ("config.json", "run.json"):
         return _untimed(json.loads(path.read_text()))
     return None
 
@@ -795,12 +853,15 @@ def _verdict(x, y, shared_keys: bool) -> str:
 
 
 def compare(argv):
-    p = argparse.ArgumentParser(prog="study.py compare", description="are two run folders the same, number "
-                                "for number? (weights bit for bit; logs and evaluations without their timing "
-                                "fields; a file on one side only is a difference)")
+    p = argparse.ArgumentParser(prog="study.py compare",
+                                description="are two run folders the same, number for number? "
+                                            "(weights bit for bit; logs and evaluations without "
+                                            "their timing fields; a file on one side only is a "
+                                            "difference)")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--shared_keys", action="store_true", help="a log record may hold keys the other lacks: "
+    p.add_argument("--shared_keys", action="store_true",
+                   help="a log record may hold keys the other lacks: "
                    "compare the keys both have (a step that logs fewer values)")
     a = p.parse_args(argv)
     A, B = Path(a.a), Path(a.b)
