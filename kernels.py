@@ -396,7 +396,8 @@ def benchmark(sweep: bool = False):
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {name} | triton: {'interpreter' if INTERPRET else 'compiled'} | torch "
           f"{torch.__version__}")
-    # an idle GPU sits at a low clock: keep it busy for a second so the first rows are not timed slow
+    # an idle GPU sits at a low clock: keep it busy for a second so the first rows are not timed
+    # slow
     if cuda:
         a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
         t_end = time.perf_counter() + 1.0

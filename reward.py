@@ -1,19 +1,19 @@
 """
-The paper's rule-based ranking rewards (ELVA, Section 3.4) and the GRPO pieces built on them, as pure
-functions, in the paper's order; ours after them.
+The paper's rule-based ranking rewards (ELVA, Section 3.4) and the GRPO pieces built on them, as
+pure functions, in the paper's order; ours after them.
 
     pytest -k reward        # the hand-computed cases in test_elva.py
 
 Conventions: `scores` are cosine similarities [..., C], the positive at index 0 and the negatives at
 1..C-1; every function is vectorised over the leading dimensions (in training (B, G, C): B queries x
-G rollouts). Nothing here takes gradients: as in the paper (and UME-R1) the rewards are computed from
-the rollout's scores without gradient, and GRPO's gradient flows only through the log-probabilities
-of the sampled summary tokens.
+G rollouts). Nothing here takes gradients: as in the paper (and UME-R1) the rewards are computed
+from the rollout's scores without gradient, and GRPO's gradient flows only through the
+log-probabilities of the sampled summary tokens.
 
 Choices the paper leaves open, and ours (each a flag of train.py; the README's table of choices):
 - log base: natural log.
-- ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the positive:
-  a collapsed model (all scores equal) gets the worst rank, not the best.
+- ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the
+  positive: a collapsed model (all scores equal) gets the worst rank, not the best.
 - delta = 0.05 (DEFAULT_DELTA) and gamma = auto_gamma(C), the rule that scales with the candidate
   count C.
 """
@@ -27,20 +27,20 @@ import torch
 # alpha and epsilon: R_total's weights, the paper's best pair (Table 4: (0.4, 0.6), 58.7 on M-BEIR).
 ALPHA, EPSILON = 0.4, 0.6
 
-# delta: R_Margin's margin in cosine units. Small, because a margin few rollouts ever clear gives the
-# whole group R_Margin = 0 and no signal; 0.05 is about the gap a trained model leaves between a
+# delta: R_Margin's margin in cosine units. Small, because a margin few rollouts ever clear gives
+# the whole group R_Margin = 0 and no signal; 0.05 is about the gap a trained model leaves between a
 # positive and its one-grain near miss in GrainWorld.
 DEFAULT_DELTA = 0.05
 
 
 def auto_gamma(n_candidates: int) -> float:
-    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over the
-    ranks 2..C that negatives fill then sum to one in absolute value, so that the negative term stays
-    comparable to the positive term s_(r) / (1 + ln r) <= 1 whatever the candidate count C. C = 9
-    (8 negatives): 0.185; C = 33: 0.0186; the paper's C = 101: 0.0037. A fixed gamma tuned at one C
-    makes R_Rank almost all penalty at a larger one (gamma 0.2 at C = 33: the negatives' weights sum
-    to 10.7, against a positive term of at most 1). The absolute value keeps small C sane: ln k - 1
-    is negative at k = 2, and the plain sum is near zero at C = 4."""
+    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over
+    the ranks 2..C that negatives fill then sum to one in absolute value, so that the negative
+    term stays comparable to the positive term s_(r) / (1 + ln r) <= 1 whatever the candidate
+    count C. C = 9 (8 negatives): 0.185; C = 33: 0.0186; the paper's C = 101: 0.0037. A fixed
+    gamma tuned at one C makes R_Rank almost all penalty at a larger one (gamma 0.2 at C = 33:
+    the negatives' weights sum to 10.7, against a positive term of at most 1). The absolute value
+    keeps small C sane: ln k - 1 is negative at k = 2, and the plain sum is near zero at C = 4."""
     if n_candidates < 2:
         raise ValueError(f"auto_gamma needs C >= 2 candidates, got {n_candidates}")
     return 1.0 / sum(abs(math.log(k) - 1.0) for k in range(2, n_candidates + 1))
@@ -53,9 +53,10 @@ def _check(scores: torch.Tensor):
 
 
 def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """scores [R, C] -> int64 1-based ranks, best first; ties by index (the earlier ranks first); NaN
-    last (NaNs among themselves by index). A stable sort keeps tied elements in index order, a second
-    stable sort moves the NaNs to the end. (kernels.cosine_ranks gives the same ranks on a GPU.)"""
+    """scores [R, C] -> int64 1-based ranks, best first; ties by index (the earlier ranks first);
+    NaN last (NaNs among themselves by index). A stable sort keeps tied elements in index order,
+    a second stable sort moves the NaNs to the end. (kernels.cosine_ranks gives the same ranks on
+    a GPU.)"""
     nan = torch.isnan(scores)
     key = scores.masked_fill(nan, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices                 # (R, C)
@@ -75,7 +76,7 @@ def ranks_with_positive_last(scores: torch.Tensor) -> tuple[torch.Tensor, torch.
     lead = scores.shape[:-1]
     moved = torch.cat([scores[..., 1:], scores[..., :1]], dim=-1)
     moved = moved.reshape(-1, scores.shape[-1]).float().contiguous()                       # (R, C)
-    ranks = descending_ranks(moved).reshape(*lead, -1)                                     # (..., C)
+    ranks = descending_ranks(moved).reshape(*lead, -1)                                    # (..., C)
     return ranks[..., -1], ranks[..., :-1]
 
 
@@ -124,8 +125,8 @@ def total_reward(scores: torch.Tensor, alpha: float = ALPHA, epsilon: float = EP
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantage: rewards [B, G] -> (r - mean) / (std + eps) over each query's G rollouts.
 
-    std is torch.std's default (N-1). A group whose rewards all tie gets zeros: no gradient from that
-    query, which is why the train log reports the fraction of tied groups."""
+    std is torch.std's default (N-1). A group whose rewards all tie gets zeros: no gradient from
+    that query, which is why the train log reports the fraction of tied groups."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [B, G] with G >= 2 rollouts per query, got "
                          f"{tuple(rewards.shape)}")
@@ -164,7 +165,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     m = mask.to(logp.dtype)
     n = m.sum().clamp(min=1.0)
     if norm == "sequence":   # each summary's token mean, then the mean over summaries
-        per_seq = ((l_clip + beta * kl) * m).sum(1) / m.sum(1).clamp(min=1.0)                  # (S,)
+        per_seq = ((l_clip + beta * kl) * m).sum(1) / m.sum(1).clamp(min=1.0)                 # (S,)
         n_seq = (m.sum(1) > 0).sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1.0)
         loss = per_seq.sum() / n_seq
     elif norm == "token":
@@ -183,13 +184,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, info
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Ours, not the paper's: scale-free rewards (study.py --reward rank | zscore | ndcg) and per-summary
-# credit (study.py --credit sequence). At fixed ranks R_Rank is linear in the cosines: doubling every
-# score doubles it with the ranking unchanged, so a policy can earn by inflating scores. The rewards
-# below depend on the order alone (rank, ndcg) or on the scores standardised within each list
-# (zscore): s -> a * s + b (a > 0) leaves them unchanged. `weights`: total_reward's alpha, epsilon,
-# delta and gamma.
+# credit (study.py --credit sequence). At fixed ranks R_Rank is linear in the cosines: doubling
+# every score doubles it with the ranking unchanged, so a policy can earn by inflating scores. The
+# rewards below depend on the order alone (rank, ndcg) or on the scores standardised within each
+# list (zscore): s -> a * s + b (a > 0) leaves them unchanged. `weights`: total_reward's alpha,
+# epsilon, delta and gamma.
 
 
 def rank_reward(scores: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,7 @@ def ndcg_reward(scores: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     earns partial credit). Ranks as R_Rank's: the pessimistic rule for the positive, negatives in
     descending order, ties by index."""
     r, neg_ranks = ranks_with_positive_last(scores)
-    ranks = torch.cat([r[..., None], neg_ranks], -1).to(torch.float32)         # (..., C) a permutation
+    ranks = torch.cat([r[..., None], neg_ranks], -1).to(torch.float32)      # (..., C) a permutation
     gains = gains.to(torch.float32).expand_as(ranks)
     dcg = (gains / torch.log2(1 + ranks)).sum(-1)
     ideal = gains.sort(-1, descending=True).values
@@ -231,15 +232,16 @@ def sequence_credit(S: torch.Tensor, **weights) -> torch.Tensor:
       query summary of rollout g:  mean over g' of R_total(query_g vs the candidates of rollout g')
       candidate j's summary of g:  mean over g' of R_total(query_g' vs the candidates of rollout g',
                                    candidate j's embedding taken from rollout g)
-    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g), the
-    positive at j = 0. -> (B, G, 1 + C): the credit of each rollout's query summary, then of its C
-    candidates' summaries. If all G rollouts embed alike, every credit is the rollout's R_total."""
+    S: (B, G, G, C) cosines, S[b, g', g, j] = cos(query of rollout g', candidate j of rollout g),
+    the positive at j = 0. -> (B, G, 1 + C): the credit of each rollout's query summary, then of
+    its C candidates' summaries. If all G rollouts embed alike, every credit is the rollout's
+    R_total."""
     if S.dim() != 4 or S.shape[1] != S.shape[2]:
         raise ValueError(f"S must be (B, G, G, C) cosines (query rollout, candidate rollout, "
                          f"candidate), got {tuple(S.shape)}")
     B, G, _, C = S.shape
-    credit_q = total_reward(S, **weights).mean(dim=2)                          # (B, G): mean over g'
-    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                         # (B, G', C): own lists
+    credit_q = total_reward(S, **weights).mean(dim=2)                         # (B, G): mean over g'
+    base = S.diagonal(dim1=1, dim2=2).permute(0, 2, 1)                       # (B, G', C): own lists
     eye = torch.eye(C, dtype=torch.bool, device=S.device)                      # (C, C)
     # X[b, g', g, j, :] = rollout g' 's scores with slot j taken from rollout g
     X = torch.where(eye, S[..., :, None], base[:, :, None, None, :])           # (B, G', G, C, C)

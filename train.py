@@ -256,8 +256,8 @@ def text_stage(args, source: Source, tok, device, autocast):
     """Stage 1 (Sec. 3.3, after LamRA), in miniature: language-only InfoNCE on NLI-style triplets
     (data.nli_triplet): a caption, an entailed rewording (the positive), the caption with one grain
     contradicted (a hard negative), and in-batch negatives; stage 2's model, template and loss."""
-    embedding_stage(args, source, tok, device, autocast, "text", args.text_steps, data.make_text_inputs,
-                    None, "NLI triplets")
+    embedding_stage(args, source, tok, device, autocast, "text", args.text_steps,
+                    data.make_text_inputs, None, "NLI triplets")
 
 
 def contrastive_stage(args, source: Source, tok, device, autocast):
