@@ -250,8 +250,10 @@ def mean_pairwise_cosine(e: torch.Tensor) -> float:
     return ((s.sum() - s.diagonal().sum()) / (n * (n - 1))).item()
 
 
-def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast) -> dict:
-    ret = elva.Retriever.from_pretrained(ckpt, device)
+def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=None) -> dict:
+    """Every GrainWorld measurement of a checkpoint (ret: a retriever to use in its place, e.g.
+    study.py's words-from-one-model, embedding-by-another)."""
+    ret = ret or elva.Retriever.from_pretrained(ckpt, device)
     meta = ret.meta
     if not isinstance(meta.get("world"), dict):
         raise SystemExit(f"--ckpt {ckpt}: config.json has no 'world' section; expected a "

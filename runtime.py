@@ -558,10 +558,14 @@ def run_steps(args, stage: Stage, inputs, step_fn, show: tuple[str, ...] | None 
             save(stage, step, args)
 
 
-def seed_step(gen: torch.Generator, args, step: int):
+def step_seed(args, step: int) -> int:
     """The sampling's seed of a step: from the run's seed and the step, and different on each
     process (each samples its own rollouts)."""
-    gen.manual_seed(args.seed * 100003 + step + 7919 * rank_of(args))
+    return args.seed * 100003 + step + 7919 * rank_of(args)
+
+
+def seed_step(gen: torch.Generator, args, step: int):
+    gen.manual_seed(step_seed(args, step))
 
 
 class StepStream(torch.utils.data.IterableDataset):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -65,7 +66,7 @@ from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranki
                     total_reward, zscore_reward)
 from runtime import (check_fractions, default_threads, fail, finish_run, global_tokens, lr_at, my_part,
                      my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, source_tokenizer,
-                     start_run, step_inputs, world_of, write_json)
+                     start_run, step_inputs, step_seed, world_of, write_json)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,18 +176,46 @@ def sample_queries_only(args, policy, pb, images, index, gen, K):
 
 
 def study_rollout(args, policy, made: dict, gen, autocast) -> train.Rollout:
-    """Step 1: train.rollout, or with --sample query the queries' summaries alone sampled."""
-    if args.sample != "query":
+    """Step 1: train.rollout, or with --sample query the queries' summaries alone sampled, or with
+    --empty_member the last rollout of each group writing no query summary (an off-policy member:
+    can GRPO learn to write nothing where words do not help?)."""
+    if args.sample != "query" and not args.empty_member:
         return train.rollout(args, policy, made, gen, autocast)
     batch = made["batch"]
     B, G, K = len(batch), args.group_size, 2 + len(batch[0][1])
     pb, images = policy.on_device(*made["encoded"])
     index = train.rollout_index(B, G, K, pb["tokens"].device)
+    fixed = torch.zeros(len(index), dtype=torch.bool, device=index.device)
     with phase("generate"), autocast():
-        summ, ended, fixed = sample_queries_only(args, policy, pb, images, index, gen, K)
+        if args.sample == "query":
+            summ, ended, fixed = sample_queries_only(args, policy, pb, images, index, gen, K)
+        else:
+            summ, ended = policy.model.generate(pb["tokens"], pb["attn"], images, index=index,
+                                                temperature=args.temperature, generator=gen,
+                                                return_ended=True)
+    if args.empty_member:
+        for b in range(B):
+            row = (b * G + G - 1) * K                                           # its query summary
+            summ[row], ended[row] = [], True
     ro = train.embed_rollout(args, policy, pb, images, (B, G, K), summ, ended, autocast)
     ro.sampled[fixed] = False                                   # the candidates' words: not trained
     return ro
+
+
+def scored_rollout(args, policy, ref, made: dict, gen, autocast):
+    """Step 1 and the reference's pass over the same words -> (rollout, reference log-probs (S, Ts),
+    reference embeddings (S, D)). --scorer frozen: the rollout's embeddings, scores and ranks come
+    from the frozen stage-2 model, so the policy only writes the words and the reward is stationary
+    (as the retrieval-RL systems that score with a separate frozen model)."""
+    ro = study_rollout(args, policy, made, gen, autocast)
+    with phase("reference"), torch.no_grad(), autocast():
+        ref_logp, ref_h = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
+        e_ref = ref.model.ret_embedding(ref_h, ro.batch["ret_pos"])            # (S, D)
+    if args.scorer == "frozen":
+        e = e_ref.view(ro.e.shape)
+        scores, ranks = train.rollout_scores(e)
+        ro = dataclasses.replace(ro, e=e, scores=scores, ranks=ranks)
+    return ro, ref_logp, e_ref
 
 
 def reward_weights(args) -> dict:
@@ -306,6 +335,9 @@ def study_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
         live = (R.max(1).values - R.min(1).values) >= 1e-6                     # (B,)
         A[torch.arange(B)[live], best[live], 0] = float(G)
         return A.reshape(-1)
+    if args.advantage == "mean":   # the group's mean as baseline, no division by its std
+        A = R - R.mean(dim=1, keepdim=True)                                    # (B, G)
+        return A[:, :, None].expand(B, G, K).reshape(-1)
     if args.credit == "sequence":
         en = ro.e.detach().float().cpu()                                       # (B, G, K, D)
         S = torch.einsum("bqd,bgjd->bqgj", en[:, :, 0], en[:, :, 1:])         # (B, G', G, K - 1)
@@ -333,42 +365,73 @@ def anchor_loss(args, e: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
     return args.anchor * (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean()
 
 
-def study_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict:
+def study_step(args, policy, ref, opt, made, gen, autocast, step: int, probe=None) -> dict:
     """The study's stage-3 step: train.grpo_step's five steps with the variants (--sample,
-    --reward, --credit, --best_of_g, --anchor, --pathwise, --num_iterations), and the diagnostics
-    (diagnostics) in the log."""
+    --scorer, --reward, --advantage, --credit, --best_of_g, --anchor, --pathwise, --num_iterations),
+    the diagnostics in the log, and with --probe_transfer the transfer probe after the update."""
     batch = made["batch"]
-    # 1. rollout
-    ro = study_rollout(args, policy, made, gen, autocast)
+    # 1. rollout, and the reference's pass over the same words (the KL; the anchor's target)
+    ro, ref_logp, e_ref = scored_rollout(args, policy, ref, made, gen, autocast)
     B, G, K = ro.shape
     # 2. reward
     R, parts = study_reward(args, ro, batch, policy)                          # (B, G)
     # 3. advantage
     A = study_advantages(args, ro, R).to(ro.logp.device)                      # (S,)
-    # 4. loss, with the reference's embeddings of the same words (the anchor's target, the drift
-    # diagnostic)
-    with phase("reference"), torch.no_grad(), autocast():
-        ref_logp, ref_h = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
-        e_ref = ref.model.ret_embedding(ref_h, ro.batch["ret_pos"])            # (S, D)
+    # 4. loss
     old_logp = ro.logp.detach()
     logp, e = ro.logp, ro.e
     n_tokens = global_tokens(ro.sampled, args, args.loss_norm)
     for it in range(args.num_iterations):
-        # a further update on the same rollouts (PPO-style reuse: the ratio now differs from 1)
-        if it > 0:
+        if it > 0:   # a further update on the same rollouts (PPO-style reuse: the ratio leaves 1)
             with autocast():
                 logp, h = policy.model.shared_prefix_logprobs(ro.batch, args.temperature)
             e = policy.model.ret_embedding(h, ro.batch["ret_pos"]).view(B, G, K, -1)
         loss, info = grpo_loss(logp.float(), old_logp, ref_logp.float(), A, ro.sampled,
-                               args.clip_eps,
-                               args.beta, n_tokens=n_tokens, norm=args.loss_norm)
+                               args.clip_eps, args.beta, n_tokens=n_tokens, norm=args.loss_norm)
         if args.pathwise > 0:
             loss = loss + pathwise_loss(args, e)
         if args.anchor > 0:
             loss = loss + anchor_loss(args, e, e_ref)
         # 5. update
         optimizer_step(opt, policy.model, loss, args)
-    return {"loss": loss.item(), **diagnostics(args, ro, batch, R, parts, A, info, policy, e_ref)}
+    rec = {"loss": loss.item(), **diagnostics(args, ro, batch, R, parts, A, info, policy, e_ref)}
+    if probe is not None:
+        rec.update(probe.after_update(policy, ref, made, step, rec["reward_mean"], autocast))
+    return rec
+
+
+class TransferProbe:
+    """--probe_transfer H: after each update, does it pay beyond its own rollouts? delta_same: the
+    reward of the step's own instances re-sampled with the step's seed after the update, minus the
+    step's reward (the same samples' seed: a paired difference); delta_other: the reward of H fixed
+    held-out training instances (never trained on) after the update minus before it, each time
+    sampled with one fixed seed. The run's t of each (study.py transfer) says whether an update
+    that pays on its own instances pays anywhere else."""
+
+    def __init__(self, args, heldout: list, stage, autocast):
+        self.args, self.every = args, args.probe_every
+        self.made = data.encode_rollout(stage.retriever.enc, stage.retriever.prompt_limit, heldout)
+        self.seed = args.seed * 100003 + 99991                  # one seed for every held-out roll
+        self.other = None
+
+    def reward(self, policy, ref, made, seed: int, autocast) -> float:
+        gen = torch.Generator(device=policy.device).manual_seed(seed)
+        with torch.no_grad():
+            ro, _, _ = scored_rollout(self.args, policy, ref, made, gen, autocast)
+            R, _ = study_reward(self.args, ro, made["batch"], policy)
+        return R.float().mean().item()
+
+    def after_update(self, policy, ref, made, step: int, before: float, autocast) -> dict:
+        if step % self.every:
+            return {}
+        if self.other is None:   # the held-out reward before the first probed update
+            self.other = self.reward(policy, ref, self.made, self.seed, autocast)
+        same = self.reward(policy, ref, made, step_seed(self.args, step), autocast)
+        other = self.reward(policy, ref, self.made, self.seed, autocast)
+        rec = {"same_after": same, "delta_same": same - before, "other": other,
+               "delta_other": other - self.other}
+        self.other = other
+        return rec
 
 
 def group_corr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -449,6 +512,18 @@ def control_step(args, policy, ref, opt, made, gen, autocast, step: int) -> dict
 STUDY_SHOWN = train.ELVA_SHOWN + ("cos_pos", "infonce", "lm")
 
 
+def study_instances(args, instances: list) -> tuple[list, list]:
+    """The RL instances the study trains on, and those the transfer probe holds out: H held out
+    (--probe_transfer), then --rl_instances N of the rest, both drawn once from a seeded shuffle
+    (a fixed set: optimisation on few instances, or memorisation?)."""
+    if not (args.probe_transfer or args.rl_instances):
+        return instances, []                                       # the paper's: every instance
+    order = list(instances)
+    random.Random(f"{args.seed}-study-instances").shuffle(order)
+    heldout, rest = order[:args.probe_transfer], order[args.probe_transfer:]
+    return (rest[:args.rl_instances] if args.rl_instances else rest), heldout
+
+
 def study_elva_stage(args, device, autocast):
     """Stage 3 of `study.py run`: train.py's set-up (open_elva_stage, rl_inputs), then the
     study's step or the control in runtime's loop."""
@@ -457,11 +532,21 @@ def study_elva_stage(args, device, autocast):
     if setup is None:
         return
     st = setup.stage
-    step = control_step if args.control else study_step
+    instances, heldout = study_instances(args, setup.instances)
+    if len(instances) < args.rl_batch:
+        fail("--rl_instances", args.rl_instances, f">= --rl_batch {args.rl_batch}")
+    if args.probe_transfer or args.rl_instances:
+        print(f"{st.name}: trains on {len(instances)} instances; {len(heldout)} held out")
+    probe = TransferProbe(args, heldout, st, autocast) if heldout else None
     gen = torch.Generator(device=device)
-    run_steps(args, st, train.rl_inputs(args, setup.instances, st, device),
-              lambda i, made: step(args, st.retriever, setup.ref, st.opt, made, gen, autocast, i),
-              show=STUDY_SHOWN, gen=gen)
+
+    def step_fn(i, made):
+        if args.control:
+            return control_step(args, st.retriever, setup.ref, st.opt, made, gen, autocast, i)
+        return study_step(args, st.retriever, setup.ref, st.opt, made, gen, autocast, i, probe)
+
+    run_steps(args, st, train.rl_inputs(args, instances, st, device), step_fn, show=STUDY_SHOWN,
+              gen=gen)
     print(f"{st.name}: saved {st.folder} ({time.time() - t0:.0f}s)")
 
 
@@ -470,36 +555,36 @@ def study_elva_stage(args, device, autocast):
 
 
 def run_parser() -> argparse.ArgumentParser:
+    """train.py's flags, the sizes it takes from its preset, and the study's variants (each off by
+    default; what each changes and why: this file's docstring)."""
     p = train.build_parser()
     p.description = __doc__
     add = p.add_argument_group("sizes train.py takes from its preset").add_argument
     for k, t in (("n_train", int), ("n_test", int), ("rl_queries", int), ("rl_pool_scenes", int),
-                 ("eval_queries", int), ("mrbench_per_task", int), ("weight_decay", float), ("warmup", float)):
+                 ("eval_queries", int), ("mrbench_per_task", int), ("weight_decay", float),
+                 ("warmup", float)):
         add(f"--{k}", type=t, default=None, help=f"(default: the preset's {k})")
     add("--elva_name", default=None, help="the stage-3 checkpoint's folder name (default elva)")
-    add = p.add_argument_group("stage 2 variants (ours; each off by default)").add_argument
-    add("--summary_dropout_end", type=float, default=None,
-        help="anneal summary dropout linearly to this value")
-    add("--own_summaries", type=float, default=0.0,
-        help="fraction of kept summaries that are the model's own")
-    add("--own_from", type=float, default=0.5,
-        help="fraction of stage 2's steps after which --own_summaries starts")
-    add = p.add_argument_group("stage 3 variants (ours; each off by default)").add_argument
-    add("--control", action="store_true",
-        help="the equal-compute control instead of GRPO (control_step)")
-    add("--reward", default="paper", choices=["paper", "toy", "length", "rank", "zscore", "ndcg", "pool"],
-        help="the reward (study_reward)")
-    add("--best_of_g", action="store_true",
-        help="best-of-G distillation: only the best rollout's query "
-        "summary is trained (study_advantages); use with --sample query")
-    add("--credit", default="rollout", choices=["rollout", "sequence"],
-        help="advantages (study_advantages)")
-    add("--sample", default="all", choices=["all", "query"], help="which summaries are sampled "
-        "(sample_queries_only)")
-    add("--anchor", type=float, default=0.0, help="weight of the embedding anchor (anchor_loss)")
-    add("--pathwise", type=float, default=0.0,
-        help="weight of -R_total through the embeddings (pathwise_loss)")
+    add = p.add_argument_group("stage 2 variants (ours)").add_argument
+    add("--summary_dropout_end", type=float, default=None, help="anneal summary dropout to this")
+    add("--own_summaries", type=float, default=0.0, help="share of kept summaries: the model's own")
+    add("--own_from", type=float, default=0.5, help="share of stage 2 before --own_summaries")
+    add = p.add_argument_group("stage 3 variants (ours)").add_argument
+    add("--control", action="store_true", help="the equal-compute control (control_step)")
+    add("--reward", default="paper", help="paper | toy | length | rank | zscore | ndcg | pool",
+        choices=["paper", "toy", "length", "rank", "zscore", "ndcg", "pool"])
+    add("--best_of_g", action="store_true", help="best-of-G distillation (study_advantages)")
+    add("--credit", default="rollout", choices=["rollout", "sequence"], help="study_advantages")
+    add("--advantage", default="group", choices=["group", "mean"], help="study_advantages")
+    add("--sample", default="all", choices=["all", "query"], help="sample_queries_only")
+    add("--empty_member", action="store_true", help="one empty query summary per group")
+    add("--scorer", default="policy", choices=["policy", "frozen"], help="scored_rollout")
+    add("--anchor", type=float, default=0.0, help="weight of anchor_loss")
+    add("--pathwise", type=float, default=0.0, help="weight of pathwise_loss")
     add("--num_iterations", type=int, default=None, help="updates per rollout batch (default 1)")
+    add("--rl_instances", type=int, default=0, help="train on a fixed set of N instances (0: all)")
+    add("--probe_transfer", type=int, default=0, help="held-out instances of TransferProbe")
+    add("--probe_every", type=int, default=1, help="steps between the probe's measurements")
     return p
 
 
@@ -508,6 +593,11 @@ def get_run_args(argv):
     for k in ("anchor", "pathwise"):
         if not getattr(args, k) >= 0:
             fail(f"--{k}", getattr(args, k), "a finite number >= 0")
+    for k in ("rl_instances", "probe_transfer"):
+        if getattr(args, k) < 0:
+            fail(f"--{k}", getattr(args, k), "an integer >= 0")
+    if args.probe_every < 1:
+        fail("--probe_every", args.probe_every, "an integer >= 1")
     check_fractions(args, (("summary_dropout_end", 0, 1), ("own_summaries", 0, 1), ("own_from", 0, 1)))
     if args.mbeir and (args.summary_dropout_end is not None or args.own_summaries > 0):
         fail("--mbeir", args.mbeir, "GrainWorld with the stage-2 variants (they wrap GrainWorld's "
@@ -560,13 +650,19 @@ def group_spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_with(ret, items, instr, summaries, chunk: int = 256) -> torch.Tensor:
-    """Items embedded with the given summaries (teacher-forced, then [RET]) -> (N, D)."""
-    out = []
+def embed_with(ret, items, instr, summaries, chunk: int = 256, temperature: float | None = None):
+    """Items embedded with the given summaries (teacher-forced, then [RET]) -> (N, D); with a
+    temperature also the summaries' log-probabilities under the model at it (N,)."""
+    out, lps = [], []
     for i in range(0, len(items), chunk):
         b, imgs = ret.batch(items[i:i + chunk], instr[i:i + chunk], summaries[i:i + chunk])
-        out.append(ret.model.embed(b, imgs).float())
-    return torch.cat(out)
+        if temperature is None:
+            out.append(ret.model.embed(b, imgs).float())
+            continue
+        logp, h = ret.model.token_logprobs(b, imgs, temperature)
+        out.append(ret.model.ret_embedding(h, b["ret_pos"]))
+        lps.append(logp.sum(1))
+    return torch.cat(out) if temperature is None else (torch.cat(out), torch.cat(lps))
 
 
 @torch.no_grad()
@@ -593,7 +689,8 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
         kinds = {"greedy": greedy, "empty": [[] for _ in items],
                  "reference": [ret.enc.summary(q.item.summary) for q in queries]}
         emb = {k: embed_with(ret, items, instr, v) for k, v in kinds.items()}
-        es = embed_with(ret, [it for it in items for _ in range(G)], [i for i in instr for _ in range(G)], samples)
+        es, lp = embed_with(ret, [it for it in items for _ in range(G)],
+                            [i for i in instr for _ in range(G)], samples, temperature=temperature)
     rel = evaluation.relevant_indices(task, queries, pool)                           # (Q, P_max)
     ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
     # (Q, G)
@@ -632,7 +729,16 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
                "rank only": rank_reward(scores), "zscore R_total": zscore_reward(scores),
                "ndcg (graded)": ndcg_reward(scores, gains[:, None, :])}
     lengths = torch.tensor([len(x) for x in samples], dtype=torch.float32).view(Q, G)
-    return ranks, true, rewards, lengths, scores.mean(-1)
+    # picks that need no label: the sample the model finds likeliest, the medoid of the G sampled
+    # embeddings (highest mean cosine to the others), and their normalised mean
+    E = es.view(Q, G, -1)                                                      # (Q, G, D) unit
+    near = ((E @ E.transpose(1, 2)).sum(-1) - 1) / (G - 1)                     # (Q, G)
+    mean = torch.nn.functional.normalize(E.mean(1), dim=-1)                    # (Q, D)
+    qi = torch.arange(Q)
+    free = {"likeliest": true[qi, lp.view(Q, G).argmax(1).cpu()],
+            "medoid": true[qi, near.argmax(1).cpu()],
+            "centroid": evaluation.ranks_of_best_positive(mean, ep, rel).float()}
+    return ranks, true, rewards, lengths, scores.mean(-1), free
 
 
 def audit(argv):
@@ -686,6 +792,8 @@ def audit(argv):
         rows[f"best of {a.samples} by {name}"] = true[idx, R.argmax(1)]
         corr[name] = (group_spearman(R, -true), group_spearman(R, lengths), group_spearman(R, mean_cos))
     rows[f"oracle best of {a.samples} (true pool rank)"] = true.min(1).values
+    for name in parts[0][5]:   # without the label: what a policy or an inference rule could reach
+        rows[f"{name} of the {a.samples} samples (no label)"] = torch.cat([x[5][name] for x in parts])
     res = {"ckpt": a.ckpt, "queries": int(true.shape[0]), "samples": a.samples,
            "sample_candidates": a.sample_candidates,
            "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()} for k, v in rows.items()},
@@ -703,6 +811,163 @@ def audit(argv):
         print(f"| {k} | {v['true_rank']:+.2f} | {v['length']:+.2f} | {v['mean_cos']:+.2f} |")
     if a.out:
         write_json(Path(a.out), res)
+
+
+# --------------------------------------------------------------------------------------------------
+# `python study.py grains --ckpt DIR`: where the greedy summaries err, per grain type, and
+# `python study.py eval --ckpt DIR --scorer INIT`: eval.py's table for a --scorer frozen run
+
+
+def grains_of(summary: str) -> dict:
+    """A summary read back into its grains: the shapes (entities); the colour and size words
+    (attributes); which colour and size go with which shape (bindings); the relations -- a
+    caption's ordered (shapes, relation words), a scene's (shape, cell) of each object; None where
+    the summary states no relation (a caption without one, a one-object scene)."""
+    words = summary.replace(";", " ").split()
+    objs, rels, pending = [], [], []
+    for i, w in enumerate(words):
+        if w in data.SHAPES:
+            objs.append((w, pending, []))
+            pending = []
+        elif w in ("left", "right") and words[i + 1:i + 2] == ["of"] or w in ("above", "below"):
+            rels.append(w)
+        elif w in data.ROWS or w in data.COLS:
+            if objs:
+                objs[-1][2].append(w)                                      # a scene's cell
+        elif w not in ("and", "of"):
+            pending.append(w)                                              # colours, sizes, ...
+    shapes = [sh for sh, _, _ in objs]
+    attrs = [w for _, ws, _ in objs for w in ws]
+    if rels:
+        relation = (shapes, rels)
+    elif any(cell for _, _, cell in objs) and len(objs) > 1:
+        relation = sorted((sh, tuple(cell)) for sh, _, cell in objs)
+    else:
+        relation = None
+    return {"entity": sorted(shapes),
+            "attribute": sorted(w for w in attrs if w in data.COLORS or w in data.SIZES),
+            "binding": sorted((w, sh) for sh, ws, _ in objs for w in ws),
+            "relation": relation}
+
+
+def grain_errors(ret, bench, autocast) -> dict:
+    """On MRBench-mini: the share of greedy query and candidate summaries that state each grain
+    type as the reference summary does (relations counted where the reference states one)."""
+    hits = {side: {g: [] for g in ("entity", "attribute", "binding", "relation")}
+            for side in ("query", "candidate")}
+    for task, (queries, pool) in bench.items():
+        sides = (("query", [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)),
+                 ("candidate", pool, [None] * len(pool)))
+        for side, items, instr in sides:
+            _, texts = ret.embed_items(items, instr, autocast=autocast())
+            for it, text in zip(items, texts):
+                want, got = grains_of(it.summary), grains_of(text)
+                for g in hits[side]:
+                    if want[g] is not None:
+                        hits[side][g].append(want[g] == got[g])
+    return {side: {g: sum(v) / max(1, len(v)) for g, v in gs.items()} for side, gs in hits.items()}
+
+
+def grains(argv):
+    p = argparse.ArgumentParser(prog="study.py grains", description="where greedy summaries err, "
+                                "per grain type, on MRBench-mini (query and candidate summaries)")
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders")
+    p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads or default_threads())
+    device, autocast = resolve_device("auto")
+    res = {}
+    for c in a.ckpt:
+        ret = elva.Retriever.from_pretrained(c, device)
+        bench = data.GrainWorld(data.WorldConfig(**ret.meta["world"])).mrbench_mini(a.queries)
+        res[c] = grain_errors(ret, bench, autocast)
+    print("| checkpoint | summaries | entity | attribute | binding | relation |\n|---|---|---|---|---|---|")
+    for c, r in res.items():
+        for side, v in r.items():
+            print(f"| {c} | {side} | " + " | ".join(f"{v[g]:.3f}" for g in v) + " |")
+    if a.out:
+        write_json(Path(a.out), res)
+
+
+def mean_t(xs: list[float]) -> tuple[float, float]:
+    """The mean of per-step values and its t (mean / standard error); t ~ 0: no effect."""
+    import statistics
+    if len(xs) < 2:
+        return (xs[0] if xs else float("nan")), float("nan")
+    se = statistics.stdev(xs) / len(xs) ** 0.5
+    return statistics.mean(xs), (statistics.mean(xs) / se if se > 0 else float("nan"))
+
+
+def transfer(argv):
+    p = argparse.ArgumentParser(prog="study.py transfer", description="the transfer probe's "
+                                "table: per stage-3 run, does an update pay on its own instances "
+                                "(delta_same) and on held-out ones (delta_other)?")
+    p.add_argument("runs", nargs="+", help="stage-3 folders whose log.jsonl holds the probe")
+    a = p.parse_args(argv)
+    print("| run | probed steps | delta_same (t) | delta_other (t) | reward first -> last fifth |"
+          " held-out reward first -> last |\n|---|---|---|---|---|---|")
+    for run in a.runs:
+        recs = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines() if x]
+        probed = [r for r in recs if "delta_same" in r]
+        if not probed:
+            print(f"| {Path(run).name} | 0 | - | - | - | - |")
+            continue
+        (ds, ts), (do, to) = (mean_t([r[k] for r in probed]) for k in ("delta_same", "delta_other"))
+        n = max(1, len(recs) // 5)
+        r0, r1 = (sum(r["reward_mean"] for r in part) / len(part) for part in (recs[:n], recs[-n:]))
+        print(f"| {Path(run).name} | {len(probed)} | {ds:+.4f} ({ts:+.1f}) | {do:+.4f} ({to:+.1f}) "
+              f"| {r0:.3f} -> {r1:.3f} | {probed[0]['other']:.3f} -> {probed[-1]['other']:.3f} |")
+
+
+class WordsFromScorer:
+    """A retriever whose summaries one model writes and another embeds at [RET] (--scorer frozen:
+    the policy writes, the frozen stage-2 model embeds); what eval.evaluate reads of a Retriever."""
+
+    def __init__(self, writer, scorer):
+        self.writer, self.scorer = writer, scorer
+        self.model, self.enc, self.tok, self.meta = scorer.model, scorer.enc, scorer.tok, writer.meta
+        self.device = scorer.device
+
+    def summarise(self, items, instructions, **kw):
+        return self.writer.summarise(items, instructions, **kw)
+
+    def batch(self, items, instructions, summaries):
+        return self.scorer.batch(items, instructions, summaries)
+
+    @torch.no_grad()
+    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None, **_):
+        embs, texts = [], []
+        for i in range(0, len(items), batch_size):
+            its, ins = items[i:i + batch_size], instructions[i:i + batch_size]
+            with autocast or torch.autocast("cpu", enabled=False):
+                summ = self.writer.summarise(its, ins)
+                b, imgs = self.scorer.batch(its, ins, summ)
+                embs.append(self.scorer.model.embed(b, imgs).float())
+            texts += [self.enc.decode(x) for x in summ]
+        return torch.cat(embs), texts
+
+
+def eval_frozen(argv):
+    p = argparse.ArgumentParser(prog="study.py eval", description="eval.py's table for a --scorer "
+                                "frozen run: the checkpoint writes the summaries, --scorer embeds")
+    p.add_argument("--ckpt", required=True, help="the policy (a --scorer frozen run's checkpoint)")
+    p.add_argument("--scorer", required=True, help="the frozen stage-2 checkpoint (its --init)")
+    p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
+    p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    import eval as evaluation
+    torch.set_num_threads(a.threads or default_threads())
+    device, autocast = resolve_device("auto")
+    ret = WordsFromScorer(elva.Retriever.from_pretrained(a.ckpt, device),
+                          elva.Retriever.from_pretrained(a.scorer, device))
+    r = evaluation.evaluate(a.ckpt, a.queries, a.mrbench_per_task, device, autocast, ret=ret)
+    print(evaluation.table([r]))
+    if a.out:
+        write_json(Path(a.out), [r])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -759,6 +1024,24 @@ bestofg_rank_query_anchor_lr1e-5 2 --best_of_g --reward rank --sample query --an
 long_query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16 --rl_steps 600   # 4x the steps: too few?
 long_pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16 --rl_steps 600
 long_control 0 --control --rl_steps 600
+# round 4, the chain (docs/results.md, "Why stage 3 does not help here"): a fixed set of N instances,
+# the frozen scorer (a stationary reward), all instances, the transfer probe on 8 held-out ones
+fixed8_frozen 0 --rl_instances 8 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed64_frozen 0 --rl_instances 64 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+all_frozen 0 --scorer frozen --sample query --rl_lr 1e-4 --beta 0.02 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed8 0 --rl_instances 8 --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed64 0 --rl_instances 64 --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+all_moving 0 --sample query --rl_lr 1e-4 --beta 0.02 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+large32_mean_frozen 0 --scorer frozen --sample query --advantage mean --rl_batch 32 --rl_lr 1e-4 --beta 0.02 --rl_steps 100 --probe_transfer 8 --probe_every 4
+elva_probe 0 --probe_transfer 8 --probe_every 2
+# round 4, the levers: each on the paper's configuration, beside its equal-compute control
+lever_large32_mean 0 --rl_batch 32 --advantage mean --rl_steps 100
+control_large32 0 --control --rl_batch 32 --rl_steps 100
+lever_nearmiss 0 --hard_threshold 1
+control_nearmiss 0 --control --hard_threshold 1
+lever_vision 0 --train_vision
+control_vision 0 --control --train_vision
+lever_empty 0 --empty_member
 """
 
 
@@ -794,10 +1077,12 @@ def study_runs(argv):
                 if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                     return f"FAILED {tag}"
         if not name.startswith("toy") and not (out / f"{tag}.json").exists():
+            cmd = [str(Path(__file__).with_name("eval.py")), "--device", a.device]
+            if "frozen" in flags:   # the policy writes, the frozen stage-2 model embeds
+                cmd = [__file__, "eval", "--scorer", a.init]
+            cmd += ["--threads", "1", "--ckpt", str(out / tag), "--out", str(out / f"{tag}.json")]
             with open(out / f"{tag}.eval.log", "w") as log:
-                subprocess.run([sys.executable, str(Path(__file__).with_name("eval.py")), "--device", a.device,
-                                "--threads", "1", "--ckpt", str(out / tag), "--out", str(out / f"{tag}.json")],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
+                subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
         return f"{time.strftime('%H:%M:%S')} done {tag}"
 
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -879,7 +1164,8 @@ def compare(argv):
     sys.exit(1 if bad or not files else 0)
 
 
-COMMANDS = {"run": run, "runs": study_runs, "audit": audit, "compare": compare}
+COMMANDS = {"run": run, "runs": study_runs, "audit": audit, "grains": grains, "eval": eval_frozen,
+            "transfer": transfer, "compare": compare}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
