@@ -1062,6 +1062,8 @@ def study_runs(argv):
     out.mkdir(parents=True, exist_ok=True)
     todo = []
     for line in RUNS.strip().splitlines():
+        if not line.split("#")[0].strip():
+            continue   # a comment line: what the runs below are for
         name, seed, *flags = line.split("#")[0].split()
         if re.search(a.only, f"{name}-s{seed}"):
             todo.append((name, seed, flags))
