@@ -7,7 +7,7 @@
 #      then the gpu preset end to end (stage 1 -> stage 2 -> ELVA -> evaluation) with --profile: each stage prints
 #      its phase table after ten steps and its ms/step on every log line, so even a run cut by its limit says where
 #      the time goes and how long the whole would take;
-#   2. python kernels.py --sweep (every kernel against its reference; corpus_ranks tile shapes, resident or not);
+#   2. python kernels.py --sweep (each kernel against its reference; corpus_ranks tile shapes);
 #   3. the test suite on CUDA (the Triton kernels compiled, bf16 included);
 #   4. the same 300 stage-2 steps with --compile, profiled (compare with step 1's table);
 #   5. --resume on CUDA (fused AdamW's state), then a 2-process torchrun smoke run (NCCL on two GPUs).
