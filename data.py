@@ -33,6 +33,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+
+class BadInput(ValueError):
+    """An input -- a file, a record, a flag, an argument -- that is not what was expected; the
+    message names it and says what was. The command lines print it as one line, no traceback (a
+    traceback is for bugs)."""
+
+
+class MissingInput(BadInput, FileNotFoundError):
+    """An input file or folder that is not there."""
+
 # --------------------------------------------------------------------------------------------------
 # The world's vocabulary. Eight colours and five shapes make one-grain differences common enough to
 # mine and rare enough that a random negative almost never is one.
@@ -710,15 +720,15 @@ def load_tokenizer(path: str | os.PathLike):
     from tokenizers import Tokenizer
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} not found; expected the tokenizer.json "
+        raise MissingInput(f"tokenizer file {path} not found; expected the tokenizer.json "
                                 "saved beside a checkpoint")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: {e}") from e
+        raise BadInput(f"tokenizer file {path} is not a valid tokenizers JSON file: {e}") from e
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"tokenizer file {path} lacks the special tokens {missing}")
+        raise BadInput(f"tokenizer file {path} lacks the special tokens {missing}")
     return tok
 
 
@@ -837,8 +847,19 @@ def load_image(item: Item, image_size: int) -> torch.Tensor:
         with Image.open(item.image_path) as img:
             return image_tensor(img, image_size)
     except (OSError, ValueError) as e:
-        raise ValueError(f"image {item.image_path} could not be read ({e}); expected an image "
-                         "file Pillow can open") from e
+        raise BadInput(f"image {item.image_path} could not be read ({e}); expected an image "
+                       "file Pillow can open") from e
+
+
+def check_image(path) -> None:
+    """An image file's header read and checked (Pillow's verify), before any embedding: a broken
+    image in a large pool fails at once, named, not after most of the pool was embedded."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"image {path} could not be read ({e}); expected an image file Pillow "
+                       f"can open") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -864,7 +885,7 @@ class Encoder:
         """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt
         has at most `limit` tokens (the template's fixed parts and the image are kept whole)."""
         if not item.has_image and not item.text.strip():
-            raise ValueError("empty query: an item needs a text or an image")
+            raise BadInput("empty query: an item needs a text or an image")
         words = " ".join(w for w in (instruction, item.text.strip()) if w)
         mid = self._ids(" " + words + ".") if words else []
         head = [self.bos, *self._user, *([self.img] * self.n_img_tokens if item.has_image else [])]
@@ -876,7 +897,8 @@ class Encoder:
         return len(self.prompt(item, instruction)) > cfg.max_seq_len - cfg.max_summary_len - 1
 
     def summary(self, text: str) -> list[int]:
-        return self._ids(" " + text)
+        """A reference summary's ids; an empty one is no tokens ([RET] right after the prompt)."""
+        return self._ids(" " + text) if text.strip() else []
 
     def reference_summaries(self, items: list[Item], drop: list[bool]) -> list[list[int]]:
         """Each item's reference summary ids, or none where summary dropout drops it (stages 1

@@ -439,7 +439,10 @@ class Retriever:
     def from_pretrained(cls, folder, device=None) -> "Retriever":
         """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there
         is one)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise data.BadInput(f"from_pretrained: device {device!r}: torch sees no CUDA GPU here "
+                                f"(device='cpu', or None for the best there is)")
         model, tok, meta = load_checkpoint(folder, device)
         return cls(model.eval(), tok, meta)
 
@@ -516,6 +519,11 @@ class Retriever:
         images = [images] if _is_image(images) else images
         if texts is None and images is None:
             raise ValueError("encode: give texts=, images= or both")
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"encode: instruction is a {type(instruction).__name__}; expected a "
+                            f"str or None")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"encode: batch_size {batch_size!r}; expected an integer >= 1")
         for name, xs in (("texts", texts), ("images", images)):
             if xs is not None and not isinstance(xs, (list, tuple)):
                 one = "str" if name == "texts" else "PIL image, a path"
@@ -557,7 +565,11 @@ class Retriever:
         return self.encode(images=images, instruction=instruction, **kw)
 
     def save_pretrained(self, folder):
-        """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back."""
+        """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back:
+        into a new or empty folder only (a training checkpoint folder keeps its optimizer state)."""
+        if Path(folder).exists() and any(Path(folder).iterdir()):
+            raise data.BadInput(f"save_pretrained: {folder} is not empty; expected a new or empty "
+                                f"folder (a checkpoint there would lose its other files)")
         kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # written anew
         runtime.save_checkpoint(folder, self.model, self.tok, kept)
 
@@ -569,6 +581,8 @@ class Retriever:
         (D,) is one row). -> (scores (Q, k), indices (Q, k)), numpy when the queries came as
         numpy; as_hits: sentence-transformers' semantic_search form, a list per query of
         {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"search: k {k!r}; expected an integer >= 1")
         as_numpy = not isinstance(query_embeddings, torch.Tensor)
         q, c = torch.as_tensor(query_embeddings), torch.as_tensor(corpus_embeddings)
         q = q[None] if q.dim() == 1 else q

@@ -32,8 +32,13 @@ Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [R
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import random
+import re
+import statistics
 import textwrap
 import time
 from pathlib import Path
@@ -43,9 +48,11 @@ import torch
 import data
 import elva
 import mbeir
-from data import INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene, WorldConfig, relevant
+from data import (INSTRUCTIONS, TASKS, BadInput, Caption, GrainWorld, Item, Mention, Query, Scene,
+                  WorldConfig, relevant)
 from kernels import corpus_ranks
-from runtime import atomic_write, default_threads, resolve_device, sha256, write_json
+from runtime import (Parser, atomic_write, check_device, default_threads, one_line_errors, resolve_device,
+                     sha256, write_json)
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -71,7 +78,6 @@ def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor,
 def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
     """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries
     with r relevant."""
-    import math
     return sum(1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()) / len(n_relevant)
 
 
@@ -123,12 +129,14 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
     """-> (MRBench-mini R@5 per task, near-miss R@1 / pairwise win rates per task and kind, the
     benchmark itself)."""
     bench = world.mrbench_mini(n_per_task)
-    mrb, near = {}, {}
+    mrb, near, sizes = {}, {}, {}
     for task, (queries, pool) in bench.items():
         eq, ep = embed_queries(ret, task, queries, autocast), embed_pool(ret, pool, autocast)
         pos = relevant_indices(task, queries, pool)
         ranks = ranks_of_best_positive(eq, ep, pos)
         mrb[task] = (ranks <= 5).float().mean().item()
+        sizes[task] = {"queries": len(queries), "pool": len(pool),
+                       "chance_R@5": chance_recall((pos >= 0).sum(1), len(pool), 5)}
         # near misses: pool = [pos_0, d_0..., pos_1, d_1..., ...] in query order
         wins, top1, off = {}, [], 0
         for i, q in enumerate(queries):
@@ -142,7 +150,8 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
                       **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
         # the top 5 of a few queries, for the retrieval picture
         top = elva.Retriever.search(eq[:4], ep, k=5)[1].cpu()
-        near[task]["examples"] = [[(int(j), bool((pos[i] == j).any())) for j in top[i]] for i in range(top.shape[0])]
+        near[task]["examples"] = [[(int(j), bool((pos[i] == j).any())) for j in top[i]]
+                                  for i in range(top.shape[0])]
     mrb["avg"] = sum(mrb[t] for t in TASKS) / len(TASKS)
     kinds = sorted({k for t in TASKS for k in near[t] if k.startswith("win_")})
     near["examples"] = {t: near[t].pop("examples") for t in TASKS}
@@ -150,7 +159,7 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
     for k in kinds:
         vals = [near[t][k] for t in TASKS if k in near[t]]
         near["avg"][k] = sum(vals) / len(vals)
-    return mrb, near, bench
+    return mrb, near, bench, sizes
 
 
 def masked_captions(cap: Caption) -> list[tuple[str, Caption]]:
@@ -264,14 +273,14 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
     if std["nonfinite"]:
         print(f"warning: {ckpt} gives {std['nonfinite']} non-finite embeddings on the standard "
               "split; they rank last")
-    mrb, near, bench = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
+    mrb, near, bench, sizes = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
     headroom = summary_headroom(ret, bench, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
     return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb,
-            "near_miss": near,
-            "probe": probe, "swap": swap, "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
+            "mrbench_pools": sizes, "near_miss": near, "probe": probe, "swap": swap,
+            "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
             "eval_seconds": time.time() - t0}
 
 
@@ -282,112 +291,129 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
 
 def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
     """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
-    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at
-    the top. `top` must come ranked by the reward's rule (elva.ranked_top_k with the positives),
-    so that a collapsed model earns nothing."""
-    import math
+    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at the
+    top. `top` must come ranked by the reward's rule (elva.ranked_top_k with the positives), so
+    that a collapsed model earns nothing. A query with no positive in the pool scores 0."""
     total = 0.0
     for row, pos in zip(top.tolist(), positives):
         ps = set(pos)
         dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
         idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
-        total += dcg / idcg if idcg else 0.0   # a query with no positive in the pool scores 0
+        total += dcg / idcg if idcg else 0.0
     return total / max(1, len(positives))
 
 
-def _pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
-    """The pool's embeddings, from the cache when the same model embedded the same pool file
-    before. The cache file (safetensors) holds the embeddings, the candidate ids and the hashes
-    of the model and the pool file."""
-    model_sha = ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved")
-    pool_sha = sha256(pool.path)
-    path = None if cache_dir is None else cache_dir / f"{pool.path.stem}-{model_sha[:12]}.safetensors"
+def pool_key(ret, pool, instructions) -> dict:
+    """What a pool's embeddings are made of: the model (its weights' hash), the pool file, every
+    image's bytes (one hash over the pool's images in order) and the instructions they carry."""
+    images = hashlib.sha256()
+    for it in pool.items:
+        if it.image_path:
+            images.update(sha256(Path(it.image_path)).encode())
+    return {"model_sha256": ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved"),
+            "pool_sha256": sha256(pool.path), "images_sha256": images.hexdigest(),
+            "instructions": json.dumps(instructions)}
+
+
+def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
+    """The pool's embeddings, from the cache when what they are made of (pool_key) is the same as
+    when they were cached; the cache's place is printed, hit or written."""
+    instructions = [None] * len(pool.items)                    # candidates carry no instruction
+    key = pool_key(ret, pool, instructions)
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"{pool.path.stem}-{key['model_sha256'][:12]}.safetensors"
     if path is not None and path.is_file():
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-            if meta.get("pool_sha256") == pool_sha and json.loads(meta["dids"]) == pool.dids:
+            if all(meta.get(k) == v for k, v in key.items()) and meta.get("dids") == \
+                    json.dumps(pool.dids):
                 print(f"  pool embeddings from the cache {path}")
                 return f.get_tensor("embeddings").to(ret.device)
-    e = ret.embed_items(pool.items, [None] * len(pool.items), batch_size, autocast=autocast(),
+    e = ret.embed_items(pool.items, instructions, batch_size, autocast=autocast(),
                         progress=f"pool {pool.path.name}")[0]
     if path is not None:
         from safetensors.torch import save_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: save_file({"embeddings": e.cpu().contiguous()}, str(p), metadata={
-            "pool_sha256": pool_sha, "model_sha256": model_sha, "dids": json.dumps(pool.dids)}))
+        tensors, meta = {"embeddings": e.cpu().contiguous()}, {**key, "dids": json.dumps(pool.dids)}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        print(f"  pool embeddings cached in {path}")
     return e
 
 
 def mbeir_score(results: dict, tasks: list[str]) -> float:
-    """The paper's M-BEIR number: the average over tasks of R@5, R@10 for Fashion200K and
-    FashionIQ (Table 1)."""
-    return sum(results[t]["R@10" if any(f in t.lower() for f in ("fashion200k", "fashioniq")) else "R@5"]
+    """The paper's M-BEIR number: the mean over tasks of R@5, R@10 for Fashion200K and FashionIQ
+    (Table 1)."""
+    fashion = ("fashion200k", "fashioniq")
+    return sum(results[t]["R@10" if any(f in t.lower() for f in fashion) else "R@5"]
                for t in tasks) / len(tasks)
 
 
-def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast,
-                   run_file: str | None = None,
-                   cache_dir: str | None = None, run_depth: int = 100, batch_size: int = 256,
-                   instruction: str = "first", seed: int = 0) -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any qrels positive
-    (qrels/<split>/..._qrels.txt, else pos_cand_list; no dataset filter) is in the top K,
-    pessimistic ties -- plus MRR and NDCG@10 ranked by the same rule, over the task's local pool
-    (its `_<split>_cand_pool` where the release has one) or the union pool. A query none of whose
-    positives is in the pool counts as a miss. Instructions: UniIR's prompts, the first
-    (deterministic) or one drawn at random with `seed` (UniIR draws). Every input is read and
-    checked before any embedding; the run file (TREC: qid Q0 did rank score run_id) is written
-    whole or not at all."""
+def read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed):
+    """Every task's queries and pool, read and checked before any embedding."""
     root = Path(root)
     instructions = mbeir.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
     known = mbeir.mbeir_tasks(root, split)
-    if tasks == ["all"]:
-        tasks = known
+    tasks = known if tasks == ["all"] else tasks
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise SystemExit(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the "
-                         f"M-BEIR folder {root} has query files for {known} (split {split})")
+        raise BadInput(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the "
+                       f"M-BEIR folder {root} has query files for {known} (split {split})")
     loaded, pools = [], {}
     rng = random.Random(seed) if instruction == "random" else None
-    for task in tasks:   # read and check everything first
+    for task in tasks:
         qpath, ppath = mbeir.mbeir_paths(root, task, split, pool_kind)
         if ppath not in pools:
             pools[ppath] = mbeir.read_mbeir_pool(ppath, root)
         qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
         qrels = mbeir.read_qrels(qrels_path) if qrels_path.is_file() else None
         qs = mbeir.read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels,
-                                      strict=False,
-                                instruction_rng=rng)
+                                      strict=False, instruction_rng=rng)
         loaded.append((task, qs, pools[ppath]))
-        print(f"{task}: {len(qs.items)} queries against {ppath.name} "
-              f"({len(pools[ppath].items)} candidates); relevance from "
-              f"{qrels_path.name if qrels is not None else 'pos_cand_list'}", flush=True)
+        source = qrels_path.name if qrels is not None else "pos_cand_list"
+        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} "
+              f"candidates); relevance from {source}; {qs.missed} queries with no relevant "
+              f"candidate in the pool (misses)", flush=True)
+    return tasks, loaded
+
+
+def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast,
+                   run_file: str | None = None, cache_dir: str | None = None,
+                   run_depth: int = 100, batch_size: int = 256, instruction: str = "first",
+                   seed: int = 0) -> dict:
+    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any relevant candidate (qrels, else
+    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10
+    ranked by the same rule, over the task's local pool (its `_<split>_cand_pool` where the
+    release has one) or the union pool. A query none of whose relevant candidates is in the pool
+    is a miss. Instructions: UniIR's prompts, the first or one drawn with `seed` (UniIR draws).
+    Every input is read and checked before any embedding; the run file (TREC: qid Q0 did rank
+    score run_id) is written whole or not at all."""
+    tasks, loaded = read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed)
     out, run_lines = {}, []
     cache = Path(cache_dir) if cache_dir else None
     for task, qs, pool in loaded:
         t0 = time.time()
-        ep = _pool_embeddings(ret, pool, cache, autocast, batch_size)
+        ep = pool_embeddings(ret, pool, cache, autocast, batch_size)
         eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(),
                              progress=f"{task} queries")[0]
         width = max(1, max(len(p) for p in qs.relevant))
-        # (Q, P_max), -1 pads
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])
-        has = pos[:, 0] >= 0                                  # a query with no positive in the pool
-        # ... is a miss
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])   # (Q, P_max)
+        has = pos[:, 0] >= 0                                   # the others are misses
         ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)
         if has.any():
             ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
-        # the ranked list of NDCG and the run file: the reward's rule (NaN last, a positive after
+        # NDCG's ranked list and the run file's: the reward's rule (NaN last, a positive after
         # equal scores)
-        # (Q, k)
         scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
         out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
-                     "queries": len(qs.items),
-                     "pool": len(pool.items), "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
+                     "queries": len(qs.items), "misses": qs.missed, "pool": len(pool.items),
+                     "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
                      "seconds": time.time() - t0}
         for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(),
                                   scores[:, :run_depth].tolist()):
-            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva" for r, (j, s) in enumerate(zip(row, srow), 1)]
+            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva"
+                          for r, (j, s) in enumerate(zip(row, srow), 1)]
     keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
     out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
                   "M-BEIR score": mbeir_score(out, tasks)}
@@ -396,37 +422,39 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
     return out
 
 
-def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256) -> dict:
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target
-    being the positive. Per file: Precision@1 (VLM2Vec's metric: the positive ranks first;
-    pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets). Every file is
-    read and checked before any embedding. To make these rows from the released parquet files,
-    read them with any parquet reader outside this project and write one JSON object per row with
-    the fields read_mmeb names (json.dumps of each row's dict)."""
+def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256):
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target the
+    positive. Per file, keyed by the path as given: Precision@1 (VLM2Vec's metric: the positive
+    ranks first; pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets).
+    Every file is read and checked before any embedding. To make these rows from the released
+    parquet files, read them with any parquet reader outside this project and write one JSON
+    object per row with the fields mbeir.read_mmeb names."""
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise BadInput(f"--mmeb: {twice} given twice; expected each file once")
     loaded = [(p, mbeir.read_mmeb(p, image_root)) for p in paths]
     out = {}
     for path, rows in loaded:
         t0 = time.time()
-        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size, autocast=autocast(),
-                             progress=f"{Path(path).stem} queries")[0]
-        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share most of their
-        # targets)
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size,
+                             autocast=autocast(), progress=f"{path} queries")[0]
+        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share targets)
         unique = {}
         for r in rows:
             for t in r[2]:
                 unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
         slot = {key: i for i, key in enumerate(unique)}
-        et = ret.embed_items([t for t, _ in unique.values()], [ins for _, ins in unique.values()], batch_size,
-                             autocast=autocast(), progress=f"{Path(path).stem} targets")[0]
+        et = ret.embed_items([t for t, _ in unique.values()], [i for _, i in unique.values()],
+                             batch_size, autocast=autocast(), progress=f"{path} targets")[0]
         ranks = []
         for i, r in enumerate(rows):
-            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]  # (targets,)
+            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]   # (targets,)
             ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
         ranks = torch.tensor(ranks, dtype=torch.float64)
-        out[Path(path).stem] = {"P@1": (ranks == 1).double().mean().item(),
-                                "MRR": (1 / ranks).mean().item(),
-                                "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows), "queries": len(rows),
-                                "nonfinite": n_nonfinite(eq, et), "seconds": time.time() - t0}
+        out[path] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+                     "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows),
+                     "queries": len(rows), "nonfinite": n_nonfinite(eq, et),
+                     "seconds": time.time() - t0}
     out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
     return out
 
@@ -440,14 +468,14 @@ def mmeb_table(results: dict) -> str:
 
 
 def mbeir_table(results: dict) -> str:
-    lines = ["| task | queries | pool | R@1 | R@5 | R@10 | MRR | NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
+    lines = ["| task | queries | misses | pool | " + " | ".join(keys) + " |", "|---" * 9 + "|"]
     for task, r in results.items():
-        q = f"| {r['queries']} | {r['pool']} " if task != "avg" else "| | "
-        lines.append(f"| {task} {q}| " + " | ".join(f"{r[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
-                     + " |")
+        sizes = f"{r['queries']} | {r['misses']} | {r['pool']}" if task != "avg" else " | | "
+        lines.append(f"| {task} | {sizes} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     if "avg" in results:
-        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and FashionIQ): "
-                     f"{results['avg']['M-BEIR score']:.3f}")
+        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and "
+                     f"FashionIQ): {results['avg']['M-BEIR score']:.3f}")
     return "\n".join(lines)
 
 
@@ -595,8 +623,11 @@ def table(results: list[dict]) -> str:
     add("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"])
     add("standard avg MRR", lambda r: r["standard"]["avg"]["MRR"])
     add("query summaries exactly right", lambda r: r["standard"]["avg"]["summary_exact"])
+    pools = results[0].get("mrbench_pools", {})
     for t in TASKS:
-        add(f"MRBench-mini {t} R@5", lambda r, t=t: r["mrbench"][t])
+        size = pools.get(t)
+        label = f" ({size['queries']} queries, pool {size['pool']}, chance {size['chance_R@5']:.3f})"
+        add(f"MRBench-mini {t} R@5" + (label if size else ""), lambda r, t=t: r["mrbench"][t])
     add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
     add("  ... with reference summaries", lambda r: r["headroom"]["reference"])
     add("  ... with empty summaries", lambda r: r["headroom"]["empty"])
@@ -639,7 +670,6 @@ def ladder_table(folder: str) -> str:
     `study.py runs` writes), its reward and budget, and how its reward, KL and summaries moved
     from the first to the last fifth of its steps. t = (last - first) / the standard error of
     that difference over the per-step means: "rises clearly" is t > 3."""
-    import statistics
     rows = ["| run | reward | lr | beta | reward "
             "first -> last fifth | t | KL last fifth "
             "| summary length | query summaries "
@@ -678,8 +708,6 @@ def aggregate(results: list[dict]) -> str:
     """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown
     table). Where the checkpoint's log.jsonl is at hand, also the reward's first-fifth ->
     last-fifth means and the training minutes."""
-    import re
-    import statistics
     groups = {}
     for r in results:
         name = re.sub(r"-s\d+$", "", Path(r["ckpt"]).name)
@@ -789,7 +817,7 @@ def describe(item: Item) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--ckpt", action="append", default=[],
@@ -842,8 +870,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(p, args):
     """Every path and number, before any work: one line naming the flag."""
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads {args.threads}: expected an integer >= 1")
+    for flag in ("threads", "queries", "mrbench_per_task"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} {value}: expected an integer >= 1")
+    check_device(args.device)
+    for flag in ("out", "grid", "run_file", "curves_png"):   # where the results go, before the work
+        path = getattr(args, flag)
+        if path and not os.access(Path(path).resolve().parent, os.W_OK):
+            p.error(f"--{flag} {path}: expected a file in a folder that exists and this process "
+                    f"can write")
     for c in args.ckpt + ([args.explain] if args.explain else []):
         if not (Path(c) / "config.json").is_file():
             stages = sorted(d.name for d in Path(c).glob("*") if (d / "config.json").is_file())
@@ -946,4 +982,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -1,16 +1,26 @@
 """
-Real retrieval data: UniIR's M-BEIR release and MMEB's evaluation rows -- readers, a sample writer,
-the training inputs made from M-BEIR, and the M-BEIR / MMEB evaluation.
+Real retrieval data: readers for UniIR's M-BEIR release and MMEB's evaluation rows, a sample writer,
+and M-BEIR as the stages' data (its batches and RL instances). The evaluation is in eval.py.
 
-    python mbeir.py --sample DIR                                   # a small M-BEIR-format folder (no downloads)
-    python train.py --mbeir DIR --train_tasks all                  # both stages on M-BEIR (mbeir.training_source)
-    python eval.py --ckpt runs/x/contrastive --mbeir DIR           # UniIR's protocol (evaluate_mbeir)
+    python mbeir.py --sample DIR                        # a small M-BEIR-format folder (no downloads)
+    python train.py --mbeir DIR --train_tasks all       # stages 2-3 on M-BEIR (training_source)
+    python eval.py --ckpt runs/x/contrastive --mbeir DIR          # UniIR's protocol
     python eval.py --ckpt runs/x/contrastive --mmeb DIR/mmeb/*.jsonl --mmeb_images DIR
 
 The paper trains stage 2 on M-BEIR (8 task types, 10 datasets, ~1.1M pairs) and ELVA on 1% of each
 dataset, and reports M-BEIR's 16 tasks (ELVA, Section 4). GrainWorld (data.py) is this project's
-default data; everything here gives the stages the same interface as GrainWorld does (train.Source):
-a tokenizer corpus, stage 2's step inputs and the RL instances with their mined negatives.
+default data; M-BEIR gives the stages the same interface (data.Source).
+
+M-BEIR's layout under its root (ids are "<dataset_id>:<n>"; image paths relative to the root; texts
+may be null or ""):
+  query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl    qid, query_txt, query_img_path,
+                                                         query_modality, pos_cand_list,
+                                                         neg_cand_list, task_id
+  cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl and
+  cand_pool/global/mbeir_union_<split>_cand_pool.jsonl   did, txt, img_path, modality
+  qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt   qid 0 did relevance task_id
+  instructions/query_instructions.tsv                    a header; query modality, candidate
+                                                         modality, task, dataset id, prompts
 """
 
 from __future__ import annotations
@@ -24,22 +34,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import (TEMPLATE_TEXT, GrainWorld, Item, Query, Source, WorldConfig, full_caption, mine_negatives,
-                  random_caption, render)
+from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Query, Source,
+                  WorldConfig, check_image, full_caption, mine_negatives, random_caption, render)
+
 
 # --------------------------------------------------------------------------------------------------
-# Readers for real retrieval data: UniIR's M-BEIR release (and MMEB's rows). Layout under the M-BEIR
-# root: query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl   {"qid", "query_txt", "query_img_path",
-# "query_modality", "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
-# cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl,
-# cand_pool/global/mbeir_union_<split>_cand_pool.jsonl {"did", "txt", "img_path", "modality",
-# "src_content"} instructions/query_instructions.tsv                   header; query modality,
-# candidate modality, ..., dataset id, then one or more prompts Ids are "<dataset_id>:<n>"; image
-# paths are relative to the root. Texts may be null or "".
+# Readers: every record and image checked before any work; an error names the file and line
+
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"M-BEIR file {path} not found")
+        raise MissingInput(f"M-BEIR file {path} not found")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -48,49 +53,50 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON "
-                                 "object per line") from e
+                raise BadInput(f"{path}:{n}: malformed JSON record ({e.msg}); expected one JSON "
+                               f"object per line") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise BadInput(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: record lacks field(s) {missing}; expected "
-                                 f"{list(required)}")
+                raise BadInput(f"{path}:{n}: record lacks field(s) {missing}; expected "
+                               f"{list(required)}")
             row["_line"] = n
             rows.append(row)
     return rows
 
 
-def _real_item(path: Path, n: int, text, img, image_root: Path, check_image: bool = True) -> Item:
+def _real_item(path: Path, n: int, text, img, image_root: Path, check: bool = True) -> Item:
+    """A record's item; with check, its image file is there and its header reads."""
     text = (text or "").strip()
     if img:
         img_path = image_root / img
-        if check_image and not img_path.is_file():
-            raise FileNotFoundError(f"{path}:{n}: image {img_path} not found")
+        if check and not img_path.is_file():
+            raise MissingInput(f"{path}:{n}: image {img_path} not found")
+        if check:
+            check_image(img_path)
         return Item(text=text, image_path=str(img_path))
     if not text:
-        raise ValueError(f"{path}:{n}: record has neither text nor image; expected at least one")
+        raise BadInput(f"{path}:{n}: record has neither text nor image; expected at least one")
     return Item(text=text)
 
 
 def read_mbeir_instructions(path) -> dict[tuple[str, str, str], list[str]]:
-    """UniIR's query_instructions.tsv -> {(dataset_id, query_modality, candidate_modality):
-    [prompts]}."""
+    """query_instructions.tsv -> {(dataset id, query modality, candidate modality): [prompts]}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"M-BEIR instructions {path} not found; expected "
-                                "instructions/query_instructions.tsv")
+        raise MissingInput(f"M-BEIR instructions {path} not found; expected "
+                           f"instructions/query_instructions.tsv")
     out = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines[1:], 2):   # the first line is the header
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], 2):   # a header
         if not line.strip():
             continue
         parts = line.split("\t")
         prompts = [p.strip() for p in parts[4:] if p.strip()]
         if len(parts) < 5 or not prompts:
-            raise ValueError(f"{path}:{n}: expected tab-separated query modality, candidate "
-                             "modality, task, dataset "
-                             f"id and at least one prompt; got {len(parts)} fields")
+            raise BadInput(f"{path}:{n}: expected tab-separated query modality, candidate "
+                           f"modality, task, dataset id and at least one prompt; got "
+                           f"{len(parts)} fields")
         out[(parts[3].strip(), parts[0].strip(), parts[1].strip())] = prompts
     return out
 
@@ -106,33 +112,34 @@ class MBeirPool:
 
 
 def _summary_of(path: Path, row: dict, summary_field: str | None) -> str:
-    """The reference summary of a record: its `summary_field` (training on real data that has
-    one), else none."""
-    if summary_field is None or row.get(summary_field) is None:
+    """A record's reference summary: its `summary_field` (training on data that has one), else
+    none (an empty summary: [RET] right after the prompt)."""
+    value = row.get(summary_field) if summary_field else None
+    if value is None:
         return ""
-    if not isinstance(row[summary_field], str):
-        raise ValueError(f"{path}:{row['_line']}: field {summary_field!r} is "
-                         f"{type(row[summary_field]).__name__}; "
-                         f"expected a string (the summary) or null")
-    return row[summary_field].strip()
+    if not isinstance(value, str):
+        raise BadInput(f"{path}:{row['_line']}: field {summary_field!r} is "
+                       f"{type(value).__name__}; expected a string (the summary) or null")
+    return value.strip()
 
 
 def read_mbeir_pool(path, image_root, check_images: bool = True,
                     summary_field: str | None = None) -> MBeirPool:
     path = Path(path)
     rows = _read_jsonl(path, ("did", "txt", "img_path", "modality"))
-    items, dids, mods, index = [], [], [], {}
+    pool = MBeirPool(path, [], [], [], {})
     for r in rows:
         did = str(r["did"])
-        if did in index:
-            raise ValueError(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at "
-                             f"record {index[did] + 1})")
-        index[did] = len(items)
-        item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root), check_images)
-        items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
-        dids.append(did)
-        mods.append(str(r["modality"]))
-    return MBeirPool(path, items, dids, mods, index)
+        if did in pool.index:
+            raise BadInput(f"{path}:{r['_line']}: candidate id {did!r} appears twice (first at "
+                           f"record {pool.index[did] + 1})")
+        pool.index[did] = len(pool.items)
+        item = _real_item(path, r["_line"], r["txt"], r["img_path"], Path(image_root),
+                          check_images)
+        pool.items.append(replace(item, summary=_summary_of(path, r, summary_field)))
+        pool.dids.append(did)
+        pool.modalities.append(str(r["modality"]))
+    return pool
 
 
 @dataclass
@@ -144,82 +151,100 @@ class MBeirQueries:
     task_ids: list[int | None]
     modalities: list[str]
     instructions: list[str | None]
-    # pool indices of the query's own dataset's positives (training; the instruction)
-    positives: list[list[int]]
-    # pool indices of neg_cand_list entries found in the pool (often empty)
-    negatives: list[list[int]]
-    # pool indices of every qrels positive in the pool: what evaluation counts
-    relevant: list[list[int]]
+    positives: list[list[int]]   # pool indices of its own dataset's positives (training)
+    negatives: list[list[int]]   # pool indices of neg_cand_list entries in the pool (often none)
+    relevant: list[list[int]]    # pool indices of every qrels positive in the pool (evaluation)
+    missed: int = 0              # queries none of whose relevant candidates is in the pool
 
 
 def read_qrels(path) -> dict[str, list[str]]:
-    """UniIR's qrels file (qid 0 did relevance task_id, one per line) -> {qid: [relevant
-    candidate ids]}."""
+    """UniIR's qrels file (qid 0 did relevance [task_id], a line each) -> {qid: [relevant ids]}:
+    relevance > 0 is relevant, as UniIR reads it."""
     out: dict[str, list[str]] = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) < 4:
-            raise ValueError(f"{path}:{n}: expected 'qid 0 did relevance [task_id]', got {line!r}")
-        if parts[3] != "0":
+        try:
+            relevance = float(parts[3])
+        except (IndexError, ValueError):
+            raise BadInput(f"{path}:{n}: expected 'qid 0 did relevance [task_id]', got "
+                           f"{line!r}") from None
+        if relevance > 0:
             out.setdefault(parts[0], []).append(parts[2])
+    if not out:
+        raise BadInput(f"{path}: no relevant pair (relevance > 0); expected UniIR's qrels lines")
     return out
 
 
 def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | None = None,
                        same_dataset_positives: bool = True, check_images: bool = True,
-                       summary_field: str | None = None, qrels: dict | None = None, strict: bool = True,
-                       instruction_rng: random.Random | None = None) -> MBeirQueries:
-    """Read a query file against a pool, as UniIR's evaluation does: every qrels positive
-    (`qrels`, else the record's pos_cand_list) that is in the pool is relevant, whatever its
-    dataset (`relevant`); a positive outside the pool cannot be retrieved and is no error. The
-    query's own dataset's positives (`positives`: OVEN and InfoSeek also list other datasets'
-    candidates) pick its instruction -- UniIR's prompt for (its dataset, its modality, the
-    positive's modality), the first (or with instruction_rng one at random, as UniIR draws) --
-    and are what training pairs it with; strict (training): they must be in the pool."""
+                       summary_field: str | None = None, qrels: dict | None = None,
+                       strict: bool = True, instruction_rng: random.Random | None = None):
+    """A query file read against a pool, as UniIR's evaluation reads it: with a qrels file the
+    qrels pairs are relevant (a query absent from it has none), else the record's pos_cand_list;
+    every relevant candidate in the pool counts, whatever its dataset (`relevant`), and a query
+    none of whose relevant candidates is in the pool is a miss, not an error (`missed` counts
+    them). The query's own dataset's positives (`positives`: OVEN and InfoSeek list other
+    datasets' candidates too) pick its instruction -- UniIR's prompt for (its dataset, its
+    modality, the positive's modality), the first or with instruction_rng one drawn, as UniIR
+    draws -- and are what training pairs it with; strict (training): they must be in the pool.
+    -> MBeirQueries."""
     path = Path(path)
-    rows = _read_jsonl(path, ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"))
+    required = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
     out = MBeirQueries(path, [], [], [], [], [], [], [], [])
-    for r in rows:
+    for r in _read_jsonl(path, required):
         n, qid = r["_line"], str(r["qid"])
-        pos = r["pos_cand_list"]
-        if not isinstance(pos, list) or not pos:
-            raise ValueError(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
+        pos = [str(p) for p in r["pos_cand_list"]] if isinstance(r["pos_cand_list"], list) else []
+        if not pos:
+            raise BadInput(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
         dataset = qid.split(":")[0]
-        kept = [str(p) for p in pos if not same_dataset_positives or str(p).split(":")[0] == dataset]
-        if not kept:
-            raise ValueError(f"{path}:{n}: no positive of query {qid} is from its own dataset "
-                             f"{dataset}")
-        missing = [p for p in kept if p not in pool.index]
-        if strict and missing:
-            raise ValueError(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not "
-                             f"in the pool {pool.path}")
-        kept = [p for p in kept if p in pool.index] or [str(p) for p in pos if str(p) in pool.index]
+        own = [p for p in pos if not same_dataset_positives or p.split(":")[0] == dataset]
+        if not own:
+            raise BadInput(f"{path}:{n}: no positive of query {qid} is from its own dataset "
+                           f"{dataset}")
+        if strict and any(p not in pool.index for p in own):
+            missing = [p for p in own if p not in pool.index]
+            raise BadInput(f"{path}:{n}: positive candidate(s) {missing} of query {qid} are not "
+                           f"in the pool {pool.path}")
+        kept = [p for p in own if p in pool.index] or [p for p in pos if p in pool.index]
+        listed = pos if qrels is None else qrels.get(qid, [])
+        relevant = [pool.index[p] for p in dict.fromkeys(listed) if p in pool.index]
+        out.missed += not relevant
         instruction = None
         if instructions is not None:
-            if not kept:
-                raise ValueError(f"{path}:{n}: no positive of query {qid} is in the pool "
-                                 f"{pool.path}; its instruction depends on a positive's modality")
-            key = (dataset, str(r["query_modality"]), pool.modalities[pool.index[kept[0]]])
-            if key not in instructions:
-                raise ValueError(f"{path}:{n}: no instruction for dataset {key[0]}, query "
-                                 f"modality {key[1]!r}, "
-                                 f"candidate modality {key[2]!r} in query_instructions.tsv")
-            prompts = instructions[key]
-            instruction = instruction_rng.choice(prompts) if instruction_rng else prompts[0]
+            instruction = _instruction(path, n, dataset, r, pool, kept, instructions,
+                                       instruction_rng)
         item = _real_item(path, n, r["query_txt"], r["query_img_path"], Path(image_root),
                           check_images)
-        out.items.append(replace(item, summary=_summary_of(path, r, summary_field)) if summary_field else item)
+        out.items.append(replace(item, summary=_summary_of(path, r, summary_field)))
         out.qids.append(qid)
         out.task_ids.append(r.get("task_id"))
         out.modalities.append(str(r["query_modality"]))
         out.instructions.append(instruction)
         out.positives.append([pool.index[p] for p in kept])
-        out.negatives.append([pool.index[str(d)] for d in (r.get("neg_cand_list") or []) if str(d) in pool.index])
-        listed = qrels.get(qid, [str(p) for p in pos]) if qrels is not None else [str(p) for p in pos]
-        out.relevant.append([pool.index[p] for p in dict.fromkeys(listed) if p in pool.index])
+        negs = r.get("neg_cand_list") or []
+        out.negatives.append([pool.index[str(d)] for d in negs if str(d) in pool.index])
+        out.relevant.append(relevant)
     return out
+
+
+def _instruction(path, n, dataset, r, pool, kept, instructions, rng) -> str:
+    """UniIR's prompt for (dataset, query modality, the positive's modality); a query whose
+    positives are all outside the pool (a miss) takes the dataset's first prompt for its query
+    modality."""
+    query_modality = str(r["query_modality"])
+    if kept:
+        key = (dataset, query_modality, pool.modalities[pool.index[kept[0]]])
+    else:
+        key = next((k for k in instructions if k[:2] == (dataset, query_modality)), None)
+    if key not in instructions:
+        cand = key[2] if key else "any"
+        raise BadInput(f"{path}:{n}: no instruction for dataset {dataset}, query modality "
+                       f"{query_modality!r}, candidate modality {cand!r} in "
+                       f"query_instructions.tsv")
+    prompts = instructions[key]
+    return rng.choice(prompts) if rng else prompts[0]
 
 
 def mbeir_tasks(root, split: str = "test") -> list[str]:
@@ -229,9 +254,9 @@ def mbeir_tasks(root, split: str = "test") -> list[str]:
 
 
 def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tuple[Path, Path]:
-    """-> (query file, pool file) of a task under UniIR's layout; pool 'local' (the task's own:
-    its split's pool `mbeir_<task>_<split>_cand_pool.jsonl` where the release has one, as
-    MSCOCO's 5K-image / 25K-caption test pools, else `mbeir_<task>_cand_pool.jsonl`) or 'union'."""
+    """-> (query file, pool file) of a task: pool 'local' -- the task's own; its split's pool
+    `mbeir_<task>_<split>_cand_pool.jsonl` where the release has one (MSCOCO's 5K-image /
+    25K-caption test pools), else `mbeir_<task>_cand_pool.jsonl` -- or 'union'."""
     root = Path(root)
     q = root / "query" / split / f"mbeir_{task}_{split}.jsonl"
     if pool == "local":
@@ -241,7 +266,7 @@ def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tu
     elif pool == "union":
         p = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
     else:
-        raise ValueError(f"pool must be 'local' or 'union', got {pool!r}")
+        raise BadInput(f"pool must be 'local' or 'union', got {pool!r}")
     return q, p
 
 
@@ -249,7 +274,7 @@ def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tu
 class MBeirTrain:
     """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local
     pools merged by id) and every query of the training tasks against it. queries[i] carries its
-    task name, item, first positive and UniIR instruction; positives[i] / negatives[i] are pool
+    task, item, first positive and UniIR instruction; positives[i] / negatives[i] are pool
     indices (negatives: the neg_cand_list entries)."""
     root: Path
     tasks: list[str]
@@ -270,16 +295,16 @@ class MBeirTrain:
 
 def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "union",
                      summary_field: str | None = None) -> MBeirTrain:
-    """Read M-BEIR's training queries of `tasks` (["all"]: every task with a query file for
-    `split`) and the pool they retrieve from, checking every record and image first. Instructions
-    as in UniIR; same-dataset positives."""
+    """M-BEIR's training queries of `tasks` (["all"]: every task with a query file for `split`)
+    and the pool they retrieve from, every record and image checked first. Instructions as in
+    UniIR; same-dataset positives."""
     root = Path(root)
     known = mbeir_tasks(root, split)
     tasks = known if tasks == ["all"] else tasks
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise ValueError(f"M-BEIR task(s) {unknown or tasks} have no query file under "
-                         f"{root / 'query' / split}; expected some of {known}")
+        raise BadInput(f"M-BEIR task(s) {unknown or tasks} have no query file under "
+                       f"{root / 'query' / split}; expected some of {known}")
     instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
     paths = [mbeir_paths(root, t, split, pool) for t in tasks]
     merged = MBeirPool(paths[0][1], [], [], [], {})
@@ -299,14 +324,13 @@ def read_mbeir_train(root, tasks: list[str], split: str = "train", pool: str = "
             out.positives.append(pos)
             out.negatives.append([n for n in neg if n not in pos])
     if len(merged.items) < 2:
-        raise ValueError(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); "
-                         "training needs negatives")
+        raise BadInput(f"M-BEIR pool {paths[0][1]} has {len(merged.items)} candidate(s); "
+                       f"training needs negatives")
     return out
 
 
-def read_mbeir(queries_path, pool_path, image_root=".") -> tuple[list[Item], list[Item], list[set[int]]]:
-    """The simple form: an M-BEIR query file and pool -> (query items, pool items, positive pool
-    indices)."""
+def read_mbeir(queries_path, pool_path, image_root="."):
+    """The simple form: a query file and a pool -> (query items, pool items, positive indices)."""
     pool = read_mbeir_pool(pool_path, image_root)
     qs = read_mbeir_queries(queries_path, pool, image_root, same_dataset_positives=False)
     return qs.items, pool.items, [set(p) for p in qs.positives]
@@ -318,23 +342,27 @@ def _untoken(text) -> str:
 
 
 def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
-    """MMEB (VLM2Vec) evaluation rows -> [(query item, query instruction, target items, target
-    instruction)], the first target being the positive. Fields: qry_inst, qry_text, qry_img_path,
-    tgt_inst, tgt_text[], tgt_img_path[]."""
-    path = Path(path)
+    """MMEB (VLM2Vec) evaluation rows -> [(query, its instruction, targets, their instruction)],
+    the first target the positive. Fields: qry_inst, qry_text, qry_img_path, tgt_inst,
+    tgt_text[], tgt_img_path[]."""
+    path, root = Path(path), Path(image_root)
     out = []
     for r in _read_jsonl(path, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")):
         n = r["_line"]
         texts, imgs = r["tgt_text"] or [], r["tgt_img_path"] or []
         if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
-            raise ValueError(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one "
-                             "non-empty")
+            raise BadInput(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one "
+                           f"non-empty")
         width = max(len(texts), len(imgs))
         texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
-        query = _real_item(path, n, _untoken(r["qry_text"]), r["qry_img_path"], Path(image_root))
-        targets = [_real_item(path, n, _untoken(t), i, Path(image_root)) for t, i in zip(texts, imgs)]
+        query = _real_item(path, n, _untoken(r["qry_text"]), r["qry_img_path"], root)
+        targets = [_real_item(path, n, _untoken(t), i, root) for t, i in zip(texts, imgs)]
         out.append((query, r.get("qry_inst") or None, targets, r.get("tgt_inst") or None))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# A sample in M-BEIR's layout, drawn from GrainWorld (python mbeir.py --sample DIR)
 
 
 def _sample_image(i: int) -> str:
@@ -342,86 +370,85 @@ def _sample_image(i: int) -> str:
 
 
 def write_mbeir_sample(root) -> Path:
-    """A small M-BEIR-format folder drawn from GrainWorld (no downloads), for the tests and for
-    trying the commands: two datasets ("9": text->image and image->text; "8": (image,
-    text)->(image, text)), local and union pools, qrels, instructions, non-square JPEGs, null and
-    empty texts, image+text candidates, a positive from another dataset (relevant in evaluation
-    when the union pool holds it; not a training positive) and empty negative lists."""
+    """A small M-BEIR-format folder, for the tests and for trying the commands: two datasets
+    ("9": text->image and image->text; "8": (image, text) -> (image, text)), local and union
+    pools, qrels, instructions, non-square JPEGs, null and empty texts, image+text candidates, a
+    positive from another dataset (relevant in evaluation when the union pool holds it; not a
+    training positive) and empty negative lists. It writes only into a new or empty folder: given
+    a real M-BEIR root it would write over UniIR's own file names."""
     root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise BadInput(f"--sample {root}: expected a new or empty folder (it holds files; the "
+                       f"sample uses M-BEIR's own file names and would write over them)")
     rng = random.Random(0)
-    world = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0))
-    scenes = world.splits["train"]
+    scenes = GrainWorld(WorldConfig(seed=11, n_train=12, n_val=0, n_test=0)).splits["train"]
     (root / "mbeir_images" / "sample").mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(scenes):   # non-square JPEGs, as real photos are
-        render(s, 48, i).resize((64, 48),
-                                Image.BICUBIC).save(root / "mbeir_images" / "sample" / f"{i}.jpg")
+        render(s, 48, i).resize((64, 48), Image.BICUBIC).save(root / _sample_image(i))
     caps = [full_caption(rng, s) for s in scenes]
-    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image+text
-    # candidates
-    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": _sample_image(i), "modality": "image",
-                  "src_content": None} for i in range(12)]
-    pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None, "modality": "text",
-                  "src_content": None} for i in range(12)]
-    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": _sample_image(i), "modality": "image,text",
-              "src_content": None} for i in range(12)]
-    t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(), "query_img_path": None,
-           "query_modality": "text", "query_src_content": None,
-           "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [], "task_id": 0}
+    img = _sample_image
+    # the union pool: dataset 9's images (text null or ""), its captions, dataset 8's image + text
+    pool9_img = [{"did": f"9:{i}", "txt": None if i % 2 else "", "img_path": img(i),
+                  "modality": "image", "src_content": None} for i in range(12)]
+    pool9_txt = [{"did": f"9:{100 + i}", "txt": caps[i].text(), "img_path": None,
+                  "modality": "text", "src_content": None} for i in range(12)]
+    pool8 = [{"did": f"8:{i}", "txt": f"picture {i}", "img_path": img(i),
+              "modality": "image,text", "src_content": None} for i in range(12)]
+    t0 = [{"qid": f"9:{i}", "query_txt": random_caption(rng, scenes[i]).text(),
+           "query_img_path": None, "query_modality": "text", "query_src_content": None,
+           "pos_cand_list": [f"9:{i}"] + (["8:0"] if i == 0 else []), "neg_cand_list": [],
+           "task_id": 0} for i in range(6)]
+    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": img(i),
+           "query_modality": "image", "query_src_content": None,
+           "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"], "task_id": 3}
           for i in range(6)]
-    t3 = [{"qid": f"9:{50 + i}", "query_txt": None, "query_img_path": _sample_image(i), "query_modality": "image",
-           "query_src_content": None, "pos_cand_list": [f"9:{100 + i}"], "neg_cand_list": [f"9:{101 + i}"],
-           "task_id": 3} for i in range(6)]
-    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": _sample_image(i),
-           "query_modality": "image,text", "query_src_content": None, "pos_cand_list": [f"8:{i}"],
-           "neg_cand_list": [], "task_id": 8} for i in range(6)]
-    files = {
-        "query/test/mbeir_sample_task0_test.jsonl": t0, "query/test/mbeir_sample_task3_test.jsonl": t3,
-        "query/test/mbeir_samplecirr_task8_test.jsonl": t8,
-        "cand_pool/local/mbeir_sample_task0_cand_pool.jsonl": pool9_img,
-        "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
-        "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8,
-        "cand_pool/global/mbeir_union_test_cand_pool.jsonl": pool9_img + pool9_txt + pool8,
-    }
-    # a train split too, for train.py --mbeir
-    for name in [n for n in files if n.startswith("query/test/")]:
-        files[name.replace("/test/", "/train/").replace("_test.jsonl", "_train.jsonl")] = files[name]
-    files["cand_pool/global/mbeir_union_train_cand_pool.jsonl"] = files["cand_pool/global/mbeir_union_test_cand_pool.jsonl"]
-    # MMEB (VLM2Vec) evaluation rows: a caption -> its image among 4, an image -> its caption among
-    # 4
-    files["mmeb/sample_t2i.jsonl"] = [{"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
-                                       "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
-                                       "tgt_img_path": [_sample_image((i + k) % 12) for k in range(4)]} for i in range(8)]
-    files["mmeb/sample_i2t.jsonl"] = [{"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": _sample_image(i),
-                                       "tgt_inst": "", "tgt_text": [caps[(i + k) % 12].text() for k in range(4)],
-                                       "tgt_img_path": []} for i in range(8)]
+    t8 = [{"qid": f"8:{50 + i}", "query_txt": "the same scene", "query_img_path": img(i),
+           "query_modality": "image,text", "query_src_content": None,
+           "pos_cand_list": [f"8:{i}"], "neg_cand_list": [], "task_id": 8} for i in range(6)]
+    files = {"cand_pool/local/mbeir_sample_task0_cand_pool.jsonl": pool9_img,
+             "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
+             "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8}
+    for split in ("test", "train"):   # the same queries, twice: a train split for train.py --mbeir
+        files[f"cand_pool/global/mbeir_union_{split}_cand_pool.jsonl"] = pool9_img + pool9_txt + pool8
+        for task, rows in (("sample_task0", t0), ("sample_task3", t3), ("samplecirr_task8", t8)):
+            files[f"query/{split}/mbeir_{task}_{split}.jsonl"] = rows
+    # MMEB (VLM2Vec) rows: a caption -> its image among 4, an image -> its caption among 4
+    files["mmeb/sample_t2i.jsonl"] = [
+        {"qry_inst": "Find the image the caption describes:", "qry_text": caps[i].text(),
+         "qry_img_path": "", "tgt_inst": "", "tgt_text": ["", "", "", ""],
+         "tgt_img_path": [img((i + k) % 12) for k in range(4)]} for i in range(8)]
+    files["mmeb/sample_i2t.jsonl"] = [
+        {"qry_inst": "Describe the image:", "qry_text": "", "qry_img_path": img(i), "tgt_inst": "",
+         "tgt_text": [caps[(i + k) % 12].text() for k in range(4)], "tgt_img_path": []}
+        for i in range(8)]
     for name, rows in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         if name.startswith("query/"):
             split = name.split("/")[1]
-            qrels = root / "qrels" / split / Path(name).name.replace(f"_{split}.jsonl",
-                                                                     f"_{split}_qrels.txt")
+            qrels = root / "qrels" / split / Path(name).name.replace(".jsonl", "_qrels.txt")
             qrels.parent.mkdir(parents=True, exist_ok=True)
-            qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n" for r in rows for p in r["pos_cand_list"]))
+            qrels.write_text("".join(f"{r['qid']} 0 {p} 1 {r['task_id']}\n"
+                                     for r in rows for p in r["pos_cand_list"]))
     (root / "instructions").mkdir(exist_ok=True)
     (root / "instructions" / "query_instructions.tsv").write_text(
         "query_modality\tcand_modality\ttask\tdataset_id\tprompt_1\tprompt_2\n"
-        "text\timage\t0\t9\tRetrieve an image that matches the given caption.\tFind a matching picture.\n"
+        "text\timage\t0\t9\tRetrieve an image that matches the given caption.\t"
+        "Find a matching picture.\n"
         "image\ttext\t3\t9\tFind a caption that describes the given image.\t\n"
         "image,text\timage,text\t8\t8\tRetrieve the same scene with its words.\t\n")
     return root
 
 
 # --------------------------------------------------------------------------------------------------
-# Training inputs from M-BEIR (train.py --mbeir): the same interface as GrainWorld's
+# M-BEIR as the stages' data (train.py --mbeir): the same interface as GrainWorld's
 
 
 def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
     """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one
     positive (any of its positives) and one extra candidate -- an entry of its neg_cand_list
-    where the data gives one, else a random pool candidate -- laid out like stage 1's triplets: 3
-    blocks [queries, positives, extras]. The mask takes out every in-batch candidate that is one
-    of the query's positives."""
+    where the data gives one, else a random pool candidate -- in 3 blocks [queries, positives,
+    extras]. The mask takes out every in-batch candidate that is one of the query's positives."""
     rng = random.Random(f"{args.seed}-mbeir-{step}")
     qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]
     pos = [rng.choice(src.positives[i]) for i in qi]
@@ -442,55 +469,58 @@ def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
             "false_neg": false_neg}
 
 
-def build_rl_instances_mbeir(args, src: MBeirTrain, retriever, autocast):
-    """build_rl_instances on M-BEIR: per training task, rl_queries queries, each with its first
-    positive, n_hard hard negatives -- its neg_cand_list entries first, then mined: the stage-2
-    model's top-scoring non-positives (below --hard_threshold) of a pool sample of rl_pool_scenes
-    candidates -- and n_rand random ones."""
+def mbeir_rl_instances(args, src: MBeirTrain, retriever, autocast):
+    """data.grainworld_rl_instances on M-BEIR: per training task, rl_queries queries, each with
+    its first positive, n_hard hard negatives -- its neg_cand_list entries first, then mined: the
+    stage-2 model's top-scoring non-positives (below --hard_threshold) of a pool sample of
+    rl_pool_scenes candidates -- and n_rand random ones."""
     rng = random.Random(f"{args.seed}-rl-data")
     gen = torch.Generator().manual_seed(args.seed)
     instances = []
+    n_pool = len(src.pool.items)
     for task in src.tasks:
         mine = [i for i, q in enumerate(src.queries) if q.task == task]
         mine = rng.sample(mine, min(args.rl_queries, len(mine)))
-        cand = sorted(set(rng.sample(range(len(src.pool.items)), min(args.rl_pool_scenes, len(src.pool.items))))
-                      | {j for i in mine for j in src.negatives[i]})
+        sample = set(rng.sample(range(n_pool), min(args.rl_pool_scenes, n_pool)))
+        cand = sorted(sample | {j for i in mine for j in src.negatives[i]})
         rel = torch.tensor([[j in src.positives[i] for j in cand] for i in mine])           # (Q, P)
-        if (~rel).sum(1).min() < args.n_hard + args.n_rand:
-            raise SystemExit(f"--rl_pool_scenes {args.rl_pool_scenes}: task {task}'s mining "
-                             "sample has fewer than --n_hard + --n_rand = "
-                             f"{args.n_hard + args.n_rand} non-positive candidates")
         listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
-        neg = mine_negatives(retriever, [src.queries[i].item for i in mine], [src.queries[i].instruction for i in mine],
-                             [src.pool.items[j] for j in cand], rel, args.n_hard, args.n_rand, args.hard_threshold,
-                             gen, autocast, listed)
-        for i, idx in zip(mine, neg.tolist()):
-            instances.append((src.queries[i], [src.pool.items[cand[j]] for j in idx]))
+        queries = [src.queries[i] for i in mine]
+        neg = mine_negatives(retriever, [q.item for q in queries], [q.instruction for q in queries],
+                             [src.pool.items[j] for j in cand], rel, args.n_hard, args.n_rand,
+                             args.hard_threshold, gen, autocast, listed)
+        for q, idx in zip(queries, neg.tolist()):
+            instances.append((q, [src.pool.items[cand[j]] for j in idx]))
     return instances
 
 
 def meta_of(args) -> dict:
-    """What a checkpoint records of M-BEIR training data (train.py's --mbeir flags)."""
-    return {"mbeir": {"root": args.mbeir, "tasks": args.train_tasks, "split": "train", "pool": args.mbeir_pool,
-                      "summary_field": args.summary_field}}
+    """What a checkpoint records of its M-BEIR training data (train.py's --mbeir flags)."""
+    return {"mbeir": {"root": args.mbeir, "tasks": args.train_tasks, "split": "train",
+                      "pool": args.mbeir_pool, "summary_field": args.summary_field}}
 
 
-def training_source(meta: dict) -> Source:
-    """M-BEIR as the stages' data (train.py --mbeir): meta = {"root", "tasks", "split", "pool",
-    "summary_field"}, as a checkpoint records it. Every record and image is read and checked
-    here, before any work."""
-    try:
-        src = read_mbeir_train(meta["root"], meta["tasks"], meta["split"], meta["pool"],
-                               meta["summary_field"])
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--mbeir {meta['root']}: {e}") from None
+def training_source(meta: dict, args=None) -> Source:
+    """M-BEIR as the stages' data: meta = {"root", "tasks", "split", "pool", "summary_field"}, as a
+    checkpoint records it. Every record and image is read and checked here, before any work, and
+    with the run's args its sizes against the flags: stage 2's batch, stage 3's mining sample."""
+    src = read_mbeir_train(meta["root"], meta["tasks"], meta["split"], meta["pool"],
+                           meta["summary_field"])
+    if args is not None:
+        if args.batch_size > len(src.queries):
+            raise BadInput(f"--batch_size {args.batch_size}: expected at most the "
+                           f"{len(src.queries)} training queries of {src.tasks}")
+        sample = min(args.rl_pool_scenes, len(src.pool.items))
+        if args.n_hard + args.n_rand >= sample:
+            raise BadInput(f"--n_hard + --n_rand {args.n_hard + args.n_rand}: expected fewer "
+                           f"than the {sample} candidates each task's mining sample holds "
+                           f"(--rl_pool_scenes, the pool)")
     meta = {"root": str(src.root), "tasks": src.tasks, "split": src.split, "pool": src.pool_kind,
             "summary_field": src.summary_field}
-    describe = (f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against a pool of "
-                f"{len(src.pool.items)}")
     return Source(data=src, meta={"mbeir": meta}, texts=src.texts,
-                  contrastive_inputs=make_mbeir_inputs,
-                  rl_instances=build_rl_instances_mbeir, describe=describe)
+                  contrastive_inputs=make_mbeir_inputs, rl_instances=mbeir_rl_instances,
+                  describe=f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against "
+                           f"a pool of {len(src.pool.items)}")
 
 
 def eval_tasks(args) -> str | None:
@@ -502,17 +532,22 @@ def eval_tasks(args) -> str | None:
         asked = [t.strip() for t in args.eval_tasks.split(",") if t.strip()]
         unknown = [t for t in asked if t not in test_tasks and t != "all"]
         if unknown or not asked:
-            raise SystemExit(f"--eval_tasks {args.eval_tasks}: unknown task(s) "
-                             f"{unknown or asked}; {args.mbeir} "
-                             f"has test query files for {test_tasks}")
+            raise BadInput(f"--eval_tasks {args.eval_tasks}: unknown task(s) {unknown or asked}; "
+                           f"{args.mbeir} has test query files for {test_tasks}")
         return ",".join(asked)
     if args.train_tasks == ["all"]:
         return "all" if test_tasks else None
     return ",".join(t for t in args.train_tasks if t in test_tasks) or None
 
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "--sample":
+        raise BadInput("usage: python mbeir.py --sample DIR (writes a small M-BEIR-format folder "
+                       "into a new or empty DIR)")
+    print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(argv[1])}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "--sample":
-        raise SystemExit("usage: python mbeir.py --sample DIR   (writes a small M-BEIR-format "
-                         "folder to DIR)")
-    print(f"wrote an M-BEIR-format sample to {write_mbeir_sample(sys.argv[2])}")
+    from runtime import one_line_errors
+    one_line_errors(main)

@@ -17,10 +17,12 @@ through it).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +42,24 @@ import data
 
 def fail(flag: str, value, expected: str):
     raise SystemExit(f"{flag} {value!r}: expected {expected}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown or malformed flag) one line, like every other input
+    error of the command lines: `error: ...`, no usage block (--help shows that)."""
+
+    def error(self, message):
+        raise SystemExit(f"error: {message} (--help lists the flags)")
+
+
+def one_line_errors(main, *argv):
+    """A command line's main, run so that an input that is not what was expected (data.BadInput:
+    a file, record, flag or argument; its message names it) is one line on stderr and exit code 1;
+    anything else is a bug, and keeps its traceback."""
+    try:
+        return main(*argv)
+    except data.BadInput as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def add_run_flags(p):
@@ -119,6 +139,13 @@ def check_args(args, n_tasks: int):
             fail(f"--{k}", getattr(args, k), "an integer >= 0")
     if args.n_hard + args.n_rand < 1:
         fail("--n_hard + --n_rand", args.n_hard + args.n_rand, ">= 1: a ranking needs a negative")
+    if args.mbeir is None and args.batch_size > args.n_train:
+        fail("--batch_size", args.batch_size, f"at most the {args.n_train} training scenes "
+                                              f"(--n_train) a batch is drawn from")
+    if args.mbeir is None and args.n_hard + args.n_rand >= args.rl_pool_scenes:
+        fail("--n_hard + --n_rand", args.n_hard + args.n_rand, f"fewer than the "
+             f"{args.rl_pool_scenes} training scenes each task's mining pool starts from "
+             f"(--rl_pool_scenes)")
     if args.batch_size < 2:
         fail("--batch_size", args.batch_size,
              ">= 2: with one query InfoNCE has no negative and learns nothing")
@@ -251,12 +278,27 @@ def compile_blocks(model, args):
 # The run folder
 
 
+STAGE_ORDER = ("text", "contrastive", "elva")
+
+
+def stage_folders_from(args, first: str) -> list[str]:
+    """The checkpoint folders of stage `first` and every stage after it (elva: --elva_name)."""
+    names = [args.elva_name if s == "elva" else s for s in STAGE_ORDER]
+    return names[STAGE_ORDER.index(first):]
+
+
 def check_run_folder(args, shaping_args: tuple[str, ...]):
-    """A run folder belongs to one world, tokenizer and model shape (run.json), which the
-    contrastive stage makes. Refuse to mix: a saved tokenizer would silently override
-    --vocab_size, another --seed would train on another world. (An ELVA-only run takes its world
-    and tokenizer from --init: its --seed varies only the RL sampling.)"""
+    """A run folder is one run. It belongs to one world, tokenizer and model shape (run.json,
+    made by the contrastive stage): another --seed would train on another world, a saved
+    tokenizer would override --vocab_size; each stage's checkpoint is checked against the flags
+    when the stage opens (open_stage). --overwrite starts this run's first stage and every later
+    one afresh: their folders, the evaluations, and with the contrastive stage run.json and the
+    tokenizer are removed first, and the run says which. (An ELVA-only run takes its world and
+    tokenizer from --init: its --seed varies only the RL sampling.)"""
     out = Path(args.out)
+    if args.overwrite and args.resume:
+        fail("--overwrite", True, "without --resume (--resume continues a run, --overwrite starts "
+                                  "it afresh)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -264,11 +306,23 @@ def check_run_folder(args, shaping_args: tuple[str, ...]):
         probe.unlink()
     except OSError as e:
         fail("--out", args.out, f"a folder this process can write ({e.strerror})")
+    if args.overwrite:
+        first = next(s for s in STAGE_ORDER if s in args.stages)
+        stale = [out / name for name in stage_folders_from(args, first)]
+        stale += list(out.glob("eval*.json"))
+        if "contrastive" in args.stages:
+            stale += [out / "run.json", out / "tokenizer.json"]
+        gone = [p for p in stale if p.exists()]
+        for p in gone:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if gone:
+            print(f"--overwrite: starting afresh from the {first} stage; removed "
+                  f"{', '.join(p.name for p in gone)} from {out}")
     if "contrastive" not in args.stages:
         return
     shaping = {k: getattr(args, k) for k in shaping_args}
     path = out / "run.json"
-    if path.exists() and not args.overwrite:
+    if path.exists():
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -278,9 +332,6 @@ def check_run_folder(args, shaping_args: tuple[str, ...]):
                 raise SystemExit(f"--{k} {v!r}: the folder {out} holds a run made with --{k} "
                                  f"{old[k]!r}; use another --out, the same --{k}, or --overwrite "
                                  "to start that folder afresh")
-    elif args.overwrite:
-        for stale in ("tokenizer.json", "eval.json"):
-            (out / stale).unlink(missing_ok=True)
     write_json(path, shaping)
 
 
@@ -331,6 +382,9 @@ def finish_run(args, device, threads: int, t0: float, eval_tasks: str | None = N
     if not args.no_eval and args.rank == 0:
         evaluate_run(args, Path(args.out), device, threads, eval_tasks)
     print(f"total time {(time.time() - t0) / 60:.1f} min")
+    if args.preset == "smoke":
+        print("(the smoke preset trains for seconds: its numbers check the plumbing, not the method; "
+              "--preset cpu or gpu for results)")
     if args.world_size > 1:
         barrier(args)
         dist.destroy_process_group()
@@ -373,6 +427,24 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """A log.jsonl's (line, record) pairs. A last line cut short (a power loss during a write) is
+    dropped with a warning, as --resume cuts the log back to its checkpoint anyway; a bad line
+    elsewhere is an error naming the file and line."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise data.BadInput(f"{path}:{n}: not a JSON record ({e.msg}); expected the log "
+                                    f"train.py writes, one record per line") from e
+            print(f"warning: {path}: its last line is cut short (a write was interrupted); "
+                  f"dropping it")
+    return out
+
+
 class Logger:
     """One plain line per log step and a JSONL record per step. A fresh run starts a fresh log; a
     resumed one keeps only the records up to the checkpoint it resumed from, so a log never holds
@@ -395,8 +467,7 @@ class Logger:
         path = folder / "log.jsonl"
         kept = []
         if start > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < start]
+            kept = [line for line, rec in read_log(path) if rec["step"] < start]
         atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         self.f = open(path, "a")
 
@@ -521,10 +592,50 @@ class Stage:
     start: int = 0                 # the first step still to run (0, or after --resume's checkpoint)
 
 
-def open_stage(args, name: str, steps: int, retriever, opt, meta: dict, device) -> Stage | None:
-    """A stage in --out/name: with --resume and a checkpoint there, its weights and optimizer
-    state restored. None (and a line saying so) when that checkpoint already holds every step."""
+# The flags that do not shape a stage's steps: where it runs, what it prints, what it is named.
+NOT_SHAPING = {"resume", "overwrite", "device", "threads", "workers", "compile", "log_every",
+               "ckpt_every", "no_eval", "profile", "out", "stages", "init", "rank", "eval_queries",
+               "mrbench_per_task", "eval_tasks", "elva_name", "probe_every"}
+
+
+def model_sha(folder) -> str:
+    """The sha256 of a checkpoint's weights, as its config.json names them."""
+    return read_manifest(folder)["files"]["model"]["sha256"]
+
+
+def check_stage_folder(args, name: str, folder: Path, init) -> None:
+    """A stage's folder holds one run of it: a checkpoint there is continued (--resume) only with
+    the flags it was made with and from the same input stage; without --resume (or --overwrite,
+    which check_run_folder applied) it is not written over."""
+    if not (folder / "config.json").exists():
+        return
+    meta = read_manifest(folder)
+    if not args.resume:
+        raise SystemExit(f"{folder} holds a checkpoint of the {name} stage (step {meta.get('step')}"
+                         f"): --resume continues it, --overwrite starts it and the later stages "
+                         f"afresh, or choose another --out")
+    for k, recorded in meta.get("args", {}).items():
+        now = json.loads(json.dumps(getattr(args, k, recorded)))
+        if k not in NOT_SHAPING and now != recorded:
+            fail(f"--{k}", getattr(args, k), f"{recorded!r}, the value the {name} checkpoint in "
+                 f"{folder} was made with (--resume continues a stage with its own flags; "
+                 f"--overwrite starts it afresh)")
+    if init is not None and meta.get("init_sha256") not in (None, model_sha(init)):
+        fail(f"the {name} stage's input", str(init), f"the checkpoint {folder} started from (it "
+             f"changed since: the {name} stage is not complete; --overwrite starts it afresh)")
+
+
+def open_stage(args, name: str, steps: int, retriever, opt, meta: dict, device,
+               init=None) -> Stage | None:
+    """A stage in --out/name, from `init` (the checkpoint it starts from, if any): with --resume
+    and a checkpoint there, checked (check_stage_folder) and its weights and optimizer state
+    restored. None (and a line saying so) when that checkpoint already holds every step."""
     folder = Path(args.out) / name
+    if args.rank == 0:
+        check_stage_folder(args, name, folder, init)
+    barrier(args)
+    if init is not None:
+        meta = {**meta, "init_sha256": model_sha(init)}
     start = resume_point(args, folder, retriever.model, opt, name, device)
     if start >= steps:
         print(f"{name}: already complete ({steps} steps) in {folder}")
@@ -913,38 +1024,53 @@ def save_checkpoint(folder, model, tok, extra: dict | None = None, optimizer=Non
         atomic_write(folder / files["optimizer"], lambda p: save_file(opt_state, str(p)))
     atomic_write(folder / files["tokenizer"], lambda p: tok.save(str(p)))
     hashes = {k: {"name": v, "sha256": sha256(folder / v)} for k, v in files.items()}
-    # commit point
-    write_json(folder / "config.json", {"model": asdict(model.cfg), **extra, "files": hashes})
+    meta = {"model": asdict(model.cfg), **extra}
+    hashes["config"] = {"name": "config.json", "sha256": content_sha(meta)}   # its own content too
+    write_json(folder / "config.json", {**meta, "files": hashes})   # the commit point
     keep = set(files.values())
     for old in [*folder.glob("model-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
         if old.name not in keep:
             old.unlink()
 
 
-def read_manifest(folder) -> dict:
-    """config.json of a checkpoint folder, with every file it names present and matching its
-    sha256."""
+def content_sha(meta: dict) -> str:
+    """The sha256 of a manifest's content (all but its list of files), in a canonical form."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(folder, need: tuple[str, ...] = ("model", "tokenizer", "optimizer")) -> dict:
+    """config.json of a checkpoint folder: its content unedited (its own hash) and every file it
+    names among `need` present and matching its sha256 (inference needs no optimizer state)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {folder}: missing config.json; expected a folder "
-                                "written by train.py")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise data.MissingInput(f"checkpoint {folder}: missing config.json; expected a folder "
+                                f"written by train.py")
     try:
-        meta = json.loads((folder / "config.json").read_text())
+        meta = json.loads(path.read_text())
         files = meta["files"]
         dict(meta["model"])
+        [files[k]["sha256"] for k in ("model", "tokenizer")]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {folder}: config.json is not a checkpoint manifest "
-                         f"written by train.py ({type(e).__name__}: {e})") from e
-    for f in files.values():
-        path = folder / f["name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {f['name']} named by "
-                                    "config.json (step "
-                                    f"{meta.get('step')}); the folder is incomplete")
-        if sha256(path) != f["sha256"]:
-            raise ValueError(f"checkpoint {folder}: {f['name']} does not match the sha256 in "
-                             f"config.json (step {meta.get('step')}): a mixed or damaged "
-                             "checkpoint; refusing to load it")
+        raise data.BadInput(f"checkpoint {folder}: config.json is not a checkpoint manifest "
+                            f"written by train.py ({type(e).__name__}: {e})") from e
+    content = {k: v for k, v in meta.items() if k != "files"}
+    if "config" in files and files["config"].get("sha256") != content_sha(content):
+        raise data.BadInput(f"checkpoint {folder}: config.json was edited after it was written (its "
+                            f"content no longer matches its sha256): the model it describes is not "
+                            f"the one saved; refusing to load it")
+    for key, f in files.items():
+        if key == "config" or key not in need:
+            continue
+        where = f"checkpoint {folder}: {f['name']}"
+        if not (folder / f["name"]).is_file():
+            raise data.MissingInput(f"checkpoint {folder}: missing {f['name']} named by "
+                                    f"config.json (step {meta.get('step')}); the folder is "
+                                    f"incomplete")
+        if sha256(folder / f["name"]) != f["sha256"]:
+            raise data.BadInput(f"{where} does not match the sha256 in config.json (step "
+                                f"{meta.get('step')}): a mixed or damaged checkpoint; refusing to "
+                                f"load it")
     return meta
 
 
@@ -953,13 +1079,13 @@ def read_checkpoint(folder) -> tuple[dict, object, dict]:
     manifest); elva.py builds the model from them."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    meta = read_manifest(folder)
+    meta = read_manifest(folder, need=("model", "tokenizer"))
     tok = data.load_tokenizer(folder / meta["files"]["tokenizer"]["name"])
     weights = folder / meta["files"]["model"]["name"]
     try:
         state = load_file(str(weights))
     except Exception as e:
-        raise ValueError(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors "
+        raise data.BadInput(f"checkpoint {folder}: {weights.name} is corrupt or not safetensors "
                          f"({e})") from e
     return state, tok, meta
 

@@ -64,7 +64,7 @@ import elva
 import train
 from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
                     total_reward, zscore_reward)
-from runtime import (check_fractions, default_threads, fail, finish_run, global_tokens, lr_at, my_part,
+from runtime import (Parser, check_fractions, default_threads, fail, finish_run, one_line_errors, global_tokens, lr_at, my_part,
                      my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, source_tokenizer,
                      start_run, step_inputs, step_seed, world_of, write_json)
 
@@ -742,7 +742,7 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
 
 
 def audit(argv):
-    p = argparse.ArgumentParser(prog="study.py audit",
+    p = Parser(prog="study.py audit",
                                 description="the reward audit (no training): R@5 on MRBench-mini "
                                             "with greedy / empty / reference query summaries, the "
                                             "mean of G sampled ones, the best of G chosen by each "
@@ -869,7 +869,7 @@ def grain_errors(ret, bench, autocast) -> dict:
 
 
 def grains(argv):
-    p = argparse.ArgumentParser(prog="study.py grains", description="where greedy summaries err, "
+    p = Parser(prog="study.py grains", description="where greedy summaries err, "
                                 "per grain type, on MRBench-mini (query and candidate summaries)")
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders")
     p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
@@ -901,7 +901,7 @@ def mean_t(xs: list[float]) -> tuple[float, float]:
 
 
 def transfer(argv):
-    p = argparse.ArgumentParser(prog="study.py transfer", description="the transfer probe's "
+    p = Parser(prog="study.py transfer", description="the transfer probe's "
                                 "table: per stage-3 run, does an update pay on its own instances "
                                 "(delta_same) and on held-out ones (delta_other)?")
     p.add_argument("runs", nargs="+", help="stage-3 folders whose log.jsonl holds the probe")
@@ -950,7 +950,7 @@ class WordsFromScorer:
 
 
 def eval_frozen(argv):
-    p = argparse.ArgumentParser(prog="study.py eval", description="eval.py's table for a --scorer "
+    p = Parser(prog="study.py eval", description="eval.py's table for a --scorer "
                                 "frozen run: the checkpoint writes the summaries, --scorer embeds")
     p.add_argument("--ckpt", required=True, help="the policy (a --scorer frozen run's checkpoint)")
     p.add_argument("--scorer", required=True, help="the frozen stage-2 checkpoint (its --init)")
@@ -1046,7 +1046,7 @@ lever_empty 0 --empty_member
 
 
 def study_runs(argv):
-    p = argparse.ArgumentParser(prog="study.py runs",
+    p = Parser(prog="study.py runs",
                                 description="the study's stage-3 runs from one stage-2 model")
     p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. "
                                 "runs/cpu/contrastive)")
@@ -1140,7 +1140,7 @@ def _verdict(x, y, shared_keys: bool) -> str:
 
 
 def compare(argv):
-    p = argparse.ArgumentParser(prog="study.py compare",
+    p = Parser(prog="study.py compare",
                                 description="are two run folders the same, number for number? "
                                             "(weights bit for bit; logs and evaluations without "
                                             "their timing fields; a file on one side only is a "
@@ -1173,4 +1173,4 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    one_line_errors(COMMANDS[sys.argv[1]], sys.argv[2:])

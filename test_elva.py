@@ -552,6 +552,11 @@ def test_checkpoint_round_trip_and_bad_checkpoints(world, tok, tmp_path):
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["model"]["d_model"] = 64
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(data.BadInput, match="config.json was edited after it was written"):
+        elva.load_checkpoint(tmp_path / "ck")                         # its own hash catches an edit
+    cfg["files"]["config"]["sha256"] = runtime.content_sha({k: v for k, v in cfg.items()
+                                                            if k != "files"})
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))    # a manifest that lies
     with pytest.raises(ValueError, match="do not match config.json"):
         elva.load_checkpoint(tmp_path / "ck")
     # a corrupt weights file: it no longer matches the hash config.json holds
@@ -1378,8 +1383,17 @@ def test_mmeb_eval_by_hand(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = evaluation.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
     assert seen.count("b") == 1 and "q2" in seen and not any("<|image_1|>" in t for t in seen)
-    assert res["toy"]["P@1"] == pytest.approx(1 / 3) and res["toy"]["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
-    assert res["toy"]["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and res["toy"]["nonfinite"] == 1
+    toy = res[str(path)]                                                # keyed by the path given
+    assert toy["P@1"] == pytest.approx(1 / 3) and toy["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+    assert toy["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and toy["nonfinite"] == 1
+    # the same file name in two folders: two rows, not one
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / "toy.jsonl"
+    twin.write_text(path.read_text())
+    both = evaluation.evaluate_mmeb(Fake(), [str(path), str(twin)], str(tmp_path), nullcontext)
+    assert set(both) == {str(path), str(twin), "avg"}
+    with pytest.raises(data.BadInput, match="given twice"):
+        evaluation.evaluate_mmeb(Fake(), [str(path), str(path)], str(tmp_path), nullcontext)
 
 
 def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):
@@ -1387,7 +1401,7 @@ def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):
     runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
     files = sorted(str(f) for f in (mbeir / "mmeb").glob("*.jsonl"))
     evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--mmeb_images", str(mbeir), "--threads", "1"])
-    assert "| sample_t2i | 8 |" in capsys.readouterr().out
+    assert f"| {files[1]} | 8 |" in capsys.readouterr().out             # files[1]: sample_t2i.jsonl
     with pytest.raises(SystemExit, match="--mmeb: .*sample_i2t.jsonl:1: image .* not found"):
         evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--threads", "1"])
 
@@ -1654,8 +1668,10 @@ def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, mon
     for run in (a, b):
         steps = [json.loads(line)["step"] for line in (Path(run) / "contrastive" / "log.jsonl").read_text().splitlines()]
         assert steps == list(range(6)), run
-    # a second fresh run into the same folder starts a fresh log
-    train.main(SMOKE + ["--out", a])
+    # a second fresh run into the same folder is refused; with --overwrite it starts a fresh log
+    with pytest.raises(SystemExit, match="holds a checkpoint of the contrastive stage .*--resume"):
+        train.main(SMOKE + ["--out", a])
+    train.main(SMOKE + ["--out", a, "--overwrite"])
     assert (Path(a) / "contrastive" / "log.jsonl").read_text().count("\n") == 6
 
 
@@ -1678,6 +1694,8 @@ def test_eval_inputs_are_checked(world, tok, tmp_path):
         evaluation.evaluate(str(tmp_path / "ck"), 5, 2, "cpu", nullcontext)
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["model"]["n_layers"] = 3
+    cfg["files"]["config"]["sha256"] = runtime.content_sha({k: v for k, v in cfg.items()
+                                                            if k != "files"})
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="do not match config.json .*blocks.2"):     # the details, not cut off
         elva.load_checkpoint(tmp_path / "ck")
@@ -1710,3 +1728,185 @@ def test_threads_follow_the_cores_this_process_may_use(monkeypatch, capsys):
         assert runtime.set_threads(args) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+# Runs, caches and results that say what they are made of; inputs refused before the work (each test
+# fails on the code before these checks)
+
+
+def test_the_sample_writer_writes_only_where_nothing_is(tmp_path):
+    real = tmp_path / "mbeir_root"
+    real.mkdir()
+    (real / "query").mkdir()                                             # a real M-BEIR root, say
+    with pytest.raises(data.BadInput, match="--sample .*mbeir_root: expected a new or empty folder"):
+        realdata.write_mbeir_sample(real)
+    assert sorted(p.name for p in real.iterdir()) == ["query"]           # nothing written
+    assert (realdata.write_mbeir_sample(tmp_path / "new") / "instructions").is_dir()
+
+
+def test_a_run_folder_is_one_run(tmp_path):
+    """--resume continues a stage only with the flags it was made with; a fresh run does not write
+    over a finished stage; --overwrite starts the first stage and every later one afresh; a stage
+    whose input stage changed is never 'already complete'."""
+    out = str(tmp_path / "run")
+    base = ["--preset", "smoke", "--stages", "contrastive,elva", "--steps", "3", "--rl_steps", "1",
+            "--no_eval", "--out", out]
+    train.main(base)
+    for flags, name, old in ((["--steps", "5"], "--steps 5", "3"), (["--lr", "0.05"], "--lr 0.05", "0.002"),
+                             (["--beta", "0.1"], "--beta 0.1", "0.2")):
+        with pytest.raises(SystemExit, match=f"{name}: expected {old}, the value the .* checkpoint"):
+            train.main(base + ["--resume", *flags])
+    with pytest.raises(SystemExit, match="holds a checkpoint of the contrastive stage"):
+        train.main(base + ["--lr", "0.01"])
+    with pytest.raises(SystemExit, match="--overwrite True: expected without --resume"):
+        train.main(base + ["--resume", "--overwrite"])
+    elva_weights = weights_bytes(Path(out) / "elva")
+    train.main(["--preset", "smoke", "--stages", "contrastive", "--steps", "2", "--no_eval", "--out",
+                out, "--overwrite", "--lr", "0.01"])                      # stage 2 afresh, and stage 3 gone
+    assert not (Path(out) / "elva").exists()
+    assert json.loads((Path(out) / "contrastive" / "config.json").read_text())["args"]["lr"] == 0.01
+    assert elva_weights
+    # a stage 3 whose stage 2 (--init, another folder) was trained again is not complete: refused
+    rl = ["--preset", "smoke", "--stages", "elva", "--rl_steps", "1", "--no_eval", "--init",
+          str(Path(out) / "contrastive"), "--out", str(tmp_path / "rl")]
+    train.main(rl)
+    train.main(["--preset", "smoke", "--stages", "contrastive", "--steps", "3", "--no_eval", "--out",
+                out, "--overwrite"])
+    with pytest.raises(SystemExit, match="the elva stage's input .*changed since"):
+        train.main(rl + ["--resume"])
+
+
+def test_the_pool_cache_is_keyed_by_the_images(mbeir, tok, tmp_path, capsys):
+    """Swap two pool images: the cached embeddings are not reused (they were made of other bytes)."""
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(mbeir, root)
+    ret = tiny_model(tok)
+    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
+    args = ["--ckpt", str(tmp_path / "ck"), "--mbeir", str(root), "--tasks", "sample_task0",
+            "--cache", str(tmp_path / "cache"), "--threads", "1", "--out", str(tmp_path / "r.json")]
+    evaluation.main(args)
+    assert "pool embeddings cached in" in capsys.readouterr().out         # its place is printed
+    a, b = root / "mbeir_images/sample/0.jpg", root / "mbeir_images/sample/1.jpg"
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    evaluation.main(args)
+    assert "from the cache" not in capsys.readouterr().out               # re-embedded
+
+
+def test_inputs_are_refused_before_the_work(mbeir, tok, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--n_hard \\+ --n_rand 1002: expected fewer than the 40"):
+        train.get_args(["--preset", "smoke", "--n_hard", "1000"])
+    with pytest.raises(SystemExit, match="--batch_size 100000: expected at most the 400 training"):
+        train.get_args(["--preset", "smoke", "--batch_size", "100000"])
+    out = tmp_path / "run"
+    with pytest.raises(data.BadInput, match="--eval_tasks nope: unknown task"):
+        train.main(["--preset", "smoke", "--mbeir", str(mbeir), "--eval_tasks", "nope", "--out", str(out)])
+    assert not out.exists()                                              # before any training
+    ret = tiny_model(tok)
+    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
+    for flag in ("--out", "--grid", "--run_file"):
+        with pytest.raises(SystemExit, match=f"{flag} /missing/folder/x.json: expected a file in a"):
+            evaluation.main(["--ckpt", str(tmp_path / "ck"), flag, "/missing/folder/x.json"])
+    with pytest.raises(SystemExit, match="--queries 0: expected an integer >= 1"):
+        evaluation.main(["--ckpt", str(tmp_path / "ck"), "--queries", "0"])
+    # a broken image in a pool: named before anything is embedded
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(mbeir, root)
+    (root / "mbeir_images/sample/7.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data.BadInput, match="image .*7.jpg could not be read"):
+        realdata.read_mbeir_pool(realdata.mbeir_paths(root, "sample_task0")[1], root)
+
+
+def test_mbeir_defects_of_the_review(mbeir, tmp_path, tok):
+    """An empty reference summary is no tokens; a query none of whose positives is in the pool is a
+    miss, counted (UniIR), not an error; qrels relevance > 0 is relevant; an empty qrels file is named."""
+    assert tiny_model(tok).enc.summary("") == [] and tiny_model(tok).enc.summary(" ") == []
+    ins = realdata.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
+    q, p = realdata.mbeir_paths(mbeir, "sample_task0")
+    pool = realdata.read_mbeir_pool(p, mbeir)
+    small = realdata.MBeirPool(pool.path, pool.items[1:], pool.dids[1:], pool.modalities[1:],
+                               {d: i for i, d in enumerate(pool.dids[1:])})     # 9:0 is not in it
+    qs = realdata.read_mbeir_queries(q, small, mbeir, ins, strict=False)
+    assert qs.missed == 1 and qs.relevant[0] == [] and qs.instructions[0]
+    qrels = tmp_path / "q.txt"
+    qrels.write_text("9:0 0 9:0 1 0\n9:1 0 9:1 0 0\n9:2 0 9:2 0.5 0\n9:3 0 9:3 -1 0\n")
+    assert realdata.read_qrels(qrels) == {"9:0": ["9:0"], "9:2": ["9:2"]}
+    qrels.write_text("")
+    with pytest.raises(data.BadInput, match="q.txt: no relevant pair"):
+        realdata.read_qrels(qrels)
+
+
+def test_smaller_failures_are_named(world, tok, tmp_path, capsys):
+    ret = tiny_model(tok)
+    ck = tmp_path / "ck"
+    opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-3)
+    runtime.save_checkpoint(ck, ret.model, tok, {"world": {}, "step": 0}, optimizer=opt)
+    # inference needs no optimizer state; a training checkpoint folder is not written over
+    (ck / "optimizer-000000.safetensors").unlink()
+    r = elva.Retriever.from_pretrained(ck)
+    with pytest.raises(data.BadInput, match="save_pretrained: .* is not empty"):
+        r.save_pretrained(ck)
+    # config.json without its files: one line
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "files": {}}))
+    with pytest.raises(data.BadInput, match="config.json is not a checkpoint manifest"):
+        elva.load_checkpoint(ck)
+    # the API's arguments
+    e = r.encode_text(["a red circle", "a blue square"])
+    for k in (-1, 0, 1.5, True):
+        with pytest.raises(ValueError, match="search: k"):
+            r.search(e, e, k=k)
+    with pytest.raises(ValueError, match="batch_size 0"):
+        r.encode_text("a circle", batch_size=0)
+    with pytest.raises(TypeError, match="instruction is a int"):
+        r.encode_text("a circle", instruction=5)
+    if not torch.cuda.is_available():
+        with pytest.raises(data.BadInput, match="device 'cuda': torch sees no CUDA GPU"):
+            elva.Retriever.from_pretrained(tmp_path / "nowhere", device="cuda")
+    # a log cut short by a power loss: --resume drops its last line and goes on
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    assert [r["step"] for _, r in runtime.read_log(log)] == [0, 1]
+    assert "its last line is cut short" in capsys.readouterr().out
+    log.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(data.BadInput, match="log.jsonl:2: not a JSON record"):
+        runtime.read_log(log)
+
+
+def test_compare_counts_files_on_either_side(tmp_path, capsys):
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "log.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (tmp_path / "b" / "extra.json").write_text("[1]")
+    with pytest.raises(SystemExit):
+        study.compare([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "ONLY IN B  extra.json" in out and "1 of 2 files the same" in out
+
+
+def test_errors_of_the_command_lines_are_one_line(tmp_path, mbeir):
+    """A bad input to any command line is one line on stderr, no traceback (a traceback is for bugs)."""
+    import subprocess
+    import sys
+    here = Path(__file__).parent
+    bad_ckpt = tmp_path / "ck"
+    bad_ckpt.mkdir()
+    (bad_ckpt / "config.json").write_text("{}")
+    cases = [["eval.py", "--ckpt", str(bad_ckpt)], ["mbeir.py", "--sample", str(mbeir)],
+             ["study.py", "audit", "--ckpt", str(bad_ckpt)], ["train.py", "--steps", "0"],
+             ["eval.py", "--ckpt", str(mbeir), "--mbeir", str(mbeir)]]
+    for argv in cases:
+        run = subprocess.run([sys.executable, *argv], cwd=here, capture_output=True, text=True,
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+        assert run.returncode != 0, argv
+        lines = [x for x in run.stderr.splitlines() if x.strip()]
+        assert "Traceback" not in run.stderr and len(lines) <= 2, (argv, run.stderr)
+
+
+def test_a_smoke_run_says_its_numbers_check_the_plumbing(tmp_path, capsys):
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "1", "--steps", "1",
+                "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
+    assert "check the plumbing, not the method" in capsys.readouterr().out

@@ -36,10 +36,10 @@ from data import TASKS, Source, WorldConfig
 from kernels import cosine_ranks
 from reward import (ALPHA, DEFAULT_DELTA, EPSILON, auto_gamma, group_advantages, grpo_loss,
                     total_reward)
-from runtime import (adamw, add_run_flags, batch_mean, fail, finish_run, gather_candidates,
+from runtime import (Parser, adamw, add_run_flags, batch_mean, fail, finish_run, gather_candidates,
                      global_tokens, lr_at, my_part, my_share, open_stage, optimizer_step, phase,
                      resolve_stage_args, run_steps, serializable, set_lr, source_tokenizer,
-                     start_run, step_inputs, compile_blocks)
+                     start_run, step_inputs, compile_blocks, one_line_errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ ELVA_SHOWN = ("loss", "reward_mean", "R_rank", "top1", "tied_groups", "kl", "sum
 
 def build_parser() -> argparse.ArgumentParser:
     """The paper's knobs and the run's essentials, one flag each (study.py adds its variants)."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument_group("run").add_argument
     add("--preset", default=None, choices=list(TRAIN_PRESETS), help="default gpu on CUDA, else cpu")
@@ -144,7 +144,7 @@ def read_source(args, meta: dict | None = None) -> Source:
         meta = {"world": world.__dict__}
     if isinstance(meta.get("mbeir"), dict):
         import mbeir
-        return mbeir.training_source(meta["mbeir"])
+        return mbeir.training_source(meta["mbeir"], args)
     if isinstance(meta.get("world"), dict):
         return data.grainworld_source(WorldConfig(**meta["world"]))
     fail("--init", args.init, "a checkpoint whose config.json has a 'world' or 'mbeir' section")
@@ -219,7 +219,7 @@ def open_embedding_stage(args, source: Source, tok, device, name: str, steps: in
     compile_blocks(model, args)
     opt = adamw(model.parameters(), args.lr, args.weight_decay, device, name, Path(args.out) / name)
     meta = {**source.meta, "args": serializable(args), "stage": name}
-    return open_stage(args, name, steps, elva.Retriever(model, tok), opt, meta, device)
+    return open_stage(args, name, steps, elva.Retriever(model, tok), opt, meta, device, init)
 
 
 def embedding_stage(args, source: Source, tok, device, autocast, name: str, steps: int, make_inputs,
@@ -420,7 +420,7 @@ def open_elva_stage(args, device, autocast) -> ElvaSetup | None:
     opt = adamw(trainable, args.rl_lr, 0.0, device, args.elva_name, Path(args.out) / args.elva_name)
     meta = {**source.meta, "args": serializable(args), "stage": "elva", "init": str(init)}
     stage = open_stage(args, args.elva_name, args.rl_steps, elva.Retriever(model, ref.tok), opt,
-                       meta, device)
+                       meta, device, init)
     if stage is None:
         return None
     # the RL instances: queries with balanced negatives mined by the stage-2 model (Sec. 3.4)
@@ -485,4 +485,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)
