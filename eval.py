@@ -625,9 +625,10 @@ def table(results: list[dict]) -> str:
     add("query summaries exactly right", lambda r: r["standard"]["avg"]["summary_exact"])
     pools = results[0].get("mrbench_pools", {})
     for t in TASKS:
-        size = pools.get(t)
-        label = f" ({size['queries']} queries, pool {size['pool']}, chance {size['chance_R@5']:.3f})"
-        add(f"MRBench-mini {t} R@5" + (label if size else ""), lambda r, t=t: r["mrbench"][t])
+        size, label = pools.get(t), ""
+        if size:   # results written before the pools were recorded have none
+            label = f" ({size['queries']} queries, pool {size['pool']}, chance {size['chance_R@5']:.3f})"
+        add(f"MRBench-mini {t} R@5" + label, lambda r, t=t: r["mrbench"][t])
     add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
     add("  ... with reference summaries", lambda r: r["headroom"]["reference"])
     add("  ... with empty summaries", lambda r: r["headroom"]["empty"])
