@@ -49,7 +49,7 @@ class Parser(argparse.ArgumentParser):
     error of the command lines: `error: ...`, no usage block (--help shows that)."""
 
     def error(self, message):
-        raise SystemExit(f"error: {message} (--help lists the flags)")
+        raise SystemExit(f"error: {message}")
 
 
 def one_line_errors(main, *argv):
