@@ -2,7 +2,7 @@
 GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything
 data-shaped.
 
-    python data.py                       # draws a few scenes to grainworld_samples.png and prints their captions
+    python data.py          # draws a few scenes to grainworld_samples.png and prints their captions
 
 Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that
 InfoNCE with random negatives leaves secondary grains (attributes, bindings, relations)
@@ -50,7 +50,8 @@ class MissingInput(BadInput, FileNotFoundError):
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (230, 205, 35),
-    "purple": (145, 55, 190), "orange": (240, 135, 30), "cyan": (40, 200, 210), "white": (250, 250, 250),
+    "purple": (145, 55, 190), "orange": (240, 135, 30), "cyan": (40, 200, 210),
+    "white": (250, 250, 250),
 }
 SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")
@@ -160,7 +161,8 @@ def assignments(scene: Scene, cap: Caption) -> list[tuple[Obj, ...]]:
         return [(o,) for o in objs if cap.mentions[0].matches(o)]
     m0, m1 = cap.mentions
     return [(a, b) for a in objs for b in objs
-            if a != b and m0.matches(a) and m1.matches(b) and (cap.relation is None or holds(cap.relation, a, b))]
+            if a != b and m0.matches(a) and m1.matches(b)
+            and (cap.relation is None or holds(cap.relation, a, b))]
 
 
 def satisfies(scene: Scene, cap: Caption) -> bool:
@@ -193,7 +195,8 @@ def random_caption(rng: random.Random, scene: Scene) -> Caption:
     kind = rng.choice(("one", "and", "rel", "rel")) if len(scene.objects) > 1 else "one"
     if kind == "one":
         o = rng.choice(scene.objects)
-        return Caption((Mention(o.shape, rng.choice((o.color, None)), rng.choice((o.size, None, None))),))
+        color, size = rng.choice((o.color, None)), rng.choice((o.size, None, None))
+        return Caption((Mention(o.shape, color, size),))
     a, b = rng.sample(scene.objects, 2)
     rel = _relation_between(rng, a, b) if kind == "rel" else None
     # Both objects keep their colour, so that the caption binds colours to shapes; size is stated
@@ -250,7 +253,8 @@ def scene_edit(rng: random.Random, scene: Scene, kind: str,
             return None
         return _try_scene(_replace(_replace(objs, i, color=b.color), j, color=a.color))
     if kind == "relation":
-        return _try_scene(_replace(_replace(objs, i, row=b.row, col=b.col), j, row=a.row, col=a.col))
+        moved = _replace(objs, i, row=b.row, col=b.col)
+        return _try_scene(_replace(moved, j, row=a.row, col=a.col))
     raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
 
 
@@ -260,11 +264,13 @@ def edit_neighbours(scene: Scene) -> set[Scene]:
     objs, out = list(scene.objects), set()
     for i, o in enumerate(objs):
         for which, values in (("color", COLORS), ("size", SIZES), ("shape", SHAPES)):
-            out |= {_try_scene(_replace(objs, i, **{which: v})) for v in values if v != getattr(o, which)}
+            out |= {_try_scene(_replace(objs, i, **{which: v}))
+                    for v in values if v != getattr(o, which)}
         for j in range(i + 1, len(objs)):
             a, b = objs[i], objs[j]
             out.add(_try_scene(_replace(_replace(objs, i, color=b.color), j, color=a.color)))
-            out.add(_try_scene(_replace(_replace(objs, i, row=b.row, col=b.col), j, row=a.row, col=a.col)))
+            moved = _replace(objs, i, row=b.row, col=b.col)
+            out.add(_try_scene(_replace(moved, j, row=a.row, col=a.col)))
     return out - {None, scene}
 
 
@@ -274,9 +280,11 @@ def caption_edit(rng: random.Random, cap: Caption, kind: str) -> Caption | None:
     if kind == "attribute":
         i = rng.randrange(len(ms))
         m = ms[i]
-        which = rng.choice([w for w in ("color", "size", "shape") if w == "shape" or getattr(m, w) is not None])
+        which = rng.choice([w for w in ("color", "size", "shape")
+                            if w == "shape" or getattr(m, w) is not None])
         pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[which]
-        ms[i] = Mention(**{**m.__dict__, which: rng.choice([v for v in pool if v != getattr(m, which)])})
+        value = rng.choice([v for v in pool if v != getattr(m, which)])
+        ms[i] = Mention(**{**m.__dict__, which: value})
         return Caption(tuple(ms), cap.relation)
     if len(ms) < 2:
         return None
@@ -500,11 +508,13 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
         cands.append(("no-edit", src))
         pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[e.grain]
         wrong = [v for v in pool if v not in (e.value, getattr(e.target, e.grain))]
-        cands += [("attribute", Edit(e.target, e.grain, v).apply(src)) for v in rng.sample(wrong, min(len(wrong), per_kind))]
+        cands += [("attribute", Edit(e.target, e.grain, v).apply(src))
+                  for v in rng.sample(wrong, min(len(wrong), per_kind))]
         seen = {q.target}
         for kind, s in cands:
-            if s is not None and (s not in seen) and s not in exclude and (kind == "no-edit" or s != src) and \
-                    sum(k == kind for k, _ in out) < per_kind:
+            new = s is not None and s not in seen and s not in exclude
+            room = sum(k == kind for k, _ in out) < per_kind      # this kind's quota not yet met
+            if new and (kind == "no-edit" or s != src) and room:
                 seen.add(s)
                 out.append((kind, candidate_item(task, rng, s)))
         return out
@@ -522,7 +532,8 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
                 base = query.positive.scene
                 # t2i: a binding or relation near miss swaps the two objects the caption names,
                 # nothing else
-                pair = rng.choice(assignments(base, q.caption)) if task == "t2i" and kind != "attribute" else None
+                pair = (rng.choice(assignments(base, q.caption))
+                        if task == "t2i" and kind != "attribute" else None)
                 if pair is not None and len(pair) < 2:
                     break
                 s = scene_edit(rng, base, kind, pair)
@@ -595,7 +606,8 @@ class GrainWorld:
         for i in rng.sample(range(len(scenes)), min(n_queries, len(scenes))):
             q = make_query(task, rng, scenes[i])
             if q is None or (q.item.target is not None and q.item.target in self.outside(split)):
-                # an edit whose result is another split's scene would leak that scene into this split
+                # an edit whose result is another split's scene would leak that scene into this
+                # split
                 continue
             if task == "it2i":
                 pool.append(q.positive)
@@ -615,7 +627,8 @@ class GrainWorld:
             queries, pool = [], []
             while len(queries) < n_per_task:
                 q = make_query(task, rng, rng.choice(self.splits[split]))
-                if q is None or q.n_grains < 2 or (q.item.target is not None and q.item.target in self.outside(split)):
+                if q is None or q.n_grains < 2 or (q.item.target is not None
+                                                   and q.item.target in self.outside(split)):
                     continue
                 q.distractors = near_misses(rng, q, per_kind, exclude=self.outside(split))
                 if not q.distractors:
@@ -874,7 +887,8 @@ class Encoder:
 
     def __init__(self, tok, n_img_tokens: int, image_size: int):
         self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size
-        self.pad, self.bos, self.eos, self.img, self.ret = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        ids = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.pad, self.bos, self.eos, self.img, self.ret = ids
         self._user = self._ids("USER:")
         self._tail = self._ids(" " + PROMPT + " ASSISTANT:")
 

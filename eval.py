@@ -3,8 +3,9 @@ Evaluation: Recall@K / MRR on the four tasks, MRBench-mini, near-miss grain blin
 grain-masking probe and the summary-swap diagnostic, for one or several checkpoints side by side.
 
     python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
-    python eval.py --ckpt runs/cpu/contrastive --mbeir ROOT [--tasks all] [--pool local|union] [--run_file run.trec]
-    python eval.py --ckpt runs/cpu/contrastive --mmeb ROOT/mmeb/*.jsonl --mmeb_images ROOT   # MMEB rows
+    python eval.py --ckpt runs/cpu/contrastive --mbeir ROOT [--tasks all] [--pool local|union] \
+        [--run_file run.trec]
+    python eval.py --ckpt runs/cpu/contrastive --mmeb ROOT/mmeb/*.jsonl --mmeb_images ROOT  # MMEB
 
 Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [RET].
 - Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A
@@ -51,8 +52,8 @@ import mbeir
 from data import (INSTRUCTIONS, TASKS, BadInput, Caption, GrainWorld, Item, Mention, Query, Scene,
                   WorldConfig, relevant)
 from kernels import corpus_ranks
-from runtime import (Parser, atomic_write, check_device, default_threads, one_line_errors, resolve_device,
-                     sha256, write_json)
+from runtime import (Parser, atomic_write, check_device, default_threads, log_records,
+                     one_line_errors, resolve_device, sha256, write_json)
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -78,7 +79,8 @@ def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor,
 def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
     """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries
     with r relevant."""
-    return sum(1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()) / len(n_relevant)
+    hits = [1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()]
+    return sum(hits) / len(n_relevant)
 
 
 def n_nonfinite(*embeddings: torch.Tensor) -> int:
@@ -96,8 +98,8 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def embed_queries(ret: elva.Retriever, task: str, queries, autocast, with_texts=False):
-    e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries), autocast=autocast(),
-                               progress=f"eval {task} queries")
+    e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries),
+                               autocast=autocast(), progress=f"eval {task} queries")
     return (e, texts) if with_texts else e
 
 
@@ -197,7 +199,8 @@ def grain_masking_probe(ret, bench, n: int, autocast) -> dict:
             if len(objs) > 1:
                 full.append(q.item)
                 rest = Scene.of([x for x in objs if x != o])
-                masked.append(data.Item(scene=rest, summary=rest.summary(), render_seed=q.item.render_seed))
+                masked.append(data.Item(scene=rest, summary=rest.summary(),
+                                        render_seed=q.item.render_seed))
                 kinds.append("entity (image)")
     instr = [INSTRUCTIONS["t2i"] if it.scene is None else INSTRUCTIONS["i2i"] for it in full]
     ef = ret.embed_items(full, instr, autocast=autocast())[0]
@@ -242,7 +245,8 @@ def summary_headroom(ret, bench, autocast) -> dict:
                 parts = []
                 for i in range(0, len(items), 256):
                     its, ins = items[i:i + 256], instr[i:i + 256]
-                    summ = [ret.enc.summary(it.summary) if mode == "reference" else [] for it in its]
+                    summ = [ret.enc.summary(it.summary if mode == "reference" else "")
+                            for it in its]
                     with torch.no_grad(), autocast():
                         b, imgs = ret.batch(its, ins, summ)
                         parts.append(ret.model.embed(b, imgs).float())
@@ -482,7 +486,8 @@ def mbeir_table(results: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # Pictures, drawn with Pillow (no plotting library)
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (23, 190, 207)]
 
 
 def _smooth(ys, k):
@@ -544,7 +549,8 @@ def draw_curves(stage_dirs: list[str], out_png: str,
                 continue
             xs = [x for x, _ in pts]
             sm = _smooth([y for _, y in pts], 10)
-            line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo))) for x, y in zip(xs, sm)]
+            line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo)))
+                    for x, y in zip(xs, sm)]
             draw.line(line, fill=PALETTE[li % len(PALETTE)], width=2)
     img.save(out_png)
 
@@ -552,16 +558,18 @@ def draw_curves(stage_dirs: list[str], out_png: str,
 def log_summary(stage_dir: str) -> str:
     """Means of the logged quantities over the first and the last fifth of a stage's steps, and
     its wall time."""
-    recs = [json.loads(line) for line in (Path(stage_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+    recs = log_records(stage_dir)
     n = max(1, len(recs) // 5)
-    keys = [k for k in recs[0] if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
+    keys = [k for k in recs[0]
+            if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
     parts = []
     for k in keys:
         a = sum(r[k] for r in recs[:n]) / n
         b = sum(r[k] for r in recs[-n:]) / n
         parts.append(f"{k} {a:.4f} -> {b:.4f}")
     wall = recs[-1]["ms_per_step"] * len(recs) / 1000
-    return f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: " + ", ".join(parts)
+    return (f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: "
+            + ", ".join(parts))
 
 
 def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"),
@@ -616,9 +624,11 @@ def table(results: list[dict]) -> str:
     std0 = results[0]["standard"]
     for t in TASKS:
         chance = std0[t].get("chance_R@5")
-        add(f"standard {t} R@1 / R@5 (pool {std0[t]['pool']}" + (f", chance R@5 {chance:.3f})" if chance else ")"),
+        of_chance = f", chance R@5 {chance:.3f})" if chance else ")"
+        add(f"standard {t} R@1 / R@5 (pool {std0[t]['pool']}" + of_chance,
             lambda r, t=t: r["standard"][t]["R@5"])
-        rows[-1] = (rows[-1][0], [f"{r['standard'][t]['R@1']:.3f} / {r['standard'][t]['R@5']:.3f}" for r in results])
+        both = [f"{r['standard'][t]['R@1']:.3f} / {r['standard'][t]['R@5']:.3f}" for r in results]
+        rows[-1] = (rows[-1][0], both)
     add("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"])
     add("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"])
     add("standard avg MRR", lambda r: r["standard"]["avg"]["MRR"])
@@ -627,7 +637,8 @@ def table(results: list[dict]) -> str:
     for t in TASKS:
         size, label = pools.get(t), ""
         if size:   # results written before the pools were recorded have none
-            label = f" ({size['queries']} queries, pool {size['pool']}, chance {size['chance_R@5']:.3f})"
+            label = (f" ({size['queries']} queries, pool {size['pool']}, "
+                     f"chance {size['chance_R@5']:.3f})")
         add(f"MRBench-mini {t} R@5" + label, lambda r, t=t: r["mrbench"][t])
     add("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"])
     add("  ... with reference summaries", lambda r: r["headroom"]["reference"])
@@ -640,7 +651,8 @@ def table(results: list[dict]) -> str:
     add("summary-swap distance", lambda r: r["swap"]["swap_distance"])
     add("  distance between inputs", lambda r: r["swap"]["between_inputs"])
     add("mean pairwise cosine (i2i pool)", lambda r: r["mean_pairwise_cos"])
-    rows.append(("non-finite embeddings (standard split)", [str(r["standard"].get("nonfinite", "-")) for r in results]))
+    rows.append(("non-finite embeddings (standard split)",
+                 [str(r["standard"].get("nonfinite", "-")) for r in results]))
     lw = max(len(label) for label, _ in rows)
     lines = []
     for i, (label, vals) in enumerate(rows):
@@ -656,13 +668,14 @@ def _log_stats(ckpt: str) -> dict:
     path = Path(ckpt) / "log.jsonl"
     if not path.exists():
         return {}
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = log_records(ckpt)
     if not recs:
         return {}
     out = {"minutes": recs[-1]["ms_per_step"] * len(recs) / 60000}
     if "reward_mean" in recs[0]:
         n = max(1, len(recs) // 5)
-        out["reward"] = (sum(r["reward_mean"] for r in recs[:n]) / n, sum(r["reward_mean"] for r in recs[-n:]) / n)
+        out["reward"] = tuple(sum(r["reward_mean"] for r in part) / n
+                              for part in (recs[:n], recs[-n:]))
     return out
 
 
@@ -683,7 +696,7 @@ def ladder_table(folder: str) -> str:
         control = a.get("control") or a.get("rl_objective", "grpo") != "grpo"
         if meta.get("stage") != "elva" or control or not (run / "log.jsonl").exists():
             continue
-        recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        recs = log_records(run)
         n = max(2, len(recs) // 5)
         first, last = recs[:n], recs[-n:]
 
@@ -791,13 +804,15 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
         said = [ret.enc.decode(ro.summaries[r]) for r in rows]
         order = ro.ranks[0, g].tolist()
         ranked = sorted(range(C), key=lambda j: order[j])
-        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}" for j in ranked)
+        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}"
+                            for j in ranked)
         print(f"\nrollout {g}: the query wrote {said[0]!r}")
         print(f"  ranked list: {listing}")
         print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank "
               f"{parts['rank'][0, g].item():.4f} | "
               f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
-        print("  the candidates wrote: " + " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:])))
+        wrote = " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:]))
+        print(f"  the candidates wrote: {wrote}")
     print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary "
           "of rollout g shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
 
@@ -846,7 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pool", default="local", choices=["local", "union"],
         help="each task's own pool or the union pool")
     add("--split", default="test", help="query split (query/<split>/)")
-    add("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id) here")
+    add("--run_file", default=None,
+        help="write a TREC run file (qid Q0 did rank score run_id) here")
     add("--run_depth", type=int, default=100, help="candidates per query in the run file")
     add("--cache", default=None, help="folder for cached pool embeddings (default: "
                                       "<ckpt>/mbeir_cache)")
@@ -855,7 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
         "first (deterministic) or one at random with --seed (UniIR draws one)")
     add("--seed", type=int, default=0, help="seed of --instruction random and of --explain's "
                                             "sampling")
-    add = p.add_argument_group("real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line").add_argument
+    mmeb = "real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line"
+    add = p.add_argument_group(mmeb).add_argument
     add("--mmeb", nargs="+", default=None,
         help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
         "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")

@@ -2,9 +2,9 @@
 Real retrieval data: readers for UniIR's M-BEIR release and MMEB's evaluation rows, a sample writer,
 and M-BEIR as the stages' data (its batches and RL instances). The evaluation is in eval.py.
 
-    python mbeir.py --sample DIR                        # a small M-BEIR-format folder (no downloads)
-    python train.py --mbeir DIR --train_tasks all       # stages 2-3 on M-BEIR (training_source)
-    python eval.py --ckpt runs/x/contrastive --mbeir DIR          # UniIR's protocol
+    python mbeir.py --sample DIR                    # a small M-BEIR-format folder (no downloads)
+    python train.py --mbeir DIR --train_tasks all   # stages 2-3 on M-BEIR (training_source)
+    python eval.py --ckpt runs/x/contrastive --mbeir DIR   # UniIR's protocol
     python eval.py --ckpt runs/x/contrastive --mmeb DIR/mmeb/*.jsonl --mmeb_images DIR
 
 The paper trains stage 2 on M-BEIR (8 task types, 10 datasets, ~1.1M pairs) and ELVA on 1% of each
@@ -409,7 +409,8 @@ def write_mbeir_sample(root) -> Path:
              "cand_pool/local/mbeir_sample_task3_cand_pool.jsonl": pool9_txt,
              "cand_pool/local/mbeir_samplecirr_task8_cand_pool.jsonl": pool8}
     for split in ("test", "train"):   # the same queries, twice: a train split for train.py --mbeir
-        files[f"cand_pool/global/mbeir_union_{split}_cand_pool.jsonl"] = pool9_img + pool9_txt + pool8
+        union = pool9_img + pool9_txt + pool8
+        files[f"cand_pool/global/mbeir_union_{split}_cand_pool.jsonl"] = union
         for task, rows in (("sample_task0", t0), ("sample_task3", t3), ("samplecirr_task8", t8)):
             files[f"query/{split}/mbeir_{task}_{split}.jsonl"] = rows
     # MMEB (VLM2Vec) rows: a caption -> its image among 4, an image -> its caption among 4

@@ -383,7 +383,8 @@ def finish_run(args, device, threads: int, t0: float, eval_tasks: str | None = N
         evaluate_run(args, Path(args.out), device, threads, eval_tasks)
     print(f"total time {(time.time() - t0) / 60:.1f} min")
     if args.preset == "smoke":
-        print("(the smoke preset trains for seconds: its numbers check the plumbing, not the method; "
+        print("(the smoke preset trains for seconds: its numbers check the plumbing, not the "
+              "method; "
               "--preset cpu or gpu for results)")
     if args.world_size > 1:
         barrier(args)
@@ -443,6 +444,11 @@ def read_log(path: Path) -> list[tuple[str, dict]]:
             print(f"warning: {path}: its last line is cut short (a write was interrupted); "
                   f"dropping it")
     return out
+
+
+def log_records(folder) -> list[dict]:
+    """The records of a stage folder's log.jsonl (read_log), for the tables."""
+    return [rec for _, rec in read_log(Path(folder) / "log.jsonl")]
 
 
 class Logger:
@@ -1056,7 +1062,8 @@ def read_manifest(folder, need: tuple[str, ...] = ("model", "tokenizer", "optimi
                             f"written by train.py ({type(e).__name__}: {e})") from e
     content = {k: v for k, v in meta.items() if k != "files"}
     if "config" in files and files["config"].get("sha256") != content_sha(content):
-        raise data.BadInput(f"checkpoint {folder}: config.json was edited after it was written (its "
+        raise data.BadInput(f"checkpoint {folder}: config.json was edited after it was written "
+                            "(its "
                             f"content no longer matches its sha256): the model it describes is not "
                             f"the one saved; refusing to load it")
     for key, f in files.items():

@@ -3,42 +3,60 @@ The study: our own variants of stages 2 and 3, the equal-compute control, and th
 everything here is ours, not the paper's. train.py is the paper; this file calls its functions with
 other arguments.
 
-    python study.py run [train.py's flags] [a variant's flags]    # the pipeline with variants (e.g. --control)
-    python study.py runs INIT OUT [--only REGEX] [--jobs 2]       # the study's stage-3 runs from one stage-2 model
-    python study.py audit --ckpt runs/cpu/contrastive             # the reward audit: does the reward pick better words?
-    python study.py audit --ckpt ... --sample_candidates          # ... with the candidates' words sampled too (paper)
-    python study.py compare RUN_A RUN_B                           # are two run folders the same, number for number?
-    python study.py run --help                                    # every flag
+    python study.py run [train.py's flags] [a variant's flags]  # the pipeline with variants
+    python study.py runs INIT OUT [--only REGEX] [--jobs 2]     # the study's stage-3 runs
+    python study.py audit --ckpt runs/cpu/contrastive           # does the reward pick better words?
+    python study.py audit --ckpt ... --sample_candidates        # ... candidates' words sampled too
+    python study.py grains --ckpt STAGE2 ELVA                   # where greedy summaries err
+    python study.py eval --ckpt RUN --scorer STAGE2             # a frozen-scorer run's table
+    python study.py transfer RUN...                             # the transfer probe's table
+    python study.py compare RUN_A RUN_B                         # the same, number for number?
+    python study.py run --help                                  # every flag
 
 Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what
 InfoNCE misses. In this miniature the paper's configuration does not beat the control
 (docs/results.md), and these variants are how we find out which step fails. Each is off by default;
 `python study.py run` with none of them is `python train.py`.
 
-The variants (each off by default; stage, what it changes -- why):
-  --control                stage 3: stage 2's loss continued on the same candidate sets and steps instead of GRPO
-                           (the equal-compute control) -- without it no claim about ELVA means anything
-  --reward toy|length      stage 3: a reward known to be learnable, colour words in the summaries / minus their
-                           length -- checks that GRPO itself can climb (the learnability ladder)
-  --reward rank|zscore|ndcg stage 3: a scale-free reward (reward.py): the rank alone, R_total on standardised scores,
-                           graded NDCG with near misses at half credit -- R_Rank pays for inflating scores
-  --reward pool            stage 3: the positive's rank in a whole training pool embedded by the stage-2 model
-                           -- denser than a rank among 9 candidates, closest to the metric
-  --best_of_g              stage 3: best-of-G distillation: the next-token loss on the group's best query summary
-                           -- the audit finds better summaries within sampling reach; can a policy learn them?
-  --credit sequence        stage 3: each summary credited for its own part of the ranking (reward.sequence_credit)
-                           -- in the paper one rollout reward is shared by its 2 + N summaries
-  --sample query           stage 3: only the query's summary is sampled, candidates keep their greedy ones -- a
-                           group's rewards then differ by the query's words alone
-  --anchor W               stage 3: + W * mean cosine distance between policy and stage-2 embeddings of the same
-                           words -- holds the map from words to embedding, so that what changes is the words
-  --pathwise W             stage 3: + -W * R_total through the embeddings -- a dense gradient beside GRPO's
-  --num_iterations N       stage 3: N PPO-style updates per rollout batch (the ratio leaves 1, the clip acts)
-  --summary_dropout_end P  stage 2: summary dropout annealed linearly to P -- [RET] learns to read words late on
-  --own_summaries F        stage 2: from --own_from on, a fraction F of the kept summaries are the model's own greedy
-                           ones (no LM loss) -- stage 2 then reads the words it writes at evaluation and in RL
-  --n_train, --n_test, --rl_queries, --rl_pool_scenes, --eval_queries, --mrbench_per_task, --weight_decay, --warmup,
-  --elva_name              sizes and names train.py takes from its preset
+The variants (stage: what it changes -- why):
+  --control                 stage 3: stage 2's loss continued on the same candidate sets and steps
+                            instead of GRPO (the equal-compute control) -- without it no claim about
+                            ELVA means anything
+  --reward toy|length       stage 3: a reward known to be learnable, colour words in the summaries /
+                            minus their length -- checks that GRPO itself can climb (the ladder)
+  --reward rank|zscore|ndcg stage 3: a scale-free reward (reward.py): the rank alone, R_total on
+                            standardised scores, graded NDCG with near misses at half credit --
+                            R_Rank pays for inflating scores
+  --reward pool             stage 3: the positive's rank in a whole training pool embedded by the
+                            stage-2 model -- denser than a rank among 9 candidates
+  --best_of_g               stage 3: the next-token loss on the group's best query summary -- the
+                            audit finds better summaries within sampling reach; can a policy learn
+                            them?
+  --credit sequence         stage 3: each summary credited for its own part of the ranking
+                            (reward.sequence_credit) -- in the paper a rollout's 2 + N summaries
+                            share one reward
+  --advantage mean          stage 3: the group's mean as baseline, no division by its std
+  --sample query            stage 3: only the query's summary is sampled, candidates keep their
+                            greedy ones -- a group's rewards then differ by the query's words alone
+  --empty_member            stage 3: the last rollout of each group writes no query summary -- can
+                            GRPO learn to write nothing where words do not help?
+  --scorer frozen           stage 3: the frozen stage-2 model embeds the rollouts (the policy only
+                            writes) -- a stationary reward, as retrieval-RL systems use
+  --rl_instances N          stage 3: a fixed set of N training instances -- where optimisation
+                            turns into memorisation
+  --probe_transfer H        stage 3: after each update, the reward of the same batch re-sampled and
+                            of H held-out instances (TransferProbe) -- does an update pay elsewhere?
+  --anchor W                stage 3: + W * mean cosine distance between policy and stage-2
+                            embeddings of the same words -- holds the map from words to embedding
+  --pathwise W              stage 3: + -W * R_total through the embeddings -- a dense gradient
+  --num_iterations N        stage 3: N PPO-style updates per rollout batch (the clip acts)
+  --summary_dropout_end P   stage 2: summary dropout annealed linearly to P -- [RET] learns to read
+                            words late on
+  --own_summaries F         stage 2: from --own_from on, a fraction F of the kept summaries are the
+                            model's own greedy ones (no LM loss) -- stage 2 then reads the words it
+                            writes at evaluation and in RL
+  --n_train, --n_test, --rl_queries, --rl_pool_scenes, --eval_queries, --mrbench_per_task,
+  --weight_decay, --warmup, --elva_name: sizes and names train.py takes from its preset
 """
 
 from __future__ import annotations
@@ -62,11 +80,12 @@ import torch
 import data
 import elva
 import train
-from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranking_reward, sequence_credit,
-                    total_reward, zscore_reward)
-from runtime import (Parser, check_fractions, default_threads, fail, finish_run, one_line_errors, global_tokens, lr_at, my_part,
-                     my_share, optimizer_step, phase, resolve_device, run_steps, set_lr, source_tokenizer,
-                     start_run, step_inputs, step_seed, world_of, write_json)
+from reward import (group_advantages, grpo_loss, ndcg_reward, rank_reward, ranking_reward,
+                    sequence_credit, total_reward, zscore_reward)
+from runtime import (Parser, check_fractions, default_threads, fail, finish_run, global_tokens,
+                     log_records, lr_at, my_part, my_share, one_line_errors, optimizer_step, phase,
+                     resolve_device, run_steps, set_lr, source_tokenizer, start_run, step_inputs,
+                     step_seed, world_of, write_json)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +306,8 @@ def training_pools(args) -> dict:
         pools = {}
         for task in data.TASKS:
             items = world.rl_pool(task, args.rl_pool_scenes, rng)
-            pools[task] = (items, ref.embed_items(items, [None] * len(items), progress=f"pool reward: {task}")[0])
+            e = ref.embed_items(items, [None] * len(items), progress=f"pool reward: {task}")[0]
+            pools[task] = (items, e)
         _POOLS[init] = pools
     return _POOLS[init]
 
@@ -325,9 +345,9 @@ def study_advantages(args, ro: train.Rollout, R: torch.Tensor) -> torch.Tensor:
     shared by a rollout's K summaries, or ours -- --credit sequence: each summary's own credit
     (reward.sequence_credit), normalised over the group per item; --best_of_g: best-of-G
     distillation as a one-hot advantage: the rollout with the group's highest reward gets
-      A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so that the clipped
-      loss is about the mean next-token loss of the kept summaries -- rejection sampling by the reward, iterated
-      on-policy."""
+    A = G on its query summary, every other summary 0 (a group whose rewards all tie: 0), so that
+    the clipped loss is about the mean next-token loss of the kept summaries -- rejection sampling
+    by the reward, iterated on-policy."""
     B, G, K = ro.shape
     if args.best_of_g:
         A = torch.zeros(B, G, K)
@@ -470,17 +490,20 @@ def diagnostics(args, ro: train.Rollout, batch, R, parts, A, info, policy, e_ref
     spread = R.max(1).values - R.min(1).values                                                # (B,)
     e = ro.e.detach()
     return {"reward_mean": R.mean().item(), "reward_std": R.std().item(),
-            "R_margin": parts["margin"].float().mean().item(), "R_rank": parts["rank"].float().mean().item(),
+            "R_margin": parts["margin"].float().mean().item(),
+            "R_rank": parts["rank"].float().mean().item(),
             "top1": (parts["pos_rank"] == 1).float().mean().item(),
             "tied_groups": (spread < 1e-6).float().mean().item(),
-            "kl": info["kl"].item(), "clip_low": info["clip_low"].item(), "clip_high": info["clip_high"].item(),
+            "kl": info["kl"].item(), "clip_low": info["clip_low"].item(),
+            "clip_high": info["clip_high"].item(),
             "summary_len": lens.mean().item(), "query_exact": exact.mean().item(),
-            "corr_len": group_corr(R.float(), lens.mean(2)), "corr_exact": group_corr(R.float(),
-                                                                                      exact),
+            "corr_len": group_corr(R.float(), lens.mean(2)),
+            "corr_exact": group_corr(R.float(), exact),
             "adv_query": (per_item[:, :, 0].sum() / per_item.sum().clamp(min=1e-12)).item(),
             "pg": info["pg"].item(), "kl_term": args.beta * info["kl"].item(),
             "drift": (1 - (e.reshape(e_ref.shape) * e_ref).sum(-1)).mean().item(),
-            "cos_mean": s.mean().item(), "cos_std": s.std().item(), "cos_pos": s[..., 0].mean().item(),
+            "cos_mean": s.mean().item(), "cos_std": s.std().item(),
+            "cos_pos": s[..., 0].mean().item(),
             "scale_only_groups": (same_order & (spread >= 1e-6)).float().mean().item()}
 
 
@@ -598,7 +621,8 @@ def get_run_args(argv):
             fail(f"--{k}", getattr(args, k), "an integer >= 0")
     if args.probe_every < 1:
         fail("--probe_every", args.probe_every, "an integer >= 1")
-    check_fractions(args, (("summary_dropout_end", 0, 1), ("own_summaries", 0, 1), ("own_from", 0, 1)))
+    check_fractions(args, (("summary_dropout_end", 0, 1), ("own_summaries", 0, 1),
+                           ("own_from", 0, 1)))
     if args.mbeir and (args.summary_dropout_end is not None or args.own_summaries > 0):
         fail("--mbeir", args.mbeir, "GrainWorld with the stage-2 variants (they wrap GrainWorld's "
                                     "batch maker)")
@@ -717,14 +741,16 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
                 cb, cimgs = ret.batch(part, [None] * len(part), None)
                 index = torch.arange(len(part), device=cb["tokens"].device).repeat_interleave(G)
                 cs = ret.model.generate(cb["tokens"], cb["attn"], cimgs, temperature=temperature,
-                                        generator=gen,
-                                        index=index)                           # len(part) * G
-                ec.append(embed_with(ret, [c for c in part for _ in range(G)], [None] * len(cs), cs).cpu())
+                                        generator=gen, index=index)            # len(part) * G
+                repeated = [c for c in part for _ in range(G)]
+                ec.append(embed_with(ret, repeated, [None] * len(cs), cs).cpu())
         ec = torch.cat(ec)                                                     # (Q * C * G, D)
         ec = ec.view(Q, ctx.shape[1], G, -1).transpose(1, 2)                   # (Q, G, C, D)
     scores = torch.einsum("qgd,qgcd->qgc", es.view(Q, G, -1).cpu(), ec)         # (Q, G, C)
-    gains = torch.stack([torch.tensor([1.0] + [0.5 if one_grain_apart(pool[j].scene, q.positive.scene) else 0.0
-                                               for j in row[1:].tolist()]) for q, row in zip(queries, ctx)])
+    gains = torch.stack([torch.tensor([1.0] + [0.5 if one_grain_apart(pool[j].scene,
+                                                                      q.positive.scene) else 0.0
+                                               for j in row[1:].tolist()])
+                         for q, row in zip(queries, ctx)])
     rewards = {"R_total (paper)": total_reward(scores), "R_Rank (paper)": ranking_reward(scores),
                "rank only": rank_reward(scores), "zscore R_total": zscore_reward(scores),
                "ndcg (graded)": ndcg_reward(scores, gains[:, None, :])}
@@ -741,15 +767,23 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
     return ranks, true, rewards, lengths, scores.mean(-1), free
 
 
+def subcommand(name: str, description: str, queries: int | None = None) -> Parser:
+    """The parser of `study.py NAME`, with --threads and --out (and --queries where it
+    evaluates: the queries per task)."""
+    p = Parser(prog=f"study.py {name}", description=description)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    if queries is not None:
+        p.add_argument("--queries", type=int, default=queries, help="queries per task")
+    return p
+
+
 def audit(argv):
-    p = Parser(prog="study.py audit",
-                                description="the reward audit (no training): R@5 on MRBench-mini "
-                                            "with greedy / empty / reference query summaries, the "
-                                            "mean of G sampled ones, the best of G chosen by each "
-                                            "reward, and the oracle best of G")
+    p = subcommand("audit", "the reward audit (no training): R@5 on MRBench-mini with greedy / "
+                   "empty / reference query summaries, the mean of G sampled ones, the best of G "
+                   "chosen by each reward, the oracle best of G, and label-free picks", 100)
     p.add_argument("--ckpt", required=True, help="a checkpoint folder (e.g. runs/cpu/contrastive)")
     p.add_argument("--samples", type=int, default=16, help="G: sampled query summaries per query")
-    p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--n_hard", type=int, default=4,
                    help="hardest pool candidates in each reward's context")
@@ -761,8 +795,6 @@ def audit(argv):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the sampling and the random context")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--out", default=None, help="write the numbers as JSON here")
     a = p.parse_args(argv)
     if a.samples < 2 or a.queries < 1 or not a.temperature > 0:
         fail("--samples / --queries / --temperature", (a.samples, a.queries, a.temperature),
@@ -779,25 +811,30 @@ def audit(argv):
     t0 = time.time()
     parts = []
     for task, (queries, pool) in world.mrbench_mini(a.queries).items():
-        parts.append(audit_task(ret, task, queries, pool, a.samples, a.temperature, gen, a.n_hard, a.n_rand, rng,
-                                autocast, a.sample_candidates))
+        parts.append(audit_task(ret, task, queries, pool, a.samples, a.temperature, gen, a.n_hard,
+                                a.n_rand, rng, autocast, a.sample_candidates))
         print(f"audit: {task} done ({time.time() - t0:.0f}s)", flush=True)
     true, lengths, mean_cos = (torch.cat([x[i] for x in parts]) for i in (1, 3, 4))   # (N, G) each
-    rows = {f"{k} summary": torch.cat([x[0][k] for x in parts]).float() for k in ("greedy", "empty", "reference")}
+    rows = {f"{k} summary": torch.cat([x[0][k] for x in parts]).float()
+            for k in ("greedy", "empty", "reference")}
     rows[f"mean of {a.samples} samples"] = true                      # R@5 averaged over the samples
     idx = torch.arange(true.shape[0])
     corr = {}
     for name in parts[0][2]:
         R = torch.cat([x[2][name] for x in parts])                             # (N, G)
         rows[f"best of {a.samples} by {name}"] = true[idx, R.argmax(1)]
-        corr[name] = (group_spearman(R, -true), group_spearman(R, lengths), group_spearman(R, mean_cos))
+        corr[name] = (group_spearman(R, -true), group_spearman(R, lengths),
+                      group_spearman(R, mean_cos))
     rows[f"oracle best of {a.samples} (true pool rank)"] = true.min(1).values
     for name in parts[0][5]:   # without the label: what a policy or an inference rule could reach
-        rows[f"{name} of the {a.samples} samples (no label)"] = torch.cat([x[5][name] for x in parts])
+        label_free = torch.cat([x[5][name] for x in parts])
+        rows[f"{name} of the {a.samples} samples (no label)"] = label_free
     res = {"ckpt": a.ckpt, "queries": int(true.shape[0]), "samples": a.samples,
            "sample_candidates": a.sample_candidates,
-           "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()} for k, v in rows.items()},
-           "spearman": {k: dict(zip(("true_rank", "length", "mean_cos"), v)) for k, v in corr.items()}}
+           "rows": {k: {"R@5": (v <= 5).float().mean().item(), "mean_rank": v.mean().item()}
+                    for k, v in rows.items()},
+           "spearman": {k: dict(zip(("true_rank", "length", "mean_cos"), v))
+                        for k, v in corr.items()}}
     ctx_words = "sampled afresh per rollout" if a.sample_candidates else "their greedy summaries"
     print(f"\nReward audit of {a.ckpt}: MRBench-mini, {res['queries']} queries ({a.queries} per "
           f"task), the pool's greedy summaries; context = positive + {a.n_hard} hardest + "
@@ -869,12 +906,9 @@ def grain_errors(ret, bench, autocast) -> dict:
 
 
 def grains(argv):
-    p = Parser(prog="study.py grains", description="where greedy summaries err, "
-                                "per grain type, on MRBench-mini (query and candidate summaries)")
+    p = subcommand("grains", "where greedy summaries err, per grain type, on MRBench-mini "
+                   "(query and candidate summaries)", 100)
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders")
-    p.add_argument("--queries", type=int, default=100, help="MRBench-mini queries per task")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--out", default=None, help="write the numbers as JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads or default_threads())
     device, autocast = resolve_device("auto")
@@ -883,7 +917,8 @@ def grains(argv):
         ret = elva.Retriever.from_pretrained(c, device)
         bench = data.GrainWorld(data.WorldConfig(**ret.meta["world"])).mrbench_mini(a.queries)
         res[c] = grain_errors(ret, bench, autocast)
-    print("| checkpoint | summaries | entity | attribute | binding | relation |\n|---|---|---|---|---|---|")
+    print("| checkpoint | summaries | entity | attribute | binding | relation "
+          "|\n|---|---|---|---|---|---|")
     for c, r in res.items():
         for side, v in r.items():
             print(f"| {c} | {side} | " + " | ".join(f"{v[g]:.3f}" for g in v) + " |")
@@ -901,15 +936,15 @@ def mean_t(xs: list[float]) -> tuple[float, float]:
 
 
 def transfer(argv):
-    p = Parser(prog="study.py transfer", description="the transfer probe's "
-                                "table: per stage-3 run, does an update pay on its own instances "
-                                "(delta_same) and on held-out ones (delta_other)?")
+    p = Parser(prog="study.py transfer", description="the transfer probe's table: per stage-3 "
+               "run, does an update pay on its own instances (delta_same) and on held-out ones "
+               "(delta_other)?")
     p.add_argument("runs", nargs="+", help="stage-3 folders whose log.jsonl holds the probe")
     a = p.parse_args(argv)
     print("| run | probed steps | delta_same (t) | delta_other (t) | reward first -> last fifth |"
           " held-out reward first -> last |\n|---|---|---|---|---|---|")
     for run in a.runs:
-        recs = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines() if x]
+        recs = log_records(run)
         probed = [r for r in recs if "delta_same" in r]
         if not probed:
             print(f"| {Path(run).name} | 0 | - | - | - | - |")
@@ -927,7 +962,8 @@ class WordsFromScorer:
 
     def __init__(self, writer, scorer):
         self.writer, self.scorer = writer, scorer
-        self.model, self.enc, self.tok, self.meta = scorer.model, scorer.enc, scorer.tok, writer.meta
+        self.model, self.enc, self.tok = scorer.model, scorer.enc, scorer.tok
+        self.meta = writer.meta
         self.device = scorer.device
 
     def summarise(self, items, instructions, **kw):
@@ -950,14 +986,12 @@ class WordsFromScorer:
 
 
 def eval_frozen(argv):
-    p = Parser(prog="study.py eval", description="eval.py's table for a --scorer "
-                                "frozen run: the checkpoint writes the summaries, --scorer embeds")
+    p = subcommand("eval", "eval.py's table for a --scorer frozen run: the checkpoint writes the "
+                   "summaries, --scorer embeds (--queries: of the standard split)", 200)
     p.add_argument("--ckpt", required=True, help="the policy (a --scorer frozen run's checkpoint)")
     p.add_argument("--scorer", required=True, help="the frozen stage-2 checkpoint (its --init)")
-    p.add_argument("--queries", type=int, default=200, help="standard-split queries per task")
-    p.add_argument("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--mrbench_per_task", type=int, default=100,
+                   help="MRBench-mini queries per task")
     a = p.parse_args(argv)
     import eval as evaluation
     torch.set_num_threads(a.threads or default_threads())
@@ -974,16 +1008,21 @@ def eval_frozen(argv):
 # `python study.py runs`: the study's stage-3 runs, each a single-thread process, --jobs at a time
 # (on 2 CPU cores two single-thread runs finish sooner than two 2-thread runs in a row). A run whose
 # checkpoint exists is skipped; each finished run (but the toy-reward ones) is evaluated into
-# OUT/<run>.json. Then: python eval.py --from_json runs/cpu/eval.json runs/study/*.json     # the
-# tables python eval.py --ladder runs/study                                  # the learnability
-# ladder's table
+# OUT/<run>.json. Then the tables:
+#     python eval.py --from_json runs/cpu/eval.json runs/study/*.json
+#     python eval.py --ladder runs/study                      # the learnability ladder's table
+# One run a line: name, seed, its flags; a comment line says what the runs below it are for; a
+# trailing backslash continues a line.
 
 RUNS = """
-elva 0                                                         # ELVA as the paper describes it
-control 0 --control                              # equal compute: stage 2 continued on the same sets
-toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0             # the learnability ladder (seed 0): three rewards
-length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0       # through the same GRPO code at growing budgets
-paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0       # (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
+# ELVA as the paper describes it, and equal compute: stage 2 continued on the same sets
+elva 0
+control 0 --control
+# the learnability ladder (seed 0): three rewards through the same GRPO code at growing budgets
+# (the paper's reward at lr 1e-5, beta 0.2 is elva-s0)
+toy_lr1e-3_b0 0 --reward toy --rl_lr 1e-3 --beta 0
+length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0
+paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0
 toy 0 --reward toy
 length 0 --reward length
 toy_lr1e-4_b0 0 --reward toy --rl_lr 1e-4 --beta 0
@@ -994,45 +1033,62 @@ elva 1
 elva 2
 control 1 --control
 control 2 --control
-anchor_length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0 --anchor 10   # the embedding anchor
+# the embedding anchor
+anchor_length_lr1e-3_b0 0 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
 anchor_length_lr1e-3_b0 1 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
 anchor_length_lr1e-3_b0 2 --reward length --rl_lr 1e-3 --beta 0 --anchor 10
 anchor_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 10
 anchor1_paper_lr1e-3_b0 0 --rl_lr 1e-3 --beta 0 --anchor 1
 anchor_paper_lr1e-4_b0 0 --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_credit_lr1e-4_b0 0 --credit sequence --rl_lr 1e-4 --beta 0 --anchor 10
-anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10     # only queries sampled
+# only the queries sampled
+anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-4_b0 1 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-4_b0 2 --sample query --rl_lr 1e-4 --beta 0 --anchor 10
 anchor_query_lr1e-3_b0 0 --sample query --rl_lr 1e-3 --beta 0 --anchor 10
-big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 --rl_batch 8 --rl_steps 600
+# 16x the groups; the paper's GRPO with each summary's tokens averaged first
+big_anchor_query_lr1e-4_b0 0 --sample query --rl_lr 1e-4 --beta 0 --anchor 10 \
+    --rl_batch 8 --rl_steps 600
 big_control 0 --control --rl_batch 8 --rl_steps 600
-big_elva 0 --rl_batch 8 --rl_steps 600                         # the paper's GRPO, 16x the groups
-elva_seqnorm 0 --loss_norm sequence         # the paper's GRPO, each summary's tokens averaged first
-rank_query_anchor_lr1e-4_b0 0 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0   # scale-free reward
+big_elva 0 --rl_batch 8 --rl_steps 600
+elva_seqnorm 0 --loss_norm sequence
+# a scale-free reward
+rank_query_anchor_lr1e-4_b0 0 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
 rank_query_anchor_lr1e-4_b0 1 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
 rank_query_anchor_lr1e-4_b0 2 --reward rank --sample query --anchor 10 --rl_lr 1e-4 --beta 0
-query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16   # the audit's setting: query-only, G 16, cooler
+# the audit's setting: query-only, G 16, cooler; then the rank in a whole pool
+query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16
 query_t0.5_g16 1 --sample query --temperature 0.5 --group_size 16
 query_t0.5_g16 2 --sample query --temperature 0.5 --group_size 16
-pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16   # rank in a whole pool
+pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16
 pool_query_t0.5_g16 1 --reward pool --sample query --temperature 0.5 --group_size 16
 pool_query_t0.5_g16 2 --reward pool --sample query --temperature 0.5 --group_size 16
-bestofg_rank_query_anchor_lr1e-5 0 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5   # distillation
+# best-of-G distillation
+bestofg_rank_query_anchor_lr1e-5 0 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
 bestofg_rank_query_anchor_lr1e-5 1 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
 bestofg_rank_query_anchor_lr1e-5 2 --best_of_g --reward rank --sample query --anchor 10 --rl_lr 1e-5
-long_query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16 --rl_steps 600   # 4x the steps: too few?
-long_pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16 --rl_steps 600
+# 4x the steps: too few?
+long_query_t0.5_g16 0 --sample query --temperature 0.5 --group_size 16 --rl_steps 600
+long_pool_query_t0.5_g16 0 --reward pool --sample query --temperature 0.5 --group_size 16 \
+    --rl_steps 600
 long_control 0 --control --rl_steps 600
-# round 4, the chain (docs/results.md, "Why stage 3 does not help here"): a fixed set of N instances,
-# the frozen scorer (a stationary reward), all instances, the transfer probe on 8 held-out ones
-fixed8_frozen 0 --rl_instances 8 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-fixed64_frozen 0 --rl_instances 64 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-all_frozen 0 --scorer frozen --sample query --rl_lr 1e-4 --beta 0.02 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-fixed8 0 --rl_instances 8 --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-fixed64 0 --rl_instances 64 --sample query --rl_lr 1e-4 --beta 0 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-all_moving 0 --sample query --rl_lr 1e-4 --beta 0.02 --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
-large32_mean_frozen 0 --scorer frozen --sample query --advantage mean --rl_batch 32 --rl_lr 1e-4 --beta 0.02 --rl_steps 100 --probe_transfer 8 --probe_every 4
+# round 4, the chain (docs/results.md, "Why stage 3 does not help here"): a fixed set of N
+# instances, the frozen scorer (a stationary reward), all instances, the transfer probe on 8
+# held-out ones
+fixed8_frozen 0 --rl_instances 8 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed64_frozen 0 --rl_instances 64 --scorer frozen --sample query --rl_lr 1e-4 --beta 0 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+all_frozen 0 --scorer frozen --sample query --rl_lr 1e-4 --beta 0.02 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed8 0 --rl_instances 8 --sample query --rl_lr 1e-4 --beta 0 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+fixed64 0 --rl_instances 64 --sample query --rl_lr 1e-4 --beta 0 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+all_moving 0 --sample query --rl_lr 1e-4 --beta 0.02 \
+    --rl_batch 4 --rl_steps 200 --probe_transfer 8 --probe_every 4
+large32_mean_frozen 0 --scorer frozen --sample query --advantage mean \
+    --rl_batch 32 --rl_lr 1e-4 --beta 0.02 --rl_steps 100 --probe_transfer 8 --probe_every 4
 elva_probe 0 --probe_transfer 8 --probe_every 2
 # round 4, the levers: each on the paper's configuration, beside its equal-compute control
 lever_large32_mean 0 --rl_batch 32 --advantage mean --rl_steps 100
@@ -1046,8 +1102,7 @@ lever_empty 0 --empty_member
 
 
 def study_runs(argv):
-    p = Parser(prog="study.py runs",
-                                description="the study's stage-3 runs from one stage-2 model")
+    p = Parser(prog="study.py runs", description="the study's stage-3 runs from one stage-2 model")
     p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. "
                                 "runs/cpu/contrastive)")
     p.add_argument("out", help="the study's folder (each run's checkpoint lands in "
@@ -1072,9 +1127,9 @@ def study_runs(argv):
     def one(name, seed, flags):
         tag = f"{name}-s{seed}"
         if not (out / tag / "config.json").exists():
-            cmd = [sys.executable, __file__, "run", "--preset", a.preset, "--device", a.device, "--init", a.init,
-                   "--out", str(out), "--stages", "elva", "--no_eval", "--threads", "1", "--seed", seed,
-                   "--elva_name", tag, *flags]
+            cmd = [sys.executable, __file__, "run", "--preset", a.preset, "--device", a.device,
+                   "--init", a.init, "--out", str(out), "--stages", "elva", "--no_eval",
+                   "--threads", "1", "--seed", seed, "--elva_name", tag, *flags]
             with open(out / f"{tag}.log", "w") as log:
                 if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                     return f"FAILED {tag}"
@@ -1084,7 +1139,8 @@ def study_runs(argv):
                 cmd = [__file__, "eval", "--scorer", a.init]
             cmd += ["--threads", "1", "--ckpt", str(out / tag), "--out", str(out / f"{tag}.json")]
             with open(out / f"{tag}.eval.log", "w") as log:
-                subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+                subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                               env=env)
         return f"{time.strftime('%H:%M:%S')} done {tag}"
 
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -1117,7 +1173,8 @@ def _numbers(path: Path):
         from safetensors.torch import load_file
         return load_file(str(path))
     if path.suffix == ".jsonl":
-        return [_untimed(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
+        return [_untimed(json.loads(line)) for line in lines if line.strip()]
     # paths and arguments
     if path.suffix == ".json" and path.name not in ("config.json", "run.json"):
         return _untimed(json.loads(path.read_text()))
@@ -1140,11 +1197,9 @@ def _verdict(x, y, shared_keys: bool) -> str:
 
 
 def compare(argv):
-    p = Parser(prog="study.py compare",
-                                description="are two run folders the same, number for number? "
-                                            "(weights bit for bit; logs and evaluations without "
-                                            "their timing fields; a file on one side only is a "
-                                            "difference)")
+    p = Parser(prog="study.py compare", description="are two run folders the same, number for "
+               "number? (weights bit for bit; logs and evaluations without their timing fields; "
+               "a file on one side only is a difference)")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--shared_keys", action="store_true",

@@ -1,8 +1,8 @@
 """
-The tests, by subject: the rewards against hand-computed values, the Triton kernels against their torch references
-(through Triton's interpreter on CPU), the model, GrainWorld and the stages' data, the stages, evaluation, real
-data, the Retriever, and what happens when things go wrong (bad flags, non-finite steps, interrupted
-checkpoints, reused folders).
+The tests, by subject: the rewards against hand-computed values, the Triton kernels against their
+torch references (through Triton's interpreter on CPU), the model, GrainWorld and the stages' data,
+the stages, evaluation, real data, the Retriever, and what happens when things go wrong (bad flags,
+non-finite steps, interrupted checkpoints, reused folders).
 
     pytest -q                 # the whole suite, CPU, about a minute on 2 cores
     pytest -q -k reward       # just the rewards
@@ -31,7 +31,7 @@ import train
 from data import Caption, Item, Mention, Obj, Scene
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Fixtures
 
 
@@ -57,7 +57,7 @@ def some_items(world, n=4):
     return qs, [q.item for q in qs], [data.INSTRUCTIONS[q.task] for q in qs]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rewards (ELVA, Section 3.4), computed by hand; the GRPO pieces
 
 
@@ -78,14 +78,16 @@ def test_reward_positive_at_rank_3():
     R, r = reward.ranking_reward(s, 0.2, return_rank=True)
     assert r.item() == 3
     assert R.item() == pytest.approx(rank_reward_by_hand(0.4, 3, [(0.8, 1), (0.6, 2), (0.1, 4)], 0.2), abs=1e-12)
-    assert reward.margin_reward(s, 0.05).item() == 0.0  # clipped at zero: the positive loses to the hardest negative
+    # clipped at zero: the positive loses to the hardest negative
+    assert reward.margin_reward(s, 0.05).item() == 0.0
 
 
 def test_reward_tie_ranks_positive_below():
     s = torch.tensor([0.5, 0.2, 0.5], dtype=torch.float64)
     R, r = reward.ranking_reward(s, 0.3, return_rank=True)
     assert r.item() == 2  # the tied negative takes rank 1
-    assert R.item() == pytest.approx(rank_reward_by_hand(0.5, 2, [(0.5, 1), (0.2, 3)], 0.3), abs=1e-12)
+    assert R.item() == pytest.approx(rank_reward_by_hand(0.5, 2, [(0.5, 1), (0.2, 3)], 0.3),
+                                     abs=1e-12)
 
 
 def test_reward_all_equal_is_worst_rank():
@@ -103,31 +105,38 @@ def test_margin_value_and_clip():
 
 def test_total_reward_weights_and_parts():
     s = torch.rand(3, 5, 7)
-    R, parts = reward.total_reward(s, alpha=0.4, epsilon=0.6, delta=0.1, gamma=0.3, return_parts=True)
+    R, parts = reward.total_reward(s, alpha=0.4, epsilon=0.6, delta=0.1, gamma=0.3,
+                                   return_parts=True)
     want = 0.4 * reward.margin_reward(s, 0.1) + 0.6 * reward.ranking_reward(s, 0.3)
     assert R.shape == (3, 5)
     assert torch.allclose(R, want)
     assert torch.allclose(parts["margin"], reward.margin_reward(s, 0.1))
-    assert torch.allclose(reward.total_reward(s, alpha=1.0, epsilon=0.0, delta=0.1), reward.margin_reward(s, 0.1))
+    assert torch.allclose(reward.total_reward(s, alpha=1.0, epsilon=0.0, delta=0.1),
+                          reward.margin_reward(s, 0.1))
 
 
 def test_ranking_reward_matches_sorted_list_definition():
-    """Random inputs: the vectorised reward equals the paper's equation evaluated on an explicitly sorted list."""
+    """Random inputs: the vectorised reward equals the paper's equation evaluated on an
+    explicitly sorted list."""
     g = torch.Generator().manual_seed(0)
-    s = torch.rand(50, 9, generator=g, dtype=torch.float64).round(decimals=1)  # rounding makes ties common
+    # rounding makes ties common
+    s = torch.rand(50, 9, generator=g, dtype=torch.float64).round(decimals=1)
     got = reward.ranking_reward(s, 0.2)
     for row, val in zip(s.tolist(), got.tolist()):
         pos, negs = row[0], sorted(row[1:], reverse=True)
         r = 1 + sum(n >= pos for n in negs)
-        ranks = [k for k in range(1, len(row) + 1) if k != r]  # negatives fill the other ranks, in order
+        # negatives fill the other ranks, in order
+        ranks = [k for k in range(1, len(row) + 1) if k != r]
         want = pos / (1 + math.log(r)) - 0.2 * sum(n * (math.log(k) - 1) for n, k in zip(negs, ranks))
         assert val == pytest.approx(want, abs=1e-9)
 
 
 def test_descending_ranks_with_ties_and_nan():
-    """The reward's ranking rule (reward.descending_ranks): 1 + #{s_j > s_i} + #{j < i: s_j == s_i}, NaN last."""
+    """The reward's ranking rule (reward.descending_ranks): 1 + #{s_j > s_i} + #{j < i: s_j ==
+    s_i}, NaN last."""
     g = torch.Generator().manual_seed(3)
-    s = torch.randint(0, 6, (4, 37), generator=g).float()              # integer scores: many exact ties
+    # integer scores: many exact ties
+    s = torch.randint(0, 6, (4, 37), generator=g).float()
     got = reward.descending_ranks(s)
     assert got.dtype == torch.int64
     for r in range(4):
@@ -172,7 +181,8 @@ def test_grpo_loss_on_policy_no_kl_is_minus_mean_advantage():
     logp = -torch.rand(6, 5, generator=g)
     mask = torch.rand(6, 5, generator=g) > 0.3
     A = torch.randn(6, generator=g)
-    loss, info = reward.grpo_loss(logp, logp.detach(), logp.detach(), A, mask, clip_eps=0.2, beta=0.0)
+    loss, info = reward.grpo_loss(logp, logp.detach(), logp.detach(), A, mask, clip_eps=0.2,
+                                  beta=0.0)
     want = -(A[:, None].expand(6, 5)[mask]).mean()
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
     assert info["kl"].item() == pytest.approx(0.0, abs=1e-7)      # policy == reference
@@ -185,7 +195,8 @@ def test_grpo_loss_kl_positive_and_gradient_only_on_masked_tokens():
     ref = -torch.rand(4, 6, generator=g)
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[:, 3:] = True
-    loss, info = reward.grpo_loss(logp, logp.detach(), ref, torch.randn(4, generator=g), mask, beta=0.2)
+    loss, info = reward.grpo_loss(logp, logp.detach(), ref, torch.randn(4, generator=g), mask,
+                                  beta=0.2)
     assert info["kl"].item() > 0
     loss.backward()
     assert torch.all(logp.grad[:, :3] == 0) and torch.all(logp.grad[:, 3:] != 0)
@@ -194,7 +205,8 @@ def test_grpo_loss_kl_positive_and_gradient_only_on_masked_tokens():
 def test_grpo_clip_bounds_ratio():
     logp = torch.zeros(1, 1, requires_grad=True)
     old = torch.full((1, 1), -1.0)  # ratio e = 2.7 > 1 + eps
-    loss, info = reward.grpo_loss(logp, old, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool),
+    loss, info = reward.grpo_loss(logp, old, logp.detach(), torch.tensor([1.0]),
+                                  torch.ones(1, 1, dtype=torch.bool),
                                   clip_eps=0.2, beta=0.0)
     assert loss.item() == pytest.approx(-1.2)  # clipped at 1 + eps for a positive advantage
     assert info["clip_frac"].item() == 1.0
@@ -204,7 +216,8 @@ def test_grpo_clip_bounds_ratio():
 
 def test_clip_fractions_low_and_high():
     mask = torch.ones(1, 4, dtype=torch.bool)
-    logp = torch.log(torch.tensor([[0.5, 1.5, 0.5, 1.5]]))             # ratios 0.5, 1.5, 0.5, 1.5 against old 0
+    # ratios 0.5, 1.5, 0.5, 1.5 against old 0
+    logp = torch.log(torch.tensor([[0.5, 1.5, 0.5, 1.5]]))
     old = torch.zeros(1, 4)
     for A, low, high in ((-1.0, 0.5, 0.0), (1.0, 0.0, 0.5)):
         _, info = reward.grpo_loss(logp, old, old, torch.tensor([A]), mask, clip_eps=0.2, beta=0.0)
@@ -213,10 +226,12 @@ def test_clip_fractions_low_and_high():
 
 
 def test_grpo_loss_sequence_norm_by_hand():
-    """--loss_norm sequence: each summary's token mean, then the mean over summaries; token (default): one mean."""
+    """--loss_norm sequence: each summary's token mean, then the mean over summaries; token
+    (default): one mean."""
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[True, True, True], [True, False, False]])
-    A = torch.tensor([1.0, 3.0])                                       # on-policy: L_clip = -A on every token
+    # on-policy: L_clip = -A on every token
+    A = torch.tensor([1.0, 3.0])
     tok, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0)
     seq, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0, norm="sequence")
     assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4) and seq.item() == pytest.approx(-(1 + 3) / 2)
@@ -225,12 +240,16 @@ def test_grpo_loss_sequence_norm_by_hand():
 
 
 def test_scale_free_rewards_by_hand_and_invariant():
-    """Ours: rank, zscore and ndcg depend on the order (or standardised scores) only; the paper's R_total does not."""
-    s = torch.tensor([[0.5, 0.2, 0.6, 0.1], [0.9, 0.2, 0.1, 0.3]])       # positive at index 0: rank 2, then rank 1
+    """Ours: rank, zscore and ndcg depend on the order (or standardised scores) only; the paper's
+    R_total does not."""
+    # positive at index 0: rank 2, then rank 1
+    s = torch.tensor([[0.5, 0.2, 0.6, 0.1], [0.9, 0.2, 0.1, 0.3]])
     gains = torch.tensor([1.0, 0.5, 0.0, 0.0])
     assert torch.allclose(reward.rank_reward(s), torch.tensor([1 / (1 + math.log(2)), 1.0]))
-    dcg = 1 / math.log2(3) + 0.5 / math.log2(4)                           # positive at 2, the near miss at 3
-    assert reward.ndcg_reward(s, gains)[0].item() == pytest.approx(dcg / (1 + 0.5 / math.log2(3)), abs=1e-6)
+    # positive at 2, the near miss at 3
+    dcg = 1 / math.log2(3) + 0.5 / math.log2(4)
+    assert reward.ndcg_reward(s, gains)[0].item() == pytest.approx(dcg / (1 + 0.5 / math.log2(3)),
+                                                                   abs=1e-6)
     assert reward.ndcg_reward(s, gains)[1].item() == pytest.approx((1 + 0.5 / math.log2(4)) / (1 + 0.5 / math.log2(3)),
                                                                    abs=1e-6)
     for a, b in ((2.0, 0.3), (0.5, -1.0)):                                # s -> a s + b, a > 0
@@ -238,8 +257,10 @@ def test_scale_free_rewards_by_hand_and_invariant():
         assert torch.allclose(reward.rank_reward(t), reward.rank_reward(s))
         assert torch.allclose(reward.zscore_reward(t), reward.zscore_reward(s), atol=1e-5)
         assert torch.allclose(reward.ndcg_reward(t, gains), reward.ndcg_reward(s, gains))
-    assert not torch.allclose(reward.total_reward(2 * s), reward.total_reward(s))   # the paper's: scale pays
-    tied = torch.full((1, 4), 0.7)                                        # a collapsed list: the worst rank
+    # the paper's: scale pays
+    assert not torch.allclose(reward.total_reward(2 * s), reward.total_reward(s))
+    # a collapsed list: the worst rank
+    tied = torch.full((1, 4), 0.7)
     assert reward.rank_reward(tied).item() == pytest.approx(1 / (1 + math.log(4)))
     assert reward.zscore_reward(tied).item() == pytest.approx(reward.total_reward(torch.zeros(1, 4)).item())
 
@@ -251,23 +272,27 @@ def test_sequence_credit():
     S = s[:, None, None, :].expand(3, 4, 4, 5)                           # (B, G, G, C)
     want = reward.total_reward(s)                                        # (B,)
     assert torch.allclose(reward.sequence_credit(S), want[:, None, None].expand(3, 4, 6))
-    # by hand, G = 2: the query of rollout 0 meets the candidates of rollouts 0 and 1; candidate 1's summary of
-    # rollout 1 is scored inside rollouts 0 and 1 with its own score swapped in
+    # by hand, G = 2: the query of rollout 0 meets the candidates of rollouts 0 and 1; candidate 1's
+    # summary of rollout 1 is scored inside rollouts 0 and 1 with its own score swapped in
     S = torch.rand(1, 2, 2, 3, generator=g)
     c = reward.sequence_credit(S)
     R = reward.total_reward
     assert torch.allclose(c[0, 0, 0], (R(S[0, 0, 0]) + R(S[0, 0, 1])) / 2)
     x0 = S[0, 0, 0].clone()
-    x0[1] = S[0, 0, 1, 1]                                               # rollout 0's list, slot 1 from rollout 1
+    # rollout 0's list, slot 1 from rollout 1
+    x0[1] = S[0, 0, 1, 1]
     x1 = S[0, 1, 1].clone()                                             # rollout 1's own list
     assert torch.allclose(c[0, 1, 2], (R(x0) + R(x1)) / 2)
-    # a positive summary that scores higher earns more credit; a negative one that scores higher earns less
+    # a positive summary that scores higher earns more credit; a negative one that scores higher
+    # earns less
     S = torch.full((1, 2, 2, 4), 0.2)
     S[0, :, :, 0] = 0.5
-    S[0, :, 1, 0] = 0.9                                                  # rollout 1's positive summary: closer
-    S[0, :, 1, 2] = 0.6                                                  # rollout 1's negative 2 summary: closer
-    # (gamma pinned at 0.2: at C = 4 the auto gamma is 1.26, and R_Rank *rewards* a rank-2 negative for scoring
-    # high, since ln 2 - 1 < 0 -- the paper's formula, not a bug of the credit)
+    # rollout 1's positive summary: closer
+    S[0, :, 1, 0] = 0.9
+    # rollout 1's negative 2 summary: closer
+    S[0, :, 1, 2] = 0.6
+    # (gamma pinned at 0.2: at C = 4 the auto gamma is 1.26, and R_Rank *rewards* a rank-2 negative
+    # for scoring high, since ln 2 - 1 < 0 -- the paper's formula, not a bug of the credit)
     c = reward.sequence_credit(S, gamma=0.2)
     assert c[0, 1, 1] > c[0, 0, 1] and c[0, 1, 3] < c[0, 0, 3]
     with pytest.raises(ValueError, match="G, G, C"):
@@ -275,18 +300,20 @@ def test_sequence_credit():
 
 
 def test_pool_rank_by_hand():
-    """--reward pool's rank: 1 + the non-relevant pool items scoring at or above the best of the positive's own score
-    and the relevant pool items' (pessimistic ties)."""
-    eq = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                               # two rollouts' queries
-    ep = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])       # pool; item 2 is relevant
+    """--reward pool's rank: 1 + the non-relevant pool items scoring at or above the best of the
+    positive's own score and the relevant pool items' (pessimistic ties)."""
+    # two rollouts' queries
+    eq = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # pool; item 2 is relevant
+    ep = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
     relevant = torch.tensor([False, False, True, False])
     r = study.pool_rank(eq, ep, relevant, s_pos=torch.tensor([0.5, 0.2]))
-    # rollout 0: best relevant = max(0.5, 0.0) = 0.5; non-relevant scores 1.0, 0.6, 0.8 >= 0.5 -> rank 4
-    # rollout 1: best = max(0.2, 1.0) = 1.0; non-relevant 0.0, 0.8, 0.6 -> rank 1
+    # rollout 0: best relevant = max(0.5, 0.0) = 0.5; non-relevant scores 1.0, 0.6, 0.8 >= 0.5 ->
+    # rank 4 rollout 1: best = max(0.2, 1.0) = 1.0; non-relevant 0.0, 0.8, 0.6 -> rank 1
     assert r.tolist() == [4, 1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Triton kernels against their torch references (interpreter on CPU; compiled on CUDA)
 
 
@@ -305,7 +332,8 @@ def test_cosine_ranks_fused_kernel(device, R, C, D):
     q = torch.randn(R, D, generator=g)
     c = dirs[torch.randint(0, 3, (R, C), generator=g)] * torch.randint(1, 3, (R, C, 1), generator=g)
     c[0, 1] = float("nan")                                              # a NaN candidate ranks last
-    c[-1, -1] = 0.0                                                     # a zero vector scores 0, not NaN
+    # a zero vector scores 0, not NaN
+    c[-1, -1] = 0.0
     q, c = q.to(device), c.to(device)
     for last in (False, True):
         s_ref, k_ref = kernels.cosine_ranks(q, c, positive_last=last, backend="torch")
@@ -314,10 +342,12 @@ def test_cosine_ranks_fused_kernel(device, R, C, D):
         assert (s.nan_to_num(9) - s_ref.nan_to_num(9)).abs().max().item() < 1e-5
         assert torch.equal(k.cpu(), k_ref.cpu()), f"max diff {(k - k_ref).abs().max().item()}"
     assert s_ref[-1, -1].item() == 0.0
-    # positive_last gives the reward's rule: 1 + #{negatives scoring >= the positive} (NaN negatives never count)
+    # positive_last gives the reward's rule: 1 + #{negatives scoring >= the positive} (NaN negatives
+    # never count)
     pos_rank, _ = reward.ranks_with_positive_last(s_ref.cpu())
     assert torch.equal(k[:, 0].cpu(), pos_rank)
-    assert any((s_ref[r, 1:] == s_ref[r, 0]).any() for r in range(R)) or C == 2   # the ties were exercised
+    # the ties were exercised
+    assert any((s_ref[r, 1:] == s_ref[r, 0]).any() for r in range(R)) or C == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -330,7 +360,8 @@ def test_cosine_ranks_low_precision_accumulates_fp32(dtype):
 
 
 def dense_best_positive_ranks(q, corpus, positives):
-    """The definition, densely in float64: 1 + #{n not a positive: cos(q, c_n) >= best positive's cosine}."""
+    """The definition, densely in float64: 1 + #{n not a positive: cos(q, c_n) >= best positive's
+    cosine}."""
     qn = torch.nn.functional.normalize(q.cpu().double(), dim=-1)
     cn = torch.nn.functional.normalize(corpus.cpu().double(), dim=-1)
     S = qn @ cn.T                                                           # (M, N)
@@ -352,16 +383,19 @@ def test_corpus_ranks_kernel(device, M, N, D, ties):
     else:
         q, corpus = torch.randn(M, D, generator=g), torch.randn(N, D, generator=g)
     pos = torch.randint(0, N, (M,), generator=g)
-    if ties:  # exact copies of a positive (and one scaled by 2) tie with it: pessimistic, they rank above it
+    # exact copies of a positive (and one scaled by 2) tie with it: pessimistic, they rank above it
+    if ties:
         corpus[(pos[0] + 1) % N] = corpus[pos[0]]
         corpus[(pos[1] + 1) % N] = 2 * corpus[pos[1]]
     multi = torch.randint(0, N, (M, 3), generator=g)
     multi[:, 0] = pos
-    multi[::2, 2] = -1                                                       # shorter lists are padded with -1
+    # shorter lists are padded with -1
+    multi[::2, 2] = -1
     for positives in (pos, multi):
         qd, cd, pd = q.to(device), corpus.to(device), positives.to(device)
         ref = kernels.corpus_ranks(qd, cd, pd, backend="torch")
-        got = kernels.corpus_ranks(qd, cd, pd, backend="triton", block_m=32, block_n=64)   # corpus > one tile
+        # corpus > one tile
+        got = kernels.corpus_ranks(qd, cd, pd, backend="triton", block_m=32, block_n=64)
         assert got.dtype == torch.int64
         assert torch.equal(got.cpu(), ref.cpu()), f"max diff {(got - ref).abs().max()}"
         assert torch.equal(ref.cpu(), dense_best_positive_ranks(q, corpus, positives))
@@ -369,9 +403,10 @@ def test_corpus_ranks_kernel(device, M, N, D, ties):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_corpus_ranks_ties_are_pessimistic(dtype):
-    """A collapsed model (every embedding equal) gets the worst rank, an exact duplicate of the positive ranks above
-    it, and a NaN positive ranks last -- with the positive scored by the same arithmetic as every other candidate.
-    The Triton interpreter mishandles bf16 tl.dot, so bf16 runs the kernel only where it is compiled (CUDA)."""
+    """A collapsed model (every embedding equal) gets the worst rank, an exact duplicate of the
+    positive ranks above it, and a NaN positive ranks last -- with the positive scored by the
+    same arithmetic as every other candidate. The Triton interpreter mishandles bf16 tl.dot, so
+    bf16 runs the kernel only where it is compiled (CUDA)."""
     g = torch.Generator().manual_seed(0)
     M, N, D = 9, 200, 24
     q = torch.randn(M, D, generator=g).to(DEVICE, dtype)
@@ -384,10 +419,12 @@ def test_corpus_ranks_ties_are_pessimistic(dtype):
         opts = dict(block_m=32, block_n=64) if b == "triton" else {}
         assert torch.all(kernels.corpus_ranks(q, collapsed, pos, backend=b, **opts) == N), b
         plain = kernels.corpus_ranks(q, corpus, pos, backend=b, **opts)
-        for m in range(3):   # an exact copy and a copy scaled by 2 of query m's positive: each ties it, ranks above
+        # an exact copy and a copy scaled by 2 of query m's positive: each ties it, ranks above
+        for m in range(3):
             p = pos[m:m + 1]
             dup = torch.cat([corpus, corpus[p], 2 * corpus[p]])
-            assert kernels.corpus_ranks(q[m:m + 1], dup, p, backend=b, **opts).item() == plain[m].item() + 2, b
+            assert kernels.corpus_ranks(q[m:m + 1], dup, p, backend=b,
+                                        **opts).item() == plain[m].item() + 2, b
         assert torch.all(kernels.corpus_ranks(q, nan_corpus, pos, backend=b, **opts) == N), b
 
 
@@ -399,10 +436,11 @@ def test_kernel_bad_input():
     with pytest.raises(ValueError, match="at least one positive"):
         kernels.corpus_ranks(torch.rand(2, 4), torch.rand(5, 4), torch.tensor([[0, -1], [-1, -1]]))
     with pytest.raises(ValueError, match="backend"):
-        kernels.corpus_ranks(torch.rand(2, 3), torch.rand(4, 3), torch.tensor([0, 1]), backend="cuda")
+        kernels.corpus_ranks(torch.rand(2, 3), torch.rand(4, 3), torch.tensor([0, 1]),
+                             backend="cuda")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -416,7 +454,8 @@ def test_template_and_ret_position(world, tok):
         row = b["tokens"][i]
         rp = b["ret_pos"][i].item()
         assert row[rp].item() == ret.enc.ret
-        assert rp == T - 1 or not b["attn"][i, rp + 1:].any()          # [RET] is the last real token
+        # [RET] is the last real token
+        assert rp == T - 1 or not b["attn"][i, rp + 1:].any()
         assert b["gen_mask"][i].sum().item() == len(summ[i]) + 1         # summary + [RET]
         text = tok.decode(row[b["attn"][i]].tolist(), skip_special_tokens=False)
         assert "Analyze and summarize the key information of the above input." in text
@@ -438,7 +477,8 @@ def test_embedding_shapes_dtype_unit_norm(world, tok):
 
 
 def test_padding_does_not_change_embeddings(world, tok):
-    """Left padding (batching with longer prompts) must not change an input's embedding: positions follow the mask."""
+    """Left padding (batching with longer prompts) must not change an input's embedding:
+    positions follow the mask."""
     ret = tiny_model(tok)
     _, items, instr = some_items(world, 6)
     summ = [ret.enc.summary(it.summary) for it in items]
@@ -472,7 +512,8 @@ def test_greedy_generation_is_deterministic_and_matches_no_cache(world, tok):
 
 
 def test_logprobs_use_the_sampled_distribution(world, tok):
-    """token_logprobs scores tokens under the distribution generate samples from ([PAD] and [IMG] ruled out)."""
+    """token_logprobs scores tokens under the distribution generate samples from ([PAD] and [IMG]
+    ruled out)."""
     ret = tiny_model(tok, seed=3)
     _, items, instr = some_items(world, 3)
     summ = ret.summarise(items, instr, temperature=1.0, generator=torch.Generator().manual_seed(1))
@@ -487,21 +528,25 @@ def test_logprobs_use_the_sampled_distribution(world, tok):
 
 
 def test_shared_prompts_give_the_full_pass_numbers(world, tok):
-    """GRPO's G rollouts share each item's prompt: computing it once (KV cache expanded over the rollouts) gives
-    the same log-probs, embeddings and gradients as the plain pass over every full sequence; generation with
-    shared prompts samples what generation over repeated prompts samples."""
+    """GRPO's G rollouts share each item's prompt: computing it once (KV cache expanded over the
+    rollouts) gives the same log-probs, embeddings and gradients as the plain pass over every
+    full sequence; generation with shared prompts samples what generation over repeated prompts
+    samples."""
     ret = tiny_model(tok, seed=4)
     inst = rl_instances(world, 2, 2)
     G = 3
-    ro = train.rollout(rl_args(group_size=G), ret, made_of(ret, inst), torch.Generator().manual_seed(0),
+    ro = train.rollout(rl_args(group_size=G), ret, made_of(ret, inst),
+                       torch.Generator().manual_seed(0),
                        nullcontext)
     once, once_instr = data.rollout_items(inst)
     K = len(once) // len(inst)
     items = [it for b in range(len(inst)) for _ in range(G) for it in once[b * K:(b + 1) * K]]
     instr = [x for b in range(len(inst)) for _ in range(G) for x in once_instr[b * K:(b + 1) * K]]
-    b, imgs = ret.batch(items, instr, ro.summaries)                         # the full sequences, each on its own
+    # the full sequences, each on its own
+    b, imgs = ret.batch(items, instr, ro.summaries)
     logp, h = ret.model.token_logprobs(b, imgs)
-    P = b["tokens"].shape[1] - ro.batch["tokens"].shape[1]                  # the summary part starts at column P
+    # the summary part starts at column P
+    P = b["tokens"].shape[1] - ro.batch["tokens"].shape[1]
     assert torch.allclose(logp[:, P:], ro.logp, atol=1e-5)
     e_full = ret.model.ret_embedding(h, b["ret_pos"])
     assert torch.allclose(e_full.view(ro.e.shape), ro.e, atol=1e-5)
@@ -515,15 +560,17 @@ def test_shared_prompts_give_the_full_pass_numbers(world, tok):
 
 
 def test_length_groups_give_the_one_pass_numbers(world, tok):
-    """Stages 1-2 run a batch as two passes of rows of similar length, each without its all-padding columns
-    (elva.length_groups): the same log-probs, embeddings and gradients as one pass, images following their rows."""
+    """Stages 1-2 run a batch as two passes of rows of similar length, each without its
+    all-padding columns (elva.length_groups): the same log-probs, embeddings and gradients as one
+    pass, images following their rows."""
     ret = tiny_model(tok, seed=5)
     qs = world.sample_queries(random.Random(1), 12)
     items = [q.item for q in qs] + [q.positive for q in qs]
     instr = [data.INSTRUCTIONS[q.task] for q in qs] + [None] * len(qs)
     drop = [i % 3 == 0 for i in range(len(items))]
     b, imgs = ret.batch(items, instr, ret.enc.reference_summaries(items, drop))
-    assert 0 < len(imgs) < len(items)                                       # rows with and without an image
+    # rows with and without an image
+    assert 0 < len(imgs) < len(items)
     parts = list(elva.length_groups(b, imgs, 2, ret.model.img_id, ret.model.cfg.n_img_tokens))
     assert sorted(r for rows, *_ in parts for r in rows.tolist()) == list(range(len(items)))
     assert sum(p["tokens"].numel() for _, _, p, _ in parts) < b["tokens"].numel()   # less padding
@@ -535,7 +582,8 @@ def test_length_groups_give_the_one_pass_numbers(world, tok):
         outs.append((logp, e, grad))
     for one, two in zip(*outs):
         assert torch.allclose(one, two, atol=1e-5)
-    assert outs[0][2].abs().sum() > 0                                      # the images' gradient is checked too
+    # the images' gradient is checked too
+    assert outs[0][2].abs().sum() > 0
 
 
 def test_checkpoint_round_trip_and_bad_checkpoints(world, tok, tmp_path):
@@ -569,15 +617,17 @@ def test_checkpoint_round_trip_and_bad_checkpoints(world, tok, tmp_path):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_optimizer_state_round_trip_keeps_torch_placement(tok, tmp_path, fused):
-    """--resume restores AdamW through load_state_dict: the same state as saved, and each tensor where this kind
-    of AdamW keeps it (fused: `step` on the parameter's device as float32; plain: on the CPU)."""
+    """--resume restores AdamW through load_state_dict: the same state as saved, and each tensor
+    where this kind of AdamW keeps it (fused: `step` on the parameter's device as float32; plain:
+    on the CPU)."""
     ret = tiny_model(tok)
     opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-3, fused=fused)
     for _ in range(2):
         opt.zero_grad()
         ret.model.norm.weight.sum().backward()
         opt.step()
-    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 1}, optimizer=opt)
+    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 1},
+                            optimizer=opt)
     fresh = torch.optim.AdamW(ret.model.parameters(), lr=1e-3, fused=fused)
     assert runtime.load_optimizer(tmp_path / "ck", fresh, ret.model)
     a, b = opt.state_dict()["state"], fresh.state_dict()["state"]
@@ -589,7 +639,7 @@ def test_optimizer_state_round_trip_keeps_torch_placement(tok, tmp_path, fused):
     fresh.step()                                                        # the restored state steps
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GrainWorld and the stages' data
 
 
@@ -602,8 +652,10 @@ def test_world_is_deterministic_and_splits_disjoint():
     qb = b.sample_queries(random.Random(1), 10)
     assert [q.item for q in qa] == [q.item for q in qb]
     img1 = data.render(a.splits["test"][0], 32, 1)
-    assert torch.equal(data.image_tensor(img1, 32), data.image_tensor(data.render(a.splits["test"][0], 32, 1), 32))
-    assert not torch.equal(data.image_tensor(img1, 32), data.image_tensor(data.render(a.splits["test"][0], 32, 2), 32))
+    assert torch.equal(data.image_tensor(img1, 32),
+                       data.image_tensor(data.render(a.splits["test"][0], 32, 1), 32))
+    assert not torch.equal(data.image_tensor(img1, 32),
+                           data.image_tensor(data.render(a.splits["test"][0], 32, 2), 32))
 
 
 def test_relevance_is_exact_on_hand_built_scenes():
@@ -643,24 +695,29 @@ def test_one_grain_apart_matches_the_world_edits():
                 assert study.one_grain_apart(s, t) and study.one_grain_apart(t, s), kind
         assert not study.one_grain_apart(s, s)
     scenes = w.splits["train"][:40]
-    assert sum(study.one_grain_apart(a, b) for a in scenes for b in scenes) == 0   # unrelated scenes
+    # unrelated scenes
+    assert sum(study.one_grain_apart(a, b) for a in scenes for b in scenes) == 0
 
 
 def test_balanced_negatives():
     scores = torch.tensor([[0.99, 0.9, 0.8, 0.7, 0.1, 0.2, 0.3]])
     rel = torch.tensor([[False, True, False, False, False, False, False]])
-    idx = data.balanced_negatives(scores, rel, n_hard=2, n_rand=2, threshold=0.95, generator=torch.Generator())
-    assert idx[0, :2].tolist() == [2, 3]                     # 0 is above the threshold, 1 is relevant
+    idx = data.balanced_negatives(scores, rel, n_hard=2, n_rand=2, threshold=0.95,
+                                  generator=torch.Generator())
+    # 0 is above the threshold, 1 is relevant
+    assert idx[0, :2].tolist() == [2, 3]
     assert set(idx[0, 2:].tolist()) <= {0, 4, 5, 6} and len(set(idx[0].tolist())) == 4
     with pytest.raises(ValueError, match="fewer than"):
         data.balanced_negatives(scores, rel, 4, 3, 0.95, torch.Generator())
-    idx = data.balanced_negatives(scores, rel, 6, 0, 0.95, torch.Generator())  # too few below the threshold
-    assert idx[0].tolist() == [2, 3, 6, 5, 4, 0]                             # above-threshold ones come last
+    # too few below the threshold
+    idx = data.balanced_negatives(scores, rel, 6, 0, 0.95, torch.Generator())
+    # above-threshold ones come last
+    assert idx[0].tolist() == [2, 3, 6, 5, 4, 0]
 
 
 def test_false_negatives_are_masked_across_tasks():
-    """A text->image caption satisfied by another query's image->image positive is a true match, whatever task that
-    positive came from: InfoNCE must not push it away."""
+    """A text->image caption satisfied by another query's image->image positive is a true match,
+    whatever task that positive came from: InfoNCE must not push it away."""
     red = Scene.of([Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2)])
     cap = Caption((Mention("circle", "red"),))
     t2i = data.Query("t2i", Item(text=cap.text(), summary=cap.summary(), caption=cap),
@@ -671,9 +728,12 @@ def test_false_negatives_are_masked_across_tasks():
     i2t = data.Query("i2t", Item(scene=red, summary=red.summary(), render_seed=4),
                      Item(text=full.text(), summary=full.summary(), caption=full), 3)
     m = data.in_batch_false_negatives([t2i, i2i, i2t])
-    assert m[0, 1] and m[1, 0]            # the i2i positive satisfies the caption; the t2i positive is the i2i scene
-    assert not m[0, 2] and not m[1, 2]    # a caption is never a match for an image task (another modality)
-    assert not m[2].any() and not m.diagonal().any()   # the i2t query's in-batch candidates are images
+    # the i2i positive satisfies the caption; the t2i positive is the i2i scene
+    assert m[0, 1] and m[1, 0]
+    # a caption is never a match for an image task (another modality)
+    assert not m[0, 2] and not m[1, 2]
+    # the i2t query's in-batch candidates are images
+    assert not m[2].any() and not m.diagonal().any()
     # over real batches: every relevant in-batch candidate is masked
     w = data.GrainWorld(data.WorldConfig(seed=0, n_train=300, n_val=10, n_test=20))
     qs = w.sample_queries(random.Random(0), 48)
@@ -682,7 +742,8 @@ def test_false_negatives_are_masked_across_tasks():
 
 
 def test_test_scenes_stay_out_of_training():
-    """Edit targets and near misses derived from test scenes are never training scenes (default world)."""
+    """Edit targets and near misses derived from test scenes are never training scenes (default
+    world)."""
     w = data.GrainWorld(data.WorldConfig())
     train_scenes = set(w.splits["train"])
     queries, pool = w.standard_split("it2i", 200)
@@ -693,10 +754,11 @@ def test_test_scenes_stay_out_of_training():
 
 
 def test_no_test_scene_reaches_training():
-    """Replay the scenes the cpu preset's training renders -- 1000 stage-2 batches of 48 (their images, it2i targets
-    and positives, drawn as make_stage2_inputs draws them) and the RL mining pools -- against every scene the test
-    queries derive (standard-split targets and pools, MRBench-mini targets, positives and near misses): none shared.
-    (Before training's derived scenes also kept one edit away from every held-out scene, 7 were.)"""
+    """Replay the scenes the cpu preset's training renders -- 1000 stage-2 batches of 48 (their
+    images, it2i targets and positives, drawn as make_stage2_inputs draws them) and the RL mining
+    pools -- against every scene the test queries derive (standard-split targets and pools,
+    MRBench-mini targets, positives and near misses): none shared. (Before training's derived
+    scenes also kept one edit away from every held-out scene, 7 were.)"""
     w = data.GrainWorld(data.WorldConfig(seed=0, n_train=6000, n_test=500))
     test = set()
     for task in data.TASKS:
@@ -715,33 +777,41 @@ def test_no_test_scene_reaches_training():
 
 
 def test_a_process_takes_its_share_of_the_global_batch():
-    """runtime.my_part: under torchrun each process takes rows r*b..(r+1)*b of every block of the global batch,
-    and its false-negative rows with the columns in the order the InfoNCE gather lays the candidates out
-    (process 0's blocks, then process 1's): together the processes hold the whole batch, and each query's own
-    target sits at offset + i among the gathered candidates."""
+    """runtime.my_part: under torchrun each process takes rows r*b..(r+1)*b of every block of the
+    global batch, and its false-negative rows with the columns in the order the InfoNCE gather
+    lays the candidates out (process 0's blocks, then process 1's): together the processes hold
+    the whole batch, and each query's own target sits at offset + i among the gathered
+    candidates."""
     B, blocks = 4, 3
-    items = [f"{k}{i}" for k in "qpe" for i in range(B)]                 # queries, positives, extras
+    # queries, positives, extras
+    items = [f"{k}{i}" for k in "qpe" for i in range(B)]
     false_neg = torch.zeros(B, 2 * B, dtype=torch.bool)
-    false_neg[0, 1 * B + 3] = True                                       # query 0 also matches extra 3
-    false_neg[2, 1] = True                                               # query 2 also matches positive 1
-    batch = {"blocks": blocks, "items": items, "drop": [i % 2 == 0 for i in range(3 * B)], "false_neg": false_neg}
+    # query 0 also matches extra 3
+    false_neg[0, 1 * B + 3] = True
+    # query 2 also matches positive 1
+    false_neg[2, 1] = True
+    batch = {"blocks": blocks, "items": items,
+             "drop": [i % 2 == 0 for i in range(3 * B)], "false_neg": false_neg}
     one = runtime.my_part(batch, argparse.Namespace(world_size=1, rank=0))
-    assert one["items"] == items and torch.equal(one["false_neg"], false_neg) and one["n_queries"] == B
+    assert one["items"] == items and torch.equal(one["false_neg"],
+                                                 false_neg) and one["n_queries"] == B
     parts = [runtime.my_part(batch, argparse.Namespace(world_size=2, rank=r)) for r in (0, 1)]
     assert parts[0]["items"] == ["q0", "q1", "p0", "p1", "e0", "e1"]
     assert parts[1]["items"] == ["q2", "q3", "p2", "p3", "e2", "e3"]
-    gathered = [it for p in parts for it in p["items"][2:]]              # what gather_candidates concatenates
+    # what gather_candidates concatenates
+    gathered = [it for p in parts for it in p["items"][2:]]
     for r, p in enumerate(parts):
         assert p["drop"] == [batch["drop"][k * B + r * 2 + i] for k in range(3) for i in range(2)]
         for i in range(2):
             query = p["items"][i]
-            assert gathered[r * 4 + i] == "p" + query[1]                 # the target: offset r * 4, then i
+            # the target: offset r * 4, then i
+            assert gathered[r * 4 + i] == "p" + query[1]
             matches = {gathered[j] for j in range(8) if p["false_neg"][i, j]}
             want = {items[B + j] for j in range(2 * B) if false_neg[int(query[1]), j]}
             assert matches == want
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The stages: 1-2 (InfoNCE), 3 (ELVA's GRPO), the pipeline, torchrun; and the study's variants
 
 
@@ -752,7 +822,8 @@ def weights_bytes(folder):
 
 
 def rl_args(*flags, **kw):
-    """study.py run's arguments on the smoke preset (train.py's and the variants'), then `kw` set on them."""
+    """study.py run's arguments on the smoke preset (train.py's and the variants'), then `kw` set
+    on them."""
     args = study.get_run_args(["--preset", "smoke", *flags])
     for k, v in kw.items():
         setattr(args, k, v)
@@ -765,7 +836,8 @@ def made_of(ret, instances) -> dict:
 
 
 def teacher_forced(ret, items, instr, drop):
-    """Items embedded with their reference summaries teacher-forced (none where drop[i]), as stages 1-2 embed them."""
+    """Items embedded with their reference summaries teacher-forced (none where drop[i]), as
+    stages 1-2 embed them."""
     b, imgs = ret.batch(items, instr, ret.enc.reference_summaries(items, drop))
     return train.teacher_forced_on(ret.model, b, imgs, torch.tensor(drop), nullcontext)
 
@@ -789,7 +861,8 @@ def test_info_nce_hand_computed():
     l1 = -math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))
     assert train.info_nce(eq, ec, tau).item() == pytest.approx((l0 + l1) / 2, abs=1e-6)
     masked = train.info_nce(eq, ec, tau, torch.tensor([[False, True], [False, False]]))
-    assert masked.item() == pytest.approx((0.0 + l1) / 2, abs=1e-6)  # a known false negative is not a negative
+    # a known false negative is not a negative
+    assert masked.item() == pytest.approx((0.0 + l1) / 2, abs=1e-6)
 
 
 def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
@@ -798,7 +871,8 @@ def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
     drop = [True, False, True, False]
     e, logp, lm_mask = teacher_forced(ret, items, instr, drop)
     assert e.shape[0] == 4 and torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
-    assert lm_mask[0].sum() == 0 and lm_mask[2].sum() == 0           # dropped rows: no LM loss at all
+    # dropped rows: no LM loss at all
+    assert lm_mask[0].sum() == 0 and lm_mask[2].sum() == 0
     assert lm_mask[1].sum() == len(ret.enc.summary(items[1].summary)) + 1
     assert torch.all(logp[~lm_mask] == 0)
     # a dropped row embeds the prompt alone: [RET] right after "ASSISTANT:"
@@ -807,9 +881,10 @@ def test_summary_dropout_empties_summary_and_leaves_lm_loss(world, tok):
 
 
 def test_nli_triplets_and_the_text_stage(tmp_path, world):
-    """Stage 1 in miniature: every premise holds of its scene, so does the caption it entails (and the entailed
-    caption holds of every scene the premise holds of, checked over the world), the contradiction does not; then
-    `--stages text,contrastive` trains stage 1 and starts stage 2 from it."""
+    """Stage 1 in miniature: every premise holds of its scene, so does the caption it entails
+    (and the entailed caption holds of every scene the premise holds of, checked over the world),
+    the contradiction does not; then `--stages text,contrastive` trains stage 1 and starts stage
+    2 from it."""
     rng = random.Random(0)
     scenes = world.splits["train"]
     n = 0
@@ -819,9 +894,11 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
             continue
         premise, hyp, contra = t
         n += 1
-        assert data.satisfies(s, premise) and data.satisfies(s, hyp) and not data.satisfies(s, contra)
+        assert data.satisfies(s, premise) and data.satisfies(s, hyp) and not data.satisfies(s,
+                                                                                            contra)
         assert hyp.text() != premise.text() and premise.n_grains() >= 2
-        assert all(data.satisfies(o, hyp) for o in scenes if data.satisfies(o, premise))   # entailment
+        # entailment
+        assert all(data.satisfies(o, hyp) for o in scenes if data.satisfies(o, premise))
     assert n >= 50
     out = tmp_path / "run"
     train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps", "1",
@@ -842,23 +919,29 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
 def test_rollout_shapes(world, tok):
     ret = tiny_model(tok)
     args = rl_args(group_size=3)
-    ro = train.rollout(args, ret, made_of(ret, rl_instances(world, 2, 3)), torch.Generator().manual_seed(0),
+    ro = train.rollout(args, ret, made_of(ret, rl_instances(world, 2, 3)),
+                       torch.Generator().manual_seed(0),
                        nullcontext)
     assert ro.shape == (2, 3, 2 + 3) and ro.scores.shape == (2, 3, 1 + 3) and ro.e.shape[:3] == (2, 3, 5)
     assert reward.total_reward(ro.scores).shape == (2, 3)
     assert ro.logp.shape[0] == 2 * 3 * (2 + 3) and ro.logp.requires_grad
-    assert ro.batch["prompt_tokens"].shape[0] == 2 * (2 + 3)                 # each item's prompt held once
+    # each item's prompt held once
+    assert ro.batch["prompt_tokens"].shape[0] == 2 * (2 + 3)
 
 
 def test_forced_ret_is_not_trained(world, tok):
-    """A [RET] appended after max_summary_len tokens was not sampled: it is outside the tokens GRPO trains."""
+    """A [RET] appended after max_summary_len tokens was not sampled: it is outside the tokens
+    GRPO trains."""
     ret = tiny_model(tok)
-    ret.model.cfg.max_summary_len = 2                                    # most summaries run out of tokens
+    # most summaries run out of tokens
+    ret.model.cfg.max_summary_len = 2
     args = rl_args(group_size=2)
-    ro = train.rollout(args, ret, made_of(ret, rl_instances(world, 1, 2)), torch.Generator().manual_seed(0),
+    ro = train.rollout(args, ret, made_of(ret, rl_instances(world, 1, 2)),
+                       torch.Generator().manual_seed(0),
                        nullcontext)
     rows = torch.arange(len(ro.summaries))
-    ended = [len(s) < 2 for s in ro.summaries]                           # sampled its [RET] within 2 tokens
+    # sampled its [RET] within 2 tokens
+    ended = [len(s) < 2 for s in ro.summaries]
     assert ro.sampled[rows, ro.batch["ret_pos"]].tolist() == ended and not all(ended)
     # every other summary token is trained
     assert torch.equal(ro.sampled | (ro.batch["gen_mask"] & ~ro.sampled), ro.batch["gen_mask"])
@@ -866,20 +949,21 @@ def test_forced_ret_is_not_trained(world, tok):
 
 
 def test_rollout_ranks_are_the_rewards_ranks(world, tok):
-    """The rollout scores and ranks in one pass (kernels.cosine_ranks, positive last); the reward read from those
-    ranks equals the reward that ranks the scores itself."""
+    """The rollout scores and ranks in one pass (kernels.cosine_ranks, positive last); the reward
+    read from those ranks equals the reward that ranks the scores itself."""
     ret = tiny_model(tok)
     ro = train.rollout(rl_args(group_size=3), ret, made_of(ret, rl_instances(world, 2, 3)),
                        torch.Generator().manual_seed(0), nullcontext)
     r, _ = reward.ranks_with_positive_last(ro.scores)
     assert torch.equal(ro.ranks[..., 0], r)
-    assert torch.equal(reward.total_reward(ro.scores, ranks=ro.ranks), reward.total_reward(ro.scores))
+    assert torch.equal(reward.total_reward(ro.scores, ranks=ro.ranks),
+                       reward.total_reward(ro.scores))
 
 
 def test_grpo_step_is_the_paper_step_and_its_clip_is_inert(world, tok, tmp_path):
-    """train.grpo_step takes no hook (the reward and advantage are inline) and, on-policy, its ratio is exactly 1:
-    the clip never acts. study.study_step with no variant is the same step: the same record on the paper's keys
-    and the same weights."""
+    """train.grpo_step takes no hook (the reward and advantage are inline) and, on-policy, its
+    ratio is exactly 1: the clip never acts. study.study_step with no variant is the same step:
+    the same record on the paper's keys and the same weights."""
     import inspect
     assert list(inspect.signature(train.grpo_step).parameters) == ["args", "policy", "ref", "opt", "made", "gen",
                                                                    "autocast"]
@@ -897,12 +981,13 @@ def test_grpo_step_is_the_paper_step_and_its_clip_is_inert(world, tok, tmp_path)
     assert paper["clip_low"] == 0 and paper["clip_high"] == 0
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     assert all(float(paper[k]) == pytest.approx(float(ours[k]), abs=1e-7) for k in paper)
-    assert set(ours) > set(paper)                                          # the study logs its diagnostics too
+    # the study logs its diagnostics too
+    assert set(ours) > set(paper)
 
 
 def test_grpo_learns_toy_reward(world, tok, tmp_path):
-    """GRPO machinery check: with a verifiable toy reward (fraction of colour words in the summaries), the mean
-    reward rises within a few dozen steps (study.py's step, --reward toy)."""
+    """GRPO machinery check: with a verifiable toy reward (fraction of colour words in the
+    summaries), the mean reward rises within a few dozen steps (study.py's step, --reward toy)."""
     ret = tiny_model(tok, seed=1)
     ref = elva.ELVAModel(ret.model.cfg, ret.enc.img, ret.enc.ret, ret.enc.pad)
     ref.load_state_dict(ret.model.state_dict())
@@ -917,8 +1002,9 @@ def test_grpo_learns_toy_reward(world, tok, tmp_path):
 
 
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
-    """train.py --preset smoke (shortened) writes loadable checkpoints for both stages, then resumes as a no-op;
-    eval.py --explain walks one RL instance of the stage-2 checkpoint through the paper's step."""
+    """train.py --preset smoke (shortened) writes loadable checkpoints for both stages, then
+    resumes as a no-op; eval.py --explain walks one RL instance of the stage-2 checkpoint through
+    the paper's step."""
     out = tmp_path / "run"
     common = ["--preset", "smoke", "--out", str(out), "--steps", "6", "--rl_steps", "2", "--no_eval"]
     train.main(common)
@@ -928,8 +1014,10 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
         assert (out / stage / "log.jsonl").read_text().count("\n") >= 2
     first = weights_bytes(out / "elva")
     train.main(common + ["--resume"])
-    assert weights_bytes(out / "elva") == first                         # complete stages are not re-run
-    # stage 3 follows the paper: the vision tower and projector stay frozen, the language model moves
+    # complete stages are not re-run
+    assert weights_bytes(out / "elva") == first
+    # stage 3 follows the paper: the vision tower and projector stay frozen, the language model
+    # moves
     init, rl = elva.load_checkpoint(out / "contrastive")[0], elva.load_checkpoint(out / "elva")[0]
     assert all(torch.equal(a, b) for a, b in zip(init.vision_parameters(), rl.vision_parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(init.blocks.parameters(), rl.blocks.parameters()))
@@ -942,7 +1030,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
 
 
 def test_the_run_prints_its_eta(tmp_path, capsys):
-    """Stage lines carry the whole run's ETA (this stage's and the later stages' steps), not only the stage's."""
+    """Stage lines carry the whole run's ETA (this stage's and the later stages' steps), not only
+    the stage's."""
     train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps", "2",
                 "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
     out = capsys.readouterr().out
@@ -952,8 +1041,8 @@ def test_the_run_prints_its_eta(tmp_path, capsys):
 
 
 def test_dataloader_workers_change_nothing_but_speed(tmp_path):
-    """Every stage makes its batches in DataLoader workers from per-step seeds: any number of workers trains the
-    same bytes."""
+    """Every stage makes its batches in DataLoader workers from per-step seeds: any number of
+    workers trains the same bytes."""
     base = ["--preset", "smoke", "--stages", "text,contrastive,elva", "--text_steps", "3", "--steps", "4",
             "--rl_steps", "2", "--no_eval", "--threads", "1"]
     train.main(base + ["--out", str(tmp_path / "w0"), "--workers", "0"])
@@ -963,10 +1052,12 @@ def test_dataloader_workers_change_nothing_but_speed(tmp_path):
 
 
 def test_import_reward_and_train_stay_light():
-    """import reward needs only torch (no Triton); import train loads neither eval.py nor mbeir.py."""
+    """import reward needs only torch (no Triton); import train loads neither eval.py nor
+    mbeir.py."""
     import subprocess
     import sys
-    code = ("import sys; import reward; assert 'triton' not in sys.modules and 'kernels' not in sys.modules; "
+    code = ("import sys; import reward; assert 'triton' not in sys.modules and 'kernels' not in "
+            "sys.modules; "
             "import train; assert 'eval' not in sys.modules and 'mbeir' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
 
@@ -975,7 +1066,8 @@ def _two_process_worker(rank, ports, argv_sets, out):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    for port, argv in zip(ports, argv_sets):   # one rendezvous per run, as torchrun gives each launch its own
+    # one rendezvous per run, as torchrun gives each launch its own
+    for port, argv in zip(ports, argv_sets):
         os.environ["MASTER_PORT"] = str(port)
         study.run(argv)
     os.environ["MASTER_PORT"] = str(ports[-1])
@@ -986,19 +1078,23 @@ def _two_process_worker(rank, ports, argv_sets, out):
     mine = slice(rank * 4, rank * 4 + 4)
     x = logp[mine].clone().requires_grad_()
     n_tokens = runtime.global_tokens(mask[mine], argparse.Namespace(world_size=2, rank=rank))
-    loss, _ = reward.grpo_loss(x, old[mine], ref[mine], A[mine], mask[mine], 0.2, 0.2, n_tokens=n_tokens)
+    loss, _ = reward.grpo_loss(x, old[mine], ref[mine], A[mine], mask[mine], 0.2, 0.2,
+                               n_tokens=n_tokens)
     loss.backward()
     torch.save((loss.detach(), x.grad), f"{out}/grpo{rank}.pt")
     dist.destroy_process_group()
 
 
 def _grpo_tensors():
-    """8 rollout sequences of 5 tokens (policy, old and reference log-probs, advantages, sampled mask)."""
+    """8 rollout sequences of 5 tokens (policy, old and reference log-probs, advantages, sampled
+    mask)."""
     g = torch.Generator().manual_seed(1)
     logp = -torch.rand(8, 5, generator=g) * 3
-    old, ref = logp + 0.1 * torch.randn(8, 5, generator=g), logp + 0.3 * torch.randn(8, 5, generator=g)
+    old, ref = logp + 0.1 * torch.randn(8, 5, generator=g), logp + 0.3 * torch.randn(8, 5,
+                                                                                     generator=g)
     mask = torch.rand(8, 5, generator=g) > 0.3
-    mask[:4, :] = True                                                  # the two halves hold different token counts
+    # the two halves hold different token counts
+    mask[:4, :] = True
     return logp, old, ref, torch.randn(8, generator=g), mask
 
 
@@ -1019,7 +1115,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
             ports.append(s.getsockname()[1])
     for argv in two_process_runs(tmp_path / "one"):
         study.run(argv)
-    mp.spawn(_two_process_worker, args=(ports, two_process_runs(tmp_path / "two"), str(tmp_path)), nprocs=2,
+    mp.spawn(_two_process_worker, args=(ports, two_process_runs(tmp_path / "two"), str(tmp_path)),
+             nprocs=2,
              join=True)
     for stage, keys in (("contrastive", ("loss", "infonce", "lm")), ("control", ("loss", "infonce", "lm"))):
         one, two = ([json.loads(line) for line in (tmp_path / run / stage / "log.jsonl").read_text().splitlines()]
@@ -1031,19 +1128,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
         w1 = elva.load_checkpoint(tmp_path / "one" / stage)[0].state_dict()
         w2 = elva.load_checkpoint(tmp_path / "two" / stage)[0].state_dict()
         assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1), stage
-    # GRPO under torchrun: each process samples its own rollouts (its own seed), so a 2-process run is not the same
-    # draw as a 1-process run; for the same rollouts, the processes' mean loss and averaged gradient are the batch's
+    # GRPO under torchrun: each process samples its own rollouts (its own seed), so a 2-process run
+    # is not the same draw as a 1-process run; for the same rollouts, the processes' mean loss and
+    # averaged gradient are the batch's
     logp, old, ref, A, mask = _grpo_tensors()
     x = logp.clone().requires_grad_()
     loss, _ = reward.grpo_loss(x, old, ref, A, mask, 0.2, 0.2)
     loss.backward()
     (l0, g0), (l1, g1) = (torch.load(tmp_path / f"grpo{r}.pt") for r in (0, 1))
     assert ((l0 + l1) / 2).item() == pytest.approx(loss.item(), rel=1e-6)
-    assert torch.allclose(torch.cat([g0, g1]) / 2, x.grad, atol=1e-7)    # average_gradients divides by 2
+    # average_gradients divides by 2
+    assert torch.allclose(torch.cat([g0, g1]) / 2, x.grad, atol=1e-7)
 
 
 def test_control_is_stage2_continued(world, tok, monkeypatch, tmp_path):
-    """The equal-compute control uses stage 2's loss exactly: summary dropout at stage 2's rate included."""
+    """The equal-compute control uses stage 2's loss exactly: summary dropout at stage 2's rate
+    included."""
     ret = tiny_model(tok)
     seen = []
     real = train.teacher_forced_on
@@ -1056,22 +1156,26 @@ def test_control_is_stage2_continued(world, tok, monkeypatch, tmp_path):
     opt = runtime.adamw(ret.model.parameters(), 1e-4, 0.0, "cpu", "control", tmp_path)
     init_meta = {"args": {"tau": 0.07, "lm_weight": 0.5, "summary_dropout": 1.0}}
     ref = elva.Retriever(ret.model, tok, init_meta)
-    study.control_step(args, ret, ref, opt, {"batch": rl_instances(world, 2, 3)}, None, nullcontext, 0)
-    assert seen and all(seen[0])                                         # stage 2's rate, 1.0: every summary dropped
+    study.control_step(args, ret, ref, opt, {"batch": rl_instances(world, 2, 3)}, None, nullcontext,
+                       0)
+    # stage 2's rate, 1.0: every summary dropped
+    assert seen and all(seen[0])
 
 
 def test_sample_query_only_fixes_candidate_summaries(world, tok):
-    """--sample query (ours): candidates keep their greedy summary in every rollout and are not trained; the
-    queries' summaries are sampled."""
+    """--sample query (ours): candidates keep their greedy summary in every rollout and are not
+    trained; the queries' summaries are sampled."""
     ret = tiny_model(tok, seed=2)
     inst = rl_instances(world, 2, 2)
     args = rl_args("--sample", "query", group_size=3)
-    ro = study.study_rollout(args, ret, made_of(ret, inst), torch.Generator().manual_seed(0), nullcontext)
+    ro = study.study_rollout(args, ret, made_of(ret, inst), torch.Generator().manual_seed(0),
+                             nullcontext)
     B, G, K = ro.shape
     summ = [ro.summaries[(b * G + g) * K:(b * G + g + 1) * K] for b in range(B) for g in range(G)]
     for b in range(B):
         rows = summ[b * G:(b + 1) * G]
-        assert all(r[1:] == rows[0][1:] for r in rows)                # candidates: the same words in every rollout
+        # candidates: the same words in every rollout
+        assert all(r[1:] == rows[0][1:] for r in rows)
     assert len({tuple(r[0]) for r in summ}) > 1                        # queries: sampled
     trained = ro.sampled.any(1).view(B, G, K)
     assert not trained[:, :, 1:].any() and trained[:, :, 0].all()
@@ -1080,14 +1184,17 @@ def test_sample_query_only_fixes_candidate_summaries(world, tok):
 
 
 def test_best_of_group_advantages_one_hot():
-    ro = train.Rollout(batch={}, sampled=None, logp=None, e=torch.zeros(2, 3, 4, 1), scores=None, ranks=None,
-                       summaries=[])                                                     # B 2, G 3, K 4
-    R = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.5, 0.5]])                                # group 2 ties: no signal
+    ro = train.Rollout(batch={}, sampled=None, logp=None, e=torch.zeros(2, 3, 4, 1), scores=None,
+                       ranks=None,
+                       # B 2, G 3, K 4
+                       summaries=[])
+    # group 2 ties: no signal
+    R = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.5, 0.5]])
     A = study.study_advantages(rl_args("--best_of_g"), ro, R).view(2, 3, 4)
     assert A[0, 1, 0] == 3 and A.sum() == 3 and A[1].abs().sum() == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: metrics, GrainWorld's benchmarks, the reward audit
 
 
@@ -1096,7 +1203,8 @@ def test_retrieval_metrics_by_hand():
     m = evaluation.recall_mrr(ranks)
     assert m["R@1"] == pytest.approx(1 / 3) and m["R@5"] == pytest.approx(2 / 3) and m["R@10"] == pytest.approx(2 / 3)
     assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
-    # NDCG@10: query 0 has positives {4, 7}, retrieved at ranks 2 and 3; query 1 has {9}, retrieved first
+    # NDCG@10: query 0 has positives {4, 7}, retrieved at ranks 2 and 3; query 1 has {9}, retrieved
+    # first
     top = torch.tensor([[0, 4, 7, 1, 2, 3, 5, 6, 8, 10], [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     want0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
     assert evaluation.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
@@ -1105,7 +1213,8 @@ def test_retrieval_metrics_by_hand():
 def test_chance_recall_by_hand():
     # pool 10, one relevant: 5/10; all relevant: 1; 2 relevant: 1 - C(8,5)/C(10,5) = 1 - 56/252
     assert evaluation.chance_recall(torch.tensor([1]), 10, 5) == pytest.approx(0.5)
-    assert evaluation.chance_recall(torch.tensor([10, 2]), 10, 5) == pytest.approx((1 + 1 - 56 / 252) / 2)
+    assert evaluation.chance_recall(torch.tensor([10, 2]), 10,
+                                    5) == pytest.approx((1 + 1 - 56 / 252) / 2)
 
 
 def test_streamed_search_matches_dense():
@@ -1118,23 +1227,27 @@ def test_streamed_search_matches_dense():
 
 
 def test_ranked_outputs_follow_the_reward_rule():
-    """search, NDCG and the run file rank as the reward does: NaN last; among equal scores a positive after the
-    others. A collapsed model (all embeddings equal) must score R@10 = 0 and NDCG@10 = 0 alike."""
-    q, c = torch.ones(2, 4), torch.ones(30, 4)                          # collapsed: every score ties
+    """search, NDCG and the run file rank as the reward does: NaN last; among equal scores a
+    positive after the others. A collapsed model (all embeddings equal) must score R@10 = 0 and
+    NDCG@10 = 0 alike."""
+    # collapsed: every score ties
+    q, c = torch.ones(2, 4), torch.ones(30, 4)
     pos = torch.tensor([[3, -1], [0, 7]])
     s, top = elva.ranked_top_k(q, c, 10, positives=pos, chunk=8)        # streamed over chunks
     assert not ({3} & set(top[0].tolist()) or {0, 7} & set(top[1].tolist()))
     assert evaluation.ndcg_at_k(top, [[3], [0, 7]]) == 0.0
     assert evaluation.recall_mrr(evaluation.ranks_of_best_positive(q, c, pos))["R@10"] == 0.0
     c2 = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    c2[1] = float("nan")                                                # a NaN corpus vector never comes first
+    # a NaN corpus vector never comes first
+    c2[1] = float("nan")
     s, top = elva.Retriever.search(torch.randn(3, 4), c2, k=6)
     assert (top[:, -1] == 1).all() and torch.isnan(s[:, -1]).all()
 
 
 def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
-    """eval.summary_headroom (MRBench-mini with reference / empty summaries) agrees with the training code's own
-    teacher-forced embeddings (train.teacher_forced_on, summary dropout for the empty case)."""
+    """eval.summary_headroom (MRBench-mini with reference / empty summaries) agrees with the
+    training code's own teacher-forced embeddings (train.teacher_forced_on, summary dropout for
+    the empty case)."""
     ret = tiny_model(tok)
     bench = world.mrbench_mini(3)
     got = evaluation.summary_headroom(ret, bench, nullcontext)
@@ -1144,16 +1257,19 @@ def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
             qi, ins = [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)
             eq = teacher_forced(ret, qi, ins, [drop_all] * len(qi))[0]
             ep = teacher_forced(ret, pool, [None] * len(pool), [drop_all] * len(pool))[0]
-            ranks = evaluation.ranks_of_best_positive(eq, ep, evaluation.relevant_indices(task, queries, pool))
+            ranks = evaluation.ranks_of_best_positive(eq, ep,
+                                                      evaluation.relevant_indices(task, queries,
+                                                                                  pool))
             r5.append((ranks <= 5).float().mean().item())
         assert abs(got[mode] - sum(r5) / len(r5)) < 1e-6, mode
 
 
 def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
-    """python study.py audit on a small checkpoint: every row printed, and the oracle best of G is never worse than
-    the mean sample or any reward's choice (it picks by the true rank)."""
+    """python study.py audit on a small checkpoint: every row printed, and the oracle best of G
+    is never worse than the mean sample or any reward's choice (it picks by the true rank)."""
     ret = tiny_model(tok)
-    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": world.cfg.__dict__, "step": 0})
+    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok,
+                            {"world": world.cfg.__dict__, "step": 0})
     study.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads", "1",
                  "--device", "cpu", "--out", str(tmp_path / "audit.json")])
     res = json.loads((tmp_path / "audit.json").read_text())
@@ -1161,9 +1277,10 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
     assert res["queries"] == 12 and "greedy summary" in rows and "best of 3 by R_total (paper)" in rows
     oracle = rows["oracle best of 3 (true pool rank)"]["mean_rank"]
     assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean")))
-    assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total", "ndcg (graded)"}
-    # the paper's setting: the context candidates write their own sampled summaries per rollout; what does not
-    # involve the rewards (greedy / empty / reference query summaries) is unchanged
+    assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total",
+                                    "ndcg (graded)"}
+    # the paper's setting: the context candidates write their own sampled summaries per rollout;
+    # what does not involve the rewards (greedy / empty / reference query summaries) is unchanged
     study.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads", "1",
                  "--device", "cpu", "--sample_candidates", "--out", str(tmp_path / "audit_sc.json")])
     sc = json.loads((tmp_path / "audit_sc.json").read_text())
@@ -1175,9 +1292,11 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
 
 
 def test_long_phases_report_progress(world, tok, monkeypatch, capsys):
-    """A long embedding phase (mining, evaluation, an M-BEIR pool) prints items/s and an ETA at least every 10 s."""
+    """A long embedding phase (mining, evaluation, an M-BEIR pool) prints items/s and an ETA at
+    least every 10 s."""
     ret = tiny_model(tok)
-    clock = iter(range(0, 10_000, 6))                                   # every reading of the clock: 6 s later
+    # every reading of the clock: 6 s later
+    clock = iter(range(0, 10_000, 6))
     monkeypatch.setattr(elva.time, "time", lambda: next(clock))
     items = [q.positive for q in world.sample_queries(random.Random(0), 6)]
     ret.embed_items(items, [None] * 6, batch_size=2, progress="mining: pool")
@@ -1185,8 +1304,9 @@ def test_long_phases_report_progress(world, tok, monkeypatch, capsys):
     assert "mining: pool: 2/6 items" in out and "items/s, eta" in out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Real data: M-BEIR in UniIR's layout and MMEB, on the repository's own sample (mbeir.write_mbeir_sample)
+# --------------------------------------------------------------------------------------------------
+# Real data: M-BEIR in UniIR's layout and MMEB, on the repository's own sample
+# (mbeir.write_mbeir_sample)
 
 
 @pytest.fixture(scope="module")
@@ -1220,9 +1340,12 @@ def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
     pool = realdata.read_mbeir_pool(p, mbeir)
     qs = realdata.read_mbeir_queries(q, pool, mbeir, ins)
     assert qs.qids[0] == "9:0" and qs.task_ids[0] == 0 and qs.modalities[0] == "text"
-    assert qs.instructions[0] == "Retrieve an image that matches the given caption."   # UniIR's first prompt
-    assert qs.positives[0] == [pool.index["9:0"]]            # "8:0" is another dataset's: dropped, as UniIR does
-    assert realdata.read_mbeir(q, p, mbeir)[2][0] == {pool.index["9:0"], pool.index["8:0"]}   # the unfiltered form
+    # UniIR's first prompt
+    assert qs.instructions[0] == "Retrieve an image that matches the given caption."
+    # "8:0" is another dataset's: dropped, as UniIR does
+    assert qs.positives[0] == [pool.index["9:0"]]
+    # the unfiltered form
+    assert realdata.read_mbeir(q, p, mbeir)[2][0] == {pool.index["9:0"], pool.index["8:0"]}
     # null and empty candidate texts are image-only items; image+text candidates keep both
     assert pool.items[pool.index["9:1"]].text == "" and pool.items[pool.index["9:0"]].text == ""
     both = pool.items[pool.index["8:3"]]
@@ -1264,16 +1387,18 @@ def test_mbeir_bad_input_names_file_and_line(mbeir, tmp_path):
 
 
 def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
-    """UniIR's evaluation: every qrels positive in the pool counts (another dataset's too), a positive outside the
-    pool is no error, a task's `_<split>_cand_pool` is used where it exists, the paper's M-BEIR score takes R@10
-    for the fashion tasks, and --instruction random draws among UniIR's prompts."""
+    """UniIR's evaluation: every qrels positive in the pool counts (another dataset's too), a
+    positive outside the pool is no error, a task's `_<split>_cand_pool` is used where it exists,
+    the paper's M-BEIR score takes R@10 for the fashion tasks, and --instruction random draws
+    among UniIR's prompts."""
     import shutil
     ins = realdata.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
     q, p = realdata.mbeir_paths(mbeir, "sample_task0", pool="union")
     pool = realdata.read_mbeir_pool(p, mbeir)
     qrels = realdata.read_qrels(mbeir / "qrels" / "test" / "mbeir_sample_task0_test_qrels.txt")
     qs = realdata.read_mbeir_queries(q, pool, mbeir, ins, qrels=qrels, strict=False)
-    assert pool.index["8:0"] in qs.relevant[0] and pool.index["8:0"] not in qs.positives[0]   # 9:0 lists 8:0
+    # 9:0 lists 8:0
+    assert pool.index["8:0"] in qs.relevant[0] and pool.index["8:0"] not in qs.positives[0]
     # the task's split pool: only the `_test_` file present -> used, named in the results
     root = tmp_path / "m"
     shutil.copytree(mbeir, root)
@@ -1286,8 +1411,10 @@ def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
     assert res["avg"]["M-BEIR score"] == pytest.approx(res["sample_task0"]["R@5"])
     fake = {"fashioniq_task7": {"R@5": 0.1, "R@10": 0.3}, "mscoco_task0": {"R@5": 0.5, "R@10": 0.9}}
     assert evaluation.mbeir_score(fake, list(fake)) == pytest.approx((0.3 + 0.5) / 2)
-    drawn = realdata.read_mbeir_queries(q, pool, mbeir, ins, strict=False, instruction_rng=random.Random(1))
-    assert set(drawn.instructions) == {"Retrieve an image that matches the given caption.", "Find a matching picture."}
+    drawn = realdata.read_mbeir_queries(q, pool, mbeir, ins, strict=False,
+                                        instruction_rng=random.Random(1))
+    assert set(drawn.instructions) == {"Retrieve an image that matches the given caption.",
+                                       "Find a matching picture."}
 
 
 def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
@@ -1307,40 +1434,49 @@ def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
     assert [int(r[3]) for r in rows[:4]] == [1, 2, 3, 4] and float(rows[0][4]) >= float(rows[1][4])
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
     capsys.readouterr()
-    evaluation.main(args)                                               # the second time, the pools come cached
+    # the second time, the pools come cached
+    evaluation.main(args)
     assert capsys.readouterr().out.count("pool embeddings from the cache") == 3
     again = json.loads((tmp_path / "m.json").read_text())
-    assert untimed(again) == untimed(res)                              # the cached embeddings are the same
+    # the cached embeddings are the same
+    assert untimed(again) == untimed(res)
 
 
 def test_read_mbeir_train_merges_pools_and_keeps_negatives(mbeir):
-    src = realdata.read_mbeir_train(mbeir, ["sample_task0", "sample_task3"], split="train", pool="local")
-    assert len(src.queries) == 12 and len(src.pool.items) == 24         # two local pools merged by id
+    src = realdata.read_mbeir_train(mbeir, ["sample_task0", "sample_task3"], split="train",
+                                    pool="local")
+    # two local pools merged by id
+    assert len(src.queries) == 12 and len(src.pool.items) == 24
     q = src.queries[0]
     assert q.task == "sample_task0" and q.instruction == "Retrieve an image that matches the given caption."
     assert src.pool.dids[src.positives[0][0]] == "9:0" and q.positive is src.pool.items[src.positives[0][0]]
-    assert [src.pool.dids[j] for j in src.negatives[6]] == ["9:101"]    # task 3's neg_cand_list, as pool indices
+    # task 3's neg_cand_list, as pool indices
+    assert [src.pool.dids[j] for j in src.negatives[6]] == ["9:101"]
     assert "Retrieve an image that matches the given caption." in src.texts()
     with pytest.raises(ValueError, match=r"\['nights_task4'\] have no query file"):
         realdata.read_mbeir_train(mbeir, ["nights_task4"])
 
 
 def test_mbeir_stage2_batch_masks_positives(mbeir):
-    src = realdata.read_mbeir_train(mbeir, ["all"])                         # union pool: ids 9:*, 8:*
+    # union pool: ids 9:*, 8:*
+    src = realdata.read_mbeir_train(mbeir, ["all"])
     args = train.get_args(["--preset", "smoke", "--mbeir", str(mbeir), "--batch_size", "16"])
     tok = data.train_tokenizer(src.texts(), 400)
     enc = data.Encoder(tok, 4, 32)
     b = realdata.make_mbeir_inputs(args, src, step=3)                       # the global batch
     part = data.encode_pairs(enc, 100, runtime.my_part(b, args))
     assert part["encoded"][0]["tokens"].shape[0] == 3 * 16 and b["false_neg"].shape == (16, 32)
-    rng = random.Random(f"{args.seed}-mbeir-3")                         # replay the draw: queries, then positives
+    # replay the draw: queries, then positives
+    rng = random.Random(f"{args.seed}-mbeir-3")
     qi = [rng.randrange(len(src.queries)) for _ in range(16)]
     pos = [rng.choice(src.positives[i]) for i in qi]
     for k, i in enumerate(qi):
-        assert not b["false_neg"][k, k]                                  # the query's own target stays the target
+        # the query's own target stays the target
+        assert not b["false_neg"][k, k]
         for c, j in enumerate(pos):
             assert bool(b["false_neg"][k, c]) == (c != k and j in src.positives[i])
-    assert b["false_neg"].any()                                          # the sample repeats queries: some match
+    # the sample repeats queries: some match
+    assert b["false_neg"].any()
 
 
 def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
@@ -1351,7 +1487,8 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
     assert meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"] and "world" not in meta
     tok = data.load_tokenizer(out / "tokenizer.json")
     caption = realdata.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
-    assert len(tok.encode(caption).ids) < len(caption.encode()) / 2      # BPE merges learnt from the real text
+    # BPE merges learnt from the real text
+    assert len(tok.encode(caption).ids) < len(caption.encode()) / 2
     for c in ("contrastive", "elva"):
         res = json.loads((out / f"eval_{c}.json").read_text())
         assert set(res) == {"sample_task0", "sample_task3", "samplecirr_task8", "avg"}
@@ -1362,14 +1499,18 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
 def test_mmeb_eval_by_hand(tmp_path):
     rows = [{"qry_inst": "", "qry_text": "q0", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["a", "b", "c"],
              "tgt_img_path": []},
-            {"qry_inst": "", "qry_text": "q1", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["d", "e"],
+            {"qry_inst": "", "qry_text": "q1", "qry_img_path": "", "tgt_inst": "",
+             "tgt_text": ["d", "e"],
              "tgt_img_path": []},
-            {"qry_inst": "", "qry_text": "q2", "qry_img_path": "", "tgt_inst": "", "tgt_text": ["f", "g", "h", "i"],
+            {"qry_inst": "", "qry_text": "q2", "qry_img_path": "", "tgt_inst": "",
+             "tgt_text": ["f", "g", "h", "i"],
              "tgt_img_path": []}]
     path = tmp_path / "toy.jsonl"
     vec = {"q0": [1, 0], "a": [1, 0], "b": [0, 1], "c": [-1, 0],        # positive first: rank 1
-           "q1": [1, 0], "d": [0, 1], "e": [0, 1],                      # a tie with the positive: rank 2
-           "q2": [1, 0], "f": [float("nan"), 0], "g": [1, 0], "h": [0, 1], "i": [1, 0]}   # NaN positive: last (4)
+           # a tie with the positive: rank 2
+           "q1": [1, 0], "d": [0, 1], "e": [0, 1],
+           # NaN positive: last (4)
+           "q2": [1, 0], "f": [float("nan"), 0], "g": [1, 0], "h": [0, 1], "i": [1, 0]}
     seen = []
 
     class Fake:
@@ -1377,8 +1518,10 @@ def test_mmeb_eval_by_hand(tmp_path):
             seen.extend(it.text for it in items)
             return torch.tensor([vec[it.text] for it in items], dtype=torch.float32), []
 
-    rows[2]["qry_text"] = "<|image_1|> q2"                               # VLM2Vec's image token: not fed as text
-    rows[2]["tgt_text"][2] = "b"                                        # a target two rows share: embedded once
+    # VLM2Vec's image token: not fed as text
+    rows[2]["qry_text"] = "<|image_1|> q2"
+    # a target two rows share: embedded once
+    rows[2]["tgt_text"][2] = "b"
     vec["b"] = [0, 1]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = evaluation.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
@@ -1406,7 +1549,7 @@ def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):
         evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--threads", "1"])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The Retriever (the user's API)
 
 
@@ -1417,21 +1560,27 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     long_text = "a red circle " * 200
     e = r.encode_text(["a red circle", long_text], instruction=data.INSTRUCTIONS["t2i"])
     assert "1 of 2 texts were cut" in capsys.readouterr().out
-    assert e.shape == (2, r.model.cfg.d_model) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert e.shape == (2, r.model.cfg.d_model) and torch.allclose(e.norm(dim=-1), torch.ones(2),
+                                                                  atol=1e-5)
     img = data.render(world.splits["test"][0], 36, 0)
     img.save(tmp_path / "a.png")
     c = r.encode_image([img, str(tmp_path / "a.png")])
-    assert torch.allclose(c[0], c[1], atol=1e-5)                       # a PIL image and its file embed alike
+    # a PIL image and its file embed alike
+    assert torch.allclose(c[0], c[1], atol=1e-5)
     scores, idx = r.search(e, c, k=1)
     assert idx.shape == (2, 1) and scores.shape == (2, 1)
     # a single input gives one vector; a list (N, D); an empty list (0, D) -- the API people know
     D = r.model.cfg.d_model
     one = r.encode_text("a triangle", instruction=data.INSTRUCTIONS["t2i"])
-    assert one.shape == (D,) and torch.allclose(one, r.encode_text(["a triangle"], data.INSTRUCTIONS["t2i"])[0])
-    assert r.encode_text("triangle").shape == (D,)                     # not one embedding per character
+    assert one.shape == (D,) and torch.allclose(one,
+                                                r.encode_text(["a triangle"],
+                                                              data.INSTRUCTIONS["t2i"])[0])
+    # not one embedding per character
+    assert r.encode_text("triangle").shape == (D,)
     assert r.encode_image(img).shape == (D,) and r.encode_image(str(tmp_path / "a.png")).shape == (D,)
     assert r.encode_text([]).shape == (0, D)
-    composed, words = r.encode(texts=["make the circle blue", "x"], images=[img, img], return_summaries=True)
+    composed, words = r.encode(texts=["make the circle blue", "x"], images=[img, img],
+                               return_summaries=True)
     assert composed.shape == (2, D) and len(words) == 2 and all(isinstance(w, str) for w in words)
     assert isinstance(r.encode_text("a circle", return_summaries=True)[1], str)
     arr = r.encode_text(["a", "b"], convert_to_numpy=True)
@@ -1439,7 +1588,8 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert isinstance(i_np, np.ndarray) and i_np.shape == (2, 2)
     hits = r.search(arr[0], c.numpy(), k=2, as_hits=True)              # sentence-transformers' form
     assert len(hits) == 1 and set(hits[0][0]) == {"corpus_id", "score"}
-    for bad, err in (((" ",), "text 0 is blank"), ((str(tmp_path / "gone.jpg"),), "image 0 .*gone.jpg.* not a file"),
+    for bad, err in (((" ",), "text 0 is blank"), ((str(tmp_path / "gone.jpg"),), "image 0 "
+                                                                                  ".*gone.jpg.* not a file"),
                      ((3,), "texts must be")):
         with pytest.raises((ValueError, FileNotFoundError, TypeError), match=err):
             if "gone" in str(bad[0]):
@@ -1457,8 +1607,9 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert torch.equal(e0, e2) and t0 == t2
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# What happens when things go wrong: each case gets a named one-line error, or is handled (README table)
+# --------------------------------------------------------------------------------------------------
+# What happens when things go wrong: each case gets a named one-line error, or is handled (README
+# table)
 
 
 SMOKE = ["--preset", "smoke", "--stages", "contrastive", "--steps", "6", "--ckpt_every", "3",
@@ -1466,7 +1617,8 @@ SMOKE = ["--preset", "smoke", "--stages", "contrastive", "--steps", "6", "--ckpt
 
 
 def test_nan_model_scores_nothing(world, tok):
-    """A model with NaN weights must never score well: its embeddings rank last and the table counts them."""
+    """A model with NaN weights must never score well: its embeddings rank last and the table
+    counts them."""
     ret = tiny_model(tok)
     with torch.no_grad():
         for p in ret.model.parameters():
@@ -1495,7 +1647,8 @@ def test_nan_model_scores_nothing(world, tok):
     (["--vocab_size", "10"], "--vocab_size 10: expected >= 300"),
     (["--stages", "pretrain"], "--stages 'pretrain': expected"),
     (["--device", "tpu"], "--device 'tpu': expected"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device 'cuda': expected a device this machine has")]))
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device 'cuda': expected a "
+                                                                  "device this machine has")]))
 def test_bad_flags_are_named_before_any_work(flags, pattern, tmp_path):
     with pytest.raises(SystemExit, match=pattern.replace("(", r"\(").replace("+", r"\+")):
         train.get_args(["--preset", "smoke", "--out", str(tmp_path / "x"), *flags])
@@ -1507,10 +1660,11 @@ def test_out_must_be_a_writable_folder(tmp_path):
     f.write_text("")
     with pytest.raises(SystemExit, match="--out .*expected a folder"):
         train.get_args(["--preset", "smoke", "--out", str(f)])
-    # a folder that cannot be made or written (here: below a file; a read-only folder fails the same way, but root,
-    # as CI runs, may write anywhere)
+    # a folder that cannot be made or written (here: below a file; a read-only folder fails the same
+    # way, but root, as CI runs, may write anywhere)
     with pytest.raises(SystemExit, match="--out .*: expected a folder this process can write"):
-        runtime.check_run_folder(train.get_args(["--preset", "smoke", "--out", str(f / "run")]), train.SHAPING_ARGS)
+        runtime.check_run_folder(train.get_args(["--preset", "smoke", "--out", str(f / "run")]),
+                                 train.SHAPING_ARGS)
 
 
 def test_bad_input_errors(tmp_path, tok):
@@ -1556,12 +1710,14 @@ def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # a NaN gradient: the step is refused before the update
     loss = model.tok_emb.weight.sum() * float("nan")
-    with pytest.raises(FloatingPointError, match="contrastive step 0: the loss is nan; stopping before applying "
+    with pytest.raises(FloatingPointError,
+                       match="contrastive step 0: the loss is nan; stopping before applying "
                                                  "it; no checkpoint"):
         runtime.optimizer_step(opt, model, loss)
     # a finite loss whose gradient is NaN (injected by a hook)
     hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match="gradient norm is nan; stopping before applying it"):
+    with pytest.raises(FloatingPointError,
+                       match="gradient norm is nan; stopping before applying it"):
         runtime.optimizer_step(opt, model, model.norm.weight.sum())
     hook.remove()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -1570,28 +1726,35 @@ def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
     runtime.save(stage, 4)
     with torch.no_grad():
         model.norm.weight.fill_(float("inf"))
-    with pytest.raises(FloatingPointError, match=r"non-finite \(norm.weight\); not saving them; the last checkpoint "
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite \(norm.weight\); not saving them; the last checkpoint "
                                                  r"in .* \(step 4\) is kept"):
         runtime.save(stage, 5)
     assert runtime.read_manifest(tmp_path / "stage")["step"] == 4
 
 
 def test_fused_optimizer_checks_on_the_device_and_stops_at_the_next_read(world, tok, tmp_path):
-    """The GPU path (a fused AdamW; CPU has one too): a non-finite step is skipped on the device, without a host
-    synchronisation, and the run stops when the verdicts are read (a log step, or before any checkpoint)."""
+    """The GPU path (a fused AdamW; CPU has one too): a non-finite step is skipped on the device,
+    without a host synchronisation, and the run stops when the verdicts are read (a log step, or
+    before any checkpoint)."""
     ret = tiny_model(tok)
     model = ret.model
     opt = guarded_adamw(model, tmp_path, fused=True)
-    runtime.optimizer_step(opt, model, model.norm.weight.sum())                            # a good step
+    # a good step
+    runtime.optimizer_step(opt, model, model.norm.weight.sum())
     after_good = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in opt.state[model.norm.weight].items()}
     hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
-    runtime.optimizer_step(opt, model, model.norm.weight.sum())                            # no raise yet
+    # no raise yet
+    runtime.optimizer_step(opt, model, model.norm.weight.sum())
     hook.remove()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_good.items())   # the update was skipped
-    assert all(torch.equal(v, opt.state[model.norm.weight][k]) for k, v in moments.items())   # step count too
+    # the update was skipped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_good.items())
+    # step count too
+    assert all(torch.equal(v, opt.state[model.norm.weight][k]) for k, v in moments.items())
     stage = runtime.Stage("contrastive", tmp_path / "stage", 10, ret, opt, {"world": {}})
-    with pytest.raises(FloatingPointError, match="contrastive step 1: the gradient norm is nan; its update was not "
+    with pytest.raises(FloatingPointError,
+                       match="contrastive step 1: the gradient norm is nan; its update was not "
                                                  "applied; stopping; no checkpoint"):
         runtime.save(stage, 1)
     assert not (tmp_path / "stage" / "config.json").exists()
@@ -1600,15 +1763,18 @@ def test_fused_optimizer_checks_on_the_device_and_stops_at_the_next_read(world, 
 def test_lazy_log_reads_the_device_once_per_line_and_writes_every_step(tmp_path):
     log = runtime.Logger(tmp_path, "contrastive", total=7, start=0, every=3)
     for step in range(7):
-        log.log(step, {"loss": torch.tensor(float(step)), "lr": 0.1, "masked_false_neg": step}, lazy=True)
+        log.log(step, {"loss": torch.tensor(float(step)), "lr": 0.1, "masked_false_neg": step},
+                lazy=True)
         lines = (tmp_path / "log.jsonl").read_text().splitlines()
-        assert len(lines) == {0: 1, 1: 1, 2: 1, 3: 4, 4: 4, 5: 4, 6: 7}[step]   # written at steps 0, 3 and the last
+        # written at steps 0, 3 and the last
+        assert len(lines) == {0: 1, 1: 1, 2: 1, 3: 4, 4: 4, 5: 4, 6: 7}[step]
     recs = [json.loads(x) for x in lines]
     assert [r["loss"] for r in recs] == [float(i) for i in range(7)] and recs[5]["masked_false_neg"] == 5
 
 
 def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
-    """A kill between the files of a save leaves the previous checkpoint whole; a mixed set is refused."""
+    """A kill between the files of a save leaves the previous checkpoint whole; a mixed set is
+    refused."""
     ret = tiny_model(tok)
     folder = tmp_path / "ck"
     opt = torch.optim.AdamW(ret.model.parameters(), lr=1e-3)
@@ -1618,7 +1784,8 @@ def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
         ret.model.norm.weight.add_(1.0)
     real = runtime.atomic_write
 
-    def killed_before_config(path, write):   # the new weights and optimizer land, config.json never does
+    # the new weights and optimizer land, config.json never does
+    def killed_before_config(path, write):
         if Path(path).name == "config.json":
             raise KeyboardInterrupt
         real(path, write)
@@ -1632,7 +1799,8 @@ def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
     meta = json.loads((folder / "config.json").read_text())
     stray = folder / "model-000029.safetensors"
     (folder / meta["files"]["model"]["name"]).write_bytes(stray.read_bytes())
-    with pytest.raises(ValueError, match="model-000019.safetensors does not match the sha256 .* mixed"):
+    with pytest.raises(ValueError, match="model-000019.safetensors does not match the sha256 .* "
+                                         "mixed"):
         elva.load_checkpoint(folder)
     # a tokenizer from another run: refused the same way
     runtime.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 30}, optimizer=opt)
@@ -1645,14 +1813,16 @@ def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
     (folder / "optimizer-000031.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing optimizer-000031.safetensors"):
         runtime.load_optimizer(folder, opt, ret.model)
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model-000031.safetensors"]   # old ones gone
+    # old ones gone
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model-000031.safetensors"]
 
 
 def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, monkeypatch):
     a, b, c = (str(tmp_path / n) for n in "abc")
     train.main(SMOKE + ["--out", a])
     train.main(SMOKE + ["--out", c])
-    assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(c) / "contrastive")   # deterministic
+    # deterministic
+    assert weights_bytes(Path(a) / "contrastive") == weights_bytes(Path(c) / "contrastive")
     real = runtime.Logger.log
 
     def dying(self, step, rec, *a, **k):   # killed during step 4, after the step-2 checkpoint
@@ -1681,7 +1851,8 @@ def test_a_run_folder_keeps_its_world(tmp_path):
     for flags, name in ((["--seed", "1"], "--seed 1"), (["--vocab_size", "400"], "--vocab_size 400"),
                         (["--n_train", "300"], "--n_train 300")):
         with pytest.raises(SystemExit, match=f"{name}: the folder .* holds a run made with"):
-            study.run(SMOKE + ["--out", out, "--steps", "1", *flags])     # study.py's flags include --n_train
+            # study.py's flags include --n_train
+            study.run(SMOKE + ["--out", out, "--steps", "1", *flags])
     train.main(SMOKE + ["--out", out, "--steps", "1", "--vocab_size", "400", "--overwrite"])
     assert data.load_tokenizer(Path(out) / "tokenizer.json").get_vocab_size() <= 400
     assert elva.load_checkpoint(Path(out) / "contrastive")[0].cfg.vocab_size <= 400
@@ -1689,7 +1860,8 @@ def test_a_run_folder_keeps_its_world(tmp_path):
 
 def test_eval_inputs_are_checked(world, tok, tmp_path):
     ret = tiny_model(tok)
-    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"step": 0})                # no world section
+    # no world section
+    runtime.save_checkpoint(tmp_path / "ck", ret.model, tok, {"step": 0})
     with pytest.raises(SystemExit, match="config.json has no 'world' section"):
         evaluation.evaluate(str(tmp_path / "ck"), 5, 2, "cpu", nullcontext)
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
@@ -1697,21 +1869,24 @@ def test_eval_inputs_are_checked(world, tok, tmp_path):
     cfg["files"]["config"]["sha256"] = runtime.content_sha({k: v for k, v in cfg.items()
                                                             if k != "files"})
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="do not match config.json .*blocks.2"):     # the details, not cut off
+    # the details, not cut off
+    with pytest.raises(ValueError, match="do not match config.json .*blocks.2"):
         elva.load_checkpoint(tmp_path / "ck")
 
 
 def test_eval_names_the_stage_folders_of_a_run_folder(tmp_path, tok):
     ret = tiny_model(tok)
-    runtime.save_checkpoint(tmp_path / "run" / "contrastive", ret.model, tok, {"world": {}, "step": 0})
+    runtime.save_checkpoint(tmp_path / "run" / "contrastive", ret.model, tok,
+                            {"world": {}, "step": 0})
     with pytest.raises(SystemExit):
         evaluation.main(["--ckpt", str(tmp_path / "run")])
     assert train.get_args(["--margin_weight", "0.3", "--rank_weight", "0.7"]).epsilon == 0.7
 
 
 def test_threads_follow_the_cores_this_process_may_use(monkeypatch, capsys):
-    """--threads, else OMP_NUM_THREADS (torchrun sets 1), else the cores this process may use divided by the
-    processes torchrun started on the machine: two processes at two threads each on two cores ran 9x slower."""
+    """--threads, else OMP_NUM_THREADS (torchrun sets 1), else the cores this process may use
+    divided by the processes torchrun started on the machine: two processes at two threads each
+    on two cores ran 9x slower."""
     import os
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
@@ -1762,7 +1937,8 @@ def test_a_run_folder_is_one_run(tmp_path):
         train.main(base + ["--resume", "--overwrite"])
     elva_weights = weights_bytes(Path(out) / "elva")
     train.main(["--preset", "smoke", "--stages", "contrastive", "--steps", "2", "--no_eval", "--out",
-                out, "--overwrite", "--lr", "0.01"])                      # stage 2 afresh, and stage 3 gone
+                # stage 2 afresh, and stage 3 gone
+                out, "--overwrite", "--lr", "0.01"])
     assert not (Path(out) / "elva").exists()
     assert json.loads((Path(out) / "contrastive" / "config.json").read_text())["args"]["lr"] == 0.01
     assert elva_weights
@@ -1777,7 +1953,8 @@ def test_a_run_folder_is_one_run(tmp_path):
 
 
 def test_the_pool_cache_is_keyed_by_the_images(mbeir, tok, tmp_path, capsys):
-    """Swap two pool images: the cached embeddings are not reused (they were made of other bytes)."""
+    """Swap two pool images: the cached embeddings are not reused (they were made of other
+    bytes)."""
     import shutil
     root = tmp_path / "m"
     shutil.copytree(mbeir, root)
@@ -1821,8 +1998,9 @@ def test_inputs_are_refused_before_the_work(mbeir, tok, tmp_path, capsys):
 
 
 def test_mbeir_defects_of_the_review(mbeir, tmp_path, tok):
-    """An empty reference summary is no tokens; a query none of whose positives is in the pool is a
-    miss, counted (UniIR), not an error; qrels relevance > 0 is relevant; an empty qrels file is named."""
+    """An empty reference summary is no tokens; a query none of whose positives is in the pool is
+    a miss, counted (UniIR), not an error; qrels relevance > 0 is relevant; an empty qrels file
+    is named."""
     assert tiny_model(tok).enc.summary("") == [] and tiny_model(tok).enc.summary(" ") == []
     ins = realdata.read_mbeir_instructions(mbeir / "instructions" / "query_instructions.tsv")
     q, p = realdata.mbeir_paths(mbeir, "sample_task0")
@@ -1888,7 +2066,8 @@ def test_compare_counts_files_on_either_side(tmp_path, capsys):
 
 
 def test_errors_of_the_command_lines_are_one_line(tmp_path, mbeir):
-    """A bad input to any command line is one line on stderr, no traceback (a traceback is for bugs)."""
+    """A bad input to any command line is one line on stderr, no traceback (a traceback is for
+    bugs)."""
     import subprocess
     import sys
     here = Path(__file__).parent
