@@ -1194,6 +1194,108 @@ def test_best_of_group_advantages_one_hot():
     assert A[0, 1, 0] == 3 and A.sum() == 3 and A[1].abs().sum() == 0
 
 
+def test_frozen_scorer_embeddings_do_not_move_under_an_update(world, tok, tmp_path):
+    """--scorer frozen (ours): the rollout's embeddings are the frozen stage-2 model's of the
+    sampled words, so an update changes the words the policy writes but never the map from words
+    to embeddings: the same words embed the same after a large update, and the reference's weights
+    are untouched."""
+    ret, ref = tiny_model(tok, seed=3), tiny_model(tok, seed=3)
+    ref_weights = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    args = rl_args("--scorer", "frozen", "--sample", "query", "--beta", "0", group_size=3)
+    opt = runtime.adamw(ret.model.parameters(), 1e-2, 0.0, "cpu", "elva", tmp_path)
+    made = made_of(ret, rl_instances(world, 2, 2))
+    ro0, _, e_ref0 = study.scored_rollout(args, ret, ref, made, torch.Generator().manual_seed(0),
+                                          nullcontext)
+    assert torch.equal(ro0.e.reshape(e_ref0.shape), e_ref0)          # the scorer's embeddings
+    for step in range(2):
+        study.study_step(args, ret, ref, opt, made, torch.Generator().manual_seed(step),
+                         nullcontext, step)
+    assert any(not torch.equal(a, b) for a, b in zip(ret.model.state_dict().values(),
+                                                     ref_weights.values()))   # the policy moved
+    assert all(torch.equal(v, ref_weights[k]) for k, v in ref.model.state_dict().items())
+    with torch.no_grad():
+        _, h = ref.model.shared_prefix_logprobs(ro0.batch, args.temperature)
+        again = ref.model.ret_embedding(h, ro0.batch["ret_pos"])
+    assert torch.allclose(again, e_ref0, atol=1e-6)                  # the same words, the same map
+
+
+def test_fixed_set_and_held_out_instances(world):
+    """--rl_instances N and --probe_transfer H (ours): N training instances and H held out, drawn
+    once from a seeded shuffle -- disjoint, the same on every call (a fixed set is fixed), and
+    the stage-3 stream draws its batches from the training set only (the held-out ones never
+    enter training)."""
+    pool = [(q, []) for q in world.sample_queries(random.Random(1), 40)]
+    args = rl_args(rl_instances=8, probe_transfer=5, rl_batch=4)
+    train_set, heldout = study.study_instances(args, pool)
+    assert len(train_set) == 8 and len(heldout) == 5
+    def ids(xs):
+        return [id(x) for x in xs]
+    assert not set(ids(train_set)) & set(ids(heldout))
+    again = study.study_instances(args, pool)
+    assert ids(again[0]) == ids(train_set) and ids(again[1]) == ids(heldout)
+    assert study.study_instances(rl_args(), pool) == (pool, [])      # off: every instance, none held
+    drawn = set()
+    for step in range(20):
+        drawn |= set(ids(train.make_rl_inputs(args, train_set, step)))
+    assert drawn <= set(ids(train_set)) and len(drawn) == 8          # all of the set, nothing else
+
+
+def test_transfer_probe_measures_without_training(world, tok):
+    """TransferProbe (ours): after an update it re-samples the step's own batch (delta_same, a
+    paired difference to the step's reward) and its held-out instances with one fixed seed
+    (delta_other, to the previous measurement); it measures only -- no weight moves."""
+    ret, ref = tiny_model(tok, seed=3), tiny_model(tok, seed=3)
+    args = rl_args("--sample", "query", probe_transfer=2, probe_every=1, group_size=3)
+    stage = runtime.Stage("elva", None, 1, ret, None, {})
+    heldout = rl_instances(world, 2, 2)
+    probe = study.TransferProbe(args, heldout, stage, nullcontext)
+    before = {k: v.clone() for k, v in ret.model.state_dict().items()}
+    rec = probe.after_update(ret, ref, made_of(ret, rl_instances(world, 1, 2)), 0, 0.25, nullcontext)
+    assert rec["delta_same"] == pytest.approx(rec["same_after"] - 0.25)
+    assert rec["delta_other"] == 0.0        # nothing changed since the first held-out measurement
+    again = probe.after_update(ret, ref, made_of(ret, rl_instances(world, 1, 2)), 1, 0.25,
+                               nullcontext)
+    assert again["other"] == rec["other"]                           # one fixed seed, no update
+    assert all(torch.equal(v, before[k]) for k, v in ret.model.state_dict().items())
+
+
+def test_empty_member_writes_no_query_summary(world, tok):
+    """--empty_member (ours): the last rollout of each group writes no query summary (an
+    off-policy member); its one trained token is [RET] in first place -- the choice "write
+    nothing" that GRPO may learn; the other rollouts sample as usual."""
+    ret = tiny_model(tok, seed=2)
+    args = rl_args("--empty_member", group_size=3)
+    ro = study.study_rollout(args, ret, made_of(ret, rl_instances(world, 2, 2)),
+                             torch.Generator().manual_seed(0), nullcontext)
+    B, G, K = ro.shape
+    for b in range(B):
+        last = (b * G + G - 1) * K
+        assert ro.summaries[last] == [] and ro.sampled[last].tolist() == [True] + [False] * (
+            ro.sampled.shape[1] - 1)
+        assert ro.batch["tokens"][last, 0] == ret.enc.ret                # [RET] first
+        assert all(ro.sampled[(b * G + g) * K].any() or ro.summaries[(b * G + g) * K] == []
+                   for g in range(G - 1))
+
+
+def test_grains_of_reads_a_reference_summary_back():
+    """study.grains_of: a summary read back into its grains. A reference summary states its own
+    grains; a swapped binding or relation changes exactly that grain type."""
+    ref = study.grains_of("small red circle left of blue square")       # a caption's summary
+    assert ref["entity"] == ["circle", "square"] and ref["relation"] == (["circle", "square"],
+                                                                        ["left"])
+    assert ref["binding"] == sorted([("small", "circle"), ("red", "circle"), ("blue", "square")])
+    swapped = study.grains_of("small blue circle left of red square")
+    assert swapped["entity"] == ref["entity"] and swapped["attribute"] == ref["attribute"]
+    assert swapped["binding"] != ref["binding"] and swapped["relation"] == ref["relation"]
+    turned = study.grains_of("small red circle right of blue square")
+    assert turned["binding"] == ref["binding"] and turned["relation"] != ref["relation"]
+    scene = study.grains_of("small red cross middle left ; large blue circle top right")
+    assert scene["relation"] == [("circle", ("top", "right")), ("cross", ("middle", "left"))]
+    moved = study.grains_of("small red cross top right ; large blue circle middle left")
+    assert moved["binding"] == scene["binding"] and moved["relation"] != scene["relation"]
+    assert study.grains_of("red circle")["relation"] is None
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation: metrics, GrainWorld's benchmarks, the reward audit
 
@@ -1279,6 +1381,8 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
     assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean")))
     assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total",
                                     "ndcg (graded)"}
+    for pick in ("likeliest", "medoid", "centroid"):                   # the label-free rows
+        assert 1 <= rows[f"{pick} of the 3 samples (no label)"]["mean_rank"] <= 50
     # the paper's setting: the context candidates write their own sampled summaries per rollout;
     # what does not involve the rewards (greedy / empty / reference query summaries) is unchanged
     study.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads", "1",

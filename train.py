@@ -283,8 +283,8 @@ class Rollout:
     negatives): S = B * G * K sequences in (instance, rollout, item) order. An item's G rollouts
     share its prompt, held once (U = B * K prompts); per sequence, the summary part: summary,
     [RET]."""
-    batch: dict         # prompt_tokens / prompt_attn (U, P), images, index (S,): each row's prompt;
-                            # tokens / attn / gen_mask (S, Ts), ret_pos (S,): the summary part
+    batch: dict             # prompt_tokens / prompt_attn (U, P), images, index (S,): each row's
+                            # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): the summary
     sampled: torch.Tensor   # (S, Ts) bool: the tokens the policy sampled (a forced [RET] is not)
     logp: torch.Tensor      # (S, Ts) float32 log-probs of those tokens, with gradient
     e: torch.Tensor         # (B, G, K, D) unit [RET] embeddings: the paper's action
