@@ -424,9 +424,9 @@ class TransferProbe:
     """--probe_transfer H: after each update, does it pay beyond its own rollouts? delta_same: the
     reward of the step's own instances re-sampled with the step's seed after the update, minus the
     step's reward (the same samples' seed: a paired difference); delta_other: the reward of H fixed
-    held-out training instances (never trained on) after the update minus before it, each time
-    sampled with one fixed seed. The run's t of each (study.py transfer) says whether an update
-    that pays on its own instances pays anywhere else."""
+    held-out training instances (never trained on) now minus at the previous probe (over the last
+    --probe_every updates), each time sampled with one fixed seed. The run's t of each (study.py
+    transfer) says whether an update that pays on its own instances pays anywhere else."""
 
     def __init__(self, args, heldout: list, stage, autocast):
         self.args, self.every = args, args.probe_every
