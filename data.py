@@ -444,8 +444,7 @@ class Query:
 def relevant(task: str, q: Item, c: Item) -> bool:
     """The exact relevance rule: a candidate is relevant when it satisfies every grain the query
     states."""
-    # a candidate of the wrong modality (an in-batch caption for a text->image query, say) is never
-    # relevant
+    # a candidate of the wrong modality (a caption for a text->image query) is never relevant
     if task == "t2i":
         return c.scene is not None and satisfies(c.scene, q.caption)
     if task == "i2t":
@@ -606,8 +605,8 @@ class GrainWorld:
         for i in rng.sample(range(len(scenes)), min(n_queries, len(scenes))):
             q = make_query(task, rng, scenes[i])
             if q is None or (q.item.target is not None and q.item.target in self.outside(split)):
-                # an edit whose result is another split's scene would leak that scene into this
-                # split
+                # an edit whose result is another split's scene would leak that scene
+                # into this split
                 continue
             if task == "it2i":
                 pool.append(q.positive)

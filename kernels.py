@@ -350,8 +350,8 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
     tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=q.dtype == torch.float32,
                  num_warps=num_warps, num_stages=num_stages)
     m_blocks = triton.cdiv(M, block_m)
-    # pass 1: the positives' scores (-inf pads) from the tiles that hold them; a query's best
-    # positive
+    # pass 1: the positives' scores (-inf pads) from the tiles that hold them, then each query's
+    # best positive score
     s_pos = torch.full((M, P), float("-inf"), device=q.device, dtype=torch.float32)
     _positive_scores_kernel[(m_blocks, triton.cdiv(N, block_n))](
         q, corpus, inv_norm, pos, s_pos, M, N, D, P, q.stride(0), corpus.stride(0), **tiles)
@@ -396,8 +396,8 @@ def benchmark(sweep: bool = False):
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {name} | triton: {'interpreter' if INTERPRET else 'compiled'} | torch "
           f"{torch.__version__}")
-    # an idle GPU sits at a low clock: keep it busy for a second so the first rows are not timed
-    # slow
+    # an idle GPU sits at a low clock: keep it busy for a second so that the first rows
+    # are not timed slow
     if cuda:
         a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
         t_end = time.perf_counter() + 1.0

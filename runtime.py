@@ -384,8 +384,7 @@ def finish_run(args, device, threads: int, t0: float, eval_tasks: str | None = N
     print(f"total time {(time.time() - t0) / 60:.1f} min")
     if args.preset == "smoke":
         print("(the smoke preset trains for seconds: its numbers check the plumbing, not the "
-              "method; "
-              "--preset cpu or gpu for results)")
+              "method; --preset cpu or gpu for results)")
     if args.world_size > 1:
         barrier(args)
         dist.destroy_process_group()
@@ -1063,9 +1062,8 @@ def read_manifest(folder, need: tuple[str, ...] = ("model", "tokenizer", "optimi
     content = {k: v for k, v in meta.items() if k != "files"}
     if "config" in files and files["config"].get("sha256") != content_sha(content):
         raise data.BadInput(f"checkpoint {folder}: config.json was edited after it was written "
-                            "(its "
-                            f"content no longer matches its sha256): the model it describes is not "
-                            f"the one saved; refusing to load it")
+                            "(its content no longer matches its sha256): the model it describes "
+                            "is not the one saved; refusing to load it")
     for key, f in files.items():
         if key == "config" or key not in need:
             continue

@@ -719,8 +719,8 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
     ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
     # (Q, G)
     true = evaluation.ranks_of_best_positive(es, ep, rel.repeat_interleave(G, 0)).view(Q, G).float()
-    # the paper's context per query: the positive, the hardest and some random non-relevant pool
-    # candidates
+    # the paper's context per query: the positive, the hardest and some random
+    # non-relevant pool candidates
     s_greedy = emb["greedy"] @ ep.T                                            # (Q, P)
     ctx = []
     for qi, q in enumerate(queries):
@@ -917,8 +917,8 @@ def grains(argv):
         ret = elva.Retriever.from_pretrained(c, device)
         bench = data.GrainWorld(data.WorldConfig(**ret.meta["world"])).mrbench_mini(a.queries)
         res[c] = grain_errors(ret, bench, autocast)
-    print("| checkpoint | summaries | entity | attribute | binding | relation "
-          "|\n|---|---|---|---|---|---|")
+    print("| checkpoint | summaries | entity | attribute | binding | relation |")
+    print("|---|---|---|---|---|---|")
     for c, r in res.items():
         for side, v in r.items():
             print(f"| {c} | {side} | " + " | ".join(f"{v[g]:.3f}" for g in v) + " |")
