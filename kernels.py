@@ -251,7 +251,8 @@ def _count_ref(q, corpus, inv_norm, pos, best, chunk: int = 65536) -> torch.Tens
 if HAS_TRITON:
     @triton.jit
     def _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm, stride_cn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                     SUM_DOT: tl.constexpr):
         # The scores of BLOCK_M queries against the corpus tile [n0, n0 + BLOCK_N): dot products
         # with tl.dot (tensor cores) over BLOCK_K slices of D, scaled by the precomputed 1/|c|. Both
         # kernels below call this one function, so a positive's score and every other score come
@@ -266,7 +267,9 @@ if HAS_TRITON:
                          mask=m_ok[:, None] & km[None, :], other=0.0)
             cv = tl.load(c_ptr + offs_n[:, None] * stride_cn + offs_k[None, :],
                          mask=n_ok[:, None] & km[None, :], other=0.0)
-            if IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
+            if SUM_DOT:  # the interpreter: numpy's matmul may sum columns in different orders
+                acc += tl.sum(qv[:, None, :] * cv[None, :, :], axis=2)
+            elif IEEE:  # fp32 inputs: exact fp32 products (the default would round them to tf32)
                 acc += tl.dot(qv, tl.trans(cv), input_precision="ieee")
             else:
                 acc += tl.dot(qv, tl.trans(cv))
@@ -278,7 +281,7 @@ if HAS_TRITON:
                                 M, N, D, P,                                   # sizes
                                 stride_qm, stride_cn,                         # strides
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                IEEE: tl.constexpr):
+                                IEEE: tl.constexpr, SUM_DOT: tl.constexpr):
         # grid (M blocks, corpus tiles). Pass 1: a program scores its tile only if the tile holds a
         # positive of one of its queries (at most M * P of the N / BLOCK_N tiles do any work), and
         # writes their scores.
@@ -291,7 +294,7 @@ if HAS_TRITON:
             hits += tl.sum(((pj >= n0) & (pj < n0 + BLOCK_N)).to(tl.int32), axis=0)
         if hits > 0:
             s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm,
-                                           stride_cn, BLOCK_N, BLOCK_K, IEEE)
+                                           stride_cn, BLOCK_N, BLOCK_K, IEEE, SUM_DOT)
             for j in range(P):
                 pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
                 here = (pj >= n0) & (pj < n0 + BLOCK_N) & m_ok
@@ -304,7 +307,7 @@ if HAS_TRITON:
                        M, N, D, P, n_per_split,                               # sizes
                        stride_qm, stride_cn,                                  # strides
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, SUM_DOT: tl.constexpr):
         # grid (M blocks, corpus splits). Pass 2: a program owns BLOCK_M queries and a contiguous
         # slice of the corpus; it streams that slice in BLOCK_N tiles and keeps only a count per
         # query of the non-positive candidates scoring at or above the query's best positive. Counts
@@ -317,7 +320,7 @@ if HAS_TRITON:
         n_start = tl.program_id(1) * n_per_split
         for n0 in range(n_start, tl.minimum(n_start + n_per_split, N), BLOCK_N):
             s, offs_n, n_ok = _corpus_tile(q_ptr, c_ptr, inv_ptr, offs_m, m_ok, n0, N, D, stride_qm,
-                                           stride_cn, BLOCK_N, BLOCK_K, IEEE)
+                                           stride_cn, BLOCK_N, BLOCK_K, IEEE, SUM_DOT)
             above = ((s >= best[:, None]) | best_nan[:, None]) & n_ok[None, :]
             for j in range(P):   # the query's own positives never count
                 pj = tl.load(pos_ptr + offs_m * P + j, mask=m_ok, other=-1)
@@ -348,7 +351,7 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
     inv_norm = _inverse_norms(corpus)                                            # (N,), both passes
     block_k = min(64, max(16, triton.next_power_of_2(D)))                   # D slice of each tl.dot
     tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=q.dtype == torch.float32,
-                 num_warps=num_warps, num_stages=num_stages)
+                 SUM_DOT=not q.is_cuda, num_warps=num_warps, num_stages=num_stages)
     m_blocks = triton.cdiv(M, block_m)
     # pass 1: the positives' scores (-inf pads) from the tiles that hold them, then each query's
     # best positive score
