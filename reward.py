@@ -15,7 +15,7 @@ Choices the paper leaves open, and ours (each a flag of train.py; the README's t
 - ties: a negative scoring *equal* to the positive ranks above it, so ties never reward the
   positive: a collapsed model (all scores equal) gets the worst rank, not the best.
 - delta = 0.05 (DEFAULT_DELTA) and gamma = auto_gamma(C), the rule that scales with the candidate
-  count C.
+  count C and keeps R_Rank falling with the positive's rank (a larger gamma is refused).
 """
 
 from __future__ import annotations
@@ -33,17 +33,32 @@ ALPHA, EPSILON = 0.4, 0.6
 DEFAULT_DELTA = 0.05
 
 
+def ordered_gamma_limit(n_candidates: int) -> float:
+    """The largest gamma under which R_Rank falls with the positive's rank at equal scores s > 0.
+    There the negatives fill every rank but r, so
+        R(r) - R(r + 1) = s * [1/(1 + ln r) - 1/(1 + ln(r + 1)) - gamma * ln((r + 1) / r)],
+    and the order holds at every r < C while gamma stays below the bracket's bound. C = 5: 0.160,
+    C = 9: 0.102, the paper's C = 101: 0.032. (At equal scores s < 0 the paper's positive term
+    itself pays for a lower rank, whatever gamma.)"""
+    if n_candidates < 2:
+        raise ValueError(f"a ranking needs C >= 2 candidates, got {n_candidates}")
+    return min((1 / (1 + math.log(r)) - 1 / (1 + math.log(r + 1))) / math.log((r + 1) / r)
+               for r in range(1, n_candidates))
+
+
 def auto_gamma(n_candidates: int) -> float:
-    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|: the negative term's weights gamma * (ln k - 1) over
-    the ranks 2..C that negatives fill then sum to one in absolute value, so that the negative
-    term stays comparable to the positive term s_(r) / (1 + ln r) <= 1 whatever the candidate
-    count C. C = 9 (8 negatives): 0.185; C = 33: 0.0186; the paper's C = 101: 0.0037. A fixed
-    gamma tuned at one C makes R_Rank almost all penalty at a larger one (gamma 0.2 at C = 33:
-    the negatives' weights sum to 10.7, against a positive term of at most 1). The absolute value
-    keeps small C sane: ln k - 1 is negative at k = 2, and the plain sum is near zero at C = 4."""
+    """gamma = 1 / sum_{k=2}^{C} |ln k - 1|, capped at half of ordered_gamma_limit(C).
+
+    The first part makes the negative term's weights gamma * |ln k - 1| sum to one whatever the
+    candidate count C, so it stays comparable to the positive term s_(r) / (1 + ln r) <= 1 (a
+    fixed gamma 0.2 at C = 33 weighs the negatives 10.7 against 1). Alone it inverts the reward
+    at few candidates: at C = 5 it pays more for the positive ranked last than first. The cap
+    keeps R_Rank falling with the positive's rank at every C. C = 5: 0.080; C = 9: 0.051;
+    C = 33: 0.0186; the paper's C = 101: 0.0037 (the cap acts for C <= 25)."""
     if n_candidates < 2:
         raise ValueError(f"auto_gamma needs C >= 2 candidates, got {n_candidates}")
-    return 1.0 / sum(abs(math.log(k) - 1.0) for k in range(2, n_candidates + 1))
+    spread = 1.0 / sum(abs(math.log(k) - 1.0) for k in range(2, n_candidates + 1))
+    return min(spread, ordered_gamma_limit(n_candidates) / 2)
 
 
 def _check(scores: torch.Tensor):

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from reward import ordered_gamma_limit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +167,13 @@ def check_args(args, n_tasks: int):
             fail(f"--{k}", v, "a finite number >= 0")
     if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma >= 0):
         fail("--gamma", args.gamma, "'auto' or a finite number >= 0")
+    C = 1 + args.n_hard + args.n_rand
+    if args.gamma is not None and args.gamma >= ordered_gamma_limit(C):
+        works = [c for c in range(2, C) if args.gamma < ordered_gamma_limit(c)]   # it falls with C
+        fewer = f", or at most {works[-1]} candidates" if works else ""
+        fail("--gamma", args.gamma, f"below {ordered_gamma_limit(C):.4f} at C = {C} candidates "
+             f"(1 + --n_hard + --n_rand){fewer}: a larger gamma pays R_Rank more for the positive "
+             f"ranked lower; 'auto' keeps the order")
     check_fractions(args, (("summary_dropout", 0, 1), ("warmup", 0, 1), ("clip_eps", 1e-6, 1),
                            ("hard_threshold", -1, 1)))
     if args.vocab_size < 300:

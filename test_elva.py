@@ -158,13 +158,48 @@ def test_gamma_follows_the_candidate_count():
     for preset, C in (("smoke", 5), ("cpu", 9), ("gpu", 33)):
         args = train.get_args(["--preset", preset])
         assert args.gamma is None and 1 + args.n_hard + args.n_rand == C
-        g = reward.auto_gamma(C)
-        assert sum(abs(g * (math.log(k) - 1)) for k in range(2, C + 1)) == pytest.approx(1.0)
+    g = reward.auto_gamma(33)   # beyond the cap the negative term's weights sum to one
+    assert sum(abs(g * (math.log(k) - 1)) for k in range(2, 34)) == pytest.approx(1.0)
     assert train.get_args(["--preset", "gpu", "--gamma", "0"]).gamma == 0.0
     s = torch.rand(4, 33)
     assert torch.allclose(reward.ranking_reward(s), reward.ranking_reward(s, reward.auto_gamma(33)))
     with pytest.raises(SystemExit, match="--gamma 'x'"):
         train.get_args(["--gamma", "x"])
+
+
+def rank_rewards_at_equal_scores(C: int, gamma: float, s: float) -> torch.Tensor:
+    """R_Rank with the positive at each rank 1..C, every score s: the positive just above every
+    negative (rank 1) or just below the first r - 1 of them -- the ranks given as the rule gives
+    them."""
+    out = []
+    for r in range(1, C + 1):
+        neg = [k for k in range(1, C + 1) if k != r]
+        ranks = torch.tensor([[r] + neg])
+        scores = torch.full((1, C), s, dtype=torch.float64)   # float32 rounds near the limit
+        out.append(reward.ranking_reward(scores, gamma, ranks=ranks)[0])
+    return torch.stack(out)
+
+
+def test_ranking_reward_falls_with_the_positive_rank_at_every_accepted_gamma():
+    """For every candidate count and every gamma the flags accept (auto, or a number below the
+    limit), R_Rank at equal scores pays the positive first more than last, and falls rank by rank.
+    Before the fix, auto at C = 5 paid 0.220 first against 0.485 last (s = 0.5)."""
+    for C in (2, 3, 4, 5, 6, 7, 9, 17, 33, 101):
+        limit = reward.ordered_gamma_limit(C)
+        for gamma in (reward.auto_gamma(C), 0.0, 0.5 * limit, 0.999 * limit):
+            for s in (0.05, 0.5, 0.9):
+                R = rank_rewards_at_equal_scores(C, gamma, s)
+                assert R[0] > R[-1], (C, gamma, s)
+                assert torch.all(R[:-1] > R[1:]), (C, gamma, s, R)
+        # just past the limit the order breaks somewhere, and the flags refuse it
+        assert not torch.all(rank_rewards_at_equal_scores(C, 1.01 * limit, 0.5).diff() < 0)
+    R = rank_rewards_at_equal_scores(5, 1 / sum(abs(math.log(k) - 1) for k in range(2, 6)), 0.5)
+    assert R[0] < R[-1]                       # the old auto gamma at C = 5: the inverted reward
+    for argv in (["--preset", "smoke", "--gamma", "0.2"], ["--n_hard", "1", "--n_rand", "2",
+                                                           "--gamma", "0.3"]):
+        with pytest.raises(SystemExit, match="--gamma .*: expected below .* at C = "):
+            train.get_args(argv)
+    assert train.get_args(["--preset", "smoke", "--gamma", "0.15"]).gamma == 0.15
 
 
 def test_group_advantages():
