@@ -110,6 +110,25 @@ class Scene:
         return " ; ".join(f"{o.words()} {ROWS[o.row]} {COLS[o.col]}" for o in self.objects)
 
 
+def read_summary(text: str) -> list[dict]:
+    """A scene summary read back into its objects (the inverse of Scene.summary): one dict per
+    ';'-separated part with the shape, colour, size, row and column it names (None where a part
+    names none), so that a generated summary can be checked grain by grain."""
+    out = []
+    for part in text.split(";"):
+        words = part.split()
+        if not words:
+            continue
+
+        def first(vocab):
+            return next((w for w in words if w in vocab), None)
+        row, col = first(ROWS), first(COLS)
+        out.append({"shape": first(SHAPES), "color": first(COLORS), "size": first(SIZES),
+                    "row": None if row is None else ROWS.index(row),
+                    "col": None if col is None else COLS.index(col)})
+    return out
+
+
 @dataclass(frozen=True)
 class Mention:
     shape: str
@@ -234,16 +253,23 @@ def _try_scene(objs) -> Scene | None:
 
 def scene_edit(rng: random.Random, scene: Scene, kind: str,
                pair: tuple[Obj, Obj] | None = None) -> Scene | None:
-    """A scene one grain away: 'attribute' (one colour, size or shape changes), 'binding' (two
-    objects swap colours), 'relation' (two objects swap places). `pair` picks the two objects
-    (default: two at random)."""
+    """A scene one grain away: 'attribute' (one colour, size or shape changes; 'color', 'size' or
+    'shape' names which), 'position' (one object moves to an empty cell), 'binding' (two objects
+    swap colours), 'relation' (two objects swap places). `pair` picks the two objects (default:
+    two at random)."""
     objs = list(scene.objects)
-    if kind == "attribute":
+    if kind in ("attribute", "color", "size", "shape"):
         i = rng.randrange(len(objs))
-        which = rng.choice(("color", "size", "shape"))
+        which = rng.choice(("color", "size", "shape")) if kind == "attribute" else kind
         pool = {"color": list(COLORS), "size": list(SIZES), "shape": list(SHAPES)}[which]
         new = rng.choice([v for v in pool if v != getattr(objs[i], which)])
         return _try_scene(_replace(objs, i, **{which: new}))
+    if kind == "position":
+        i = rng.randrange(len(objs))
+        taken = {(o.row, o.col) for o in objs}
+        empty = sorted({(r, c) for r in range(3) for c in range(3)} - taken)
+        row, col = rng.choice(empty)
+        return _try_scene(_replace(objs, i, row=row, col=col))
     if len(objs) < 2:
         return None
     i, j = (objs.index(pair[0]), objs.index(pair[1])) if pair else rng.sample(range(len(objs)), 2)
@@ -255,7 +281,8 @@ def scene_edit(rng: random.Random, scene: Scene, kind: str,
     if kind == "relation":
         moved = _replace(objs, i, row=b.row, col=b.col)
         return _try_scene(_replace(moved, j, row=a.row, col=a.col))
-    raise ValueError(f"unknown edit kind {kind!r}; expected attribute, binding or relation")
+    raise ValueError(f"unknown edit kind {kind!r}; expected attribute, color, size, shape, "
+                     "position, binding or relation")
 
 
 def edit_neighbours(scene: Scene) -> set[Scene]:

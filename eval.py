@@ -230,31 +230,202 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
             "between_inputs": (1 - (e1 * other).sum(-1)).mean().item()}
 
 
+def embed_given(ret, items, instructions, summaries: list[str], autocast, chunk: int = 256):
+    """Embeddings (N, D) of items with the given summaries teacher-forced (no generation)."""
+    parts = []
+    for i in range(0, len(items), chunk):
+        summ = [ret.enc.summary(t) for t in summaries[i:i + chunk]]
+        with torch.no_grad(), autocast():
+            b, imgs = ret.batch(items[i:i + chunk], instructions[i:i + chunk], summ)
+            parts.append(ret.model.embed(b, imgs).float())
+    return torch.cat(parts)
+
+
 def summary_headroom(ret, bench, autocast) -> dict:
     """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference*
     summary, and by an empty one ([RET] right after the prompt). Against the greedy-summary score
     this bounds what better words alone could buy -- all that GRPO's gradient can change -- and
-    shows how much of the score the summary carries at all."""
-    out = {}
+    shows how much of the score the summary carries at all. Also "reads": with the reference
+    summaries, each query's preference for its positive over each near miss, per kind (ties
+    half)."""
+    out, wins = {}, {}
     for mode in ("reference", "empty"):
         r5 = []
         for task, (queries, pool) in bench.items():
-            e = []
-            for items, instr in (([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries)),
-                                 (pool, [None] * len(pool))):
-                parts = []
-                for i in range(0, len(items), 256):
-                    its, ins = items[i:i + 256], instr[i:i + 256]
-                    summ = [ret.enc.summary(it.summary if mode == "reference" else "")
-                            for it in its]
-                    with torch.no_grad(), autocast():
-                        b, imgs = ret.batch(its, ins, summ)
-                        parts.append(ret.model.embed(b, imgs).float())
-                e.append(torch.cat(parts))
+            instr = [INSTRUCTIONS[task]] * len(queries)
+            items = [q.item for q in queries]
+            words = [it.summary if mode == "reference" else "" for it in items]
+            eq = embed_given(ret, items, instr, words, autocast)
+            words = [it.summary if mode == "reference" else "" for it in pool]
+            ep = embed_given(ret, pool, [None] * len(pool), words, autocast)
             pos = relevant_indices(task, queries, pool)
-            r5.append((ranks_of_best_positive(e[0], e[1], pos) <= 5).float().mean().item())
+            r5.append((ranks_of_best_positive(eq, ep, pos) <= 5).float().mean().item())
+            if mode == "reference":
+                for kind, (s_pos, s_d) in near_miss_scores(eq, ep, queries).items():
+                    wins.setdefault(kind, {})[task] = preference(s_pos, s_d)
         out[mode] = sum(r5) / len(r5)
+    out["reads"] = {kind: sum(v.values()) / len(v) for kind, v in sorted(wins.items())}
+    out["reads_per_task"] = wins
     return out
+
+
+def near_miss_scores(eq: torch.Tensor, ep: torch.Tensor, queries) -> dict:
+    """MRBench-mini's pool is [pos_0, near misses of 0..., pos_1, ...] in query order -> {kind:
+    (s(q, positive), s(q, near miss))}, one pair per near miss."""
+    out, off = {}, 0
+    for i, q in enumerate(queries):
+        for j, (kind, _) in enumerate(q.distractors):
+            pair = out.setdefault(kind, ([], []))
+            pair[0].append(float(eq[i] @ ep[off]))
+            pair[1].append(float(eq[i] @ ep[off + 1 + j]))
+        off += 1 + len(q.distractors)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's precondition. ELVA's RL changes only the words of a summary (Section 3.4), so it
+# starts from an MLLM that already sees its input and describes it, and whose [RET] state reads
+# what the words say. Per grain, on held-out scenes:
+#   sees   teacher-forced, the decoder finds an image's reference summary likelier than the same
+#          summary with one grain edited (beside it, under another scene's image: the language
+#          prior alone, about 0.5)
+#   says   the greedy summary of an image states the grain as the reference does
+#   reads  with exact reference summaries, [RET] puts a query nearer its positive than a one-grain
+#          near miss (summary_headroom), and a caption nearer an entailed rewording than a
+#          one-grain contradiction (stage 1's own test, on held-out scenes)
+# Pairwise tests count a tie as half: a model blind to a grain scores 0.5, and where a reads row
+# sits at 0.5 no policy over words can help.
+
+SEES_KINDS = ("color", "size", "shape", "binding", "relation", "position")
+SAYS_GRAINS = ("entity", "attribute", "binding", "relation", "cell", "exact")
+
+
+def preference(a, b) -> float:
+    """The share of pairs with a > b, a tie counted as half (NaN loses)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a > b).double() + 0.5 * (a == b).double()).mean().item()
+
+
+def summary_logprobs(ret, items, summaries: list[str], autocast, chunk: int = 256):
+    """log p(summary, then [RET] | item's prompt), teacher-forced, for item i and summaries[i]
+    (no instruction: the form of a pool's items) -> (N,) float64."""
+    out = []
+    for i in range(0, len(items), chunk):
+        its = items[i:i + chunk]
+        summ = [ret.enc.summary(t) for t in summaries[i:i + chunk]]
+        with torch.no_grad(), autocast():
+            b, imgs = ret.batch(its, [None] * len(its), summ)
+            logp, _ = ret.model.token_logprobs(b, imgs)                          # (n, T)
+        out.append(logp.double().sum(1))
+    return torch.cat(out)
+
+
+def sees(ret, scenes, autocast, seed: int = 0) -> dict:
+    """Per edit kind: the share of images whose reference summary is likelier than its one-grain
+    edit, under the image itself and under another scene's image ("prior")."""
+    rng = random.Random(f"sees-{seed}")
+    images = [Item(scene=s, render_seed=i) for i, s in enumerate(scenes)]
+    rows, texts, kinds = [], [], []
+    for i, s in enumerate(scenes):
+        for kind in SEES_KINDS:
+            t = data.scene_edit(rng, s, kind)
+            if t is None or t.summary() == s.summary():
+                continue
+            for img in (i, (i + 1) % len(scenes)):            # its own image, then another scene's
+                rows += [images[img], images[img]]
+                texts += [s.summary(), t.summary()]
+            kinds.append(kind)
+    lp = summary_logprobs(ret, rows, texts, autocast).view(-1, 2, 2)  # (pairs, own/other, ref/edit)
+    kinds = torch.tensor([SEES_KINDS.index(k) for k in kinds])
+    out = {}
+    for j, kind in enumerate(SEES_KINDS):
+        m = kinds == j
+        out[kind] = preference(lp[m, 0, 0], lp[m, 0, 1])
+        out[f"{kind} (prior)"] = preference(lp[m, 1, 0], lp[m, 1, 1])
+    return out
+
+
+def summary_grains(scene: Scene, said: str) -> dict:
+    """Which grains a generated image summary states as the scene's reference summary does:
+    entity (the shapes), attribute (the colours and sizes), binding (which colour and size go with
+    which shape), relation (every pair of objects in the same left/right and above/below order),
+    cell (the share of objects named in their own cell), exact (the whole string)."""
+    from collections import Counter
+    got = data.read_summary(said)
+    want = [o.__dict__ for o in scene.objects]
+
+    def bag(objs, *keys):
+        return Counter(tuple(o[k] for k in keys) for o in objs)
+    where = {(o["color"], o["shape"]): (o["row"], o["col"]) for o in reversed(got)}
+    cells = [where.get((o["color"], o["shape"])) for o in want]
+    relation = all(c is not None and None not in c for c in cells)
+    for a in range(len(want)):
+        for b in range(a + 1, len(want)):
+            if relation:
+                for k, key in enumerate(("row", "col")):
+                    d_want = want[a][key] - want[b][key]
+                    d_got = cells[a][k] - cells[b][k]
+                    relation &= (d_want > 0) - (d_want < 0) == (d_got > 0) - (d_got < 0)
+    return {"entity": bag(got, "shape") == bag(want, "shape"),
+            "attribute": bag(got, "color") + bag(got, "size") == bag(want, "color") + bag(want,
+                                                                                        "size"),
+            "binding": bag(got, "color", "shape") + bag(got, "size", "shape")
+            == bag(want, "color", "shape") + bag(want, "size", "shape"),
+            "relation": relation if len(want) > 1 else None,
+            "cell": sum(c == (o["row"], o["col"]) for c, o in zip(cells, want)) / len(want),
+            "exact": said == scene.summary()}
+
+
+def says(ret, scenes, autocast) -> dict:
+    """The share of images whose greedy summary (no instruction) states each grain right."""
+    items = [Item(scene=s, render_seed=i) for i, s in enumerate(scenes)]
+    _, texts = ret.embed_items(items, [None] * len(items), autocast=autocast())
+    graded = [summary_grains(s, t) for s, t in zip(scenes, texts)]
+    return {g: statistics.mean(float(x[g]) for x in graded if x[g] is not None)
+            for g in SAYS_GRAINS}
+
+
+def text_triplets(world: GrainWorld, n: int, seed: int = 3) -> dict:
+    """Stage 1's test on held-out scenes: per contradiction kind, n (premise, entailed rewording,
+    one-grain contradiction the scene does not satisfy) captions (data.nli_triplet's parts)."""
+    rng = random.Random(f"{world.cfg.seed}-text-side-{seed}")
+    out = {}
+    for kind in ("attribute", "binding", "relation"):
+        out[kind] = []
+        for _ in range(200 * n):
+            if len(out[kind]) == n:
+                break
+            s = rng.choice(world.splits["test"])
+            p = data.random_caption(rng, s)
+            h, e = data.entailed_caption(rng, p), data.caption_edit(rng, p, kind)
+            if p.n_grains() >= 2 and h is not None and e is not None and not data.satisfies(s, e):
+                out[kind].append((p, h, e))
+    return out
+
+
+def reads_text(embed, triplets: dict) -> dict:
+    """Per kind: the share of premises whose embedding is nearer the entailed rewording than the
+    contradiction (ties half). embed: captions -> unit embeddings (N, D)."""
+    out = {}
+    for kind, trip in triplets.items():
+        if not trip:
+            continue
+        e = embed([c for t in trip for c in t]).view(len(trip), 3, -1)         # (n, p|h|e, D)
+        out[kind] = preference((e[:, 0] * e[:, 1]).sum(-1), (e[:, 0] * e[:, 2]).sum(-1))
+    return out
+
+
+def precondition(ret, world: GrainWorld, n: int, headroom: dict, autocast) -> dict:
+    """The sees / says / reads rows on n held-out scenes (and n text triplets per kind)."""
+    scenes = random.Random(f"{world.cfg.seed}-precondition").sample(
+        world.splits["test"], min(n, len(world.splits["test"])))
+
+    def embed_captions(caps):   # [RET] after each caption's reference summary, as in stage 1
+        items = [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
+        return embed_given(ret, items, [None] * len(items), [c.summary() for c in caps], autocast)
+    return {"sees": sees(ret, scenes, autocast), "says": says(ret, scenes, autocast),
+            "reads": headroom["reads"],
+            "reads_text": reads_text(embed_captions, text_triplets(world, n))}
 
 
 def mean_pairwise_cosine(e: torch.Tensor) -> float:
@@ -281,11 +452,12 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
     headroom = summary_headroom(ret, bench, autocast)
+    pre = precondition(ret, world, n_queries, headroom, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
     return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb,
             "mrbench_pools": sizes, "near_miss": near, "probe": probe, "swap": swap,
-            "headroom": headroom, "mean_pairwise_cos": mean_pairwise_cosine(pool_emb),
-            "eval_seconds": time.time() - t0}
+            "headroom": headroom, "precondition": pre,
+            "mean_pairwise_cos": mean_pairwise_cosine(pool_emb), "eval_seconds": time.time() - t0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,7 +781,7 @@ def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", 
 
 def table(results: list[dict]) -> str:
     names = [Path(r["ckpt"]).name for r in results]
-    w = max(12, *(len(n) for n in names))
+    w = max(13, *(len(n) for n in names))
     rows = [("metric", names)]
 
     def add(label, get):
@@ -646,6 +818,23 @@ def table(results: list[dict]) -> str:
     add("near-miss avg R@1", lambda r: r["near_miss"]["avg"]["R@1"])
     for k in sorted(k for k in results[0]["near_miss"]["avg"] if k.startswith("win_")):
         add(f"near-miss win rate vs {k[4:]}", lambda r, k=k: r["near_miss"]["avg"][k])
+    pre = results[0].get("precondition")
+    if pre:   # the paper's precondition (results written before it existed have none)
+        def both(r, k):
+            seen = r.get("precondition", {}).get("sees", {})
+            return f"{seen[k]:.3f} / {seen[k + ' (prior)']:.3f}" if k in seen else "-"
+        for k in SEES_KINDS:
+            rows.append((f"sees {k}: reference summary likelier than its edit (own image / "
+                         f"another's)", [both(r, k) for r in results]))
+        for g in SAYS_GRAINS:
+            add(f"says {g}: greedy image summaries right",
+                lambda r, g=g: r["precondition"]["says"][g])
+        for k in pre["reads"]:
+            add(f"reads {k}: near-miss win, reference summaries on both sides",
+                lambda r, k=k: r["precondition"]["reads"][k])
+        for k in pre["reads_text"]:
+            add(f"reads {k} (text): caption nearer its rewording than a contradiction",
+                lambda r, k=k: r["precondition"]["reads_text"][k])
     for k in sorted(results[0]["probe"]):
         add(f"grain-masking distance ({k})", lambda r, k=k: r["probe"][k])
     add("summary-swap distance", lambda r: r["swap"]["swap_distance"])

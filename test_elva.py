@@ -1062,6 +1062,14 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     G = train.get_args(["--preset", "smoke"]).group_size
     assert "task t2i" in shown and shown.count("ranked list:") == G and shown.count("advantage") == G + 1
     assert "negative 4:" in shown and "R_Margin" in shown and "R_total mean" in shown
+    evaluation.main(["--ckpt", str(out / "contrastive"), "--queries", "6", "--mrbench_per_task",
+                     "2", "--threads", "1"])
+    shown = capsys.readouterr().out
+    for row in ("sees binding: reference summary likelier than its edit (own image / another's)",
+                "sees relation", "sees position", "says binding: greedy image summaries right",
+                "says relation", "reads binding: near-miss win, reference summaries on both sides",
+                "reads relation (text): caption nearer its rewording than a contradiction"):
+        assert f"| {row}" in shown, row
 
 
 def test_the_run_prints_its_eta(tmp_path, capsys):
@@ -1400,6 +1408,65 @@ def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
                                                                                   pool))
             r5.append((ranks <= 5).float().mean().item())
         assert abs(got[mode] - sum(r5) / len(r5)) < 1e-6, mode
+
+
+def test_summary_grains_by_hand():
+    """says: a generated image summary graded grain by grain against its scene."""
+    a, b = Obj("circle", "red", "small", 0, 0), Obj("square", "blue", "large", 1, 1)
+    scene = Scene.of([a, b])
+    grade = evaluation.summary_grains
+    assert all(grade(scene, scene.summary()).values())                          # every grain right
+    swapped = Scene.of([Obj("circle", "blue", "small", 0, 0), Obj("square", "red", "large", 1, 1)])
+    g = grade(scene, swapped.summary())                       # colours swapped: a binding error
+    assert g["entity"] and g["attribute"] and not g["binding"] and g["cell"] == 0.0
+    places = Scene.of([Obj("circle", "red", "small", 1, 1), Obj("square", "blue", "large", 0, 0)])
+    g = grade(scene, places.summary())                        # places swapped: a relation error
+    assert g["binding"] and not g["relation"] and g["cell"] == 0.0 and not g["exact"]
+    moved = Scene.of([Obj("circle", "red", "small", 0, 0), Obj("square", "blue", "large", 2, 2)])
+    g = grade(scene, moved.summary())                # moved along the same diagonal: relation kept
+    assert g["relation"] and g["cell"] == 0.5
+    g = grade(scene, "small red circle top left")                             # an object left out
+    assert not g["entity"] and not g["relation"] and g["cell"] == 0.5
+    assert not any(v for k, v in grade(scene, "").items() if k != "relation")
+    assert data.read_summary("small red circle top left ; blue") == [
+        dict(shape="circle", color="red", size="small", row=0, col=0),
+        dict(shape=None, color="blue", size=None, row=None, col=None)]
+
+
+def test_precondition_rows_of_blind_models(world, tok, monkeypatch):
+    """A pairwise row reads 0.5 where the model cannot tell: a [RET] that ignores its input reads
+    0.5 on every kind, image side and text side; a decoder that cannot see the image prefers the
+    reference exactly as often under its own image as under another's (the language prior); a
+    bag-of-words embedding cannot tell a binding contradiction from an entailment."""
+    assert evaluation.preference([1.0, 1.0, 2.0], [1.0, 0.0, 3.0]) == 0.5
+    assert evaluation.preference([float("nan")], [0.0]) == 0.0                # a broken model loses
+    ret = tiny_model(tok)
+    blind_ret = tiny_model(tok)
+    unit = torch.nn.functional.normalize(torch.ones(blind_ret.model.cfg.d_model), dim=0)
+    monkeypatch.setattr(blind_ret.model, "embed", lambda b, imgs=None: unit.expand(
+        b["tokens"].shape[0], -1).clone())
+    bench = world.mrbench_mini(3)
+    reads = evaluation.summary_headroom(blind_ret, bench, nullcontext)["reads"]
+    assert set(reads) >= {"attribute", "binding", "relation"} and set(reads.values()) == {0.5}
+    text = evaluation.reads_text(lambda caps: unit.expand(len(caps), -1),
+                                 evaluation.text_triplets(world, 10))
+    assert set(text) == {"attribute", "binding", "relation"} and set(text.values()) == {0.5}
+    words = sorted({w for t in evaluation.text_triplets(world, 10).values() for trip in t
+                    for c in trip for w in c.text().split()})
+
+    def bag_of_words(caps):
+        e = torch.zeros(len(caps), len(words))
+        for i, c in enumerate(caps):
+            for w in c.text().split():
+                e[i, words.index(w)] += 1
+        return torch.nn.functional.normalize(e, dim=-1)
+    assert evaluation.reads_text(bag_of_words, evaluation.text_triplets(world, 10))["binding"] < 0.5
+    # an image tower whose output is constant: the decoder reads every image alike
+    for p in ret.model.projector[2].parameters():
+        torch.nn.init.zeros_(p)
+    seen = evaluation.sees(ret, world.splits["test"][:12], nullcontext)
+    for kind in evaluation.SEES_KINDS:
+        assert seen[kind] == seen[f"{kind} (prior)"], kind
 
 
 def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
