@@ -26,7 +26,7 @@ import functools
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -756,18 +756,23 @@ def train_tokenizer(lines: list[str], vocab_size: int = 512):
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from tokenizers import Tokenizer
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"tokenizer file {path} not found; expected the tokenizer.json "
-                                "saved beside a checkpoint")
+                           "saved beside a checkpoint")
+    return tokenizer_from_str(path.read_text(), f"tokenizer file {path}")
+
+
+def tokenizer_from_str(text: str, what: str):
+    """A tokenizer from its JSON, checked for the template's special tokens."""
+    from tokenizers import Tokenizer
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as e:
-        raise BadInput(f"tokenizer file {path} is not a valid tokenizers JSON file: {e}") from e
+        raise BadInput(f"{what} is not a valid tokenizers JSON file: {e}") from e
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
-        raise BadInput(f"tokenizer file {path} lacks the special tokens {missing}")
+        raise BadInput(f"{what} lacks the special tokens {missing}")
     return tok
 
 
@@ -788,8 +793,45 @@ class Source:
 # --------------------------------------------------------------------------------------------------
 # GrainWorld as the stages' data (train.read_source picks it; mbeir.py gives M-BEIR the same
 # interface): the global batches of stages 1 and 2, made from each step's seed without the model
-# (runtime.my_part takes each process's share), and stage 3's RL instances with their mined
+# (Pairs.part takes each process's share), and stage 3's RL instances with their mined
 # negatives (ELVA, Section 3.4).
+
+
+@dataclass
+class Pairs:
+    """A stage-1/2 step's batch: `blocks` blocks of B items -- the B queries, then their
+    candidates (the positives; in stage 1 also the contradictions) -- with each item's instruction
+    and summary dropout, and which candidates are relevant to which query."""
+    items: list                  # (blocks * B) Items, block-major
+    instructions: list           # (blocks * B) str or None
+    drop: list                   # (blocks * B) bool: embedded with no summary (summary dropout)
+    false_neg: torch.Tensor      # (B, (blocks - 1) * B) bool: a candidate relevant to the query
+    blocks: int
+    n_queries: int = 0           # B (after part(): this process's share of it)
+    encoded: tuple | None = None     # (token tensors, images (N_img, 3, H, W)), once encoded
+
+    def part(self, rank: int, world: int) -> "Pairs":
+        """This process's share under torchrun (itself on one): rows r*b..(r+1)*b of every block,
+        and the false negatives' columns in the order Run.gather lays out the candidates:
+        process 0's candidate blocks, then process 1's, ..."""
+        B = len(self.items) // self.blocks
+        b = B // world
+        rows = [k * B + rank * b + i for k in range(self.blocks) for i in range(b)]
+        cols = [k * B + p * b + i for p in range(world) for k in range(self.blocks - 1)
+                for i in range(b)]
+        lists = {f.name: [getattr(self, f.name)[j] for j in rows] for f in fields(self)
+                 if isinstance(getattr(self, f.name), list)}
+        return replace(self, **lists, false_neg=self.false_neg[rank * b:(rank + 1) * b][:, cols],
+                       n_queries=b)
+
+
+@dataclass
+class Instances:
+    """A stage-3 step's share of RL instances, with their items' prompts encoded (the rollout
+    samples the summaries)."""
+    batch: list                  # [(Query, [negative Items])], B instances
+    prompts: dict                # tokens / attn (U, P), U = B * (query, positive, negatives)
+    images: torch.Tensor         # (N_img, 3, H, W), in item order
 
 
 def dropout_flags(rng: random.Random, n: int, rate: float) -> list[bool]:
@@ -797,11 +839,11 @@ def dropout_flags(rng: random.Random, n: int, rate: float) -> list[bool]:
     return [rng.random() < rate for _ in range(n)]
 
 
-def make_text_inputs(args, world, step: int) -> dict:
+def make_text_inputs(args, world, step: int) -> Pairs:
     """Stage 1's global batch, from the step's seed (--resume and DataLoader workers replay it): B
     (premise, entailed rewording, one-grain contradiction) captions of training scenes in 3 blocks
     of B items, the dropout flags, and which candidates each premise's scene satisfies (its own
-    target excluded). runtime.my_part takes each process's share."""
+    target excluded). Pairs.part takes each process's share."""
     rng = random.Random(f"{args.seed}-text-{step}")
     scenes, triplets = [], []
     while len(triplets) < args.batch_size:
@@ -816,8 +858,7 @@ def make_text_inputs(args, world, step: int) -> dict:
     items = [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
     false_neg = torch.tensor([[j != i and satisfies(s, c) for j, c in enumerate(caps[B:])]
                               for i, s in enumerate(scenes)])                 # (B, 2B)
-    return {"blocks": 3, "items": items, "instructions": [None] * len(items), "drop": drop,
-            "false_neg": false_neg}
+    return Pairs(items, [None] * len(items), drop, false_neg, blocks=3, n_queries=B)
 
 
 def in_batch_false_negatives(queries) -> torch.Tensor:
@@ -828,7 +869,7 @@ def in_batch_false_negatives(queries) -> torch.Tensor:
                         dtype=torch.bool)
 
 
-def make_stage2_inputs(args, world, step: int) -> dict:
+def make_stage2_inputs(args, world, step: int) -> Pairs:
     """Stage 2's global batch, from the step's seed: B queries over the four tasks and their
     positives (2 blocks), the dropout flags, the in-batch false negatives."""
     rng = random.Random(f"{args.seed}-contrastive-{step}")
@@ -836,8 +877,8 @@ def make_stage2_inputs(args, world, step: int) -> dict:
     drop = dropout_flags(rng, 2 * len(queries), args.summary_dropout)
     items = [q.item for q in queries] + [q.positive for q in queries]
     instructions = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
-    return {"blocks": 2, "items": items, "instructions": instructions, "drop": drop,
-            "false_neg": in_batch_false_negatives(queries)}
+    return Pairs(items, instructions, drop, in_batch_false_negatives(queries), blocks=2,
+                 n_queries=len(queries))
 
 
 def grainworld_rl_instances(args, world, retriever, autocast):
@@ -992,15 +1033,12 @@ def encode_batch(enc: Encoder, items: list[Item], instructions: list,
     return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
 
 
-def encode_pairs(enc: Encoder, limit: int, part: dict) -> dict:
-    """A stage-1/2 step's share (runtime.my_part) -> what its loss reads: the items' tensors
-    (CPU) with their reference summaries teacher-forced (none where summary dropout drops them),
-    the dropout flags, the false-negative mask and the query count."""
-    items, drop = part["items"], part["drop"]
-    encoded = encode_batch(enc, items, part["instructions"], enc.reference_summaries(items, drop),
-                           limit)
-    return {"encoded": encoded, "drop": drop, "false_neg": part["false_neg"],
-            "n_queries": part["n_queries"]}
+def encode_pairs(enc: Encoder, limit: int, pairs: Pairs) -> Pairs:
+    """A stage-1/2 batch (a process's share) with its tensors made: the reference summaries
+    teacher-forced, none where summary dropout drops them."""
+    items = pairs.items
+    summaries = enc.reference_summaries(items, pairs.drop)
+    return replace(pairs, encoded=encode_batch(enc, items, pairs.instructions, summaries, limit))
 
 
 def instruction_of(q: Query) -> str:
@@ -1019,26 +1057,10 @@ def rollout_items(batch) -> tuple[list, list]:
     return items, instr
 
 
-def encode_rollout(enc: Encoder, limit: int, batch) -> dict:
-    """A stage-3 step's share of instances -> the instances and their items' prompts, encoded
-    without summaries (the rollout samples those)."""
-    return {"batch": batch, "encoded": encode_batch(enc, *rollout_items(batch), None, limit)}
-
-
-def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:
-    """The summary part alone, for prompts whose states are shared
-    (ELVAModel.shared_prefix_logprobs): summary + [RET], right-padded. Returns tokens / attn /
-    gen_mask (S, Ts) and ret_pos (S,), positions within the part."""
-    S = len(summaries)
-    Ts = max(len(s) + 1 for s in summaries)
-    tokens = torch.full((S, Ts), pad_id, dtype=torch.long)
-    attn = torch.zeros(S, Ts, dtype=torch.bool)
-    ret_pos = torch.empty(S, dtype=torch.long)
-    for i, s in enumerate(summaries):
-        tokens[i, :len(s) + 1] = torch.tensor(list(s) + [ret_id])
-        attn[i, :len(s) + 1] = True
-        ret_pos[i] = len(s)
-    return {"tokens": tokens, "attn": attn, "gen_mask": attn.clone(), "ret_pos": ret_pos}
+def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
+    """A stage-3 step's share of instances -> Instances: their items' prompts, no summaries."""
+    prompts, images = encode_batch(enc, *rollout_items(batch), None, limit)
+    return Instances(batch, prompts, images)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 The model: a tiny MLLM in the shape of Qwen2-VL whose embedding is *generated* (ELVA, Section 3.4).
 
-    python elva.py      # builds each preset, prints its parameter count and one embedding's shape
+    python elva.py      # builds each preset, prints its parameter count and image tokens
 
 Image (3, H, W) -> ViT over patches -> 2x2 patch merger + MLP projector (Qwen2-VL's PatchMerger) ->
 LM token space, placed at the [IMG] placeholder tokens of the paper's template:
@@ -12,29 +12,20 @@ LM token space, placed at the [IMG] placeholder tokens of the paper's template:
 
 -> causal decoder (RMSNorm, RoPE, SwiGLU) -> LM head (tied to the token embedding). The embedding of
 an input is the final hidden state at [RET], L2-normalised. Because the summary before [RET] is
-sampled, G rollouts of one input give G different embeddings: the variance that GRPO needs (ELVA,
-Section 3.4: a fixed-token embedding would give G identical rollouts and no advantage).
+sampled, G rollouts of one input give G different embeddings: the variance GRPO needs (a
+fixed-token embedding would give G identical rollouts and no advantage).
 
-Public pieces: ModelConfig + PRESETS, ELVAModel.forward / embed / generate / token_logprobs,
-build_model, Retriever (model + tokenizer: items -> embeddings with generated summaries;
-from_pretrained, encode_text, encode_image, search), save_checkpoint / load_checkpoint (one folder,
-written as a unit).
+Like nanoGPT's model.py this file imports nothing of its project: the Retriever (items in,
+embeddings out), its checks and checkpoints are in retriever.py.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import data
-import runtime
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
@@ -305,7 +296,7 @@ class ELVAModel(nn.Module):
 
         rb: prompt_tokens / prompt_attn (U, P) left-padded, images, index (S,) -- row s continues
         prompt index[s] -- and the summary part tokens / attn / gen_mask (S, Ts), ret_pos (S,)
-        from data.collate_summaries. Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
+        from collate_summaries. Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
         cache = [dict() for _ in self.blocks]
         hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)
         # hp (U, P, D): the prompts' states
@@ -413,277 +404,20 @@ def build_model(cfg: ModelConfig, tok) -> ELVAModel:
     return ELVAModel(cfg, *ids)
 
 
-# --------------------------------------------------------------------------------------------------
-# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given
-# (teacher forcing).
-
-
-class Retriever:
-    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation,
-    RL) or given (teacher forcing). The public face is the one people know from CLIP and
-    sentence-transformers:
-
-        r = Retriever.from_pretrained("runs/cpu/contrastive")       # the GPU when there is one
-        q = r.encode_text("a red circle left of a blue square",
-                          instruction=data.INSTRUCTIONS["t2i"])             # (D,)
-        c = r.encode_image(["a.png", "b.png"])                       # PIL images or paths -> (2, D)
-        e, words = r.encode(texts=["make the circle blue"], images=["a.png"], return_summaries=True)
-        scores, indices = r.search(q, c, k=5)                        # tensors or numpy
-    """
-
-    def __init__(self, model: ELVAModel, tok, meta: dict | None = None):
-        self.model, self.tok, self.meta = model, tok, meta or {}
-        self.enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
-
-    @classmethod
-    def from_pretrained(cls, folder, device=None) -> "Retriever":
-        """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there
-        is one)."""
-        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise data.BadInput(f"from_pretrained: device {device!r}: torch sees no CUDA GPU here "
-                                f"(device='cpu', or None for the best there is)")
-        model, tok, meta = load_checkpoint(folder, device)
-        return cls(model.eval(), tok, meta)
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    def batch(self, items, instructions, summaries: list[list[int]] | None):
-        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict,
-        images) on device. Prompts longer than the model's maximum length (minus room for the
-        summary) are cut; see Encoder.prompt."""
-        encoded = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
-        return self.on_device(*encoded)
-
-    def on_device(self, b: dict, imgs: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """An encoded batch (data.encode_batch / data.collate, made on the CPU) -> on the model's
-        device."""
-        dev = self.device
-        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-        return b, imgs.to(dev, non_blocking=True)
-
-    @property
-    def prompt_limit(self) -> int:
-        return self.model.cfg.max_seq_len - self.model.cfg.max_summary_len - 1
-
-    @torch.no_grad()
-    def summarise(self, items, instructions, temperature=0.0, generator=None, return_ended=False):
-        b, imgs = self.batch(items, instructions, None)
-        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature,
-                                   generator=generator, return_ended=return_ended)
-
-    @torch.no_grad()
-    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
-                    workers: int | None = None, progress: str | None = None):
-        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries
-        (for reading). progress: a label; a long call prints items/s and an ETA under it at least
-        every 10 s.
-
-        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read
-        once (in DataLoader workers ahead of the model on a GPU: `workers`, default 0 on CPU),
-        the summaries generated, then one teacher-forced pass over prompt + summary + [RET] gives
-        the embeddings."""
-        chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
-        n_workers = runtime.default_workers(self.device, workers)
-        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=n_workers,
-                                             pin_memory=self.device.type == "cuda")
-        embs, texts = [], []
-        pad_ret = self.enc.pad, self.enc.ret
-        t0 = last = time.time()
-        for prompts, imgs in loader:
-            if progress and time.time() - last >= 10:   # a long phase says how far it is (10 s)
-                last, done = time.time(), len(texts)
-                rate = done / (last - t0)
-                print(f"{progress}: {done}/{len(items)} items, {rate:.0f} items/s, eta "
-                      f"{(len(items) - done) / max(rate, 1e-9):.0f} s", flush=True)
-            with autocast or nullcontext():
-                pb, imgs = self.on_device(data.collate(prompts, None, *pad_ret), imgs)
-                summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
-                b, _ = self.on_device(data.collate(prompts, summ, *pad_ret), imgs)
-                embs.append(self.model.embed(b, imgs).float())
-            texts += [self.enc.decode(s) for s in summ]
-        return torch.cat(embs), texts
-
-    # -- the public API ----------------------------------------------------------------------------
-    def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
-               return_summaries: bool = False, convert_to_numpy: bool = False):
-        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image,
-        text) -> image tasks) -> unit embeddings, each from a generated summary and [RET]. A
-        single input (a str, a PIL image or a path) gives (D,), a list (N, D), an empty list (0,
-        D). Texts longer than the model's maximum are cut (said once). return_summaries: also the
-        generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
-        single = isinstance(texts, str) or _is_image(images)
-        texts = [texts] if isinstance(texts, str) else texts
-        images = [images] if _is_image(images) else images
-        if texts is None and images is None:
-            raise ValueError("encode: give texts=, images= or both")
-        if instruction is not None and not isinstance(instruction, str):
-            raise TypeError(f"encode: instruction is a {type(instruction).__name__}; expected a "
-                            f"str or None")
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"encode: batch_size {batch_size!r}; expected an integer >= 1")
-        for name, xs in (("texts", texts), ("images", images)):
-            if xs is not None and not isinstance(xs, (list, tuple)):
-                one = "str" if name == "texts" else "PIL image, a path"
-                raise TypeError(f"encode: {name} must be a {one} or a list of them, got "
-                                f"{type(xs).__name__}")
-        if texts is not None and images is not None and len(texts) != len(images):
-            raise ValueError(f"encode: {len(texts)} texts and {len(images)} images; a composed "
-                             f"query pairs text i with image i, so give as many of each")
-        n = len(texts if texts is not None else images)
-        items = []
-        for i in range(n):
-            t = texts[i] if texts is not None else ""
-            if not isinstance(t, str):
-                raise TypeError(f"encode: text {i} is a {type(t).__name__}; expected a str")
-            im = images[i] if images is not None else None
-            if im is None and not t.strip():
-                raise ValueError(f"encode: text {i} is blank; expected some words (or an image)")
-            items.append(data.Item(text=t.strip(), **_image_field(im, i)))
-        if n == 0:
-            e, summ = torch.zeros(0, self.model.cfg.d_model, device=self.device), []
-        else:
-            n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
-            if n_cut:
-                print(f"encode: {n_cut} of {n} texts were cut to the model's maximum length")
-            autocast = runtime.cuda_autocast() if self.device.type == "cuda" else None
-            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast,
-                                       progress="encode")
-        out = (e[0], summ[0]) if single else (e, summ)
-        if convert_to_numpy:
-            out = (out[0].cpu().numpy(), out[1])
-        return out if return_summaries else out[0]
-
-    def encode_text(self, texts, instruction: str | None = None, **kw):
-        """A str (-> (D,)) or a list of str (-> (N, D)); see encode."""
-        return self.encode(texts=texts, instruction=instruction, **kw)
-
-    def encode_image(self, images, instruction: str | None = None, **kw):
-        """A PIL image or a path (-> (D,)), or a list of them (-> (N, D)); see encode."""
-        return self.encode(images=images, instruction=instruction, **kw)
-
-    def save_pretrained(self, folder):
-        """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back:
-        into a new or empty folder only (a training checkpoint folder keeps its optimizer state)."""
-        if Path(folder).exists() and any(Path(folder).iterdir()):
-            raise data.BadInput(f"save_pretrained: {folder} is not empty; expected a new or empty "
-                                f"folder (a checkpoint there would lose its other files)")
-        kept = {k: v for k, v in self.meta.items() if k not in ("files", "model")}   # written anew
-        runtime.save_checkpoint(folder, self.model, self.tok, kept)
-
-    @staticmethod
-    def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536,
-               as_hits: bool = False):
-        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN
-        score ranks last, equal scores keep corpus order. Tensors or numpy in (a single query
-        (D,) is one row). -> (scores (Q, k), indices (Q, k)), numpy when the queries came as
-        numpy; as_hits: sentence-transformers' semantic_search form, a list per query of
-        {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"search: k {k!r}; expected an integer >= 1")
-        as_numpy = not isinstance(query_embeddings, torch.Tensor)
-        q, c = torch.as_tensor(query_embeddings), torch.as_tensor(corpus_embeddings)
-        q = q[None] if q.dim() == 1 else q
-        scores, idx = ranked_top_k(q, c.to(q.device), k, chunk=chunk)
-        if as_hits:
-            return [[{"corpus_id": j, "score": v} for j, v in zip(ri, rs)]
-                    for ri, rs in zip(idx.tolist(), scores.tolist())]
-        return (scores.cpu().numpy(), idx.cpu().numpy()) if as_numpy else (scores, idx)
-
-
-def _is_image(x) -> bool:
-    """A single image input: a PIL image or a path (a str that names a file is a path only for
-    images=)."""
-    return hasattr(x, "convert") or isinstance(x, (str, os.PathLike))
-
-
-def _image_field(im, i: int) -> dict:
-    """An encode() image -> the Item field that carries it, checked before any work."""
-    if im is None:
-        return {}
-    if hasattr(im, "convert"):
-        return {"image": im}
-    if isinstance(im, (str, os.PathLike)):
-        if not Path(im).is_file():
-            raise FileNotFoundError(f"encode: image {i} {str(im)!r} is not a file; expected an "
-                                    f"image Pillow can open")
-        return {"image_path": str(im)}
-    raise TypeError(f"encode: image {i} is a {type(im).__name__}; expected a PIL image or a path")
-
-
-def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, chunk: int = 65536):
-    """The top k of each query by cosine, in the order every ranked output of this project uses
-    -- the reward's rule: a NaN score ranks last, and among equal scores a relevant item
-    (positives (Q, P_max): query i's relevant corpus indices, -1 pads) ranks after the others
-    (ties never favour the positive), the rest in corpus order. Streamed in chunks with a running
-    top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
-    qn = F.normalize(q.float(), dim=-1)
-    Q, dev = q.shape[0], q.device
-    best_s = torch.empty(Q, 0, device=dev)
-    best_i = torch.empty(Q, 0, dtype=torch.long, device=dev)
-    pos = None
-    if positives is not None:
-        pos = torch.as_tensor(positives, dtype=torch.long, device=dev).reshape(Q, -1)   # (Q, P_max)
-    for n0 in range(0, corpus.shape[0], chunk):
-        c = F.normalize(corpus[n0:n0 + chunk].float(), dim=-1)
-        s = torch.cat([best_s, qn @ c.T], 1)                     # (Q, k + chunk): best so far first
-        i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=dev).expand(Q, -1)], 1)
-        if pos is not None:   # relevant items first sorted to the back, so that the stable sort
-            # below keeps them after every equal-scoring other
-            rel = torch.zeros(Q, c.shape[0], dtype=torch.bool, device=dev)
-            m = (pos >= n0) & (pos < n0 + c.shape[0])
-            rel[m.nonzero()[:, 0], pos[m] - n0] = True
-            rel = torch.cat([(best_i[:, :, None] == pos[:, None, :]).any(-1), rel], 1)
-            order = rel.to(torch.int8).argsort(dim=1, stable=True)
-            s, i = s.gather(1, order), i.gather(1, order)
-        key = torch.nan_to_num(s, nan=float("-inf"))
-        order = key.argsort(dim=1, descending=True, stable=True)[:, :k]
-        best_s, best_i = s.gather(1, order), i.gather(1, order)
-    return best_s, best_i
-
-
-# --------------------------------------------------------------------------------------------------
-# Embedding in chunks
-
-
-class _PromptChunks(torch.utils.data.Dataset):
-    """Chunk k of the items -> (their prompts' token ids, their images (N_img, 3, H, W)): what
-    embedding a chunk needs before the model, made by DataLoader workers when there are any."""
-
-    def __init__(self, enc, items, instructions, batch_size: int, limit: int):
-        self.enc, self.items, self.instructions = enc, items, instructions
-        self.bs, self.limit = batch_size, limit
-
-    def __len__(self):
-        return (len(self.items) + self.bs - 1) // self.bs
-
-    def __getitem__(self, k):
-        rows = slice(k * self.bs, (k + 1) * self.bs)
-        its, ins = self.items[rows], self.instructions[rows]
-        return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: runtime.py writes and verifies the files (one folder, written as a unit); here the
-# model is built from what it read.
-
-
-def load_checkpoint(folder, device="cpu"):
-    """-> (model, tokenizer, meta). Clear errors for a missing folder, a corrupt or mixed file
-    set, or a config that does not match the weights."""
-    folder = Path(folder)
-    state, tok, meta = runtime.read_checkpoint(folder)
-    try:
-        cfg = ModelConfig(**meta["model"])
-        cfg.validate()
-        model = build_model(cfg, tok)
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as e:
-        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:600]
-        raise ValueError(f"checkpoint {folder}: weights do not match config.json ({detail})") from e
-    return model.to(device), tok, meta
+def collate_summaries(summaries: list[list[int]], pad_id: int, ret_id: int) -> dict:
+    """The summary part alone, for prompts whose states are shared (shared_prefix_logprobs):
+    summary + [RET], right-padded -> tokens / attn / gen_mask (S, Ts), ret_pos (S,), positions
+    within the part."""
+    S = len(summaries)
+    Ts = max(len(s) + 1 for s in summaries)
+    tokens = torch.full((S, Ts), pad_id, dtype=torch.long)
+    attn = torch.zeros(S, Ts, dtype=torch.bool)
+    ret_pos = torch.empty(S, dtype=torch.long)
+    for i, s in enumerate(summaries):
+        tokens[i, :len(s) + 1] = torch.tensor(list(s) + [ret_id])
+        attn[i, :len(s) + 1] = True
+        ret_pos[i] = len(s)
+    return {"tokens": tokens, "attn": attn, "gen_mask": attn.clone(), "ret_pos": ret_pos}
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [R
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
 import random
-import re
 import statistics
 import textwrap
 import time
@@ -47,13 +47,13 @@ from pathlib import Path
 import torch
 
 import data
-import elva
 import mbeir
 from data import (INSTRUCTIONS, TASKS, BadInput, Caption, GrainWorld, Item, Mention, Query, Scene,
                   WorldConfig, relevant)
 from kernels import corpus_ranks
-from runtime import (Parser, atomic_write, check_device, default_threads, log_records,
-                     one_line_errors, resolve_device, sha256, write_json)
+from retriever import Retriever, atomic_write, ranked_top_k, read_checkpoint
+from runtime import (Parser, check_device, default_threads, file_sha, log_records,
+                     one_line_errors, resolve_device, write_json)
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -97,13 +97,13 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
 # Benchmarks
 
 
-def embed_queries(ret: elva.Retriever, task: str, queries, autocast, with_texts=False):
+def embed_queries(ret: Retriever, task: str, queries, autocast, with_texts=False):
     e, texts = ret.embed_items([q.item for q in queries], [INSTRUCTIONS[task]] * len(queries),
                                autocast=autocast(), progress=f"eval {task} queries")
     return (e, texts) if with_texts else e
 
 
-def embed_pool(ret: elva.Retriever, pool, autocast):
+def embed_pool(ret: Retriever, pool, autocast):
     return ret.embed_items(pool, [None] * len(pool), autocast=autocast(), progress="eval pool")[0]
 
 
@@ -151,7 +151,7 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
         near[task] = {"R@1": sum(top1) / len(top1),
                       **{f"win_{k}": sum(v) / len(v) for k, v in sorted(wins.items())}}
         # the top 5 of a few queries, for the retrieval picture
-        top = elva.Retriever.search(eq[:4], ep, k=5)[1].cpu()
+        top = Retriever.search(eq[:4], ep, k=5)[1].cpu()
         near[task]["examples"] = [[(int(j), bool((pos[i] == j).any())) for j in top[i]]
                                   for i in range(top.shape[0])]
     mrb["avg"] = sum(mrb[t] for t in TASKS) / len(TASKS)
@@ -437,11 +437,11 @@ def mean_pairwise_cosine(e: torch.Tensor) -> float:
 def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=None) -> dict:
     """Every GrainWorld measurement of a checkpoint (ret: a retriever to use in its place, e.g.
     study.py's words-from-one-model, embedding-by-another)."""
-    ret = ret or elva.Retriever.from_pretrained(ckpt, device)
+    ret = ret or Retriever.from_pretrained(ckpt, device)
     meta = ret.meta
     if not isinstance(meta.get("world"), dict):
-        raise SystemExit(f"--ckpt {ckpt}: config.json has no 'world' section; expected a "
-                         "checkpoint written by train.py on GrainWorld")
+        raise SystemExit(f"--ckpt {ckpt}: a checkpoint trained on M-BEIR; expected one trained "
+                         "on GrainWorld (or give --mbeir)")
     world = GrainWorld(WorldConfig(**meta["world"]))
     t0 = time.time()
     std = standard_split(ret, world, n_queries, autocast)
@@ -468,7 +468,7 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
 def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
     """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
     rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at the
-    top. `top` must come ranked by the reward's rule (elva.ranked_top_k with the positives), so
+    top. `top` must come ranked by the reward's rule (ranked_top_k with the positives), so
     that a collapsed model earns nothing. A query with no positive in the pool scores 0."""
     total = 0.0
     for row, pos in zip(top.tolist(), positives):
@@ -485,10 +485,29 @@ def pool_key(ret, pool, instructions) -> dict:
     images = hashlib.sha256()
     for it in pool.items:
         if it.image_path:
-            images.update(sha256(Path(it.image_path)).encode())
-    return {"model_sha256": ret.meta.get("files", {}).get("model", {}).get("sha256", "unsaved"),
-            "pool_sha256": sha256(pool.path), "images_sha256": images.hexdigest(),
-            "instructions": json.dumps(instructions)}
+            images.update(hashed(it.image_path).encode())
+    weights = hashlib.sha256()
+    for k, v in sorted(ret.model.state_dict().items()):
+        weights.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return {"model_sha256": weights.hexdigest(), "device": str(ret.device),
+            "dtype": "bf16" if ret.device.type == "cuda" else "fp32",
+            "pool_sha256": hashed(pool.path), "images_sha256": images.hexdigest(),
+            "instructions_sha256": text_sha(json.dumps(instructions))}
+
+
+def text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hashed(path) -> str:
+    """A file's sha256, computed once per evaluation (per path, size and modification time)."""
+    st = os.stat(path)
+    return _hashed(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _hashed(path: str, size: int, mtime: int) -> str:
+    return file_sha(Path(path))
 
 
 def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
@@ -503,8 +522,8 @@ def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-            if all(meta.get(k) == v for k, v in key.items()) and meta.get("dids") == \
-                    json.dumps(pool.dids):
+            if all(meta.get(k) == v for k, v in key.items()) and meta.get("dids_sha256") == \
+                    text_sha(json.dumps(pool.dids)):
                 print(f"  pool embeddings from the cache {path}")
                 return f.get_tensor("embeddings").to(ret.device)
     e = ret.embed_items(pool.items, instructions, batch_size, autocast=autocast(),
@@ -512,7 +531,8 @@ def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int
     if path is not None:
         from safetensors.torch import save_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors, meta = {"embeddings": e.cpu().contiguous()}, {**key, "dids": json.dumps(pool.dids)}
+        tensors = {"embeddings": e.cpu().contiguous()}
+        meta = {**key, "dids_sha256": text_sha(json.dumps(pool.dids))}
         atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
         print(f"  pool embeddings cached in {path}")
     return e
@@ -581,7 +601,7 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
             ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
         # NDCG's ranked list and the run file's: the reward's rule (NaN last, a positive after
         # equal scores)
-        scores, top = elva.ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
+        scores, top = ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
         out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
                      "queries": len(qs.items), "misses": qs.missed, "pool": len(pool.items),
                      "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
@@ -851,102 +871,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _log_stats(ckpt: str) -> dict:
-    """From a stage's log.jsonl (if there): its training minutes (mining excluded) and the
-    reward's mean over the first and the last fifth of its steps (GRPO runs only)."""
-    path = Path(ckpt) / "log.jsonl"
-    if not path.exists():
-        return {}
-    recs = log_records(ckpt)
-    if not recs:
-        return {}
-    out = {"minutes": recs[-1]["ms_per_step"] * len(recs) / 60000}
-    if "reward_mean" in recs[0]:
-        n = max(1, len(recs) // 5)
-        out["reward"] = tuple(sum(r["reward_mean"] for r in part) / n
-                              for part in (recs[:n], recs[-n:]))
-    return out
-
-
-def ladder_table(folder: str) -> str:
-    """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as
-    `study.py runs` writes), its reward and budget, and how its reward, KL and summaries moved
-    from the first to the last fifth of its steps. t = (last - first) / the standard error of
-    that difference over the per-step means: "rises clearly" is t > 3."""
-    rows = ["| run | reward | lr | beta | reward "
-            "first -> last fifth | t | KL last fifth "
-            "| summary length | query summaries "
-            "exact | MRBench-mini avg R@5 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for cfg_path in sorted(Path(folder).glob("*/config.json")):
-        run = cfg_path.parent
-        meta = json.loads(cfg_path.read_text())
-        a = meta.get("args", {})
-        # (older runs: --rl_objective)
-        control = a.get("control") or a.get("rl_objective", "grpo") != "grpo"
-        if meta.get("stage") != "elva" or control or not (run / "log.jsonl").exists():
-            continue
-        recs = log_records(run)
-        n = max(2, len(recs) // 5)
-        first, last = recs[:n], recs[-n:]
-
-        def mean(rs, k):
-            return statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else float("nan")
-        r0, r1 = [r["reward_mean"] for r in first], [r["reward_mean"] for r in last]
-        se = (statistics.variance(r0) / len(r0) + statistics.variance(r1) / len(r1)) ** 0.5
-        t = (statistics.mean(r1) - statistics.mean(r0)) / se if se > 0 else float("nan")
-        res = run.parent / f"{run.name}.json"
-        mrb = "-"
-        if res.exists():
-            r = json.loads(res.read_text())
-            mrb = f"{(r[0] if isinstance(r, list) else r)['mrbench']['avg']:.3f}"
-        rows.append(f"| {run.name} | {a.get('reward', 'paper')} | {a.get('rl_lr'):g} | "
-                    f"{a.get('beta'):g} | {statistics.mean(r0):.3f} -> {statistics.mean(r1):.3f} "
-                    f"| {t:+.1f} | {mean(last, 'kl'):.4f} | {mean(first, 'summary_len'):.1f} -> "
-                    f"{mean(last, 'summary_len'):.1f} | {mean(first, 'query_exact'):.3f} -> "
-                    f"{mean(last, 'query_exact'):.3f} | {mrb} |")
-    return "\n".join(rows)
-
-
-def aggregate(results: list[dict]) -> str:
-    """Mean +- std over seeds: checkpoints named <run>-s<seed> are grouped by <run> (a markdown
-    table). Where the checkpoint's log.jsonl is at hand, also the reward's first-fifth ->
-    last-fifth means and the training minutes."""
-    groups = {}
-    for r in results:
-        name = re.sub(r"-s\d+$", "", Path(r["ckpt"]).name)
-        groups.setdefault(name, []).append(r)
-    cols = [("MRBench-mini avg R@5", lambda r: r["mrbench"]["avg"]),
-            ("standard avg R@5", lambda r: r["standard"]["avg"]["R@5"]),
-            ("standard avg R@1", lambda r: r["standard"]["avg"]["R@1"]),
-            ("near-miss R@1", lambda r: r["near_miss"]["avg"]["R@1"]),
-            ("win vs binding", lambda r: r["near_miss"]["avg"]["win_binding"]),
-            ("win vs relation", lambda r: r["near_miss"]["avg"]["win_relation"]),
-            ("grain-masking dist.", lambda r: r["probe"]["all"]),
-            ("MRBench-mini, reference summaries", lambda r: r["headroom"]["reference"])]
-    lines = ["| run | seeds | " + " | ".join(c for c, _ in cols) + " | reward first -> last fifth "
-                                                                   "| train min |",
-             "|---|---|" + "---|" * (len(cols) + 2)]
-    for name, rs in groups.items():
-        cells = []
-        for _, get in cols:
-            try:
-                v = [get(r) for r in rs]
-            except KeyError:  # a result written before this column existed
-                cells.append("-")
-                continue
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
-        logs = [_log_stats(r["ckpt"]) for r in rs]
-        rw = [lg["reward"] for lg in logs if "reward" in lg]
-        cells.append(f"{statistics.mean(a for a, _ in rw):.3f} -> "
-                     f"{statistics.mean(b for _, b in rw):.3f}" if rw
-                     else "-")
-        mins = [f"{lg['minutes']:.1f}" for lg in logs if "minutes" in lg]
-        cells.append(" / ".join(mins) if mins else "-")
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------------
 # One RL step, shown: python eval.py --explain CKPT
 
@@ -956,11 +880,11 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     uses: its query and candidates (the positive and the mined negatives), the G rollouts'
     sampled summaries, each rollout's scores and ranked list, R_Margin, R_Rank, R_total and the
     group advantage. The checkpoint is the policy and also mines the negatives (in training the
-    stage-2 model mines them); the run's own arguments (config.json) give G, the temperature, the
+    stage-2 model mines them); the run's own arguments (saved with it) give G, the temperature, the
     negative counts and the reward's constants."""
     import train
     from reward import auto_gamma, group_advantages, total_reward
-    ret = elva.Retriever.from_pretrained(ckpt, device)
+    ret = Retriever.from_pretrained(ckpt, device)
     args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
     source = train.read_source(args, ret.meta)
     instances = source.rl_instances(args, source.data, ret, autocast)          # one query per task
@@ -972,7 +896,7 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     gen = torch.Generator(device=device).manual_seed(seed)
     made = data.encode_rollout(ret.enc, ret.prompt_limit, batch)
     with torch.no_grad():
-        ro = train.rollout(args, ret, made, gen, autocast)
+        ro = train.rollout(args, ret.model, made, gen, autocast)
     R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
                             return_parts=True,
                             ranks=ro.ranks)                                    # (1, G)
@@ -1066,9 +990,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
         "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
     add("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
-    p.add_argument("--ladder", default=None,
-                   help="print the learnability-ladder table of a study folder "
-                   "(study.py writes one) and exit")
     p.add_argument("--from_json", nargs="+", default=None,
                    help="re-print the tables of earlier --out JSON "
                    "files (no evaluation); several files are concatenated, e.g. runs/study/*.json")
@@ -1088,12 +1009,13 @@ def check_inputs(p, args):
             p.error(f"--{flag} {path}: expected a file in a folder that exists and this process "
                     f"can write")
     for c in args.ckpt + ([args.explain] if args.explain else []):
-        if not (Path(c) / "config.json").is_file():
-            stages = sorted(d.name for d in Path(c).glob("*") if (d / "config.json").is_file())
+        if not is_checkpoint(Path(c)):
+            stages = sorted(d.name for d in Path(c).glob("*") if is_checkpoint(d))
             if stages:
                 p.error(f"--ckpt {c}: a run folder, not a checkpoint; it holds the stage folders "
                         f"{stages}, e.g. --ckpt {Path(c) / stages[0]}")
-            p.error(f"--ckpt {c}: no config.json; expected a checkpoint folder written by train.py")
+            p.error(f"--ckpt {c}: no model.safetensors; expected a checkpoint folder written by "
+                    f"train.py")
     if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
         p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
     if args.mbeir:
@@ -1104,6 +1026,11 @@ def check_inputs(p, args):
                     "cand_pool/, instructions/)")
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder (or one of the layout before model.safetensors held everything)."""
+    return (folder / "model.safetensors").is_file() or (folder / "config.json").is_file()
+
+
 def write_results(args, res):
     if args.out:
         write_json(Path(args.out), res)
@@ -1111,7 +1038,7 @@ def write_results(args, res):
 
 
 def mmeb_mode(args, device, autocast):
-    ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
+    ret = Retriever.from_pretrained(args.ckpt[0], device)
     try:
         res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
     except (OSError, ValueError) as e:
@@ -1123,7 +1050,7 @@ def mmeb_mode(args, device, autocast):
 
 
 def mbeir_mode(args, device, autocast):
-    ret = elva.Retriever.from_pretrained(args.ckpt[0], device)
+    ret = Retriever.from_pretrained(args.ckpt[0], device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cache = args.cache or str(Path(args.ckpt[0]) / "mbeir_cache")
     res = evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast, args.run_file,
@@ -1152,10 +1079,8 @@ def grainworld_mode(p, args, device, autocast):
     if not results:
         p.error("give at least one --ckpt (or --curves)")
     print(table(results))
-    if len(results) > 1:
-        print(aggregate(results))
     if args.grid:
-        world_cfg = json.loads((Path(results[0]["ckpt"]) / "config.json").read_text())["world"]
+        world_cfg = read_checkpoint(results[0]["ckpt"])[3]["world"]
         bench = GrainWorld(WorldConfig(**world_cfg)).mrbench_mini(args.mrbench_per_task)
         draw_retrieval_grid(results, bench, args.grid)
         print(f"wrote {args.grid}")
@@ -1165,9 +1090,6 @@ def grainworld_mode(p, args, device, autocast):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.ladder:
-        print(ladder_table(args.ladder))
-        return
     if args.curves:
         draw_curves(args.curves, args.curves_png)
         print(f"wrote {args.curves_png}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Query, Source,
+from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Pairs, Query, Source,
                   WorldConfig, check_image, full_caption, mine_negatives, random_caption, render)
 
 
@@ -445,7 +445,7 @@ def write_mbeir_sample(root) -> Path:
 # M-BEIR as the stages' data (train.py --mbeir): the same interface as GrainWorld's
 
 
-def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
+def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> Pairs:
     """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one
     positive (any of its positives) and one extra candidate -- an entry of its neg_cand_list
     where the data gives one, else a random pool candidate -- in 3 blocks [queries, positives,
@@ -466,8 +466,7 @@ def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> dict:
     instructions = [src.queries[i].instruction for i in qi] + [None] * (2 * B)
     false_neg = torch.tensor([[c != k and j in src.positives[i] for c, j in enumerate(pos + extra)]
                               for k, i in enumerate(qi)])                                  # (B, 2B)
-    return {"blocks": 3, "items": items, "instructions": instructions, "drop": drop,
-            "false_neg": false_neg}
+    return Pairs(items, instructions, drop, false_neg, blocks=3, n_queries=B)
 
 
 def mbeir_rl_instances(args, src: MBeirTrain, retriever, autocast):

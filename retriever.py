@@ -1,0 +1,376 @@
+"""
+The retriever as people know it from CLIP and sentence-transformers -- items in, embeddings out,
+each from a generated summary and [RET] (ELVA, Section 3.4) -- and the checkpoints it loads.
+
+    from retriever import Retriever
+    r = Retriever.from_pretrained("runs/cpu/elva")           # the GPU when there is one
+    q = r.encode_text("a red circle left of a blue square", instruction="Retrieve an image ...")
+    c = r.encode_image(["a.png", "b.png"])                   # PIL images or paths -> (2, D)
+    scores, indices = r.search(q, c, k=2)                    # tensors or numpy
+
+A checkpoint is a folder whose model.safetensors holds the weights with the model's config, the
+tokenizer and the run's record in its metadata, written under a temporary name and renamed into
+place: a folder holds a whole checkpoint or none. Training keeps its optimizer state beside it
+(optimizer-<step>.pt, torch.save, written first) for --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import elva
+
+
+# --------------------------------------------------------------------------------------------------
+# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given
+# (teacher forcing).
+
+
+class Retriever:
+    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation,
+    RL) or given (teacher forcing). The public face is the one people know from CLIP and
+    sentence-transformers:
+
+        r = Retriever.from_pretrained("runs/cpu/contrastive")       # the GPU when there is one
+        q = r.encode_text("a red circle left of a blue square",
+                          instruction=data.INSTRUCTIONS["t2i"])             # (D,)
+        c = r.encode_image(["a.png", "b.png"])                       # PIL images or paths -> (2, D)
+        e, words = r.encode(texts=["make the circle blue"], images=["a.png"], return_summaries=True)
+        scores, indices = r.search(q, c, k=5)                        # tensors or numpy
+    """
+
+    def __init__(self, model: elva.ELVAModel, tok, meta: dict | None = None):
+        self.model, self.tok, self.meta = model, tok, meta or {}
+        self.enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None) -> "Retriever":
+        """A checkpoint folder -> a Retriever in eval mode, on `device` (None: the GPU when there
+        is one)."""
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise data.BadInput(f"from_pretrained: device {device!r}: torch sees no CUDA GPU here "
+                                f"(device='cpu', or None for the best there is)")
+        model, tok, meta = load_checkpoint(folder, device)
+        return cls(model.eval(), tok, meta)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def batch(self, items, instructions, summaries: list[list[int]] | None):
+        """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict,
+        images) on device. Prompts longer than the model's maximum length (minus room for the
+        summary) are cut; see Encoder.prompt."""
+        encoded = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
+        return self.on_device(*encoded)
+
+    def on_device(self, b: dict, imgs: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """An encoded batch (data.encode_batch / data.collate, made on the CPU) -> on the model's
+        device."""
+        dev = self.device
+        b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+        return b, imgs.to(dev, non_blocking=True)
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.model.cfg.max_seq_len - self.model.cfg.max_summary_len - 1
+
+    @torch.no_grad()
+    def summarise(self, items, instructions, temperature=0.0, generator=None, return_ended=False):
+        b, imgs = self.batch(items, instructions, None)
+        return self.model.generate(b["tokens"], b["attn"], imgs, temperature=temperature,
+                                   generator=generator, return_ended=return_ended)
+
+    @torch.no_grad()
+    def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
+                    workers: int | None = None, progress: str | None = None):
+        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries
+        (for reading). progress: a label; a long call prints items/s and an ETA under it at least
+        every 10 s.
+
+        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read
+        once (in DataLoader workers ahead of the model on a GPU: `workers`, default 0 on CPU),
+        the summaries generated, then one teacher-forced pass over prompt + summary + [RET] gives
+        the embeddings."""
+        chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
+        n_workers = workers if workers is not None else 0 if self.device.type == "cpu" else 4
+        loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=n_workers,
+                                             pin_memory=self.device.type == "cuda")
+        embs, texts = [], []
+        pad_ret = self.enc.pad, self.enc.ret
+        t0 = last = time.time()
+        for prompts, imgs in loader:
+            if progress and time.time() - last >= 10:   # a long phase says how far it is (10 s)
+                last, done = time.time(), len(texts)
+                rate = done / (last - t0)
+                print(f"{progress}: {done}/{len(items)} items, {rate:.0f} items/s, eta "
+                      f"{(len(items) - done) / max(rate, 1e-9):.0f} s", flush=True)
+            with autocast or nullcontext():
+                pb, imgs = self.on_device(data.collate(prompts, None, *pad_ret), imgs)
+                summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
+                b, _ = self.on_device(data.collate(prompts, summ, *pad_ret), imgs)
+                embs.append(self.model.embed(b, imgs).float())
+            texts += [self.enc.decode(s) for s in summ]
+        return torch.cat(embs), texts
+
+    # -- the public API ----------------------------------------------------------------------------
+    def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
+               return_summaries: bool = False, convert_to_numpy: bool = False):
+        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image,
+        text) -> image tasks) -> unit embeddings, each from a generated summary and [RET]. A
+        single input (a str, a PIL image or a path) gives (D,), a list (N, D), an empty list (0,
+        D). Texts longer than the model's maximum are cut (said once). return_summaries: also the
+        generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
+        single = isinstance(texts, str) or _is_image(images)
+        texts = [texts] if isinstance(texts, str) else texts
+        images = [images] if _is_image(images) else images
+        if texts is None and images is None:
+            raise ValueError("encode: give texts=, images= or both")
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"encode: instruction is a {type(instruction).__name__}; expected a "
+                            f"str or None")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"encode: batch_size {batch_size!r}; expected an integer >= 1")
+        for name, xs in (("texts", texts), ("images", images)):
+            if xs is not None and not isinstance(xs, (list, tuple)):
+                one = "str" if name == "texts" else "PIL image, a path"
+                raise TypeError(f"encode: {name} must be a {one} or a list of them, got "
+                                f"{type(xs).__name__}")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"encode: {len(texts)} texts and {len(images)} images; a composed "
+                             f"query pairs text i with image i, so give as many of each")
+        n = len(texts if texts is not None else images)
+        items = []
+        for i in range(n):
+            t = texts[i] if texts is not None else ""
+            if not isinstance(t, str):
+                raise TypeError(f"encode: text {i} is a {type(t).__name__}; expected a str")
+            im = images[i] if images is not None else None
+            if im is None and not t.strip():
+                raise ValueError(f"encode: text {i} is blank; expected some words (or an image)")
+            items.append(data.Item(text=t.strip(), **_image_field(im, i)))
+        if n == 0:
+            e, summ = torch.zeros(0, self.model.cfg.d_model, device=self.device), []
+        else:
+            n_cut = sum(self.enc.too_long(it, instruction, self.model.cfg) for it in items)
+            if n_cut:
+                print(f"encode: {n_cut} of {n} texts were cut to the model's maximum length")
+            autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                        if self.device.type == "cuda" else None)
+            e, summ = self.embed_items(items, [instruction] * n, batch_size, autocast=autocast,
+                                       progress="encode")
+        out = (e[0], summ[0]) if single else (e, summ)
+        if convert_to_numpy:
+            out = (out[0].cpu().numpy(), out[1])
+        return out if return_summaries else out[0]
+
+    def encode_text(self, texts, instruction: str | None = None, **kw):
+        """A str (-> (D,)) or a list of str (-> (N, D)); see encode."""
+        return self.encode(texts=texts, instruction=instruction, **kw)
+
+    def encode_image(self, images, instruction: str | None = None, **kw):
+        """A PIL image or a path (-> (D,)), or a list of them (-> (N, D)); see encode."""
+        return self.encode(images=images, instruction=instruction, **kw)
+
+    def save_pretrained(self, folder):
+        """Write the model and tokenizer as a checkpoint folder that from_pretrained reads back:
+        into a new or empty folder only (a training checkpoint folder keeps its optimizer state)."""
+        if Path(folder).exists() and any(Path(folder).iterdir()):
+            raise data.BadInput(f"save_pretrained: {folder} is not empty; expected a new or empty "
+                                f"folder (a checkpoint there would lose its other files)")
+        kept = {k: v for k, v in self.meta.items() if k != "optimizer"}
+        save_checkpoint(folder, self.model, self.tok, kept)
+
+    @staticmethod
+    def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536,
+               as_hits: bool = False):
+        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN
+        score ranks last, equal scores keep corpus order. Tensors or numpy in (a single query
+        (D,) is one row). -> (scores (Q, k), indices (Q, k)), numpy when the queries came as
+        numpy; as_hits: sentence-transformers' semantic_search form, a list per query of
+        {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"search: k {k!r}; expected an integer >= 1")
+        as_numpy = not isinstance(query_embeddings, torch.Tensor)
+        q, c = torch.as_tensor(query_embeddings), torch.as_tensor(corpus_embeddings)
+        q = q[None] if q.dim() == 1 else q
+        scores, idx = ranked_top_k(q, c.to(q.device), k, chunk=chunk)
+        if as_hits:
+            return [[{"corpus_id": j, "score": v} for j, v in zip(ri, rs)]
+                    for ri, rs in zip(idx.tolist(), scores.tolist())]
+        return (scores.cpu().numpy(), idx.cpu().numpy()) if as_numpy else (scores, idx)
+
+
+def _is_image(x) -> bool:
+    """A single image input: a PIL image or a path (a str that names a file is a path only for
+    images=)."""
+    return hasattr(x, "convert") or isinstance(x, (str, os.PathLike))
+
+
+def _image_field(im, i: int) -> dict:
+    """An encode() image -> the Item field that carries it, checked before any work."""
+    if im is None:
+        return {}
+    if hasattr(im, "convert"):
+        return {"image": im}
+    if isinstance(im, (str, os.PathLike)):
+        if not Path(im).is_file():
+            raise FileNotFoundError(f"encode: image {i} {str(im)!r} is not a file; expected an "
+                                    f"image Pillow can open")
+        return {"image_path": str(im)}
+    raise TypeError(f"encode: image {i} is a {type(im).__name__}; expected a PIL image or a path")
+
+
+def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, chunk: int = 65536):
+    """The top k of each query by cosine, in the order every ranked output of this project uses
+    -- the reward's rule: a NaN score ranks last, and among equal scores a relevant item
+    (positives (Q, P_max): query i's relevant corpus indices, -1 pads) ranks after the others
+    (ties never favour the positive), the rest in corpus order. Streamed in chunks with a running
+    top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
+    qn = F.normalize(q.float(), dim=-1)
+    Q, dev = q.shape[0], q.device
+    best_s = torch.empty(Q, 0, device=dev)
+    best_i = torch.empty(Q, 0, dtype=torch.long, device=dev)
+    pos = None
+    if positives is not None:
+        pos = torch.as_tensor(positives, dtype=torch.long, device=dev).reshape(Q, -1)   # (Q, P_max)
+    for n0 in range(0, corpus.shape[0], chunk):
+        c = F.normalize(corpus[n0:n0 + chunk].float(), dim=-1)
+        s = torch.cat([best_s, qn @ c.T], 1)                     # (Q, k + chunk): best so far first
+        i = torch.cat([best_i, torch.arange(n0, n0 + c.shape[0], device=dev).expand(Q, -1)], 1)
+        if pos is not None:   # relevant items first sorted to the back, so that the stable sort
+            # below keeps them after every equal-scoring other
+            rel = torch.zeros(Q, c.shape[0], dtype=torch.bool, device=dev)
+            m = (pos >= n0) & (pos < n0 + c.shape[0])
+            rel[m.nonzero()[:, 0], pos[m] - n0] = True
+            rel = torch.cat([(best_i[:, :, None] == pos[:, None, :]).any(-1), rel], 1)
+            order = rel.to(torch.int8).argsort(dim=1, stable=True)
+            s, i = s.gather(1, order), i.gather(1, order)
+        key = torch.nan_to_num(s, nan=float("-inf"))
+        order = key.argsort(dim=1, descending=True, stable=True)[:, :k]
+        best_s, best_i = s.gather(1, order), i.gather(1, order)
+    return best_s, best_i
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding in chunks
+
+
+class _PromptChunks(torch.utils.data.Dataset):
+    """Chunk k of the items -> (their prompts' token ids, their images (N_img, 3, H, W)): what
+    embedding a chunk needs before the model, made by DataLoader workers when there are any."""
+
+    def __init__(self, enc, items, instructions, batch_size: int, limit: int):
+        self.enc, self.items, self.instructions = enc, items, instructions
+        self.bs, self.limit = batch_size, limit
+
+    def __len__(self):
+        return (len(self.items) + self.bs - 1) // self.bs
+
+    def __getitem__(self, k):
+        rows = slice(k * self.bs, (k + 1) * self.bs)
+        its, ins = self.items[rows], self.instructions[rows]
+        return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+FORMAT = "elva-checkpoint/2"
+
+
+def atomic_write(path: Path, write):
+    """write(tmp), then rename tmp over path: atomic on POSIX, so a crash leaves the old file or
+    the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder, model, tok, meta: dict, optimizer=None):
+    """optimizer-<step>.pt first (when given), then model.safetensors -- the commit point: its
+    metadata names the optimizer file -- then the older optimizer files go."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in meta.items() if k != "optimizer"}
+    if optimizer is not None:
+        meta["optimizer"] = f"optimizer-{meta.get('step', 0):06d}.pt"
+        atomic_write(folder / meta["optimizer"], lambda p: torch.save(optimizer.state_dict(), p))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {"format": FORMAT, "config": json.dumps(asdict(model.cfg)),
+              "tokenizer": tok.to_str(), "meta": json.dumps(meta)}
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p), header))
+    for old in folder.glob("optimizer-*.pt"):
+        if old.name != meta.get("optimizer"):
+            old.unlink()
+
+
+def read_checkpoint(folder) -> tuple[dict, dict, object, dict]:
+    """-> (weights, model config, tokenizer, the run's record), each checked, or one line saying
+    what is wrong with the folder."""
+    from safetensors import safe_open
+    folder = Path(folder)
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        if (folder / "config.json").is_file():
+            return read_old_layout(folder)
+        raise data.MissingInput(f"checkpoint {folder}: no model.safetensors; expected a "
+                                f"checkpoint folder written by train.py")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"its metadata says format {header.get('format')!r}, not {FORMAT!r}")
+        cfg, meta = json.loads(header["config"]), json.loads(header["meta"])
+        tok = data.tokenizer_from_str(header["tokenizer"], f"{path}'s tokenizer")
+    except data.BadInput:
+        raise
+    except Exception as e:
+        raise data.BadInput(f"checkpoint {folder}: model.safetensors is damaged or not a "
+                            f"checkpoint of train.py ({type(e).__name__}: {e})") from e
+    return state, cfg, tok, meta
+
+
+def read_old_layout(folder: Path):
+    """A checkpoint of the layout before model.safetensors held everything (config.json naming
+    model-<step>.safetensors, tokenizer.json beside them): read as written."""
+    from safetensors.torch import load_file
+    try:
+        old = json.loads((folder / "config.json").read_text())
+        state = load_file(str(folder / old["files"]["model"]["name"]))
+    except Exception as e:
+        raise data.BadInput(f"checkpoint {folder}: config.json names no readable model file "
+                            f"({type(e).__name__}: {e}); expected a checkpoint of train.py") from e
+    tok = data.load_tokenizer(folder / "tokenizer.json")
+    meta = {k: v for k, v in old.items() if k not in ("files", "model")}
+    return state, old["model"], tok, meta
+
+
+def load_checkpoint(folder, device="cpu"):
+    """-> (model, tokenizer, the run's record). One line for a missing or damaged folder, or a
+    config that does not match the weights."""
+    state, cfg, tok, meta = read_checkpoint(folder)
+    try:
+        cfg = elva.ModelConfig(**cfg)
+        cfg.validate()
+        model = elva.build_model(cfg, tok)
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:600]
+        raise data.BadInput(f"checkpoint {folder}: the weights do not match the config saved "
+                            f"with them ({detail})") from e
+    return model.to(device), tok, meta
