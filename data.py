@@ -1,33 +1,24 @@
 """
-GrainWorld: a synthetic multi-grain image/text world where every grain is exact, plus everything
-data-shaped.
+GrainWorld: a synthetic multi-grain image/text world where every grain is exact, and the stages'
+batches made from it.
 
     python data.py          # draws a few scenes to grainworld_samples.png and prints their captions
 
-Why a synthetic world (ELVA, Section 3.2, grain blindness, Definition 2): the paper's claim is that
-InfoNCE with random negatives leaves secondary grains (attributes, bindings, relations)
-under-trained. To measure that exactly, the generator knows every grain of every scene, so relevance
-("does this image satisfy every grain the query states?") is decided by a rule, not by a human
-label. A scene holds 1-3 objects on a 3x3 grid. Grains of an object: shape (the entity), colour and
-size (attributes) and its cell; between objects, spatial relations ("left of", "above": this world's
-stand-in for the paper's "action"). Random in-batch negatives almost never differ from a positive in
-only *which* colour sits on *which* shape, or in which object is on the left: the bag-of-words
-failure ARO / SugarCrepe report for CLIP-style models. Near-miss sets (MRBench-mini) test precisely
-those.
-
-Bottom-up: vocabulary, scenes, captions, relevance, one-grain edits, renderer, tasks, splits,
-MRBench-mini, negative sampling, BPE tokenizer, the stages' data interface (Source), collation. Real
-data (M-BEIR, MMEB): mbeir.py.
+Why a synthetic world (ELVA, Section 3.2, Definition 2): the paper's claim is that InfoNCE with
+random negatives leaves secondary grains (attributes, bindings, relations) under-trained. Here the
+generator knows every grain, so relevance ("does this image satisfy every grain the query
+states?") is a rule. A scene holds 1-3 objects on a 3x3 grid; an object's grains are its shape
+(the entity), colour and size (attributes) and cell; between objects, spatial relations (this
+world's stand-in for the paper's "action"). Random negatives almost never differ from a positive
+in only which colour sits on which shape: the bag-of-words failure ARO / SugarCrepe report for
+CLIP-style models. MRBench-mini's near misses test exactly that. Real data: mbeir.py.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import random
-import time
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,25 +99,6 @@ class Scene:
     def summary(self) -> str:
         """The reference summary of an image: every grain, objects in canonical order."""
         return " ; ".join(f"{o.words()} {ROWS[o.row]} {COLS[o.col]}" for o in self.objects)
-
-
-def read_summary(text: str) -> list[dict]:
-    """A scene summary read back into its objects (the inverse of Scene.summary): one dict per
-    ';'-separated part with the shape, colour, size, row and column it names (None where a part
-    names none), so that a generated summary can be checked grain by grain."""
-    out = []
-    for part in text.split(";"):
-        words = part.split()
-        if not words:
-            continue
-
-        def first(vocab):
-            return next((w for w in words if w in vocab), None)
-        row, col = first(ROWS), first(COLS)
-        out.append({"shape": first(SHAPES), "color": first(COLORS), "size": first(SIZES),
-                    "row": None if row is None else ROWS.index(row),
-                    "col": None if col is None else COLS.index(col)})
-    return out
 
 
 @dataclass(frozen=True)
@@ -424,16 +396,6 @@ def render(scene: Scene, image_size: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input
-    size."""
-    if img.size != (image_size, image_size):
-        img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    # (3, H, W)
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-    return x / 127.5 - 1.0
-
-
 # --------------------------------------------------------------------------------------------------
 # Items, the four tasks and exact relevance.
 # An Item is one side of a retrieval pair: optional image (a scene to render) and optional text.
@@ -680,59 +642,6 @@ class GrainWorld:
 
 
 # --------------------------------------------------------------------------------------------------
-# Balanced negative sampling (ELVA, Section 3.4): filtered hard negatives + random negatives.
-
-def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
-                       threshold: float, generator: torch.Generator) -> torch.Tensor:
-    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices
-    [Q, n_hard+n_rand].
-
-    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the
-    paper's guard against unlabelled false negatives), keep the top n_hard of the rest;
-    above-threshold candidates only fill hard slots that would otherwise stay empty. Random:
-    n_rand uniformly from the remaining non-relevant candidates. The paper's reason for the mix:
-    hard negatives alone make the reward distribution narrow and the GRPO advantages vanish."""
-    Q, P = scores.shape
-    if (~is_relevant).sum(1).min() < n_hard + n_rand:
-        raise ValueError("balanced_negatives: a query has fewer than n_hard + n_rand = "
-                         f"{n_hard + n_rand} non-relevant candidates in a pool of {P}; enlarge "
-                         "the pool or lower the counts")
-    # hard: the top of the below-threshold candidates; above-threshold ones only fill slots that
-    # would stay empty (a barely trained model may score almost everything above the threshold)
-    key = torch.where(scores <= threshold, scores, scores - 1e3).masked_fill(is_relevant,
-                                                                             float("-inf"))
-    # (Q, n_hard)
-    hard = key.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)
-    rest = ~is_relevant.clone()
-    rest.scatter_(1, hard, False)
-    noise = torch.rand(Q, P, generator=generator).masked_fill(~rest, -1.0)
-    # (Q, n_rand)
-    rand = noise.topk(n_rand, dim=1).indices if n_rand else torch.empty(Q, 0, dtype=torch.long)
-    return torch.cat([hard, rand], dim=1)
-
-
-def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item],
-                   is_relevant: torch.Tensor,
-                   n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
-                   listed: torch.Tensor | None = None) -> torch.Tensor:
-    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and
-    pool, their cosines, then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q,
-    P] bool: the data's own hard negatives (M-BEIR's neg_cand_list), scored at the threshold
-    itself: above every mined candidate."""
-    t0 = time.time()
-    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(),
-                                  progress="mining: queries")
-    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(),
-                                  progress="mining: pool")
-    print(f"mining: {len(queries)} queries x {len(pool)} candidates embedded in "
-          f"{time.time() - t0:.0f}s", flush=True)
-    scores = (eq @ ep.T).cpu()                                              # (Q, P) stage-2 cosines
-    if listed is not None:
-        scores = torch.where(listed, torch.full_like(scores, threshold), scores)
-    return balanced_negatives(scores, is_relevant, n_hard, n_rand, threshold, generator)
-
-
-# --------------------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained with `tokenizers` on the world's text.
 
 def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
@@ -741,39 +650,6 @@ def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
     for q in world.sample_queries(rng, n):
         lines += [q.item.text, q.item.summary, q.positive.text, q.positive.summary]
     return [l for l in lines if l]
-
-
-def train_tokenizer(lines: list[str], vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(lines, trainer)
-    return tok
-
-
-def load_tokenizer(path: str | os.PathLike):
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInput(f"tokenizer file {path} not found; expected the tokenizer.json "
-                           "saved beside a checkpoint")
-    return tokenizer_from_str(path.read_text(), f"tokenizer file {path}")
-
-
-def tokenizer_from_str(text: str, what: str):
-    """A tokenizer from its JSON, checked for the template's special tokens."""
-    from tokenizers import Tokenizer
-    try:
-        tok = Tokenizer.from_str(text)
-    except Exception as e:
-        raise BadInput(f"{what} is not a valid tokenizers JSON file: {e}") from e
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        raise BadInput(f"{what} lacks the special tokens {missing}")
-    return tok
 
 
 # --------------------------------------------------------------------------------------------------
@@ -785,8 +661,9 @@ class Source:
     texts: object                # () -> the lines the run's BPE tokenizer is trained on
     # (args, data, step) -> stage 2's global batch of that step (a dict)
     contrastive_inputs: object
-    # (args, data, retriever, autocast) -> [(Query, [negative Items])]: the RL set
-    rl_instances: object
+    # (args, data) -> per task [(queries, pool, relevant (Q, P), listed (Q, P) or None)]: what
+    # stage 3 mines its negatives from (train.mine_instances)
+    rl_candidates: object
     describe: str                # one line for the log
 
 
@@ -881,14 +758,12 @@ def make_stage2_inputs(args, world, step: int) -> Pairs:
                  n_queries=len(queries))
 
 
-def grainworld_rl_instances(args, world, retriever, autocast):
-    """Per task, rl_queries RL queries on training scenes, each with its positive and n_hard
-    filtered hard + n_rand random negatives mined from a pool of training scenes and their
-    one-grain siblings (Sec. 3.4: hard negatives alone make a group's rewards alike, and the
-    advantages vanish)."""
+def grainworld_rl_candidates(args, world) -> list:
+    """Stage 3's candidates, per task: rl_queries queries on training scenes and a mining pool of
+    training scenes and their one-grain siblings (a real corpus holds near duplicates that random
+    batches rarely bring together) -> [(queries, pool, relevant (Q, P) bool, None)]."""
     rng = random.Random(f"{args.seed}-rl-data")
-    gen = torch.Generator().manual_seed(args.seed)
-    instances = []
+    out = []
     for task in TASKS:
         pool = world.rl_pool(task, args.rl_pool_scenes, rng)
         queries = []
@@ -898,12 +773,8 @@ def grainworld_rl_instances(args, world, retriever, autocast):
             if q is not None and q.item.target not in world.outside("train"):
                 queries.append(q)
         rel = torch.tensor([[relevant(task, q.item, c) for c in pool] for q in queries])
-        instr = [INSTRUCTIONS[task]] * len(queries)
-        neg = mine_negatives(retriever, [q.item for q in queries], instr, pool, rel,   # (Q, N)
-                                  args.n_hard, args.n_rand, args.hard_threshold, gen, autocast)
-        for q, idx in zip(queries, neg.tolist()):
-            instances.append((q, [pool[i] for i in idx]))
-    return instances
+        out.append((queries, pool, rel, None))
+    return out
 
 
 def grainworld_source(cfg: WorldConfig) -> Source:
@@ -912,155 +783,8 @@ def grainworld_source(cfg: WorldConfig) -> Source:
     n_train, n_test = len(world.splits["train"]), len(world.splits["test"])
     return Source(data=world, meta={"world": cfg.__dict__},
                   texts=functools.partial(world_corpus, world, seed=cfg.seed),
-                  contrastive_inputs=make_stage2_inputs, rl_instances=grainworld_rl_instances,
+                  contrastive_inputs=make_stage2_inputs, rl_candidates=grainworld_rl_candidates,
                   describe=f"world: {n_train} train / {n_test} test scenes")
-
-
-def load_image(item: Item, image_size: int) -> torch.Tensor:
-    """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file
-    on disk."""
-    if item.scene is not None:
-        return image_tensor(render(item.scene, image_size, item.render_seed), image_size)
-    if item.image is not None:
-        return image_tensor(item.image, image_size)
-    try:
-        with Image.open(item.image_path) as img:
-            return image_tensor(img, image_size)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"image {item.image_path} could not be read ({e}); expected an image "
-                       "file Pillow can open") from e
-
-
-def check_image(path) -> None:
-    """An image file's header read and checked (Pillow's verify), before any embedding: a broken
-    image in a large pool fails at once, named, not after most of the pool was embedded."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadInput(f"image {path} could not be read ({e}); expected an image file Pillow "
-                       f"can open") from e
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding and collation. Sequence layout (the paper's template, Section 3.4), left-padded so that
-# every prompt ends in the same column and generation can append columns for the whole batch: [PAD]*
-# [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET]
-# [PAD]*
-
-class Encoder:
-    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the
-    template."""
-
-    def __init__(self, tok, n_img_tokens: int, image_size: int):
-        self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size
-        ids = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
-        self.pad, self.bos, self.eos, self.img, self.ret = ids
-        self._user = self._ids("USER:")
-        self._tail = self._ids(" " + PROMPT + " ASSISTANT:")
-
-    def _ids(self, s: str) -> list[int]:
-        return self.tok.encode(s, add_special_tokens=False).ids
-
-    def prompt(self, item: Item, instruction: str | None, limit: int | None = None) -> list[int]:
-        """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt
-        has at most `limit` tokens (the template's fixed parts and the image are kept whole)."""
-        if not item.has_image and not item.text.strip():
-            raise BadInput("empty query: an item needs a text or an image")
-        words = " ".join(w for w in (instruction, item.text.strip()) if w)
-        mid = self._ids(" " + words + ".") if words else []
-        head = [self.bos, *self._user, *([self.img] * self.n_img_tokens if item.has_image else [])]
-        if limit is not None and len(head) + len(mid) + len(self._tail) > limit:
-            mid = mid[:max(0, limit - len(head) - len(self._tail))]
-        return [*head, *mid, *self._tail]
-
-    def too_long(self, item: Item, instruction: str | None, cfg) -> bool:
-        return len(self.prompt(item, instruction)) > cfg.max_seq_len - cfg.max_summary_len - 1
-
-    def summary(self, text: str) -> list[int]:
-        """A reference summary's ids; an empty one is no tokens ([RET] right after the prompt)."""
-        return self._ids(" " + text) if text.strip() else []
-
-    def reference_summaries(self, items: list[Item], drop: list[bool]) -> list[list[int]]:
-        """Each item's reference summary ids, or none where summary dropout drops it (stages 1
-        and 2)."""
-        return [[] if d else self.summary(it.summary) for it, d in zip(items, drop)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode([i for i in ids if i not in (self.pad, self.ret)]).strip()
-
-    def images(self, items: list[Item]) -> torch.Tensor:
-        """(N_img, 3, H, W) for the items that carry an image, in order."""
-        imgs = [load_image(it, self.image_size) for it in items if it.has_image]
-        if not imgs:
-            return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack(imgs)
-
-
-def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int,
-            ret_id: int) -> dict:
-    """Left-pad prompts, append summary + [RET], right-pad.
-
-    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the
-    summary tokens and [RET]: what the model generates, and where the LM / RL losses live),
-    ret_pos (B,) long (-1 without summaries)."""
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    S = max(len(s) + 1 for s in summaries) if summaries is not None else 0
-    tokens = torch.full((B, P + S), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, P + S, dtype=torch.bool)
-    gen_mask = torch.zeros(B, P + S, dtype=torch.bool)
-    ret_pos = torch.full((B,), -1, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p):P] = torch.tensor(p)
-        attn[b, P - len(p):P] = True
-        if summaries is not None:
-            s = list(summaries[b]) + [ret_id]
-            tokens[b, P:P + len(s)] = torch.tensor(s)
-            attn[b, P:P + len(s)] = True
-            gen_mask[b, P:P + len(s)] = True
-            ret_pos[b] = P + len(s) - 1
-    return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
-
-
-def encode_batch(enc: Encoder, items: list[Item], instructions: list,
-                 summaries: list[list[int]] | None,
-                 limit: int | None = None) -> tuple[dict, torch.Tensor]:
-    """Items -> (collated token tensors, images (N_img, 3, H, W)) on the CPU: everything a step
-    needs that involves no model (rendering, tokenising, padding), so that DataLoader workers can
-    make it ahead of the step."""
-    prompts = [enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
-    return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
-
-
-def encode_pairs(enc: Encoder, limit: int, pairs: Pairs) -> Pairs:
-    """A stage-1/2 batch (a process's share) with its tensors made: the reference summaries
-    teacher-forced, none where summary dropout drops them."""
-    items = pairs.items
-    summaries = enc.reference_summaries(items, pairs.drop)
-    return replace(pairs, encoded=encode_batch(enc, items, pairs.instructions, summaries, limit))
-
-
-def instruction_of(q: Query) -> str:
-    """A query's instruction: its own (real data) or its task's (GrainWorld)."""
-    return q.instruction if q.instruction is not None else INSTRUCTIONS[q.task]
-
-
-def rollout_items(batch) -> tuple[list, list]:
-    """The items of an RL batch [(Query, [negative Items])], each once, in (instance, item) order --
-    query, positive, negatives -- and their instructions: the query's, candidates none (as in
-    M-BEIR's pools)."""
-    items, instr = [], []
-    for q, negs in batch:
-        items += [q.item, q.positive, *negs]
-        instr += [instruction_of(q)] + [None] * (1 + len(negs))
-    return items, instr
-
-
-def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
-    """A stage-3 step's share of instances -> Instances: their items' prompts, no summaries."""
-    prompts, images = encode_batch(enc, *rollout_items(batch), None, limit)
-    return Instances(batch, prompts, images)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ import mbeir
 from data import (INSTRUCTIONS, TASKS, BadInput, Caption, GrainWorld, Item, Mention, Query, Scene,
                   WorldConfig, relevant)
 from kernels import corpus_ranks
-from retriever import Retriever, atomic_write, ranked_top_k, read_checkpoint
+from retriever import (Retriever, atomic_write, encode_rollout, instruction_of, ranked_top_k,
+                       read_checkpoint)
 from runtime import (Parser, check_device, default_threads, file_sha, log_records,
                      one_line_errors, resolve_device, write_json)
 
@@ -345,13 +346,32 @@ def sees(ret, scenes, autocast, seed: int = 0) -> dict:
     return out
 
 
+def read_summary(text: str) -> list[dict]:
+    """A scene summary read back into its objects (the inverse of Scene.summary): one dict per
+    ';'-separated part with the shape, colour, size, row and column it names (None where a part
+    names none), so that a generated summary can be checked grain by grain."""
+    out = []
+    for part in text.split(";"):
+        words = part.split()
+        if not words:
+            continue
+
+        def first(vocab):
+            return next((w for w in words if w in vocab), None)
+        row, col = first(data.ROWS), first(data.COLS)
+        out.append({"shape": first(data.SHAPES), "color": first(data.COLORS), "size": first(data.SIZES),
+                    "row": None if row is None else data.ROWS.index(row),
+                    "col": None if col is None else data.COLS.index(col)})
+    return out
+
+
 def summary_grains(scene: Scene, said: str) -> dict:
     """Which grains a generated image summary states as the scene's reference summary does:
     entity (the shapes), attribute (the colours and sizes), binding (which colour and size go with
     which shape), relation (every pair of objects in the same left/right and above/below order),
     cell (the share of objects named in their own cell), exact (the whole string)."""
     from collections import Counter
-    got = data.read_summary(said)
+    got = read_summary(said)
     want = [o.__dict__ for o in scene.objects]
 
     def bag(objs, *keys):
@@ -887,14 +907,14 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     ret = Retriever.from_pretrained(ckpt, device)
     args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
     source = train.read_source(args, ret.meta)
-    instances = source.rl_instances(args, source.data, ret, autocast)          # one query per task
+    instances = train.mine_instances(args, source, ret, autocast)               # one query per task
     chosen = [x for x in instances if task is None or x[0].task == task]
     if not chosen:
         raise SystemExit(f"--explain_task {task!r}: expected one of "
                          f"{sorted({q.task for q, _ in instances})}")
     batch = chosen[:1]
     gen = torch.Generator(device=device).manual_seed(seed)
-    made = data.encode_rollout(ret.enc, ret.prompt_limit, batch)
+    made = encode_rollout(ret.enc, ret.prompt_limit, batch)
     with torch.no_grad():
         ro = train.rollout(args, ret.model, made, gen, autocast)
     R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
@@ -909,7 +929,7 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at "
           f"temperature {args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} "
           f"R_Rank, delta {args.delta}, gamma {gamma:.4f}")
-    print(f"query:      {describe(q.item)}   [instruction: {data.instruction_of(q)}]")
+    print(f"query:      {describe(q.item)}   [instruction: {instruction_of(q)}]")
     for name, c in zip(names, [q.positive, *negs]):
         print(f"{name + ':':12s}{describe(c)}")
     for g in range(G):

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Pairs, Query, Source,
-                  WorldConfig, check_image, full_caption, mine_negatives, random_caption, render)
+                  WorldConfig, full_caption, random_caption, render)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,6 +64,17 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             row["_line"] = n
             rows.append(row)
     return rows
+
+
+def check_image(path) -> None:
+    """An image file's header read and checked (Pillow's verify), before any embedding: a broken
+    image in a large pool fails at once, named, not after most of the pool was embedded."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadInput(f"image {path} could not be read ({e}); expected an image file Pillow "
+                       f"can open") from e
 
 
 def _real_item(path: Path, n: int, text, img, image_root: Path, check: bool = True) -> Item:
@@ -469,14 +480,12 @@ def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> Pairs:
     return Pairs(items, instructions, drop, false_neg, blocks=3, n_queries=B)
 
 
-def mbeir_rl_instances(args, src: MBeirTrain, retriever, autocast):
-    """data.grainworld_rl_instances on M-BEIR: per training task, rl_queries queries, each with
-    its first positive, n_hard hard negatives -- its neg_cand_list entries first, then mined: the
-    stage-2 model's top-scoring non-positives (below --hard_threshold) of a pool sample of
-    rl_pool_scenes candidates -- and n_rand random ones."""
+def mbeir_rl_candidates(args, src: MBeirTrain) -> list:
+    """data.grainworld_rl_candidates on M-BEIR: per training task, rl_queries queries and a
+    mining pool -- a sample of rl_pool_scenes candidates plus the queries' neg_cand_list entries,
+    which are `listed` (mined first)."""
     rng = random.Random(f"{args.seed}-rl-data")
-    gen = torch.Generator().manual_seed(args.seed)
-    instances = []
+    out = []
     n_pool = len(src.pool.items)
     for task in src.tasks:
         mine = [i for i, q in enumerate(src.queries) if q.task == task]
@@ -485,13 +494,9 @@ def mbeir_rl_instances(args, src: MBeirTrain, retriever, autocast):
         cand = sorted(sample | {j for i in mine for j in src.negatives[i]})
         rel = torch.tensor([[j in src.positives[i] for j in cand] for i in mine])           # (Q, P)
         listed = torch.tensor([[j in src.negatives[i] for j in cand] for i in mine])        # (Q, P)
-        queries = [src.queries[i] for i in mine]
-        neg = mine_negatives(retriever, [q.item for q in queries], [q.instruction for q in queries],
-                             [src.pool.items[j] for j in cand], rel, args.n_hard, args.n_rand,
-                             args.hard_threshold, gen, autocast, listed)
-        for q, idx in zip(queries, neg.tolist()):
-            instances.append((q, [src.pool.items[cand[j]] for j in idx]))
-    return instances
+        out.append(([src.queries[i] for i in mine], [src.pool.items[j] for j in cand], rel,
+                    listed))
+    return out
 
 
 def meta_of(args) -> dict:
@@ -518,7 +523,7 @@ def training_source(meta: dict, args=None) -> Source:
     meta = {"root": str(src.root), "tasks": src.tasks, "split": src.split, "pool": src.pool_kind,
             "summary_field": src.summary_field}
     return Source(data=src, meta={"mbeir": meta}, texts=src.texts,
-                  contrastive_inputs=make_mbeir_inputs, rl_instances=mbeir_rl_instances,
+                  contrastive_inputs=make_mbeir_inputs, rl_candidates=mbeir_rl_candidates,
                   describe=f"M-BEIR: {len(src.queries)} training queries of {src.tasks} against "
                            f"a pool of {len(src.pool.items)}")
 

@@ -20,14 +20,205 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import elva
+from data import (INSTRUCTIONS, PROMPT, SPECIAL_TOKENS, BadInput, Instances, Item, MissingInput,
+                  Pairs, Query, render)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tokenizer: byte-level BPE trained with `tokenizers` on the run's text (data.world_corpus, or
+# M-BEIR's)
+
+
+def train_tokenizer(lines: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"tokenizer file {path} not found; expected the tokenizer.json "
+                           "saved beside a checkpoint")
+    return tokenizer_from_str(path.read_text(), f"tokenizer file {path}")
+
+
+def tokenizer_from_str(text: str, what: str):
+    """A tokenizer from its JSON, checked for the template's special tokens."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:
+        raise BadInput(f"{what} is not a valid tokenizers JSON file: {e}") from e
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise BadInput(f"{what} lacks the special tokens {missing}")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding and collation. Sequence layout (the paper's template, Section 3.4), left-padded so that
+# every prompt ends in the same column and generation can append columns for the whole batch: [PAD]*
+# [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET]
+# [PAD]*
+
+# images: a GrainWorld scene rendered, a PIL image, or a file, as the tensor the model reads
+
+
+def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input
+    size."""
+    if img.size != (image_size, image_size):
+        img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    # (3, H, W)
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+def load_image(item: Item, image_size: int) -> torch.Tensor:
+    """An item's image as a (3, H, W) tensor: a render of its scene, its PIL image, or its file
+    on disk."""
+    if item.scene is not None:
+        return image_tensor(render(item.scene, image_size, item.render_seed), image_size)
+    if item.image is not None:
+        return image_tensor(item.image, image_size)
+    try:
+        with Image.open(item.image_path) as img:
+            return image_tensor(img, image_size)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"image {item.image_path} could not be read ({e}); expected an image "
+                       "file Pillow can open") from e
+
+
+class Encoder:
+    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the
+    template."""
+
+    def __init__(self, tok, n_img_tokens: int, image_size: int):
+        self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size
+        ids = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.pad, self.bos, self.eos, self.img, self.ret = ids
+        self._user = self._ids("USER:")
+        self._tail = self._ids(" " + PROMPT + " ASSISTANT:")
+
+    def _ids(self, s: str) -> list[int]:
+        return self.tok.encode(s, add_special_tokens=False).ids
+
+    def prompt(self, item: Item, instruction: str | None, limit: int | None = None) -> list[int]:
+        """The prompt's token ids. With `limit`, the instruction + text part is cut so the prompt
+        has at most `limit` tokens (the template's fixed parts and the image are kept whole)."""
+        if not item.has_image and not item.text.strip():
+            raise BadInput("empty query: an item needs a text or an image")
+        words = " ".join(w for w in (instruction, item.text.strip()) if w)
+        mid = self._ids(" " + words + ".") if words else []
+        head = [self.bos, *self._user, *([self.img] * self.n_img_tokens if item.has_image else [])]
+        if limit is not None and len(head) + len(mid) + len(self._tail) > limit:
+            mid = mid[:max(0, limit - len(head) - len(self._tail))]
+        return [*head, *mid, *self._tail]
+
+    def too_long(self, item: Item, instruction: str | None, cfg) -> bool:
+        return len(self.prompt(item, instruction)) > cfg.max_seq_len - cfg.max_summary_len - 1
+
+    def summary(self, text: str) -> list[int]:
+        """A reference summary's ids; an empty one is no tokens ([RET] right after the prompt)."""
+        return self._ids(" " + text) if text.strip() else []
+
+    def reference_summaries(self, items: list[Item], drop: list[bool]) -> list[list[int]]:
+        """Each item's reference summary ids, or none where summary dropout drops it (stages 1
+        and 2)."""
+        return [[] if d else self.summary(it.summary) for it, d in zip(items, drop)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in (self.pad, self.ret)]).strip()
+
+    def images(self, items: list[Item]) -> torch.Tensor:
+        """(N_img, 3, H, W) for the items that carry an image, in order."""
+        imgs = [load_image(it, self.image_size) for it in items if it.has_image]
+        if not imgs:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack(imgs)
+
+
+def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int,
+            ret_id: int) -> dict:
+    """Left-pad prompts, append summary + [RET], right-pad.
+
+    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the
+    summary tokens and [RET]: what the model generates, and where the LM / RL losses live),
+    ret_pos (B,) long (-1 without summaries)."""
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    S = max(len(s) + 1 for s in summaries) if summaries is not None else 0
+    tokens = torch.full((B, P + S), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + S, dtype=torch.bool)
+    gen_mask = torch.zeros(B, P + S, dtype=torch.bool)
+    ret_pos = torch.full((B,), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):P] = torch.tensor(p)
+        attn[b, P - len(p):P] = True
+        if summaries is not None:
+            s = list(summaries[b]) + [ret_id]
+            tokens[b, P:P + len(s)] = torch.tensor(s)
+            attn[b, P:P + len(s)] = True
+            gen_mask[b, P:P + len(s)] = True
+            ret_pos[b] = P + len(s) - 1
+    return {"tokens": tokens, "attn": attn, "gen_mask": gen_mask, "ret_pos": ret_pos}
+
+
+def encode_batch(enc: Encoder, items: list[Item], instructions: list,
+                 summaries: list[list[int]] | None,
+                 limit: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Items -> (collated token tensors, images (N_img, 3, H, W)) on the CPU: everything a step
+    needs that involves no model (rendering, tokenising, padding), so that DataLoader workers can
+    make it ahead of the step."""
+    prompts = [enc.prompt(it, ins, limit) for it, ins in zip(items, instructions)]
+    return collate(prompts, summaries, enc.pad, enc.ret), enc.images(items)
+
+
+def encode_pairs(enc: Encoder, limit: int, pairs: Pairs) -> Pairs:
+    """A stage-1/2 batch (a process's share) with its tensors made: the reference summaries
+    teacher-forced, none where summary dropout drops them."""
+    items = pairs.items
+    summaries = enc.reference_summaries(items, pairs.drop)
+    return replace(pairs, encoded=encode_batch(enc, items, pairs.instructions, summaries, limit))
+
+
+def instruction_of(q: Query) -> str:
+    """A query's instruction: its own (real data) or its task's (GrainWorld)."""
+    return q.instruction if q.instruction is not None else INSTRUCTIONS[q.task]
+
+
+def rollout_items(batch) -> tuple[list, list]:
+    """The items of an RL batch [(Query, [negative Items])], each once, in (instance, item) order --
+    query, positive, negatives -- and their instructions: the query's, candidates none (as in
+    M-BEIR's pools)."""
+    items, instr = [], []
+    for q, negs in batch:
+        items += [q.item, q.positive, *negs]
+        instr += [instruction_of(q)] + [None] * (1 + len(negs))
+    return items, instr
+
+
+def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
+    """A stage-3 step's share of instances -> Instances: their items' prompts, no summaries."""
+    prompts, images = encode_batch(enc, *rollout_items(batch), None, limit)
+    return Instances(batch, prompts, images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,7 +241,7 @@ class Retriever:
 
     def __init__(self, model: elva.ELVAModel, tok, meta: dict | None = None):
         self.model, self.tok, self.meta = model, tok, meta or {}
-        self.enc = data.Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
+        self.enc = Encoder(tok, model.cfg.n_img_tokens, model.cfg.image_size)
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "Retriever":
@@ -71,7 +262,7 @@ class Retriever:
         """Encode items (+ per-item instruction or None) and optional summary ids -> (batch dict,
         images) on device. Prompts longer than the model's maximum length (minus room for the
         summary) are cut; see Encoder.prompt."""
-        encoded = data.encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
+        encoded = encode_batch(self.enc, items, instructions, summaries, self.prompt_limit)
         return self.on_device(*encoded)
 
     def on_device(self, b: dict, imgs: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -116,9 +307,9 @@ class Retriever:
                 print(f"{progress}: {done}/{len(items)} items, {rate:.0f} items/s, eta "
                       f"{(len(items) - done) / max(rate, 1e-9):.0f} s", flush=True)
             with autocast or nullcontext():
-                pb, imgs = self.on_device(data.collate(prompts, None, *pad_ret), imgs)
+                pb, imgs = self.on_device(collate(prompts, None, *pad_ret), imgs)
                 summ = self.model.generate(pb["tokens"], pb["attn"], imgs)
-                b, _ = self.on_device(data.collate(prompts, summ, *pad_ret), imgs)
+                b, _ = self.on_device(collate(prompts, summ, *pad_ret), imgs)
                 embs.append(self.model.embed(b, imgs).float())
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
@@ -336,7 +527,7 @@ def read_checkpoint(folder) -> tuple[dict, dict, object, dict]:
         if header.get("format") != FORMAT:
             raise ValueError(f"its metadata says format {header.get('format')!r}, not {FORMAT!r}")
         cfg, meta = json.loads(header["config"]), json.loads(header["meta"])
-        tok = data.tokenizer_from_str(header["tokenizer"], f"{path}'s tokenizer")
+        tok = tokenizer_from_str(header["tokenizer"], f"{path}'s tokenizer")
     except data.BadInput:
         raise
     except Exception as e:
@@ -355,7 +546,7 @@ def read_old_layout(folder: Path):
     except Exception as e:
         raise data.BadInput(f"checkpoint {folder}: config.json names no readable model file "
                             f"({type(e).__name__}: {e}); expected a checkpoint of train.py") from e
-    tok = data.load_tokenizer(folder / "tokenizer.json")
+    tok = load_tokenizer(folder / "tokenizer.json")
     meta = {k: v for k, v in old.items() if k not in ("files", "model")}
     return state, old["model"], tok, meta
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from retriever import atomic_write, read_checkpoint, save_checkpoint
+from retriever import atomic_write, load_tokenizer, read_checkpoint, save_checkpoint, train_tokenizer
 from reward import ordered_gamma_limit
 
 
@@ -348,10 +348,10 @@ class Run:
         and kept in the run folder."""
         path = Path(self.args.out) / "tokenizer.json"
         if self.rank == 0 and not path.exists():
-            tok = data.train_tokenizer(source.texts(), self.args.vocab_size)
+            tok = train_tokenizer(source.texts(), self.args.vocab_size)
             atomic_write(path, lambda p: tok.save(str(p)))
         self.barrier()
-        tok = data.load_tokenizer(path)
+        tok = load_tokenizer(path)
         print(f"{source.describe} | tokenizer: {tok.get_vocab_size()} tokens "
               f"({time.time() - self.t0:.1f}s)")
         return tok

@@ -42,7 +42,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def tok(world):
-    return data.train_tokenizer(data.world_corpus(world, n=300))
+    return retriever.train_tokenizer(data.world_corpus(world, n=300))
 
 
 def tiny_model(tok, seed=0):
@@ -499,7 +499,7 @@ def test_shared_prompts_give_the_full_pass_numbers(world, tok):
     ro = train.rollout(rl_args(group_size=G), ret.model, made_of(ret, inst),
                        torch.Generator().manual_seed(0),
                        nullcontext)
-    once, once_instr = data.rollout_items(inst)
+    once, once_instr = retriever.rollout_items(inst)
     K = len(once) // len(inst)
     items = [it for b in range(len(inst)) for _ in range(G) for it in once[b * K:(b + 1) * K]]
     instr = [x for b in range(len(inst)) for _ in range(G) for x in once_instr[b * K:(b + 1) * K]]
@@ -627,10 +627,10 @@ def test_world_is_deterministic_and_splits_disjoint():
     qb = b.sample_queries(random.Random(1), 10)
     assert [q.item for q in qa] == [q.item for q in qb]
     img1 = data.render(a.splits["test"][0], 32, 1)
-    assert torch.equal(data.image_tensor(img1, 32),
-                       data.image_tensor(data.render(a.splits["test"][0], 32, 1), 32))
-    assert not torch.equal(data.image_tensor(img1, 32),
-                           data.image_tensor(data.render(a.splits["test"][0], 32, 2), 32))
+    assert torch.equal(retriever.image_tensor(img1, 32),
+                       retriever.image_tensor(data.render(a.splits["test"][0], 32, 1), 32))
+    assert not torch.equal(retriever.image_tensor(img1, 32),
+                           retriever.image_tensor(data.render(a.splits["test"][0], 32, 2), 32))
 
 
 def test_relevance_is_exact_on_hand_built_scenes():
@@ -663,15 +663,15 @@ def test_near_misses_differ_and_are_irrelevant(world):
 def test_balanced_negatives():
     scores = torch.tensor([[0.99, 0.9, 0.8, 0.7, 0.1, 0.2, 0.3]])
     rel = torch.tensor([[False, True, False, False, False, False, False]])
-    idx = data.balanced_negatives(scores, rel, n_hard=2, n_rand=2, threshold=0.95,
+    idx = train.balanced_negatives(scores, rel, n_hard=2, n_rand=2, threshold=0.95,
                                   generator=torch.Generator())
     # 0 is above the threshold, 1 is relevant
     assert idx[0, :2].tolist() == [2, 3]
     assert set(idx[0, 2:].tolist()) <= {0, 4, 5, 6} and len(set(idx[0].tolist())) == 4
     with pytest.raises(ValueError, match="fewer than"):
-        data.balanced_negatives(scores, rel, 4, 3, 0.95, torch.Generator())
+        train.balanced_negatives(scores, rel, 4, 3, 0.95, torch.Generator())
     # too few below the threshold
-    idx = data.balanced_negatives(scores, rel, 6, 0, 0.95, torch.Generator())
+    idx = train.balanced_negatives(scores, rel, 6, 0, 0.95, torch.Generator())
     # above-threshold ones come last
     assert idx[0].tolist() == [2, 3, 6, 5, 4, 0]
 
@@ -799,7 +799,7 @@ def stage_of(ret, args, tmp_path, name="elva", lr=1e-3, steps=100):
 
 def made_of(ret, instances) -> data.Instances:
     """A rollout batch as the stage-3 stream makes it: the instances and their encoded prompts."""
-    return data.encode_rollout(ret.enc, ret.prompt_limit, instances)
+    return retriever.encode_rollout(ret.enc, ret.prompt_limit, instances)
 
 
 def teacher_forced(ret, items, instr, drop):
@@ -874,7 +874,7 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
     _, cfg, _, meta = retriever.read_checkpoint(out / "text")
     assert meta["step"] == 2
     stage2 = retriever.load_checkpoint(out / "contrastive")[0]
-    fresh = elva.build_model(elva.ModelConfig(**cfg), data.load_tokenizer(out / "tokenizer.json"))
+    fresh = elva.build_model(elva.ModelConfig(**cfg), retriever.load_tokenizer(out / "tokenizer.json"))
     # one step of stage 2 moved the weights a little from stage 1's, not from a fresh model's
     d_text = sum((a - b).abs().sum() for a, b in zip(text.parameters(), stage2.parameters()))
     d_fresh = sum((a - b).abs().sum() for a, b in zip(fresh.parameters(), stage2.parameters()))
@@ -1197,7 +1197,7 @@ def test_summary_grains_by_hand():
     g = grade(scene, "small red circle top left")                             # an object left out
     assert not g["entity"] and not g["relation"] and g["cell"] == 0.5
     assert not any(v for k, v in grade(scene, "").items() if k != "relation")
-    assert data.read_summary("small red circle top left ; blue") == [
+    assert evaluation.read_summary("small red circle top left ; blue") == [
         dict(shape="circle", color="red", size="small", row=0, col=0),
         dict(shape=None, color="blue", size=None, row=None, col=None)]
 
@@ -1275,7 +1275,7 @@ def test_mbeir_reader_round_trip(tmp_path):
                                                   "query_modality": "text", "pos_cand_list": ["c1"]}) + "\n")
     items, pool, pos = realdata.read_mbeir(tmp_path / "q.jsonl", tmp_path / "pool.jsonl", tmp_path)
     assert items[0].text == "a red circle" and pos == [{0}] and pool[1].text == "a blue square"
-    assert data.load_image(pool[0], 32).shape == (3, 32, 32)
+    assert retriever.load_image(pool[0], 32).shape == (3, 32, 32)
 
 
 def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
@@ -1301,7 +1301,7 @@ def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
     pool3 = realdata.read_mbeir_pool(p3, mbeir)
     qs3 = realdata.read_mbeir_queries(q3, pool3, mbeir, ins)
     assert qs3.negatives[0] == [pool3.index["9:101"]] and qs3.items[0].text == "" and qs3.items[0].image_path
-    img = data.load_image(qs3.items[0], 36)
+    img = retriever.load_image(qs3.items[0], 36)
     assert img.shape == (3, 36, 36)                           # a non-square JPEG, resized
 
 
@@ -1408,10 +1408,10 @@ def test_mbeir_stage2_batch_masks_positives(mbeir):
     # union pool: ids 9:*, 8:*
     src = realdata.read_mbeir_train(mbeir, ["all"])
     args = train.get_args(["--preset", "smoke", "--mbeir", str(mbeir), "--batch_size", "16"])
-    tok = data.train_tokenizer(src.texts(), 400)
-    enc = data.Encoder(tok, 4, 32)
+    tok = retriever.train_tokenizer(src.texts(), 400)
+    enc = retriever.Encoder(tok, 4, 32)
     b = realdata.make_mbeir_inputs(args, src, step=3)                       # the global batch
-    part = data.encode_pairs(enc, 100, b.part(0, 1))
+    part = retriever.encode_pairs(enc, 100, b.part(0, 1))
     assert part.encoded[0]["tokens"].shape[0] == 3 * 16 and b.false_neg.shape == (16, 32)
     # replay the draw: queries, then positives
     rng = random.Random(f"{args.seed}-mbeir-3")
@@ -1432,7 +1432,7 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
                 "--threads", "1", "--vocab_size", "400"])
     meta = retriever.read_checkpoint(out / "elva")[3]
     assert meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"] and "world" not in meta
-    tok = data.load_tokenizer(out / "tokenizer.json")
+    tok = retriever.load_tokenizer(out / "tokenizer.json")
     caption = realdata.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
     # BPE merges learnt from the real text
     assert len(tok.encode(caption).ids) < len(caption.encode()) / 2
@@ -1636,7 +1636,7 @@ def test_bad_input_errors(tmp_path, tok):
     bad_img = tmp_path / "bad.png"
     bad_img.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.png could not be read"):
-        data.load_image(Item(image_path=str(bad_img)), 32)
+        retriever.load_image(Item(image_path=str(bad_img)), 32)
 
 
 def test_non_finite_steps_are_never_applied_or_saved(world, tok, tmp_path):
@@ -1759,7 +1759,7 @@ def test_a_run_folder_keeps_its_world(tmp_path):
         with pytest.raises(SystemExit, match=f"{name}: the folder .* holds a run made with it"):
             train.main(SMOKE + ["--out", out, "--steps", "1", *flags])
     train.main(SMOKE + ["--out", out, "--steps", "1", "--vocab_size", "400", "--overwrite"])
-    assert data.load_tokenizer(Path(out) / "tokenizer.json").get_vocab_size() <= 400
+    assert retriever.load_tokenizer(Path(out) / "tokenizer.json").get_vocab_size() <= 400
     assert retriever.load_checkpoint(Path(out) / "contrastive")[0].cfg.vocab_size <= 400
 
 

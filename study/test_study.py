@@ -174,7 +174,7 @@ def test_sample_query_only_fixes_candidate_summaries(world, tok):
     assert len({tuple(r[0]) for r in summ}) > 1                        # queries: sampled
     trained = ro.sampled.any(1).view(B, G, K)
     assert not trained[:, :, 1:].any() and trained[:, :, 0].all()
-    items, instr = data.rollout_items(inst)
+    items, instr = retriever.rollout_items(inst)
     assert ret.summarise(items[1:K], instr[1:K]) == summ[0][1:]       # the greedy summaries
 
 

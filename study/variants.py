@@ -15,7 +15,7 @@ import torch
 
 import data
 import train
-from retriever import Retriever
+from retriever import Retriever, encode_batch, encode_pairs, encode_rollout, rollout_items
 from reward import group_advantages, grpo_loss, total_reward
 from runtime import Parser, Run, fail, number
 from study.rewards import ndcg_reward, rank_reward, sequence_credit, zscore_reward
@@ -72,7 +72,7 @@ def stage2_variant_loss(args, run, retriever, pairs: OwnPairs):
     for i, s in zip(idx, written):
         summaries[i] = s
     with phase("data"):
-        encoded = data.encode_batch(retriever.enc, items, instr, summaries, retriever.prompt_limit)
+        encoded = encode_batch(retriever.enc, items, instr, summaries, retriever.prompt_limit)
     no_lm = [d or o for d, o in zip(drop, own)]
     return train.stage2_loss(args, run, retriever.model,
                              dataclasses.replace(pairs, encoded=encoded, drop=no_lm))
@@ -91,7 +91,7 @@ def variant_contrastive_stage(args, run, source, tok):
     ret = stage.retriever
     batches = run.batches(lambda step: stage2_variant_inputs(args, source.data, step),
                           lambda pairs: pairs.part(run.rank, run.world),
-                          lambda pairs: data.encode_pairs(ret.enc, ret.prompt_limit, pairs),
+                          lambda pairs: encode_pairs(ret.enc, ret.prompt_limit, pairs),
                           stage.start, args.steps)
     for step in range(stage.start, args.steps):
         pairs = next(batches)
@@ -379,7 +379,7 @@ class TransferProbe:
 
     def __init__(self, args, heldout: list, stage):
         self.args, self.every = args, args.probe_every
-        self.made = data.encode_rollout(stage.retriever.enc, stage.retriever.prompt_limit, heldout)
+        self.made = encode_rollout(stage.retriever.enc, stage.retriever.prompt_limit, heldout)
         self.seed = args.seed * 100003 + 99991                  # one seed for every held-out roll
         self.other = None
 
@@ -470,7 +470,7 @@ def control_step(args, run, stage, ref, made, step: int) -> dict:
     policy = stage.retriever
     policy.model.train()
     batch = made.batch
-    items, instr = data.rollout_items(batch)
+    items, instr = rollout_items(batch)
     rng = random.Random(f"{args.seed}-control-{step}")
     drop = run.share([rng.random() < rate for _ in range(len(items) * run.world)])
     with phase("data"):
