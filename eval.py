@@ -1,44 +1,25 @@
 """
-Evaluation: Recall@K / MRR on the four tasks, MRBench-mini, near-miss grain blindness, the
-grain-masking probe and the summary-swap diagnostic, for one or several checkpoints side by side.
+Evaluation of GrainWorld checkpoints, side by side; real data (--mbeir, --mmeb) in mbeir.py.
 
     python eval.py --ckpt runs/cpu/contrastive --ckpt runs/cpu/elva [--out eval.json]
-    python eval.py --ckpt runs/cpu/contrastive --mbeir ROOT [--tasks all] [--pool local|union] \
-        [--run_file run.trec]
-    python eval.py --ckpt runs/cpu/contrastive --mmeb ROOT/mmeb/*.jsonl --mmeb_images ROOT  # MMEB
+    python eval.py --from_json A.json B.json --compare elva control    # paired, with intervals
+    python eval.py --ckpt CKPT --mbeir ROOT [--tasks all] [--run_file run.trec]   # UniIR's protocol
 
-Every embedding here is *generated* (ELVA, Section 3.4): greedy summary, then [RET].
-- Standard split: per task, queries on test scenes against a pool of one candidate per test scene. A
-  hit at K means any relevant item (exact relevance, data.relevant) is in the top K; the rank of the
-  best-scoring relevant item comes from kernels.corpus_ranks with the positives as index lists (no
-  [queries, pool] matrix). Ties are pessimistic: a candidate scoring *equal* to the best positive
-  ranks above it, so a collapsed model scores nothing. Chance R@5 depends on how many items are
-  relevant (a short caption is satisfied by many scenes): the table prints it per task.
-- MRBench-mini (the paper's Table 6 layout): queries with >= 2 grains, an equal number per task, in
-  a pool made of every query's positive and its one-grain near misses. Recall@5 per task and the
-  average.
-- Near misses (grain blindness, the paper's Definition 2 in Section 3.2, in retrieval form):
-  Recall@1 of the positive against only its own near misses, and the pairwise win rate s(q, pos) >
-  s(q, near miss) per kind (attribute, binding, relation, no-edit).
-- Grain-masking probe (the paper's grain-masking test): mean cosine distance between a query's
-  embedding and the embedding of the same query with one grain removed, per grain type; larger = the
-  grain moves the embedding.
-- Summary swap: cosine distance between an input embedded with its own summary and with another
-  input's summary: how much the [RET] state depends on the summary, i.e. how much RL on summaries
-  can move.
-- Non-finite embeddings (a broken model) rank last everywhere, and the table says how many there
-  were.
+Every embedding is generated (ELVA, Section 3.4): greedy summary, then [RET]. The table: Recall@K
+on the standard split (with chance), MRBench-mini R@5 (Table 6; also with reference and with
+empty summaries), near-miss win rates, the paper's grain-masking distance, the precondition rows
+(sees / says / reads per grain), the summary-swap distance. Ranks are pessimistic (a candidate
+scoring equal to the positive ranks above it) and streamed (kernels.corpus_ranks): a collapsed
+or broken model scores nothing, and the table counts its non-finite embeddings.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
-import math
 import os
 import random
+import re
 import statistics
 import textwrap
 import time
@@ -48,13 +29,12 @@ import torch
 
 import data
 import mbeir
-from data import (INSTRUCTIONS, TASKS, BadInput, Caption, GrainWorld, Item, Mention, Query, Scene,
+from data import (INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene,
                   WorldConfig, relevant)
-from kernels import corpus_ranks
-from retriever import (Retriever, atomic_write, encode_rollout, instruction_of, ranked_top_k,
-                       read_checkpoint)
-from runtime import (Parser, check_device, default_threads, file_sha, log_records,
-                     one_line_errors, resolve_device, write_json)
+from retriever import (Retriever, chance_recall, encode_rollout, instruction_of, n_nonfinite,
+                       ranks_of_best_positive, read_checkpoint, recall_mrr)
+from runtime import (Parser, check_device, default_threads, file_sha, number, one_line_errors,
+                     resolve_device, write_json)
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -67,31 +47,6 @@ def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch
     lists = [[j for j, c in enumerate(pool) if relevant(task, q.item, c)] for q in queries]
     width = max(1, max((len(x) for x in lists), default=1))
     return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
-
-
-def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor,
-                           positives: torch.Tensor) -> torch.Tensor:
-    """eq (Q, D), ep (P, D), positives (Q, P_max) int64 relevant pool indices (-1 pads) -> rank
-    (Q,) of each query's best-scoring relevant candidate among the non-relevant ones (pessimistic
-    ties; NaN ranks last), streamed."""
-    return corpus_ranks(eq, ep, positives.to(eq.device)).cpu()
-
-
-def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
-    """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries
-    with r relevant."""
-    hits = [1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()]
-    return sum(hits) / len(n_relevant)
-
-
-def n_nonfinite(*embeddings: torch.Tensor) -> int:
-    return int(sum((~torch.isfinite(e).all(-1)).sum() for e in embeddings))
-
-
-def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    out = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
-    out["MRR"] = (1.0 / ranks.float()).mean().item()
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +93,7 @@ def mrbench_and_near_misses(ret, world: GrainWorld, n_per_task: int, autocast):
         pos = relevant_indices(task, queries, pool)
         ranks = ranks_of_best_positive(eq, ep, pos)
         mrb[task] = (ranks <= 5).float().mean().item()
+        mrb.setdefault("hits", {})[task] = (ranks <= 5).int().tolist()   # for paired comparisons
         sizes[task] = {"queries": len(queries), "pool": len(pool),
                        "chance_R@5": chance_recall((pos >= 0).sum(1), len(pool), 5)}
         # near misses: pool = [pos_0, d_0..., pos_1, d_1..., ...] in query order
@@ -231,17 +187,6 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
             "between_inputs": (1 - (e1 * other).sum(-1)).mean().item()}
 
 
-def embed_given(ret, items, instructions, summaries: list[str], autocast, chunk: int = 256):
-    """Embeddings (N, D) of items with the given summaries teacher-forced (no generation)."""
-    parts = []
-    for i in range(0, len(items), chunk):
-        summ = [ret.enc.summary(t) for t in summaries[i:i + chunk]]
-        with torch.no_grad(), autocast():
-            b, imgs = ret.batch(items[i:i + chunk], instructions[i:i + chunk], summ)
-            parts.append(ret.model.embed(b, imgs).float())
-    return torch.cat(parts)
-
-
 def summary_headroom(ret, bench, autocast) -> dict:
     """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference*
     summary, and by an empty one ([RET] right after the prompt). Against the greedy-summary score
@@ -256,9 +201,9 @@ def summary_headroom(ret, bench, autocast) -> dict:
             instr = [INSTRUCTIONS[task]] * len(queries)
             items = [q.item for q in queries]
             words = [it.summary if mode == "reference" else "" for it in items]
-            eq = embed_given(ret, items, instr, words, autocast)
+            eq = ret.embed_given(items, instr, words, autocast())[0]
             words = [it.summary if mode == "reference" else "" for it in pool]
-            ep = embed_given(ret, pool, [None] * len(pool), words, autocast)
+            ep = ret.embed_given(pool, [None] * len(pool), words, autocast())[0]
             pos = relevant_indices(task, queries, pool)
             r5.append((ranks_of_best_positive(eq, ep, pos) <= 5).float().mean().item())
             if mode == "reference":
@@ -307,20 +252,6 @@ def preference(a, b) -> float:
     return ((a > b).double() + 0.5 * (a == b).double()).mean().item()
 
 
-def summary_logprobs(ret, items, summaries: list[str], autocast, chunk: int = 256):
-    """log p(summary, then [RET] | item's prompt), teacher-forced, for item i and summaries[i]
-    (no instruction: the form of a pool's items) -> (N,) float64."""
-    out = []
-    for i in range(0, len(items), chunk):
-        its = items[i:i + chunk]
-        summ = [ret.enc.summary(t) for t in summaries[i:i + chunk]]
-        with torch.no_grad(), autocast():
-            b, imgs = ret.batch(its, [None] * len(its), summ)
-            logp, _ = ret.model.token_logprobs(b, imgs)                          # (n, T)
-        out.append(logp.double().sum(1))
-    return torch.cat(out)
-
-
 def sees(ret, scenes, autocast, seed: int = 0) -> dict:
     """Per edit kind: the share of images whose reference summary is likelier than its one-grain
     edit, under the image itself and under another scene's image ("prior")."""
@@ -336,7 +267,8 @@ def sees(ret, scenes, autocast, seed: int = 0) -> dict:
                 rows += [images[img], images[img]]
                 texts += [s.summary(), t.summary()]
             kinds.append(kind)
-    lp = summary_logprobs(ret, rows, texts, autocast).view(-1, 2, 2)  # (pairs, own/other, ref/edit)
+    lp = ret.embed_given(rows, [None] * len(rows), texts, autocast())[1]
+    lp = lp.view(-1, 2, 2)                                    # (pairs, own / other, ref / edit)
     kinds = torch.tensor([SEES_KINDS.index(k) for k in kinds])
     out = {}
     for j, kind in enumerate(SEES_KINDS):
@@ -442,7 +374,8 @@ def precondition(ret, world: GrainWorld, n: int, headroom: dict, autocast) -> di
 
     def embed_captions(caps):   # [RET] after each caption's reference summary, as in stage 1
         items = [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
-        return embed_given(ret, items, [None] * len(items), [c.summary() for c in caps], autocast)
+        return ret.embed_given(items, [None] * len(items), [c.summary() for c in caps],
+                               autocast())[0]
     return {"sees": sees(ret, scenes, autocast), "says": says(ret, scenes, autocast),
             "reads": headroom["reads"],
             "reads_text": reads_text(embed_captions, text_triplets(world, n))}
@@ -474,315 +407,17 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
     headroom = summary_headroom(ret, bench, autocast)
     pre = precondition(ret, world, n_queries, headroom, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
-    return {"ckpt": str(ckpt), "step": meta.get("step"), "standard": std, "mrbench": mrb,
+    path = Path(ckpt) / "model.safetensors"
+    return {"ckpt": str(ckpt), "step": meta.get("step"), "world": meta["world"],
+            "weights_sha256": file_sha(path) if path.is_file() else None,
+            "init_sha256": meta.get("init_sha256"), "standard": std, "mrbench": mrb,
             "mrbench_pools": sizes, "near_miss": near, "probe": probe, "swap": swap,
             "headroom": headroom, "precondition": pre,
             "mean_pairwise_cos": mean_pairwise_cosine(pool_emb), "eval_seconds": time.time() - t0}
 
 
 # --------------------------------------------------------------------------------------------------
-# Real data: M-BEIR in UniIR's layout (readers in mbeir.py) and MMEB's rows, streamed: neither the
-# [queries, pool] score matrix nor a dense relevance matrix is ever built.
-
-
-def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
-    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
-    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at the
-    top. `top` must come ranked by the reward's rule (ranked_top_k with the positives), so
-    that a collapsed model earns nothing. A query with no positive in the pool scores 0."""
-    total = 0.0
-    for row, pos in zip(top.tolist(), positives):
-        ps = set(pos)
-        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
-        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
-        total += dcg / idcg if idcg else 0.0
-    return total / max(1, len(positives))
-
-
-def pool_key(ret, pool, instructions) -> dict:
-    """What a pool's embeddings are made of: the model (its weights' hash), the pool file, every
-    image's bytes (one hash over the pool's images in order) and the instructions they carry."""
-    images = hashlib.sha256()
-    for it in pool.items:
-        if it.image_path:
-            images.update(hashed(it.image_path).encode())
-    weights = hashlib.sha256()
-    for k, v in sorted(ret.model.state_dict().items()):
-        weights.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
-    return {"model_sha256": weights.hexdigest(), "device": str(ret.device),
-            "dtype": "bf16" if ret.device.type == "cuda" else "fp32",
-            "pool_sha256": hashed(pool.path), "images_sha256": images.hexdigest(),
-            "instructions_sha256": text_sha(json.dumps(instructions))}
-
-
-def text_sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def hashed(path) -> str:
-    """A file's sha256, computed once per evaluation (per path, size and modification time)."""
-    st = os.stat(path)
-    return _hashed(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=None)
-def _hashed(path: str, size: int, mtime: int) -> str:
-    return file_sha(Path(path))
-
-
-def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
-    """The pool's embeddings, from the cache when what they are made of (pool_key) is the same as
-    when they were cached; the cache's place is printed, hit or written."""
-    instructions = [None] * len(pool.items)                    # candidates carry no instruction
-    key = pool_key(ret, pool, instructions)
-    path = None
-    if cache_dir is not None:
-        path = cache_dir / f"{pool.path.stem}-{key['model_sha256'][:12]}.safetensors"
-    if path is not None and path.is_file():
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            if all(meta.get(k) == v for k, v in key.items()) and meta.get("dids_sha256") == \
-                    text_sha(json.dumps(pool.dids)):
-                print(f"  pool embeddings from the cache {path}")
-                return f.get_tensor("embeddings").to(ret.device)
-    e = ret.embed_items(pool.items, instructions, batch_size, autocast=autocast(),
-                        progress=f"pool {pool.path.name}")[0]
-    if path is not None:
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"embeddings": e.cpu().contiguous()}
-        meta = {**key, "dids_sha256": text_sha(json.dumps(pool.dids))}
-        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
-        print(f"  pool embeddings cached in {path}")
-    return e
-
-
-def mbeir_score(results: dict, tasks: list[str]) -> float:
-    """The paper's M-BEIR number: the mean over tasks of R@5, R@10 for Fashion200K and FashionIQ
-    (Table 1)."""
-    fashion = ("fashion200k", "fashioniq")
-    return sum(results[t]["R@10" if any(f in t.lower() for f in fashion) else "R@5"]
-               for t in tasks) / len(tasks)
-
-
-def read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed):
-    """Every task's queries and pool, read and checked before any embedding."""
-    root = Path(root)
-    instructions = mbeir.read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
-    known = mbeir.mbeir_tasks(root, split)
-    tasks = known if tasks == ["all"] else tasks
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
-        raise BadInput(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the "
-                       f"M-BEIR folder {root} has query files for {known} (split {split})")
-    loaded, pools = [], {}
-    rng = random.Random(seed) if instruction == "random" else None
-    for task in tasks:
-        qpath, ppath = mbeir.mbeir_paths(root, task, split, pool_kind)
-        if ppath not in pools:
-            pools[ppath] = mbeir.read_mbeir_pool(ppath, root)
-        qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
-        qrels = mbeir.read_qrels(qrels_path) if qrels_path.is_file() else None
-        qs = mbeir.read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels,
-                                      strict=False, instruction_rng=rng)
-        loaded.append((task, qs, pools[ppath]))
-        source = qrels_path.name if qrels is not None else "pos_cand_list"
-        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} "
-              f"candidates); relevance from {source}; {qs.missed} queries with no relevant "
-              f"candidate in the pool (misses)", flush=True)
-    return tasks, loaded
-
-
-def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast,
-                   run_file: str | None = None, cache_dir: str | None = None,
-                   run_depth: int = 100, batch_size: int = 256, instruction: str = "first",
-                   seed: int = 0) -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any relevant candidate (qrels, else
-    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10
-    ranked by the same rule, over the task's local pool (its `_<split>_cand_pool` where the
-    release has one) or the union pool. A query none of whose relevant candidates is in the pool
-    is a miss. Instructions: UniIR's prompts, the first or one drawn with `seed` (UniIR draws).
-    Every input is read and checked before any embedding; the run file (TREC: qid Q0 did rank
-    score run_id) is written whole or not at all."""
-    tasks, loaded = read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed)
-    out, run_lines = {}, []
-    cache = Path(cache_dir) if cache_dir else None
-    for task, qs, pool in loaded:
-        t0 = time.time()
-        ep = pool_embeddings(ret, pool, cache, autocast, batch_size)
-        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(),
-                             progress=f"{task} queries")[0]
-        width = max(1, max(len(p) for p in qs.relevant))
-        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])   # (Q, P_max)
-        has = pos[:, 0] >= 0                                   # the others are misses
-        ranks = torch.full((len(qs.items),), len(pool.items) + 1, dtype=torch.long)
-        if has.any():
-            ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has])
-        # NDCG's ranked list and the run file's: the reward's rule (NaN last, a positive after
-        # equal scores)
-        scores, top = ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
-        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
-                     "queries": len(qs.items), "misses": qs.missed, "pool": len(pool.items),
-                     "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
-                     "seconds": time.time() - t0}
-        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(),
-                                  scores[:, :run_depth].tolist()):
-            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} elva"
-                          for r, (j, s) in enumerate(zip(row, srow), 1)]
-    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
-    out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
-                  "M-BEIR score": mbeir_score(out, tasks)}
-    if run_file:
-        atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
-    return out
-
-
-def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256):
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target the
-    positive. Per file, keyed by the path as given: Precision@1 (VLM2Vec's metric: the positive
-    ranks first; pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets).
-    Every file is read and checked before any embedding. To make these rows from the released
-    parquet files, read them with any parquet reader outside this project and write one JSON
-    object per row with the fields mbeir.read_mmeb names."""
-    twice = sorted({p for p in paths if paths.count(p) > 1})
-    if twice:
-        raise BadInput(f"--mmeb: {twice} given twice; expected each file once")
-    loaded = [(p, mbeir.read_mmeb(p, image_root)) for p in paths]
-    out = {}
-    for path, rows in loaded:
-        t0 = time.time()
-        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size,
-                             autocast=autocast(), progress=f"{path} queries")[0]
-        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share targets)
-        unique = {}
-        for r in rows:
-            for t in r[2]:
-                unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
-        slot = {key: i for i, key in enumerate(unique)}
-        et = ret.embed_items([t for t, _ in unique.values()], [i for _, i in unique.values()],
-                             batch_size, autocast=autocast(), progress=f"{path} targets")[0]
-        ranks = []
-        for i, r in enumerate(rows):
-            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]   # (targets,)
-            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
-        ranks = torch.tensor(ranks, dtype=torch.float64)
-        out[path] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
-                     "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows),
-                     "queries": len(rows), "nonfinite": n_nonfinite(eq, et),
-                     "seconds": time.time() - t0}
-    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
-    return out
-
-
-def mmeb_table(results: dict) -> str:
-    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | "
-                     f"{r['chance_P@1']:.3f} |")
-    return "\n".join(lines)
-
-
-def mbeir_table(results: dict) -> str:
-    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
-    lines = ["| task | queries | misses | pool | " + " | ".join(keys) + " |", "|---" * 9 + "|"]
-    for task, r in results.items():
-        sizes = f"{r['queries']} | {r['misses']} | {r['pool']}" if task != "avg" else " | | "
-        lines.append(f"| {task} | {sizes} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
-    if "avg" in results:
-        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and "
-                     f"FashionIQ): {results['avg']['M-BEIR score']:.3f}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
 # Pictures, drawn with Pillow (no plotting library)
-
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-           (23, 190, 207)]
-
-
-def _smooth(ys, k):
-    out, acc = [], []
-    for y in ys:
-        acc = (acc + [y])[-k:]
-        out.append(sum(acc) / len(acc))
-    return out
-
-
-def draw_curves(stage_dirs: list[str], out_png: str,
-                keys=("infonce", "lm", "reward_mean", "R_margin", "R_rank",
-                                                             "top1", "kl", "tied_groups")):
-    """One panel per logged quantity, one line per stage folder (its log.jsonl), smoothed over 10
-    steps."""
-    from PIL import Image, ImageDraw
-    logs = {}
-    for d in stage_dirs:
-        path = Path(d) / "log.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"--curves: {path} not found; expected a stage folder written "
-                                    "by train.py")
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        logs[f"{Path(d).parent.name}/{Path(d).name}"] = recs
-    keys = [k for k in keys if any(k in r for recs in logs.values() for r in recs)]
-    W, H, cols = 360, 240, 4
-    rows = (len(keys) + cols - 1) // cols
-    img = Image.new("RGB", (cols * W, rows * H + 24 + 16 * len(logs)), "white")
-    draw = ImageDraw.Draw(img)
-    for li, name in enumerate(logs):
-        draw.line([(10, 12 + 16 * li), (30, 12 + 16 * li)], fill=PALETTE[li % len(PALETTE)],
-                  width=3)
-        draw.text((36, 6 + 16 * li), name, fill="black")
-    top0 = 24 + 16 * len(logs)
-    for ki, key in enumerate(keys):
-        x0, y0 = (ki % cols) * W + 50, top0 + (ki // cols) * H + 20
-        pw, ph = W - 70, H - 50
-        series = {n: [(r["step"], r[key]) for r in recs if key in r] for n, recs in logs.items()}
-        ys = [y for pts in series.values() for _, y in pts]
-        if not ys:
-            continue
-        lo, hi = min(ys), max(ys)
-        hi = hi if hi > lo else lo + 1e-6
-        # one step axis for every line
-        xmax = max(x for pts in series.values() for x, _ in pts) or 1
-        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
-        draw.text((x0, y0 - 16), f"{key} (smoothed over 10 steps)", fill="black")
-        # ticks: the value axis left, the step axis below, with their labels
-        for f in (0.0, 0.5, 1.0):
-            yv, xv = lo + f * (hi - lo), round(f * xmax)
-            ty, tx = y0 + ph * (1 - f), x0 + pw * f
-            draw.line([(x0 - 4, ty), (x0, ty)], fill="gray")
-            draw.text((x0 - 48, ty - 6), f"{yv:.3g}", fill="gray")
-            draw.line([(tx, y0 + ph), (tx, y0 + ph + 4)], fill="gray")
-            draw.text((tx - 8, y0 + ph + 5), str(xv), fill="gray")
-        draw.text((x0 + pw // 2 - 12, y0 + ph + 16), "step", fill="black")
-        for li, (n, pts) in enumerate(series.items()):
-            if len(pts) < 2:
-                continue
-            xs = [x for x, _ in pts]
-            sm = _smooth([y for _, y in pts], 10)
-            line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo)))
-                    for x, y in zip(xs, sm)]
-            draw.line(line, fill=PALETTE[li % len(PALETTE)], width=2)
-    img.save(out_png)
-
-
-def log_summary(stage_dir: str) -> str:
-    """Means of the logged quantities over the first and the last fifth of a stage's steps, and
-    its wall time."""
-    recs = log_records(stage_dir)
-    n = max(1, len(recs) // 5)
-    keys = [k for k in recs[0]
-            if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
-    parts = []
-    for k in keys:
-        a = sum(r[k] for r in recs[:n]) / n
-        b = sum(r[k] for r in recs[-n:]) / n
-        parts.append(f"{k} {a:.4f} -> {b:.4f}")
-    wall = recs[-1]["ms_per_step"] * len(recs) / 1000
-    return (f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: "
-            + ", ".join(parts))
-
 
 def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"),
                         per_task=1):
@@ -892,143 +527,137 @@ def table(results: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# One RL step, shown: python eval.py --explain CKPT
+# Paired comparisons: two checkpoints that started from one stage-2 model (ELVA and its
+# equal-compute control, say), on the same MRBench-mini queries. The difference of their R@5, with
+# a 95% interval from a bootstrap over the queries -- paired: one resample serves both -- per
+# stage-2 model and over all of them.
 
 
-def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
-    """One RL instance through the paper's stage-3 step (Section 3.4) with the functions training
-    uses: its query and candidates (the positive and the mined negatives), the G rollouts'
-    sampled summaries, each rollout's scores and ranked list, R_Margin, R_Rank, R_total and the
-    group advantage. The checkpoint is the policy and also mines the negatives (in training the
-    stage-2 model mines them); the run's own arguments (saved with it) give G, the temperature, the
-    negative counts and the reward's constants."""
-    import train
-    from reward import auto_gamma, group_advantages, total_reward
-    ret = Retriever.from_pretrained(ckpt, device)
-    args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
-    source = train.read_source(args, ret.meta)
-    instances = train.mine_instances(args, source, ret, autocast)               # one query per task
-    chosen = [x for x in instances if task is None or x[0].task == task]
-    if not chosen:
-        raise SystemExit(f"--explain_task {task!r}: expected one of "
-                         f"{sorted({q.task for q, _ in instances})}")
-    batch = chosen[:1]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    made = encode_rollout(ret.enc, ret.prompt_limit, batch)
-    with torch.no_grad():
-        ro = train.rollout(args, ret.model, made, gen, autocast)
-    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
-                            return_parts=True,
-                            ranks=ro.ranks)                                    # (1, G)
-    A = group_advantages(R)
-    B, G, K = ro.shape
-    q, negs = batch[0]
-    names = ["positive"] + [f"negative {i + 1}" for i in range(len(negs))]
-    C = K - 1
-    gamma = auto_gamma(C) if args.gamma is None else args.gamma
-    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at "
-          f"temperature {args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} "
-          f"R_Rank, delta {args.delta}, gamma {gamma:.4f}")
-    print(f"query:      {describe(q.item)}   [instruction: {instruction_of(q)}]")
-    for name, c in zip(names, [q.positive, *negs]):
-        print(f"{name + ':':12s}{describe(c)}")
-    for g in range(G):
-        rows = [(g * K + k) for k in range(K)]                              # sequences of rollout g
-        said = [ret.enc.decode(ro.summaries[r]) for r in rows]
-        order = ro.ranks[0, g].tolist()
-        ranked = sorted(range(C), key=lambda j: order[j])
-        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}"
-                            for j in ranked)
-        print(f"\nrollout {g}: the query wrote {said[0]!r}")
-        print(f"  ranked list: {listing}")
-        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank "
-              f"{parts['rank'][0, g].item():.4f} | "
-              f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
-        wrote = " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:]))
-        print(f"  the candidates wrote: {wrote}")
-    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary "
-          "of rollout g shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
+def check_pooled(results: list[dict]):
+    """Results pooled as seeds must be different models on one benchmark: refuse a checkpoint
+    counted twice (the same weights) and evaluations of different sizes or worlds."""
+    seen = {}
+    for r in results:
+        w = r.get("weights_sha256")
+        if w and w in seen:
+            raise SystemExit(f"{r['ckpt']} and {seen[w]} hold the same weights: one model counted "
+                             f"twice; expected each checkpoint once")
+        seen[w] = r["ckpt"]
+    sizes = {(json.dumps(r.get("world"), sort_keys=True), json.dumps(r.get("mrbench_pools"),
+                                                                     sort_keys=True))
+             for r in results}
+    if len(sizes) > 1:
+        raise SystemExit("the results come from evaluations of different sizes or worlds "
+                         "(MRBench-mini queries, pools); expected one benchmark (re-evaluate with "
+                         "the same --mrbench_per_task)")
 
 
-def describe(item: Item) -> str:
-    """An item in words: its text, and for an image its scene's reference summary (what the image
-    shows)."""
-    parts = [repr(item.text)] if item.text else []
-    if item.scene is not None:
-        parts.append(f"(image: {item.scene.summary()})")
-    elif item.image_path:
-        parts.append(f"(image {item.image_path})")
-    return " ".join(parts) or "(empty)"
+def paired_interval(diffs: list[torch.Tensor], n: int = 2000, seed: int = 0):
+    """diffs: per pair, the per-query differences -> (the mean over pairs of their means, its 95%
+    interval from resampling each pair's queries)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(n, dtype=torch.float64)
+    for d in diffs:
+        means += d[torch.randint(len(d), (n, len(d)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means / len(diffs), torch.tensor([0.025, 0.975],
+                                                             dtype=torch.float64)).tolist()
+    return sum(d.mean().item() for d in diffs) / len(diffs), lo, hi
+
+
+def compare(results: list[dict], a: str, b: str) -> str:
+    """Pair each result named like `a` with the one named like `b` that has the same stage-2 model
+    (init_sha256) -> a table: both R@5s, the difference and its 95% interval, per pair and over
+    all pairs (with the sd of the pairs' differences)."""
+    check_pooled(results)
+    name = {id(r): Path(r["ckpt"]).name for r in results}
+    pairs = []
+    for ra in (r for r in results if re.search(a, name[id(r)])):
+        mates = [r for r in results if re.search(b, name[id(r)]) and r is not ra
+                 and r.get("init_sha256") == ra.get("init_sha256")]
+        if len(mates) != 1:
+            raise SystemExit(f"--compare: {ra['ckpt']} has {len(mates)} results named like "
+                             f"{b!r} from its stage-2 model; expected exactly one")
+        pairs.append((ra, mates[0]))
+    if not pairs:
+        raise SystemExit(f"--compare: no result named like {a!r}")
+
+    def hits(r):
+        return torch.tensor([h for t in TASKS for h in r["mrbench"]["hits"][t]], dtype=torch.float64)
+    diffs = [hits(x) - hits(y) for x, y in pairs]
+    lines = [f"| pair (same stage-2 model) | {a} R@5 | {b} R@5 | difference | 95% interval |",
+             "|---|---|---|---|---|"]
+    for (x, y), d in zip(pairs, diffs):
+        m, lo, hi = paired_interval([d])
+        lines.append(f"| {x['ckpt']} vs {y['ckpt']} | {x['mrbench']['avg']:.3f} | "
+                     f"{y['mrbench']['avg']:.3f} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    m, lo, hi = paired_interval(diffs)
+    sd = statistics.stdev([d.mean().item() for d in diffs]) if len(diffs) > 1 else 0.0
+    mean_a = statistics.mean(x["mrbench"]["avg"] for x, _ in pairs)
+    mean_b = statistics.mean(y["mrbench"]["avg"] for _, y in pairs)
+    lines.append(f"| all {len(pairs)} (sd of the differences {sd:.3f}) | {mean_a:.3f} | "
+                 f"{mean_b:.3f} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
 # The command line: one small function per mode
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = number(1, kind=int)
     add = p.add_argument
-    add("--ckpt", action="append", default=[],
-        help="checkpoint folder (repeat for a side-by-side table)")
-    add("--queries", type=int, default=200, help="standard-split queries per task")
-    add("--mrbench_per_task", type=int, default=100, help="MRBench-mini queries per task")
+    add("--ckpt", action="append", default=[], help="checkpoint folder (repeat: side by side)")
+    add("--queries", type=count, default=200, help="standard-split queries per task")
+    add("--mrbench_per_task", type=count, default=100, help="MRBench-mini queries per task")
     add("--device", default="auto", help="auto | cpu | cuda | mps")
-    add("--threads", type=int, default=None,
-        help="CPU threads (default: the cores this process may use)")
+    add("--threads", type=count, default=None, help="CPU threads (default: the cores this "
+                                                    "process may use)")
     add("--out", default=None, help="write the results as JSON here")
-    add("--grid", default=None, help="write a retrieval-grid PNG (top 5 of MRBench-mini queries) "
-                                     "here")
-    add("--curves", nargs="*", default=None,
-        help="stage folders whose log.jsonl to plot (no --ckpt needed)")
-    add("--curves_png", default="curves.png", help="where --curves writes its PNG")
-    add("--explain", default=None, metavar="CKPT",
-        help="walk one RL instance through the paper's stage-3 step and print it (explain)")
-    add("--explain_task", default=None, help="the task of --explain's instance (default: the "
-                                             "first task's)")
-    add = p.add_argument_group("real data: M-BEIR in UniIR's layout (python mbeir.py "
-                               "--sample DIR writes one)").add_argument
-    add("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/, images)")
-    add("--tasks", default="all", help="comma list of task names, e.g. mscoco_task0,nights_task4; "
-                                       "or all")
-    add("--pool", default="local", choices=["local", "union"],
-        help="each task's own pool or the union pool")
+    add("--from_json", nargs="+", default=None, help="earlier --out files (no evaluation)")
+    add("--compare", nargs=2, default=None, metavar=("A", "B"), help="pair the results named "
+        "like A and B (regexes) that started from one stage-2 model: R@5 differences with 95%% "
+        "intervals")
+    add("--grid", default=None, help="write a retrieval-grid PNG (MRBench-mini's top 5) here")
+    add("--seed", type=int, default=0, help="seed of --instruction random")
+    add = p.add_argument_group("real data: M-BEIR in UniIR's layout, MMEB's rows (mbeir.py)"
+                               ).add_argument
+    add("--mbeir", default=None, help="the M-BEIR root (query/, cand_pool/, instructions/)")
+    add("--tasks", default="all", help="comma list of tasks, e.g. mscoco_task0; or all")
+    add("--pool", default="local", choices=["local", "union"], help="each task's pool or union")
     add("--split", default="test", help="query split (query/<split>/)")
-    add("--run_file", default=None,
-        help="write a TREC run file (qid Q0 did rank score run_id) here")
-    add("--run_depth", type=int, default=100, help="candidates per query in the run file")
-    add("--cache", default=None, help="folder for cached pool embeddings (default: "
-                                      "<ckpt>/mbeir_cache)")
-    add("--instruction", default="first", choices=["first", "random"],
-        help="UniIR's prompt per query: the "
-        "first (deterministic) or one at random with --seed (UniIR draws one)")
-    add("--seed", type=int, default=0, help="seed of --instruction random and of --explain's "
-                                            "sampling")
-    mmeb = "real data: MMEB (VLM2Vec) evaluation rows, one JSON object per line"
-    add = p.add_argument_group(mmeb).add_argument
-    add("--mmeb", nargs="+", default=None,
-        help="MMEB jsonl file(s): qry_inst, qry_text, qry_img_path, "
-        "tgt_inst, tgt_text[], tgt_img_path[] (first target the positive)")
+    add("--run_file", default=None, help="write a TREC run file (qid Q0 did rank score run_id)")
+    add("--run_depth", type=count, default=100, help="candidates per query in the run file")
+    add("--cache", default=None, help="pool embeddings' cache (default <ckpt>/mbeir_cache)")
+    add("--instruction", default="first", choices=["first", "random"], help="UniIR's first "
+        "prompt per query, or one drawn with --seed (as UniIR does)")
+    add("--mmeb", nargs="+", default=None, help="MMEB jsonl file(s): qry_inst, qry_text, "
+        "qry_img_path, tgt_inst, tgt_text[], tgt_img_path[] (the first target the positive)")
     add("--mmeb_images", default=".", help="the folder MMEB's image paths are relative to")
-    p.add_argument("--from_json", nargs="+", default=None,
-                   help="re-print the tables of earlier --out JSON "
-                   "files (no evaluation); several files are concatenated, e.g. runs/study/*.json")
     return p
 
 
+OUTPUTS = {"out": ".json", "grid": ".png", "run_file": None}
+
+
 def check_inputs(p, args):
-    """Every path and number, before any work: one line naming the flag."""
-    for flag in ("threads", "queries", "mrbench_per_task"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} {value}: expected an integer >= 1")
+    """Every path before any work, one line naming the flag. An output goes to a folder that
+    exists, never into a checkpoint folder, and replaces no file but an earlier output of its
+    own kind (JSON, a PNG, a TREC run)."""
     check_device(args.device)
-    for flag in ("out", "grid", "run_file", "curves_png"):   # where the results go, before the work
-        path = getattr(args, flag)
-        if path and not os.access(Path(path).resolve().parent, os.W_OK):
+    for flag, kind in OUTPUTS.items():
+        path = getattr(args, flag) and Path(getattr(args, flag))
+        if not path:
+            continue
+        if not os.access(path.resolve().parent, os.W_OK):
             p.error(f"--{flag} {path}: expected a file in a folder that exists and this process "
                     f"can write")
-    for c in args.ckpt + ([args.explain] if args.explain else []):
+        if is_checkpoint(path.resolve().parent):
+            p.error(f"--{flag} {path}: expected a path outside a checkpoint folder")
+        if path.exists() and not own_output(path, kind):
+            p.error(f"--{flag} {path}: expected a new file or an earlier --{flag} output (it "
+                    f"holds something else)")
+    for c in args.ckpt:
         if not is_checkpoint(Path(c)):
             stages = sorted(d.name for d in Path(c).glob("*") if is_checkpoint(d))
             if stages:
@@ -1038,12 +667,24 @@ def check_inputs(p, args):
                     f"train.py")
     if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
         p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
-    if args.mbeir:
-        if args.run_depth < 1:
-            p.error(f"--run_depth {args.run_depth}: expected an integer >= 1")
-        if not Path(args.mbeir).is_dir():
-            p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, "
-                    "cand_pool/, instructions/)")
+    if args.mbeir and not Path(args.mbeir).is_dir():
+        p.error(f"--mbeir {args.mbeir}: not a folder; expected an M-BEIR root (query/, "
+                "cand_pool/, instructions/)")
+
+
+def own_output(path: Path, kind: str | None) -> bool:
+    """An earlier output of this kind: JSON, a PNG, or a TREC run (six fields a line)."""
+    head = path.read_bytes()[:4096]
+    if kind == ".png":
+        return head.startswith(b"\x89PNG")
+    if kind == ".json":
+        try:
+            json.loads(path.read_text())
+            return True
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False
+    line = head.split(b"\n", 1)[0].split()
+    return len(line) == 6 and line[1] == b"Q0"
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -1060,12 +701,12 @@ def write_results(args, res):
 def mmeb_mode(args, device, autocast):
     ret = Retriever.from_pretrained(args.ckpt[0], device)
     try:
-        res = evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
+        res = mbeir.evaluate_mmeb(ret, args.mmeb, args.mmeb_images, autocast)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--mmeb: {e} (image paths are read relative to --mmeb_images "
                          f"{args.mmeb_images})") \
             from None
-    print(mmeb_table(res))
+    print(mbeir.mmeb_table(res))
     write_results(args, res)
 
 
@@ -1073,10 +714,10 @@ def mbeir_mode(args, device, autocast):
     ret = Retriever.from_pretrained(args.ckpt[0], device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cache = args.cache or str(Path(args.ckpt[0]) / "mbeir_cache")
-    res = evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast, args.run_file,
-                         cache,
-                         args.run_depth, instruction=args.instruction, seed=args.seed)
-    print(mbeir_table(res))
+    res = mbeir.evaluate_mbeir(ret, args.mbeir, tasks, args.split, args.pool, autocast,
+                               args.run_file, cache, args.run_depth, instruction=args.instruction,
+                               seed=args.seed, run_id=Path(args.ckpt[0]).resolve().name)
+    print(mbeir.mbeir_table(res))
     if args.run_file:
         print(f"wrote {args.run_file}")
     write_results(args, res)
@@ -1097,8 +738,11 @@ def grainworld_mode(p, args, device, autocast):
         print(f"evaluated {c} (step {r['step']}) in {r['eval_seconds']:.0f}s", flush=True)
         results.append(r)
     if not results:
-        p.error("give at least one --ckpt (or --curves)")
+        p.error("give at least one --ckpt (or --from_json)")
+    check_pooled(results) if len(results) > 1 else None
     print(table(results))
+    if args.compare:
+        print(compare(results, *args.compare))
     if args.grid:
         world_cfg = read_checkpoint(results[0]["ckpt"])[3]["world"]
         bench = GrainWorld(WorldConfig(**world_cfg)).mrbench_mini(args.mrbench_per_task)
@@ -1110,19 +754,10 @@ def grainworld_mode(p, args, device, autocast):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.curves:
-        draw_curves(args.curves, args.curves_png)
-        print(f"wrote {args.curves_png}")
-        for d in args.curves:
-            print(log_summary(d))
-        if not args.ckpt:
-            return
     check_inputs(p, args)
     torch.set_num_threads(args.threads or default_threads())
     device, autocast = resolve_device(args.device)
-    if args.explain:
-        explain(args.explain, device, autocast, args.explain_task, args.seed)
-    elif args.mmeb:
+    if args.mmeb:
         mmeb_mode(args, device, autocast)
     elif args.mbeir:
         mbeir_mode(args, device, autocast)

@@ -25,14 +25,21 @@ may be null or ""):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import random
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from retriever import (atomic_write, n_nonfinite, ndcg_at_k, ranked_top_k, ranks_of_best_positive,
+                       recall_mrr)
 
 from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Pairs, Query, Source,
                   WorldConfig, full_caption, random_caption, render)
@@ -543,6 +550,212 @@ def eval_tasks(args) -> str | None:
     if args.train_tasks == ["all"]:
         return "all" if test_tasks else None
     return ",".join(t for t in args.train_tasks if t in test_tasks) or None
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation on real data (python eval.py --mbeir ROOT / --mmeb FILE...): M-BEIR by UniIR's protocol
+# and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a dense relevance matrix is
+# ever built.
+
+
+def pool_key(ret, pool, instructions) -> dict:
+    """What a pool's embeddings are made of: the model (its weights' hash), the pool file, every
+    image's bytes (one hash over the pool's images in order) and the instructions they carry."""
+    images = hashlib.sha256()
+    for it in pool.items:
+        if it.image_path:
+            images.update(hashed(it.image_path).encode())
+    weights = hashlib.sha256()
+    for k, v in sorted(ret.model.state_dict().items()):
+        weights.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return {"model_sha256": weights.hexdigest(), "device": str(ret.device),
+            "dtype": "bf16" if ret.device.type == "cuda" else "fp32",
+            "pool_sha256": hashed(pool.path), "images_sha256": images.hexdigest(),
+            "instructions_sha256": text_sha(json.dumps(instructions))}
+
+
+def text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hashed(path) -> str:
+    """A file's sha256, computed once per evaluation (per path, size and modification time)."""
+    st = os.stat(path)
+    return _hashed(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _hashed(path: str, size: int, mtime: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pool_embeddings(ret, pool, cache_dir: Path | None, autocast, batch_size: int) -> torch.Tensor:
+    """The pool's embeddings, from the cache when what they are made of (pool_key) is the same as
+    when they were cached; the cache's place is printed, hit or written."""
+    instructions = [None] * len(pool.items)                    # candidates carry no instruction
+    key = pool_key(ret, pool, instructions)
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"{pool.path.stem}-{key['model_sha256'][:12]}.safetensors"
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if all(meta.get(k) == v for k, v in key.items()) and meta.get("dids_sha256") == \
+                    text_sha(json.dumps(pool.dids)):
+                print(f"  pool embeddings from the cache {path}")
+                return f.get_tensor("embeddings").to(ret.device)
+    e = ret.embed_items(pool.items, instructions, batch_size, autocast=autocast(),
+                        progress=f"pool {pool.path.name}")[0]
+    if path is not None:
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"embeddings": e.cpu().contiguous()}
+        meta = {**key, "dids_sha256": text_sha(json.dumps(pool.dids))}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        print(f"  pool embeddings cached in {path}")
+    return e
+
+
+def mbeir_score(results: dict, tasks: list[str]) -> float:
+    """The paper's M-BEIR number: the mean over tasks of R@5, R@10 for Fashion200K and FashionIQ
+    (Table 1)."""
+    fashion = ("fashion200k", "fashioniq")
+    return sum(results[t]["R@10" if any(f in t.lower() for f in fashion) else "R@5"]
+               for t in tasks) / len(tasks)
+
+
+def read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed):
+    """Every task's queries and pool, read and checked before any embedding."""
+    root = Path(root)
+    instructions = read_mbeir_instructions(root / "instructions" / "query_instructions.tsv")
+    known = mbeir_tasks(root, split)
+    tasks = known if tasks == ["all"] else tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise BadInput(f"--tasks {','.join(tasks)}: unknown task(s) {unknown or tasks}; the "
+                       f"M-BEIR folder {root} has query files for {known} (split {split})")
+    loaded, pools = [], {}
+    rng = random.Random(seed) if instruction == "random" else None
+    for task in tasks:
+        qpath, ppath = mbeir_paths(root, task, split, pool_kind)
+        if ppath not in pools:
+            pools[ppath] = read_mbeir_pool(ppath, root)
+        qrels_path = root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
+        qrels = read_qrels(qrels_path) if qrels_path.is_file() else None
+        qs = read_mbeir_queries(qpath, pools[ppath], root, instructions, qrels=qrels,
+                                      strict=False, instruction_rng=rng)
+        loaded.append((task, qs, pools[ppath]))
+        source = qrels_path.name if qrels is not None else "pos_cand_list"
+        print(f"{task}: {len(qs.items)} queries against {ppath.name} ({len(pools[ppath].items)} "
+              f"candidates); relevance from {source}; {qs.missed} queries with no relevant "
+              f"candidate in the pool (misses)", flush=True)
+    return tasks, loaded
+
+
+def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, autocast,
+                   run_file: str | None = None, cache_dir: str | None = None,
+                   run_depth: int = 100, batch_size: int = 256, instruction: str = "first",
+                   seed: int = 0, run_id: str = "elva") -> dict:
+    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any relevant candidate (qrels, else
+    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10
+    ranked by the same rule, over the task's local pool (its `_<split>_cand_pool` where the
+    release has one) or the union pool. A query none of whose relevant candidates is in the pool
+    is a miss. Instructions: UniIR's prompts, the first or one drawn with `seed` (UniIR draws).
+    Every input is read and checked before any embedding; the run file (TREC: qid Q0 did rank
+    score run_id) is written whole or not at all."""
+    tasks, loaded = read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed)
+    out, run_lines = {}, []
+    cache = Path(cache_dir) if cache_dir else None
+    for task, qs, pool in loaded:
+        t0 = time.time()
+        ep = pool_embeddings(ret, pool, cache, autocast, batch_size)
+        eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(),
+                             progress=f"{task} queries")[0]
+        width = max(1, max(len(p) for p in qs.relevant))
+        pos = torch.tensor([p + [-1] * (width - len(p)) for p in qs.relevant])   # (Q, P_max)
+        has = pos[:, 0] >= 0                          # the others are misses: in no top K, MRR 0
+        ranks = torch.full((len(qs.items),), float("inf"))
+        if has.any():
+            ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has]).float()
+        # NDCG's ranked list and the run file's: the reward's rule (NaN last, a positive after
+        # equal scores)
+        scores, top = ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
+        out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
+                     "queries": len(qs.items), "misses": qs.missed, "pool": len(pool.items),
+                     "pool_file": pool.path.name, "nonfinite": n_nonfinite(eq, ep),
+                     "seconds": time.time() - t0}
+        for qid, row, srow in zip(qs.qids, top[:, :run_depth].tolist(),
+                                  scores[:, :run_depth].tolist()):
+            run_lines += [f"{qid} Q0 {pool.dids[j]} {r} {s:.6f} {run_id}"
+                          for r, (j, s) in enumerate(zip(row, srow), 1)]
+    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
+    out["avg"] = {**{k: sum(out[t][k] for t in tasks) / len(tasks) for k in keys},
+                  "M-BEIR score": mbeir_score(out, tasks)}
+    if run_file:
+        atomic_write(Path(run_file), lambda p: p.write_text("\n".join(run_lines) + "\n"))
+    return out
+
+
+def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256):
+    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target the
+    positive. Per file, keyed by the path as given: Precision@1 (VLM2Vec's metric: the positive
+    ranks first; pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets).
+    Every file is read and checked before any embedding. To make these rows from the released
+    parquet files, read them with any parquet reader outside this project and write one JSON
+    object per row with the fields read_mmeb names."""
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise BadInput(f"--mmeb: {twice} given twice; expected each file once")
+    loaded = [(p, read_mmeb(p, image_root)) for p in paths]
+    out = {}
+    for path, rows in loaded:
+        t0 = time.time()
+        eq = ret.embed_items([r[0] for r in rows], [r[1] for r in rows], batch_size,
+                             autocast=autocast(), progress=f"{path} queries")[0]
+        # each distinct target embedded once (VLM2Vec de-duplicates too: rows share targets)
+        unique = {}
+        for r in rows:
+            for t in r[2]:
+                unique.setdefault((t.text, t.image_path, r[3]), (t, r[3]))
+        slot = {key: i for i, key in enumerate(unique)}
+        et = ret.embed_items([t for t, _ in unique.values()], [i for _, i in unique.values()],
+                             batch_size, autocast=autocast(), progress=f"{path} targets")[0]
+        ranks = []
+        for i, r in enumerate(rows):
+            s = et[[slot[(t.text, t.image_path, r[3])] for t in r[2]]] @ eq[i]   # (targets,)
+            ranks.append(len(r[2]) if torch.isnan(s[0]) else 1 + int((s[1:] >= s[0]).sum()))
+        ranks = torch.tensor(ranks, dtype=torch.float64)
+        out[path] = {"P@1": (ranks == 1).double().mean().item(), "MRR": (1 / ranks).mean().item(),
+                     "chance_P@1": sum(1 / len(r[2]) for r in rows) / len(rows),
+                     "queries": len(rows), "nonfinite": n_nonfinite(eq, et),
+                     "seconds": time.time() - t0}
+    out["avg"] = {k: sum(out[n][k] for n in out) / len(out) for k in ("P@1", "MRR", "chance_P@1")}
+    return out
+
+
+def mmeb_table(results: dict) -> str:
+    lines = ["| dataset | queries | P@1 | MRR | chance P@1 |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('queries', '')} | {r['P@1']:.3f} | {r['MRR']:.3f} | "
+                     f"{r['chance_P@1']:.3f} |")
+    return "\n".join(lines)
+
+
+def mbeir_table(results: dict) -> str:
+    keys = ("R@1", "R@5", "R@10", "MRR", "NDCG@10")
+    lines = ["| task | queries | misses | pool | " + " | ".join(keys) + " |", "|---" * 9 + "|"]
+    for task, r in results.items():
+        sizes = f"{r['queries']} | {r['misses']} | {r['pool']}" if task != "avg" else " | | "
+        lines.append(f"| {task} | {sizes} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    if "avg" in results:
+        lines.append(f"\nM-BEIR score (the paper's: mean R@5, R@10 for Fashion200K and "
+                     f"FashionIQ): {results['avg']['M-BEIR score']:.3f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):

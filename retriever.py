@@ -17,6 +17,7 @@ place: a folder holds a whole checkpoint or none. Training keeps its optimizer s
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -314,6 +315,21 @@ class Retriever:
             texts += [self.enc.decode(s) for s in summ]
         return torch.cat(embs), texts
 
+    @torch.no_grad()
+    def embed_given(self, items, instructions, summaries, autocast=None, temperature: float = 1.0,
+                    chunk: int = 256):
+        """Items with the given summaries (str or token ids) teacher-forced, no generation ->
+        (embeddings (N, D), log p(summary, then [RET] | prompt) at `temperature` (N,) float64)."""
+        embs, lps = [], []
+        for i in range(0, len(items), chunk):
+            summ = [self.enc.summary(s) if isinstance(s, str) else s for s in summaries[i:i + chunk]]
+            with autocast or nullcontext():
+                b, imgs = self.batch(items[i:i + chunk], instructions[i:i + chunk], summ)
+                logp, h = self.model.token_logprobs(b, imgs, temperature)
+            embs.append(self.model.ret_embedding(h, b["ret_pos"]))
+            lps.append(logp.double().sum(1))
+        return torch.cat(embs), torch.cat(lps)
+
     # -- the public API ----------------------------------------------------------------------------
     def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
                return_summaries: bool = False, convert_to_numpy: bool = False):
@@ -451,6 +467,52 @@ def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, 
         order = key.argsort(dim=1, descending=True, stable=True)[:, :k]
         best_s, best_i = s.gather(1, order), i.gather(1, order)
     return best_s, best_i
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks and their metrics, by the same rule (a NaN ranks last; a candidate equal to the positive
+# ranks above it, so a collapsed model scores nothing)
+
+
+def ranks_of_best_positive(eq: torch.Tensor, ep: torch.Tensor,
+                           positives: torch.Tensor) -> torch.Tensor:
+    """eq (Q, D), ep (P, D), positives (Q, P_max) int64 relevant pool indices (-1 pads) -> rank
+    (Q,) of each query's best-scoring relevant candidate among the non-relevant ones (pessimistic
+    ties; NaN ranks last), streamed."""
+    from kernels import corpus_ranks   # Triton is imported on first use, not with the API
+    return corpus_ranks(eq, ep, positives.to(eq.device)).cpu()
+
+
+def chance_recall(n_relevant: torch.Tensor, pool: int, k: int) -> float:
+    """Expected Recall@K of a random ranking: 1 - C(P - r, K) / C(P, K), averaged over queries
+    with r relevant."""
+    hits = [1.0 - math.comb(pool - int(r), k) / math.comb(pool, k) for r in n_relevant.tolist()]
+    return sum(hits) / len(n_relevant)
+
+
+def n_nonfinite(*embeddings: torch.Tensor) -> int:
+    return int(sum((~torch.isfinite(e).all(-1)).sum() for e in embeddings))
+
+
+def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Recall@K and MRR from each query's rank (inf: no relevant candidate, a miss: 0 to both)."""
+    out = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
+    out["MRR"] = (1.0 / ranks.float()).mean().item()
+    return out
+
+
+def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
+    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
+    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at the
+    top. `top` must come ranked by the reward's rule (ranked_top_k with the positives), so
+    that a collapsed model earns nothing. A query with no positive in the pool scores 0."""
+    total = 0.0
+    for row, pos in zip(top.tolist(), positives):
+        ps = set(pos)
+        dcg = sum(1.0 / math.log2(i + 2) for i, j in enumerate(row[:k]) if j in ps)
+        idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
+        total += dcg / idcg if idcg else 0.0
+    return total / max(1, len(positives))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -945,7 +945,7 @@ def test_grpo_step_is_the_paper_step_and_its_clip_is_inert(world, tok, tmp_path)
 
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     """train.py --preset smoke (shortened) writes loadable checkpoints for both stages, then
-    resumes as a no-op; eval.py --explain walks one RL instance of the stage-2 checkpoint through
+    resumes as a no-op; train.py --explain walks one RL instance of the stage-2 checkpoint through
     the paper's step."""
     out = tmp_path / "run"
     common = ["--preset", "smoke", "--out", str(out), "--steps", "6", "--rl_steps", "2", "--no_eval"]
@@ -964,7 +964,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(init.vision_parameters(), rl.vision_parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(init.blocks.parameters(), rl.blocks.parameters()))
     capsys.readouterr()
-    evaluation.main(["--explain", str(out / "contrastive"), "--explain_task", "t2i", "--threads", "1"])
+    train.main(["--preset", "smoke", "--explain", str(out / "contrastive"), "--explain_task", "t2i"])
     shown = capsys.readouterr().out
     G = train.get_args(["--preset", "smoke"]).group_size
     assert "task t2i" in shown and shown.count("ranked list:") == G and shown.count("advantage") == G + 1
@@ -1114,7 +1114,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_retrieval_metrics_by_hand():
     ranks = torch.tensor([1, 3, 12])
-    m = evaluation.recall_mrr(ranks)
+    m = retriever.recall_mrr(ranks)
     assert m["R@1"] == pytest.approx(1 / 3) and m["R@5"] == pytest.approx(2 / 3)
     assert m["R@10"] == pytest.approx(2 / 3)
     assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
@@ -1122,13 +1122,13 @@ def test_retrieval_metrics_by_hand():
     # first
     top = torch.tensor([[0, 4, 7, 1, 2, 3, 5, 6, 8, 10], [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     want0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
-    assert evaluation.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
+    assert retriever.ndcg_at_k(top, [[4, 7], [9]]) == pytest.approx((want0 + 1.0) / 2)
 
 
 def test_chance_recall_by_hand():
     # pool 10, one relevant: 5/10; all relevant: 1; 2 relevant: 1 - C(8,5)/C(10,5) = 1 - 56/252
-    assert evaluation.chance_recall(torch.tensor([1]), 10, 5) == pytest.approx(0.5)
-    assert evaluation.chance_recall(torch.tensor([10, 2]), 10,
+    assert retriever.chance_recall(torch.tensor([1]), 10, 5) == pytest.approx(0.5)
+    assert retriever.chance_recall(torch.tensor([10, 2]), 10,
                                     5) == pytest.approx((1 + 1 - 56 / 252) / 2)
 
 
@@ -1150,8 +1150,8 @@ def test_ranked_outputs_follow_the_reward_rule():
     pos = torch.tensor([[3, -1], [0, 7]])
     s, top = retriever.ranked_top_k(q, c, 10, positives=pos, chunk=8)        # streamed over chunks
     assert not ({3} & set(top[0].tolist()) or {0, 7} & set(top[1].tolist()))
-    assert evaluation.ndcg_at_k(top, [[3], [0, 7]]) == 0.0
-    assert evaluation.recall_mrr(evaluation.ranks_of_best_positive(q, c, pos))["R@10"] == 0.0
+    assert retriever.ndcg_at_k(top, [[3], [0, 7]]) == 0.0
+    assert retriever.recall_mrr(retriever.ranks_of_best_positive(q, c, pos))["R@10"] == 0.0
     c2 = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     # a NaN corpus vector never comes first
     c2[1] = float("nan")
@@ -1172,7 +1172,7 @@ def test_summary_headroom_matches_teacher_forced_embeddings(world, tok):
             qi, ins = [q.item for q in queries], [data.INSTRUCTIONS[task]] * len(queries)
             eq = teacher_forced(ret, qi, ins, [drop_all] * len(qi))[0]
             ep = teacher_forced(ret, pool, [None] * len(pool), [drop_all] * len(pool))[0]
-            ranks = evaluation.ranks_of_best_positive(eq, ep,
+            ranks = retriever.ranks_of_best_positive(eq, ep,
                                                       evaluation.relevant_indices(task, queries,
                                                                                   pool))
             r5.append((ranks <= 5).float().mean().item())
@@ -1212,8 +1212,8 @@ def test_precondition_rows_of_blind_models(world, tok, monkeypatch):
     ret = tiny_model(tok)
     blind_ret = tiny_model(tok)
     unit = torch.nn.functional.normalize(torch.ones(blind_ret.model.cfg.d_model), dim=0)
-    monkeypatch.setattr(blind_ret.model, "embed", lambda b, imgs=None: unit.expand(
-        b["tokens"].shape[0], -1).clone())
+    monkeypatch.setattr(blind_ret.model, "ret_embedding", lambda h, ret_pos: unit.expand(
+        h.shape[0], -1).clone())
     bench = world.mrbench_mini(3)
     reads = evaluation.summary_headroom(blind_ret, bench, nullcontext)["reads"]
     assert set(reads) >= {"attribute", "binding", "relation"} and set(reads.values()) == {0.5}
@@ -1353,11 +1353,11 @@ def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
     (local / "mbeir_sample_task0_cand_pool.jsonl").rename(local / "mbeir_sample_task0_test_cand_pool.jsonl")
     assert realdata.mbeir_paths(root, "sample_task0")[1].name == "mbeir_sample_task0_test_cand_pool.jsonl"
     ret = tiny_model(tok)
-    res = evaluation.evaluate_mbeir(ret, root, ["sample_task0"], "test", "local", nullcontext)
+    res = realdata.evaluate_mbeir(ret, root, ["sample_task0"], "test", "local", nullcontext)
     assert res["sample_task0"]["pool_file"] == "mbeir_sample_task0_test_cand_pool.jsonl"
     assert res["avg"]["M-BEIR score"] == pytest.approx(res["sample_task0"]["R@5"])
     fake = {"fashioniq_task7": {"R@5": 0.1, "R@10": 0.3}, "mscoco_task0": {"R@5": 0.5, "R@10": 0.9}}
-    assert evaluation.mbeir_score(fake, list(fake)) == pytest.approx((0.3 + 0.5) / 2)
+    assert realdata.mbeir_score(fake, list(fake)) == pytest.approx((0.3 + 0.5) / 2)
     drawn = realdata.read_mbeir_queries(q, pool, mbeir, ins, strict=False,
                                         instruction_rng=random.Random(1))
     assert set(drawn.instructions) == {"Retrieve an image that matches the given caption.",
@@ -1377,7 +1377,8 @@ def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
         assert all(0.0 <= r[k] <= 1.0 for k in ("R@1", "R@5", "R@10", "MRR", "NDCG@10"))
         assert r["R@1"] <= r["R@5"] <= r["R@10"]
     rows = [line.split() for line in run.read_text().splitlines()]
-    assert len(rows) == 18 * 4 and all(len(r) == 6 and r[1] == "Q0" and r[5] == "elva" for r in rows)
+    # the run's name: the checkpoint's
+    assert len(rows) == 18 * 4 and all(len(r) == 6 and r[1] == "Q0" and r[5] == "ck" for r in rows)
     assert [int(r[3]) for r in rows[:4]] == [1, 2, 3, 4] and float(rows[0][4]) >= float(rows[1][4])
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
     capsys.readouterr()
@@ -1471,7 +1472,7 @@ def test_mmeb_eval_by_hand(tmp_path):
     rows[2]["tgt_text"][2] = "b"
     vec["b"] = [0, 1]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = evaluation.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
+    res = realdata.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
     assert seen.count("b") == 1 and "q2" in seen and not any("<|image_1|>" in t for t in seen)
     toy = res[str(path)]                                                # keyed by the path given
     assert toy["P@1"] == pytest.approx(1 / 3) and toy["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
@@ -1480,10 +1481,10 @@ def test_mmeb_eval_by_hand(tmp_path):
     (tmp_path / "other").mkdir()
     twin = tmp_path / "other" / "toy.jsonl"
     twin.write_text(path.read_text())
-    both = evaluation.evaluate_mmeb(Fake(), [str(path), str(twin)], str(tmp_path), nullcontext)
+    both = realdata.evaluate_mmeb(Fake(), [str(path), str(twin)], str(tmp_path), nullcontext)
     assert set(both) == {str(path), str(twin), "avg"}
     with pytest.raises(data.BadInput, match="given twice"):
-        evaluation.evaluate_mmeb(Fake(), [str(path), str(path)], str(tmp_path), nullcontext)
+        realdata.evaluate_mmeb(Fake(), [str(path), str(path)], str(tmp_path), nullcontext)
 
 
 def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):

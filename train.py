@@ -36,7 +36,7 @@ from kernels import cosine_ranks
 from retriever import Retriever, encode_pairs, encode_rollout, instruction_of
 from reward import ALPHA, DEFAULT_DELTA, EPSILON, auto_gamma, group_advantages, grpo_loss
 from reward import total_reward
-from runtime import Parser, Run, fail, number, one_line_errors
+from runtime import Parser, Run, fail, number, one_line_errors, resolve_device
 
 phase = torch.profiler.record_function     # labels a step's phases in --profile's table
 
@@ -131,6 +131,8 @@ def build_parser() -> Parser:
         "(default) or a number below reward.ordered_gamma_limit(C)")
     add("--train_vision", action="store_true", help="train the vision tower (the paper freezes it)")
     add("--loss_norm", default="token", choices=["token", "sequence"], help="GRPO's mean")
+    add("--explain", default=None, metavar="CKPT", help="print one GRPO step on CKPT and exit")
+    add("--explain_task", default=None, choices=list(TASKS), help="--explain's task")
     return p
 
 
@@ -562,6 +564,72 @@ def elva_stage(args, run: Run):
 
 
 # --------------------------------------------------------------------------------------------------
+# The step above on one instance, printed: python train.py --explain CKPT
+
+
+def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
+    """One RL instance through steps 1-3 of grpo_step with the same functions: the query and its
+    mined candidates, each rollout's sampled words, ranked list, R_Margin, R_Rank, R_total and
+    advantage. The checkpoint is the policy and mines the negatives; its saved arguments give G,
+    the temperature, the negative counts and the reward's constants."""
+    ret = Retriever.from_pretrained(ckpt, device)
+    args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
+    source = read_source(args, ret.meta)
+    instances = mine_instances(args, source, ret, autocast)               # one query per task
+    chosen = [x for x in instances if task is None or x[0].task == task]
+    if not chosen:
+        raise SystemExit(f"--explain_task {task!r}: expected one of "
+                         f"{sorted({q.task for q, _ in instances})}")
+    batch = chosen[:1]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    made = encode_rollout(ret.enc, ret.prompt_limit, batch)
+    with torch.no_grad():
+        ro = rollout(args, ret.model, made, gen, autocast)
+    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
+                            return_parts=True,
+                            ranks=ro.ranks)                                    # (1, G)
+    A = group_advantages(R)
+    B, G, K = ro.shape
+    q, negs = batch[0]
+    names = ["positive"] + [f"negative {i + 1}" for i in range(len(negs))]
+    C = K - 1
+    gamma = auto_gamma(C) if args.gamma is None else args.gamma
+    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at "
+          f"temperature {args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} "
+          f"R_Rank, delta {args.delta}, gamma {gamma:.4f}")
+    print(f"query:      {describe(q.item)}   [instruction: {instruction_of(q)}]")
+    for name, c in zip(names, [q.positive, *negs]):
+        print(f"{name + ':':12s}{describe(c)}")
+    for g in range(G):
+        rows = [(g * K + k) for k in range(K)]                              # sequences of rollout g
+        said = [ret.enc.decode(ro.summaries[r]) for r in rows]
+        order = ro.ranks[0, g].tolist()
+        ranked = sorted(range(C), key=lambda j: order[j])
+        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}"
+                            for j in ranked)
+        print(f"\nrollout {g}: the query wrote {said[0]!r}")
+        print(f"  ranked list: {listing}")
+        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank "
+              f"{parts['rank'][0, g].item():.4f} | "
+              f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
+        wrote = " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:]))
+        print(f"  the candidates wrote: {wrote}")
+    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary "
+          "of rollout g shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
+
+
+def describe(item: Item) -> str:
+    """An item in words: its text, and for an image its scene's reference summary (what the image
+    shows)."""
+    parts = [repr(item.text)] if item.text else []
+    if item.scene is not None:
+        parts.append(f"(image: {item.scene.summary()})")
+    elif item.image_path:
+        parts.append(f"(image {item.image_path})")
+    return " ".join(parts) or "(empty)"
+
+
+# --------------------------------------------------------------------------------------------------
 # The pipeline
 
 
@@ -569,6 +637,9 @@ def main(argv=None):
     """Stage 1 -> stage 2 -> stage 3 -> evaluation (eval.py, in its own process)."""
     parser = build_parser()
     args = get_args(argv, parser)
+    if args.explain:
+        device, autocast = resolve_device(args.device)
+        return explain(args.explain, device, autocast, args.explain_task, args.seed)
     eval_tasks = None
     if args.mbeir:
         import mbeir   # the M-BEIR tasks to evaluate are checked before any training

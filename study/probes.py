@@ -50,22 +50,6 @@ def group_spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_with(ret, items, instr, summaries, chunk: int = 256, temperature: float | None = None):
-    """Items embedded with the given summaries (teacher-forced, then [RET]) -> (N, D); with a
-    temperature also the summaries' log-probabilities under the model at it (N,)."""
-    out, lps = [], []
-    for i in range(0, len(items), chunk):
-        b, imgs = ret.batch(items[i:i + chunk], instr[i:i + chunk], summaries[i:i + chunk])
-        if temperature is None:
-            out.append(ret.model.embed(b, imgs).float())
-            continue
-        logp, h = ret.model.token_logprobs(b, imgs, temperature)
-        out.append(ret.model.ret_embedding(h, b["ret_pos"]))
-        lps.append(logp.sum(1))
-    return torch.cat(out) if temperature is None else (torch.cat(out), torch.cat(lps))
-
-
-@torch.no_grad()
 def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard: int, n_rand: int,
                rng, autocast,
                sample_candidates: bool = False):
@@ -87,9 +71,10 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
                                      index=index)                              # Q * G, query-major
         kinds = {"greedy": greedy, "empty": [[] for _ in items],
                  "reference": [ret.enc.summary(q.item.summary) for q in queries]}
-        emb = {k: embed_with(ret, items, instr, v) for k, v in kinds.items()}
-        es, lp = embed_with(ret, [it for it in items for _ in range(G)],
-                            [i for i in instr for _ in range(G)], samples, temperature=temperature)
+        emb = {k: ret.embed_given(items, instr, v)[0] for k, v in kinds.items()}
+        es, lp = ret.embed_given([it for it in items for _ in range(G)],
+                                 [i for i in instr for _ in range(G)], samples,
+                                 temperature=temperature)
     rel = evaluation.relevant_indices(task, queries, pool)                           # (Q, P_max)
     ranks = {k: evaluation.ranks_of_best_positive(e, ep, rel) for k, e in emb.items()}
     # (Q, G)
@@ -118,7 +103,7 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
                 cs = ret.model.generate(cb["tokens"], cb["attn"], cimgs, temperature=temperature,
                                         generator=gen, index=index)            # len(part) * G
                 repeated = [c for c in part for _ in range(G)]
-                ec.append(embed_with(ret, repeated, [None] * len(cs), cs).cpu())
+                ec.append(ret.embed_given(repeated, [None] * len(cs), cs)[0].cpu())
         ec = torch.cat(ec)                                                     # (Q * C * G, D)
         ec = ec.view(Q, ctx.shape[1], G, -1).transpose(1, 2)                   # (Q, G, C, D)
     scores = torch.einsum("qgd,qgcd->qgc", es.view(Q, G, -1).cpu(), ec)         # (Q, G, C)
@@ -346,6 +331,9 @@ class WordsFromScorer:
 
     def batch(self, items, instructions, summaries):
         return self.scorer.batch(items, instructions, summaries)
+
+    def embed_given(self, *args, **kw):   # the given words: the scorer embeds them
+        return self.scorer.embed_given(*args, **kw)
 
     @torch.no_grad()
     def embed_items(self, items, instructions, batch_size: int = 256, autocast=None, **_):

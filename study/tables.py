@@ -221,3 +221,104 @@ def compare(argv):
         print(f"{verdict}  {rel}")
     print(f"{len(files) - bad} of {len(files)} files the same")
     sys.exit(1 if bad or not files else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# curves: the training logs of some stage folders, drawn with Pillow (no plotting library)
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (23, 190, 207)]
+
+
+def _smooth(ys, k):
+    out, acc = [], []
+    for y in ys:
+        acc = (acc + [y])[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def draw_curves(stage_dirs: list[str], out_png: str,
+                keys=("infonce", "lm", "reward_mean", "R_margin", "R_rank",
+                                                             "top1", "kl", "tied_groups")):
+    """One panel per logged quantity, one line per stage folder (its log.jsonl), smoothed over 10
+    steps."""
+    from PIL import Image, ImageDraw
+    logs = {}
+    for d in stage_dirs:
+        path = Path(d) / "log.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"--curves: {path} not found; expected a stage folder written "
+                                    "by train.py")
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        logs[f"{Path(d).parent.name}/{Path(d).name}"] = recs
+    keys = [k for k in keys if any(k in r for recs in logs.values() for r in recs)]
+    W, H, cols = 360, 240, 4
+    rows = (len(keys) + cols - 1) // cols
+    img = Image.new("RGB", (cols * W, rows * H + 24 + 16 * len(logs)), "white")
+    draw = ImageDraw.Draw(img)
+    for li, name in enumerate(logs):
+        draw.line([(10, 12 + 16 * li), (30, 12 + 16 * li)], fill=PALETTE[li % len(PALETTE)],
+                  width=3)
+        draw.text((36, 6 + 16 * li), name, fill="black")
+    top0 = 24 + 16 * len(logs)
+    for ki, key in enumerate(keys):
+        x0, y0 = (ki % cols) * W + 50, top0 + (ki // cols) * H + 20
+        pw, ph = W - 70, H - 50
+        series = {n: [(r["step"], r[key]) for r in recs if key in r] for n, recs in logs.items()}
+        ys = [y for pts in series.values() for _, y in pts]
+        if not ys:
+            continue
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1e-6
+        # one step axis for every line
+        xmax = max(x for pts in series.values() for x, _ in pts) or 1
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
+        draw.text((x0, y0 - 16), f"{key} (smoothed over 10 steps)", fill="black")
+        # ticks: the value axis left, the step axis below, with their labels
+        for f in (0.0, 0.5, 1.0):
+            yv, xv = lo + f * (hi - lo), round(f * xmax)
+            ty, tx = y0 + ph * (1 - f), x0 + pw * f
+            draw.line([(x0 - 4, ty), (x0, ty)], fill="gray")
+            draw.text((x0 - 48, ty - 6), f"{yv:.3g}", fill="gray")
+            draw.line([(tx, y0 + ph), (tx, y0 + ph + 4)], fill="gray")
+            draw.text((tx - 8, y0 + ph + 5), str(xv), fill="gray")
+        draw.text((x0 + pw // 2 - 12, y0 + ph + 16), "step", fill="black")
+        for li, (n, pts) in enumerate(series.items()):
+            if len(pts) < 2:
+                continue
+            xs = [x for x, _ in pts]
+            sm = _smooth([y for _, y in pts], 10)
+            line = [(x0 + pw * x / xmax, y0 + ph * (1 - (y - lo) / (hi - lo)))
+                    for x, y in zip(xs, sm)]
+            draw.line(line, fill=PALETTE[li % len(PALETTE)], width=2)
+    img.save(out_png)
+
+
+def log_summary(stage_dir: str) -> str:
+    """Means of the logged quantities over the first and the last fifth of a stage's steps, and
+    its wall time."""
+    recs = log_records(stage_dir)
+    n = max(1, len(recs) // 5)
+    keys = [k for k in recs[0]
+            if isinstance(recs[0][k], (int, float)) and k not in ("step", "ms_per_step")]
+    parts = []
+    for k in keys:
+        a = sum(r[k] for r in recs[:n]) / n
+        b = sum(r[k] for r in recs[-n:]) / n
+        parts.append(f"{k} {a:.4f} -> {b:.4f}")
+    wall = recs[-1]["ms_per_step"] * len(recs) / 1000
+    return (f"{stage_dir}: {len(recs)} steps, ~{wall / 60:.1f} min; first fifth -> last fifth: "
+            + ", ".join(parts))
+
+
+def curves(argv):
+    p = Parser(prog="python -m study curves", description="draw stage folders' log.jsonl")
+    p.add_argument("folders", nargs="+", help="stage folders (their log.jsonl)")
+    p.add_argument("--png", default="curves.png", help="where the picture goes")
+    a = p.parse_args(argv)
+    draw_curves(a.folders, a.png)
+    print(f"wrote {a.png}")
+    for d in a.folders:
+        print(log_summary(d))
