@@ -31,10 +31,9 @@ import data
 import mbeir
 from data import (INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene,
                   WorldConfig, relevant)
-from retriever import (Retriever, chance_recall, encode_rollout, instruction_of, n_nonfinite,
-                       ranks_of_best_positive, read_checkpoint, recall_mrr)
-from runtime import (Parser, check_device, default_threads, file_sha, number, one_line_errors,
-                     resolve_device, write_json)
+from retriever import (Retriever, chance_recall, file_sha, n_nonfinite, ranks_of_best_positive,
+                       read_checkpoint, recall_mrr, write_json)
+from runtime import Parser, check_device, default_threads, number, one_line_errors, resolve_device
 
 # --------------------------------------------------------------------------------------------------
 # Metrics

@@ -16,6 +16,7 @@ place: a folder holds a whole checkpoint or none. Training keeps its optimizer s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -550,6 +551,39 @@ def atomic_write(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """A log.jsonl's (line, record) pairs; a last line cut short (a power loss) is dropped with a
+    warning, a bad line elsewhere is named."""
+    lines = [x for x in Path(path).read_text().splitlines() if x.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise BadInput(f"{path}:{n}: not a JSON record ({e.msg}); expected the log "
+                                    f"train.py writes, one record per line") from e
+            print(f"warning: {path}: its last line is cut short (a write was interrupted); "
+                  f"dropping it")
+    return out
+
+
+def log_records(folder) -> list[dict]:
+    return [rec for _, rec in read_log(Path(folder) / "log.jsonl")]
+
+
+def write_json(path, obj):
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2)))
 
 
 def save_checkpoint(folder, model, tok, meta: dict, optimizer=None):

@@ -22,6 +22,8 @@ import argparse
 import copy
 import math
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,9 @@ import elva
 from data import TASKS, Instances, Item, Pairs, Source, WorldConfig
 from kernels import cosine_ranks
 from retriever import Retriever, encode_pairs, encode_rollout, instruction_of
-from reward import ALPHA, DEFAULT_DELTA, EPSILON, auto_gamma, group_advantages, grpo_loss
-from reward import total_reward
-from runtime import Parser, Run, fail, number, one_line_errors, resolve_device
+from reward import (ALPHA, DEFAULT_DELTA, EPSILON, auto_gamma, group_advantages, grpo_loss,
+                    ordered_gamma_limit, total_reward)
+from runtime import Parser, Run, check_device, fail, number, one_line_errors, resolve_device
 
 phase = torch.profiler.record_function     # labels a step's phases in --profile's table
 
@@ -137,8 +139,56 @@ def build_parser() -> Parser:
 
 
 def get_args(argv=None, parser=None):
-    """train.py's flags (or the study's superset), the preset's values filled in, all checked."""
-    return (parser or build_parser()).parse(argv, TRAIN_PRESETS, COMMON, len(TASKS))
+    """train.py's flags (or the study's superset), the preset's values where a flag was not
+    given, then what no single flag's range says -- all before any work."""
+    args = (parser or build_parser()).parse_args(argv)
+    args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    for k, v in {**COMMON, **TRAIN_PRESETS[args.preset]}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or f"runs/{args.preset}"
+    args.world_seed = args.seed if args.world_seed is None else args.world_seed
+    stages = args.stages or ("contrastive,elva" if args.mbeir else "text,contrastive,elva")
+    args.stages = [s.strip() for s in stages.split(",")]
+    args.train_tasks = [s.strip() for s in args.train_tasks.split(",") if s.strip()]
+    check_device(args.device)
+    check_flags(args)
+    return args
+
+
+def check_flags(args):
+    """The stages, the data's sizes and the reward's order."""
+    stages = ",".join(args.stages)
+    if not args.stages or any(s not in ("text", "contrastive", "elva") for s in args.stages):
+        fail("--stages", stages, "a comma list of text, contrastive and/or elva")
+    if "text" in args.stages and "contrastive" not in args.stages:
+        fail("--stages", stages, "text together with contrastive (stage 2 starts from stage 1)")
+    if args.mbeir is not None and not (Path(args.mbeir) / "query" / "train").is_dir():
+        fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, "
+                                    "instructions/)")
+    if args.mbeir is not None and "text" in args.stages:
+        fail("--stages", stages, "contrastive and/or elva with --mbeir (the text stage's NLI "
+                                 "triplets are made from GrainWorld captions)")
+    if args.mbeir is None and args.batch_size > args.n_train:
+        fail("--batch_size", args.batch_size, f"at most the {args.n_train} training scenes "
+                                              f"(--n_train) a batch is drawn from")
+    if args.mbeir is None and args.n_hard + args.n_rand >= args.rl_pool_scenes:
+        fail("--n_hard + --n_rand", args.n_hard + args.n_rand, f"fewer than the "
+             f"{args.rl_pool_scenes} training scenes of each task's mining pool (--rl_pool_scenes)")
+    if args.n_hard + args.n_rand < 1:
+        fail("--n_hard + --n_rand", args.n_hard + args.n_rand, ">= 1: a ranking needs a negative")
+    if args.mbeir is None and args.rl_batch > len(TASKS) * args.rl_queries:
+        fail("--rl_batch", args.rl_batch, f"<= the RL instances ({len(TASKS)} tasks x "
+                                         f"--rl_queries {args.rl_queries})")
+    C = 1 + args.n_hard + args.n_rand
+    if args.gamma is not None and args.gamma >= ordered_gamma_limit(C):
+        works = [c for c in range(2, C) if args.gamma < ordered_gamma_limit(c)]   # it falls with C
+        fewer = f", or at most {works[-1]} candidates" if works else ""
+        fail("--gamma", args.gamma, f"below {ordered_gamma_limit(C):.4f} at C = {C} candidates "
+             f"(1 + --n_hard + --n_rand){fewer}: a larger gamma pays R_Rank more for the positive "
+             f"ranked lower; 'auto' keeps the order")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        fail("--out", args.out, "a folder (this path is a file)")
 
 
 def read_source(args, meta: dict | None = None) -> Source:
@@ -633,6 +683,27 @@ def describe(item: Item) -> str:
 # The pipeline
 
 
+def evaluate(args, run: Run, eval_tasks: str | None):
+    """eval.py on the run's stage-2 and stage-3 checkpoints, in its own process: side by side on
+    GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation each (eval_<stage>.json)."""
+    out = Path(args.out)
+    ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "model.safetensors").exists()]
+    cmds = [["--out", str(out / "eval.json"), "--queries", str(args.eval_queries),
+             "--mrbench_per_task", str(args.mrbench_per_task)]
+            + [x for c in ckpts for x in ("--ckpt", str(out / c))]]
+    if args.mbeir:
+        cmds = [["--ckpt", str(out / c), "--mbeir", args.mbeir, "--tasks", eval_tasks, "--out",
+                 str(out / f"eval_{c}.json")] for c in ckpts] if eval_tasks else []
+        if not eval_tasks:
+            print(f"eval: skipped; {args.mbeir} has no test query file for the training tasks "
+                  f"(give --eval_tasks)")
+    for cmd in cmds:
+        cmd = [sys.executable, str(Path(__file__).with_name("eval.py")), *cmd, "--device",
+               str(run.device), "--threads", str(run.threads)]
+        print("eval:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
 def main(argv=None):
     """Stage 1 -> stage 2 -> stage 3 -> evaluation (eval.py, in its own process)."""
     parser = build_parser()
@@ -653,7 +724,11 @@ def main(argv=None):
         contrastive_stage(args, run, source, tok)
     if "elva" in args.stages:
         elva_stage(args, run)
-    run.finish(eval_tasks)
+    if not args.no_eval and run.rank == 0:
+        t0 = time.time()
+        evaluate(args, run, eval_tasks)
+        run.minutes["eval"] = (time.time() - t0) / 60
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import data
 import eval as evaluation
 from retriever import Retriever
 from reward import ranking_reward, total_reward
-from runtime import Parser, default_threads, fail, log_records, resolve_device, write_json
+from retriever import log_records, write_json
+from runtime import Parser, default_threads, fail, resolve_device
 from study.rewards import ndcg_reward, rank_reward, zscore_reward
 from study.variants import one_grain_apart
 

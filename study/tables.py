@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from retriever import read_checkpoint
-from runtime import Parser, log_records
+from retriever import log_records
+from runtime import Parser
 
 
 def _log_stats(ckpt: str) -> dict:

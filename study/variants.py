@@ -598,4 +598,6 @@ def run(argv):
         stage2(args, run, source, tok)
     if "elva" in args.stages:
         study_elva_stage(args, run)
-    run.finish(eval_tasks)
+    if not args.no_eval and run.rank == 0:
+        train.evaluate(args, run, eval_tasks)
+    run.finish()
