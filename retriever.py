@@ -33,7 +33,7 @@ from PIL import Image
 import data
 import elva
 from data import (INSTRUCTIONS, PROMPT, SPECIAL_TOKENS, BadInput, Instances, Item, MissingInput,
-                  Pairs, Query, render)
+                  Pairs, Query, Source, render)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,6 +514,73 @@ def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> flo
         idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(ps), k)))
         total += dcg / idcg if idcg else 0.0
     return total / max(1, len(positives))
+
+
+# --------------------------------------------------------------------------------------------------
+# Balanced negative sampling (ELVA, Section 3.4): stage 3's negatives, mined by the stage-2 model
+
+
+def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
+                       threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices
+    [Q, n_hard+n_rand].
+
+    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the
+    paper's guard against unlabelled false negatives), keep the top n_hard of the rest;
+    above-threshold candidates only fill hard slots that would otherwise stay empty. Random:
+    n_rand uniformly from the remaining non-relevant candidates. The paper's reason for the mix:
+    hard negatives alone make the reward distribution narrow and the GRPO advantages vanish."""
+    Q, P = scores.shape
+    if (~is_relevant).sum(1).min() < n_hard + n_rand:
+        raise ValueError("balanced_negatives: a query has fewer than n_hard + n_rand = "
+                         f"{n_hard + n_rand} non-relevant candidates in a pool of {P}; enlarge "
+                         "the pool or lower the counts")
+    # hard: the top of the below-threshold candidates; above-threshold ones only fill slots that
+    # would stay empty (a barely trained model may score almost everything above the threshold)
+    key = torch.where(scores <= threshold, scores, scores - 1e3).masked_fill(is_relevant,
+                                                                             float("-inf"))
+    # (Q, n_hard)
+    hard = key.topk(n_hard, dim=1).indices if n_hard else torch.empty(Q, 0, dtype=torch.long)
+    rest = ~is_relevant.clone()
+    rest.scatter_(1, hard, False)
+    noise = torch.rand(Q, P, generator=generator).masked_fill(~rest, -1.0)
+    # (Q, n_rand)
+    rand = noise.topk(n_rand, dim=1).indices if n_rand else torch.empty(Q, 0, dtype=torch.long)
+    return torch.cat([hard, rand], dim=1)
+
+
+def mine_negatives(retriever, queries: list[Item], instructions: list, pool: list[Item],
+                   is_relevant: torch.Tensor,
+                   n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
+                   listed: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and
+    pool, their cosines, then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q,
+    P] bool: the data's own hard negatives (M-BEIR's neg_cand_list), scored at the threshold
+    itself: above every mined candidate."""
+    t0 = time.time()
+    eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(),
+                                  progress="mining: queries")
+    ep, _ = retriever.embed_items(pool, [None] * len(pool), autocast=autocast(),
+                                  progress="mining: pool")
+    print(f"mining: {len(queries)} queries x {len(pool)} candidates embedded in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    scores = (eq @ ep.T).cpu()                                              # (Q, P) stage-2 cosines
+    if listed is not None:
+        scores = torch.where(listed, torch.full_like(scores, threshold), scores)
+    return balanced_negatives(scores, is_relevant, n_hard, n_rand, threshold, generator)
+
+
+def mine_instances(args, source: Source, ref: Retriever, autocast) -> list:
+    """The RL instances: each of the source's queries with n_hard filtered hard + n_rand random
+    negatives, mined by the stage-2 model from its task's pool -> [(Query, [negative Items])]."""
+    gen = torch.Generator().manual_seed(args.seed)
+    instances = []
+    for queries, pool, relevant, listed in source.rl_candidates(args, source.data):
+        neg = mine_negatives(ref, [q.item for q in queries], [instruction_of(q) for q in queries],
+                             pool, relevant, args.n_hard, args.n_rand, args.hard_threshold, gen,
+                             autocast, listed)                                  # (Q, N) pool ids
+        instances += [(q, [pool[i] for i in idx]) for q, idx in zip(queries, neg.tolist())]
+    return instances
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import retriever
 import reward
 import train
 from study import probes, rewards, tables, variants
-from test_elva import (SMOKE, free_ports, made_of, rl_instances, same_logs_and_weights,  # noqa: F401
-                       stage_of, tiny_model, tok, two_process_worker, world)
+from tests.conftest import tok, world  # noqa: F401 (fixtures)
+from tests.helpers import (SMOKE, free_ports, made_of, rl_instances, same_logs_and_weights,
+                           stage_of, tiny_model, two_process_worker)
 
 HERE = Path(__file__).resolve().parent.parent
 
