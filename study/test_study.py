@@ -18,7 +18,6 @@ import retriever
 import reward
 import train
 from study import probes, rewards, tables, variants
-from tests.conftest import tok, world  # noqa: F401 (fixtures)
 from tests.helpers import (SMOKE, free_ports, made_of, rl_instances, same_logs_and_weights,
                            stage_of, tiny_model, two_process_worker)
 
