@@ -73,6 +73,7 @@ def standard_split(ret, world: GrainWorld, n_queries: int, autocast) -> dict:
         # how often the generated (greedy) summary of a query is exactly its reference summary
         exact = sum(t == q.item.summary for t, q in zip(texts, queries)) / len(queries)
         out[task] = {**recall_mrr(ranks_of_best_positive(eq, ep, pos)), "pool": len(pool),
+                     "queries": len(queries),
                      "relevant_per_query": n_rel.float().mean().item(), "summary_exact": exact,
                      "chance_R@5": chance_recall(n_rel, len(pool), 5), "nonfinite": n_nonfinite(eq,
                                                                                                 ep)}
@@ -290,7 +291,8 @@ def read_summary(text: str) -> list[dict]:
         def first(vocab):
             return next((w for w in words if w in vocab), None)
         row, col = first(data.ROWS), first(data.COLS)
-        out.append({"shape": first(data.SHAPES), "color": first(data.COLORS), "size": first(data.SIZES),
+        out.append({"shape": first(data.SHAPES), "color": first(data.COLORS),
+                    "size": first(data.SIZES),
                     "row": None if row is None else data.ROWS.index(row),
                     "col": None if col is None else data.COLS.index(col)})
     return out
@@ -396,13 +398,17 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
                          "on GrainWorld (or give --mbeir)")
     world = GrainWorld(WorldConfig(**meta["world"]))
     t0 = time.time()
+    print(f"eval {ckpt}: the standard split ({n_queries} queries a task), MRBench-mini "
+          f"({n_mrbench} a task), the probes, the precondition", flush=True)
     std = standard_split(ret, world, n_queries, autocast)
     if std["nonfinite"]:
         print(f"warning: {ckpt} gives {std['nonfinite']} non-finite embeddings on the standard "
               "split; they rank last")
+    print(f"eval {ckpt}: MRBench-mini ({time.time() - t0:.0f}s)", flush=True)
     mrb, near, bench, sizes = mrbench_and_near_misses(ret, world, n_mrbench, autocast)
     probe = grain_masking_probe(ret, bench, 100, autocast)
     swap = summary_swap(ret, world, 64, autocast)
+    print(f"eval {ckpt}: the probes and the precondition ({time.time() - t0:.0f}s)", flush=True)
     headroom = summary_headroom(ret, bench, autocast)
     pre = precondition(ret, world, n_queries, headroom, autocast)
     pool_emb = embed_pool(ret, bench["i2i"][1][:200], autocast)
@@ -468,6 +474,8 @@ def table(results: list[dict]) -> str:
         rows.append((label, vals))
 
     std0 = results[0]["standard"]
+    rows.append((f"(a checkpoint's numbers depend on the sizes: {std0['t2i'].get('queries', '?')} "
+                 f"standard-split queries a task)", [""] * len(results)))
     for t in TASKS:
         chance = std0[t].get("chance_R@5")
         of_chance = f", chance R@5 {chance:.3f})" if chance else ")"
@@ -581,7 +589,8 @@ def compare(results: list[dict], a: str, b: str) -> str:
         raise SystemExit(f"--compare: no result named like {a!r}")
 
     def hits(r):
-        return torch.tensor([h for t in TASKS for h in r["mrbench"]["hits"][t]], dtype=torch.float64)
+        hits = [h for t in TASKS for h in r["mrbench"]["hits"][t]]     # (queries,) 0/1
+        return torch.tensor(hits, dtype=torch.float64)
     diffs = [hits(x) - hits(y) for x, y in pairs]
     lines = [f"| pair (same stage-2 model) | {a} R@5 | {b} R@5 | difference | 95% interval |",
              "|---|---|---|---|---|"]

@@ -79,6 +79,8 @@ def check_image(path) -> None:
     try:
         with Image.open(path) as img:
             img.verify()
+            if 0 in img.size:
+                raise ValueError(f"it has {img.size[0]}x{img.size[1]} pixels")
     except (OSError, ValueError, SyntaxError) as e:
         raise BadInput(f"image {path} could not be read ({e}); expected an image file Pillow "
                        f"can open") from e
@@ -211,8 +213,13 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
     path = Path(path)
     required = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
     out = MBeirQueries(path, [], [], [], [], [], [], [], [])
+    seen = {}
     for r in _read_jsonl(path, required):
         n, qid = r["_line"], str(r["qid"])
+        if qid in seen:   # qrels are keyed by qid: a second query would take the first's
+            raise BadInput(f"{path}:{n}: qid {qid} already on line {seen[qid]}; expected each "
+                           f"query once")
+        seen[qid] = n
         pos = [str(p) for p in r["pos_cand_list"]] if isinstance(r["pos_cand_list"], list) else []
         if not pos:
             raise BadInput(f"{path}:{n}: pos_cand_list must be a non-empty list of candidate ids")
@@ -371,6 +378,9 @@ def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
         if not isinstance(texts, list) or not isinstance(imgs, list) or not (texts or imgs):
             raise BadInput(f"{path}:{n}: tgt_text and tgt_img_path must be lists, at least one "
                            f"non-empty")
+        if texts and imgs and len(texts) != len(imgs):   # which text goes with which image?
+            raise BadInput(f"{path}:{n}: {len(texts)} tgt_text beside {len(imgs)} tgt_img_path; "
+                           f"expected one list, or two of one length (target i: text i, image i)")
         width = max(len(texts), len(imgs))
         texts, imgs = texts + [""] * (width - len(texts)), imgs + [None] * (width - len(imgs))
         query = _real_item(path, n, _untoken(r["qry_text"]), r["qry_img_path"], root)
@@ -522,6 +532,10 @@ def training_source(meta: dict, args=None) -> Source:
         if args.batch_size > len(src.queries):
             raise BadInput(f"--batch_size {args.batch_size}: expected at most the "
                            f"{len(src.queries)} training queries of {src.tasks}")
+        n_rl = sum(min(args.rl_queries, sum(q.task == t for q in src.queries)) for t in src.tasks)
+        if args.rl_batch > n_rl:
+            raise BadInput(f"--rl_batch {args.rl_batch}: expected at most the {n_rl} RL instances "
+                           f"of {src.tasks} (--rl_queries {args.rl_queries} a task)")
         sample = min(args.rl_pool_scenes, len(src.pool.items))
         if args.n_hard + args.n_rand >= sample:
             raise BadInput(f"--n_hard + --n_rand {args.n_hard + args.n_rand}: expected fewer "
@@ -554,8 +568,8 @@ def eval_tasks(args) -> str | None:
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation on real data (python eval.py --mbeir ROOT / --mmeb FILE...): M-BEIR by UniIR's protocol
-# and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a dense relevance matrix is
-# ever built.
+# and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a dense relevance matrix
+# is ever built.
 
 
 def pool_key(ret, pool, instructions) -> dict:
@@ -673,6 +687,11 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
     cache = Path(cache_dir) if cache_dir else None
     for task, qs, pool in loaded:
         t0 = time.time()
+        cut = sum(ret.enc.too_long(it, i, ret.model.cfg)
+                  for it, i in zip(qs.items, qs.instructions))
+        cut += sum(ret.enc.too_long(it, None, ret.model.cfg) for it in pool.items)
+        if cut:
+            print(f"  {cut} texts of {task} are longer than the model reads: cut to its maximum")
         ep = pool_embeddings(ret, pool, cache, autocast, batch_size)
         eq = ret.embed_items(qs.items, qs.instructions, batch_size, autocast=autocast(),
                              progress=f"{task} queries")[0]

@@ -86,6 +86,8 @@ def tokenizer_from_str(text: str, what: str):
 def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input
     size."""
+    if 0 in img.size:
+        raise BadInput(f"an image of {img.size[0]}x{img.size[1]} pixels; expected one with pixels")
     if img.size != (image_size, image_size):
         img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
     # (3, H, W)
@@ -323,7 +325,8 @@ class Retriever:
         (embeddings (N, D), log p(summary, then [RET] | prompt) at `temperature` (N,) float64)."""
         embs, lps = [], []
         for i in range(0, len(items), chunk):
-            summ = [self.enc.summary(s) if isinstance(s, str) else s for s in summaries[i:i + chunk]]
+            summ = [self.enc.summary(s) if isinstance(s, str) else s
+                    for s in summaries[i:i + chunk]]
             with autocast or nullcontext():
                 b, imgs = self.batch(items[i:i + chunk], instructions[i:i + chunk], summ)
                 logp, h = self.model.token_logprobs(b, imgs, temperature)

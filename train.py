@@ -166,6 +166,11 @@ def check_flags(args):
     if args.mbeir is not None and not (Path(args.mbeir) / "query" / "train").is_dir():
         fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, "
                                     "instructions/)")
+    if args.mbeir is None and (args.eval_tasks is not None or args.train_tasks != ["all"]):
+        flag = "--eval_tasks" if args.eval_tasks is not None else "--train_tasks"
+        value = args.eval_tasks if args.eval_tasks is not None else ",".join(args.train_tasks)
+        fail(flag, value, "M-BEIR tasks together with --mbeir (GrainWorld has "
+                                            "its four tasks)")
     if args.mbeir is not None and "text" in args.stages:
         fail("--stages", stages, "contrastive and/or elva with --mbeir (the text stage's NLI "
                                  "triplets are made from GrainWorld captions)")
@@ -189,6 +194,9 @@ def check_flags(args):
              f"ranked lower; 'auto' keeps the order")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         fail("--out", args.out, "a folder (this path is a file)")
+    if any((Path(args.out) / d).is_dir() for d in ("query", "cand_pool")):
+        fail("--out", args.out, "a folder for runs, not an M-BEIR root (it holds query/ or "
+                                "cand_pool/)")
 
 
 def read_source(args, meta: dict | None = None) -> Source:
@@ -620,6 +628,18 @@ def describe(item: Item) -> str:
 # The pipeline
 
 
+def check_init_data(args):
+    """Stage 3 alone trains on its --init checkpoint's data: --mbeir must name the same data."""
+    init = Path(args.init or Path(args.out) / "contrastive")
+    if not (init / "model.safetensors").is_file():
+        return   # the stage's own check names the missing checkpoint
+    trained = Retriever.from_pretrained(init, "cpu").meta.get("mbeir")
+    root = trained and str(Path(trained["root"]).resolve())
+    if root != (args.mbeir and str(Path(args.mbeir).resolve())):
+        fail("--mbeir", args.mbeir, f"{trained['root'] if trained else 'none (GrainWorld)'}: "
+             f"the data {init} was trained on, which stage 3 continues on")
+
+
 def evaluate(args, run: Run, eval_tasks: str | None):
     """eval.py on the run's stage-2 and stage-3 checkpoints, in its own process: side by side on
     GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation each (eval_<stage>.json)."""
@@ -648,13 +668,15 @@ def main(argv=None):
     if args.explain:
         device, autocast = resolve_device(args.device)
         return explain(args.explain, device, autocast, args.explain_task, args.seed)
+    if "contrastive" not in args.stages:   # stage 3 alone trains on the data --init was trained on
+        check_init_data(args)
     eval_tasks = None
     if args.mbeir:
         import mbeir   # the M-BEIR tasks to evaluate are checked before any training
         eval_tasks = mbeir.eval_tasks(args)
+    source = read_source(args) if "contrastive" in args.stages else None   # read, checked
     run = Run(args, SHAPING_ARGS, parser)
     if "contrastive" in args.stages:
-        source = read_source(args)
         tok = run.tokenizer(source)
         if "text" in args.stages:
             text_stage(args, run, source, tok)

@@ -587,10 +587,10 @@ def run(argv):
     if args.mbeir:
         import mbeir
         eval_tasks = mbeir.eval_tasks(args)
+    source = train.read_source(args) if "contrastive" in args.stages else None
     run = Run(args, train.SHAPING_ARGS, parser)
     variant2 = args.summary_dropout_end is not None or args.own_summaries > 0
     if "contrastive" in args.stages:
-        source = train.read_source(args)
         tok = run.tokenizer(source)
         if "text" in args.stages:
             train.text_stage(args, run, source, tok)

@@ -420,3 +420,78 @@ def test_a_smoke_run_says_its_numbers_check_the_plumbing(tmp_path, capsys):
     train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "1", "--steps", "1",
                 "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
     assert "check the plumbing, not the method" in capsys.readouterr().out
+
+
+def test_the_second_reviews_defects(mbeir, tok, tmp_path, capsys):
+    """#2-#8 of the review, each as it was found: stage 3 alone on the data its --init saw (or
+    refused before any work); --rl_batch against M-BEIR's instances; the pool cache keyed by
+    hashes (its header no longer holds every candidate id), by the device and dtype, and by an
+    unsaved model's weights; an M-BEIR miss adds 0 to MRR and is in no top K."""
+    out = tmp_path / "gw"
+    train.main(SMOKE + ["--out", str(out), "--steps", "1"])
+    elva_only = ["--preset", "smoke", "--stages", "elva", "--no_eval", "--init",
+                 str(out / "contrastive")]
+    with pytest.raises(SystemExit, match=r"--mbeir .*: expected none \(GrainWorld\): the data"):
+        train.main(elva_only + ["--out", str(tmp_path / "x"), "--mbeir", str(mbeir)])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(data.BadInput, match="--rl_batch 100: expected at most the .* RL instances"):
+        train.main(["--preset", "smoke", "--mbeir", str(mbeir), "--rl_batch", "100", "--out",
+                    str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()                                    # before any work
+    ret, other = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
+    pool = realdata.read_mbeir_pool(realdata.mbeir_paths(mbeir, "sample_task0")[1], mbeir)
+    key = realdata.pool_key(ret, pool, [None] * len(pool.items))
+    assert key["device"] == "cpu" and key["dtype"] == "fp32" and len(json.dumps(key)) < 1000
+    assert key["model_sha256"] != realdata.pool_key(other, pool, [None] * 12)["model_sha256"]
+    ranks = torch.tensor([1.0, float("inf")])                   # a hit, and a miss
+    assert retriever.recall_mrr(ranks) == {"R@1": 0.5, "R@5": 0.5, "R@10": 0.5, "MRR": 0.5}
+
+
+def test_what_a_new_user_lost_or_was_not_told(mbeir, tok, tmp_path, capsys):
+    """Section 3 of the review: each input refused in one line, or said."""
+    from PIL import Image
+    out = tmp_path / "run"
+    train.main(SMOKE + ["--out", str(out), "--steps", "1"])
+    (out / ".lock").write_text("1")                   # a live process holds the folder (init)
+    with pytest.raises(SystemExit, match="--out .*: expected a folder no other run is using"):
+        train.main(SMOKE + ["--out", str(out), "--steps", "1", "--resume"])
+    (out / ".lock").write_text("999999999")           # a dead one: taken over, and said
+    train.main(SMOKE + ["--out", str(out), "--steps", "1", "--resume"])
+    assert "taking over the lock of process 999999999" in capsys.readouterr().out
+    ck = out / "contrastive"
+    for flags in (["--out", str(ck / "e.json")], ["--run_file", str(ck / "model.safetensors")]):
+        with pytest.raises(SystemExit, match="expected a path outside a checkpoint folder"):
+            evaluation.main(["--ckpt", str(ck), *flags])
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--out .*notes.txt: expected a new file or an earlier"):
+        evaluation.main(["--ckpt", str(ck), "--out", str(tmp_path / "notes.txt")])
+    for flag in ("--eval_tasks", "--train_tasks"):
+        with pytest.raises(SystemExit, match=f"{flag} 'x': expected M-BEIR tasks together with"):
+            train.get_args(["--preset", "smoke", flag, "x"])
+    with pytest.raises(SystemExit, match="expected a folder for runs, not an M-BEIR root"):
+        train.get_args(["--preset", "smoke", "--out", str(mbeir)])
+    q = realdata.mbeir_paths(mbeir, "sample_task0")[0]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(q.read_text().splitlines()[0] + "\n" + q.read_text().splitlines()[0] + "\n")
+    pool = realdata.read_mbeir_pool(realdata.mbeir_paths(mbeir, "sample_task0")[1], mbeir)
+    with pytest.raises(data.BadInput, match="dup.jsonl:2: qid 9:0 already on line 1"):
+        realdata.read_mbeir_queries(dup, pool, mbeir)
+    row = {"qry_text": "x", "qry_img_path": None, "tgt_text": ["a"],
+           "tgt_img_path": ["i.png", "j.png", "k.png", "l.png"]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(data.BadInput, match="1 tgt_text beside 4 tgt_img_path"):
+        realdata.read_mmeb(tmp_path / "m.jsonl", tmp_path)
+    with pytest.raises(data.BadInput, match="an image of 0x0 pixels"):
+        retriever.image_tensor(Image.new("RGB", (0, 0)), 32)
+    with pytest.raises(SystemExit, match="OMP_NUM_THREADS 'abc': expected a whole number"):
+        import os
+        os.environ["OMP_NUM_THREADS"] = "abc"
+        try:
+            runtime.default_threads()
+        finally:
+            os.environ.pop("OMP_NUM_THREADS")
+    r = evaluation.evaluate(str(ck), 3, 2, "cpu", nullcontext)
+    with pytest.raises(SystemExit, match="hold the same weights: one model counted twice"):
+        evaluation.check_pooled([r, dict(r, ckpt="copy")])
+    with pytest.raises(SystemExit, match="evaluations of different sizes"):
+        evaluation.check_pooled([r, dict(r, weights_sha256="x", mrbench_pools={})])
