@@ -26,9 +26,8 @@ from PIL import Image, ImageDraw
 
 
 class BadInput(ValueError):
-    """An input -- a file, a record, a flag, an argument -- that is not what was expected; the
-    message names it and says what was. The command lines print it as one line, no traceback (a
-    traceback is for bugs)."""
+    """An input (a file, a record, a flag, an argument) that is not what was expected: the
+    command lines print its message, which names it, as one line (a traceback is for bugs)."""
 
 
 class MissingInput(BadInput, FileNotFoundError):
@@ -179,10 +178,7 @@ def _relation_between(rng: random.Random, a: Obj, b: Obj) -> str | None:
 
 def random_caption(rng: random.Random, scene: Scene) -> Caption:
     """A reference caption as real captions are: a random subset of grains, always true of the
-    scene.
-
-    Kinds: one object (1-3 grains), two objects joined by "and" (a binding test), two objects
-    with a relation."""
+    scene: one object (1-3 grains), two joined by "and" (binding), two with a relation."""
     kind = rng.choice(("one", "and", "rel", "rel")) if len(scene.objects) > 1 else "one"
     if kind == "one":
         o = rng.choice(scene.objects)
@@ -190,8 +186,7 @@ def random_caption(rng: random.Random, scene: Scene) -> Caption:
         return Caption((Mention(o.shape, color, size),))
     a, b = rng.sample(scene.objects, 2)
     rel = _relation_between(rng, a, b) if kind == "rel" else None
-    # Both objects keep their colour, so that the caption binds colours to shapes; size is stated
-    # now and then.
+    # both objects keep their colour, so that the caption binds colours to shapes
     ma = Mention(a.shape, a.color, rng.choice((a.size, None, None)))
     mb = Mention(b.shape, b.color, rng.choice((b.size, None, None)))
     return Caption((ma, mb), rel)
@@ -605,10 +600,9 @@ class GrainWorld:
         return queries, pool
 
     def mrbench_mini(self, n_per_task: int, per_kind: int = 2, split: str = "test", seed: int = 2):
-        """MRBench-mini: {task: (queries, pool)}. Queries state at least two grains, an equal
-        number per task, and each brings near misses differing from it in exactly one grain (a
-        binding, a relation, an attribute). The pool of a task is the positives and near misses
-        of all its queries."""
+        """MRBench-mini: {task: (queries, pool)}. Queries state >= 2 grains, an equal number per
+        task, each with near misses one grain away (a binding, a relation, an attribute); a
+        task's pool is its queries' positives and near misses."""
         out = {}
         for task in TASKS:
             rng = random.Random(f"{self.cfg.seed}-mrbench-{task}-{seed}")
@@ -668,10 +662,8 @@ class Source:
 
 
 # --------------------------------------------------------------------------------------------------
-# GrainWorld as the stages' data (train.read_source picks it; mbeir.py gives M-BEIR the same
-# interface): the global batches of stages 1 and 2, made from each step's seed without the model
-# (Pairs.part takes each process's share), and stage 3's RL instances with their mined
-# negatives (ELVA, Section 3.4).
+# GrainWorld as the stages' data (mbeir.py gives M-BEIR the same interface): each step's batch,
+# made from the step's seed without the model, and stage 3's candidates.
 
 
 @dataclass
@@ -686,6 +678,7 @@ class Pairs:
     blocks: int
     n_queries: int = 0           # B (after part(): this process's share of it)
     encoded: tuple | None = None     # (token tensors, images (N_img, 3, H, W)), once encoded
+    lm_only: bool = False        # a describe batch (stage 0): the next-token loss alone
 
     def part(self, rank: int, world: int) -> "Pairs":
         """This process's share under torchrun (itself on one): rows r*b..(r+1)*b of every block,
@@ -711,28 +704,38 @@ class Instances:
     images: torch.Tensor         # (N_img, 3, H, W), in item order
 
 
-def dropout_flags(rng: random.Random, n: int, rate: float) -> list[bool]:
-    """Summary dropout: which of n items are embedded with no summary."""
-    return [rng.random() < rate for _ in range(n)]
+def make_describe_inputs(args, world, step: int) -> Pairs:
+    """Stage 0's batch (ours): B training images, each with its reference summary to learn to
+    write (the next-token loss only: no summary is dropped, no InfoNCE)."""
+    rng = random.Random(f"{args.seed}-describe-{step}")
+    scenes = [rng.choice(world.splits["train"]) for _ in range(args.batch_size)]
+    items = [Item(scene=s, summary=s.summary(), render_seed=rng.getrandbits(31)) for s in scenes]
+    return Pairs(items, [None] * len(items), [False] * len(items),
+                 torch.zeros(len(items), 0, dtype=torch.bool), blocks=1, n_queries=len(items),
+                 lm_only=True)
 
 
 def make_text_inputs(args, world, step: int) -> Pairs:
-    """Stage 1's global batch, from the step's seed (--resume and DataLoader workers replay it): B
-    (premise, entailed rewording, one-grain contradiction) captions of training scenes in 3 blocks
-    of B items, the dropout flags, and which candidates each premise's scene satisfies (its own
-    target excluded). Pairs.part takes each process's share."""
+    """Stage 1's global batch, from the step's seed: B (premise, entailed rewording, one-grain
+    contradiction) triplets of training scenes in 3 blocks, the dropout flags, and which
+    candidates each premise's scene satisfies. A share of the premises (--scene_premises) is
+    the scene's own summary, written as text: the form [RET] reads after an image's summary."""
     rng = random.Random(f"{args.seed}-text-{step}")
-    scenes, triplets = [], []
+    scenes, triplets, premises = [], [], []
     while len(triplets) < args.batch_size:
         s = rng.choice(world.splits["train"])
         t = nli_triplet(rng, s)
         if t is not None:
             scenes.append(s)
             triplets.append(t)
+            if rng.random() < args.scene_premises:   # the scene's summary as the premise
+                premises.append(Item(text=s.summary(), summary=s.summary()))
+            else:
+                premises.append(Item(text=t[0].text(), summary=t[0].summary(), caption=t[0]))
     B = len(triplets)
-    drop = dropout_flags(rng, 3 * B, args.summary_dropout)
+    drop = [rng.random() < args.summary_dropout for _ in range(3 * B)]   # summary dropout
     caps = [t[k] for k in range(3) for t in triplets]                          # (3B,) block-major
-    items = [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps]
+    items = premises + [Item(text=c.text(), summary=c.summary(), caption=c) for c in caps[B:]]
     false_neg = torch.tensor([[j != i and satisfies(s, c) for j, c in enumerate(caps[B:])]
                               for i, s in enumerate(scenes)])                 # (B, 2B)
     return Pairs(items, [None] * len(items), drop, false_neg, blocks=3, n_queries=B)
@@ -751,7 +754,7 @@ def make_stage2_inputs(args, world, step: int) -> Pairs:
     positives (2 blocks), the dropout flags, the in-batch false negatives."""
     rng = random.Random(f"{args.seed}-contrastive-{step}")
     queries = world.sample_queries(rng, args.batch_size)
-    drop = dropout_flags(rng, 2 * len(queries), args.summary_dropout)
+    drop = [rng.random() < args.summary_dropout for _ in range(2 * len(queries))]
     items = [q.item for q in queries] + [q.positive for q in queries]
     instructions = [INSTRUCTIONS[q.task] for q in queries] + [None] * len(queries)
     return Pairs(items, instructions, drop, in_batch_false_negatives(queries), blocks=2,

@@ -30,7 +30,7 @@ import data
 from retriever import (atomic_write, file_sha, load_tokenizer, read_checkpoint, read_log,
                        save_checkpoint, train_tokenizer)
 
-STAGE_ORDER = ("text", "contrastive", "elva")
+STAGE_ORDER = ("describe", "text", "contrastive", "elva")   # stages 0-3
 # What does not shape a stage's steps: where it runs, what it prints, what it is named.
 NOT_SHAPING = {"resume", "overwrite", "device", "threads", "workers", "compile", "log_every",
                "ckpt_every", "no_eval", "profile", "out", "stages", "init", "rank", "world_size",
@@ -91,12 +91,13 @@ class Parser(argparse.ArgumentParser):
 
     def stage_flags(self) -> dict:
         """Each stage's own flags, which --resume compares: all but those of another stage's
-        groups ("stage 1" ... in a group's title); stage 1 also has stage 2's, but --steps."""
+        groups ("stage 0" ... in a group's title); stages 0-1 also have stage 2's, but --steps."""
         groups = {s: {a.dest for g in self._action_groups if f"stage {i}" in (g.title or "")
-                      for a in g._group_actions} for i, s in enumerate(STAGE_ORDER, 1)}
+                      for a in g._group_actions} for i, s in enumerate(STAGE_ORDER)}
         own = {s: set(self.defaults()) - set().union(*(g for t, g in groups.items() if t != s))
                for s in groups}
-        own["text"] |= groups["contrastive"] - {"steps"}
+        for s in ("describe", "text"):
+            own[s] |= groups["contrastive"] - {"steps", "text_every"}
         return own
 
 

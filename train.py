@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import random
 import subprocess
@@ -49,17 +50,22 @@ phase = torch.profiler.record_function     # labels a step's phases in --profile
 
 TRAIN_PRESETS = {
     # smoke: the whole pipeline in under a minute on 2 CPU cores (tests, CI)
-    "smoke": dict(n_train=400, n_test=60, text_steps=10, steps=40, batch_size=16, lr=2e-3,
+    "smoke": dict(n_train=400, n_test=60, describe_steps=10, describe_lr=2e-3, scene_premises=0.5,
+                  describe_every=4, text_every=4, text_steps=10, steps=40, batch_size=16, lr=2e-3,
                   rl_steps=6, rl_batch=2, group_size=4, n_hard=2, n_rand=2, rl_queries=8,
                   rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6, log_every=5),
     # cpu: the default without a GPU, about a quarter of an hour on 2 cores
-    "cpu": dict(n_train=6000, n_test=500, text_steps=300, steps=1000, batch_size=48, lr=1e-3,
+    "cpu": dict(n_train=6000, n_test=500, describe_steps=600, describe_lr=2e-3, scene_premises=0.5,
+                describe_every=4, text_every=4, text_steps=300, steps=1000, batch_size=48, lr=1e-3,
                 rl_steps=150, rl_batch=2, group_size=8, n_hard=4, n_rand=4, rl_queries=200,
                 rl_pool_scenes=300, eval_queries=200, mrbench_per_task=100, log_every=25),
-    "gpu": dict(n_train=20000, n_test=1000, text_steps=1000, steps=6000, batch_size=128, lr=5e-4,
+    "gpu": dict(n_train=20000, n_test=1000, describe_steps=2000, describe_lr=1e-3,
+                scene_premises=0.5, describe_every=4, text_every=4, text_steps=1000, steps=6000,
+                batch_size=128, lr=5e-4,
                 rl_steps=400, rl_batch=8, group_size=8, n_hard=16, n_rand=16, rl_queries=1000,
                 rl_pool_scenes=1500, eval_queries=250, mrbench_per_task=250, log_every=50),
 }
+STAGES = ("describe", "text", "contrastive", "elva")   # stages 0-3
 # Every preset's: AdamW's weight decay and warm-up, one GRPO update per batch (on-policy), stage 3's
 # folder.
 COMMON = dict(weight_decay=0.05, warmup=0.05, num_iterations=1, elva_name="elva")
@@ -86,7 +92,8 @@ def build_parser() -> Parser:
     add("--preset", default=None, choices=list(TRAIN_PRESETS), help="default gpu on CUDA, else cpu")
     add("--out", default=None, help="output folder (default runs/<preset>)")
     add("--seed", type=int, default=0, help="seed of the world, the model and the sampling")
-    add("--stages", default=None, help="text, contrastive, elva (default all; 2-3 with --mbeir)")
+    add("--stages", default=None, help="describe, text, contrastive, elva (default all; "
+        "contrastive,elva with --mbeir)")
     p.add_run_flags()   # --resume, --device, --threads, --log_every, --profile, ... (runtime.py)
     add = p.add_argument_group("data: GrainWorld, or M-BEIR in UniIR's layout").add_argument
     add("--vocab_size", type=number(300, kind=int), default=512, help="BPE vocabulary size (>= "
@@ -97,8 +104,15 @@ def build_parser() -> Parser:
     add("--mbeir_pool", default="union", choices=["union", "local"], help="M-BEIR's pool")
     add("--summary_field", default=None, help="an M-BEIR field holding a reference summary")
     add("--eval_tasks", default=None, help="M-BEIR tasks to evaluate (default: the trained ones)")
+    add = p.add_argument_group("stage 0: describe (ours; batch: stage 2's)").add_argument
+    add("--describe_steps", type=count, default=None, help="optimizer steps")
+    add("--describe_lr", type=positive, default=None, help="peak AdamW learning rate")
     add = p.add_argument_group("stage 1: text (Sec. 3.3); batch, lr, tau: stage 2's").add_argument
     add("--text_steps", type=count, default=None, help="optimizer steps of the text stage")
+    add("--scene_premises", type=unit, default=None, help="share of premises that are a scene's "
+        "summary written as text (ours)")
+    add("--describe_every", type=number(0, kind=int), default=None, help="a stage-0 batch every "
+        "N steps (ours; 0: none)")
     add = p.add_argument_group("stage 2: contrastive (Sec. 3.3)").add_argument
     add("--steps", type=count, default=None, help="optimizer steps")
     add("--batch_size", type=number(2, kind=int), default=None, help="queries per step, each with "
@@ -107,6 +121,8 @@ def build_parser() -> Parser:
     add("--tau", type=number(0.005, 10), default=0.05, help="InfoNCE temperature")
     add("--lm_weight", type=number(0), default=1.0, help="weight of the summaries' next-token loss")
     add("--summary_dropout", type=unit, default=0.5, help="items embedded with no summary (ours)")
+    add("--text_every", type=number(0, kind=int), default=None, help="a stage-1 batch every N "
+        "steps (ours; 0: none)")
     add = p.add_argument_group("stage 3: ELVA (Sec. 3.4)").add_argument
     add("--init", default=None, help="start checkpoint (default <out>/contrastive)")
     add("--rl_steps", type=count, default=None, help="optimizer steps")
@@ -148,7 +164,7 @@ def get_args(argv=None, parser=None):
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
     args.world_seed = args.seed if args.world_seed is None else args.world_seed
-    stages = args.stages or ("contrastive,elva" if args.mbeir else "text,contrastive,elva")
+    stages = args.stages or ("contrastive,elva" if args.mbeir else "describe,text,contrastive,elva")
     args.stages = [s.strip() for s in stages.split(",")]
     args.train_tasks = [s.strip() for s in args.train_tasks.split(",") if s.strip()]
     check_device(args.device)
@@ -159,10 +175,12 @@ def get_args(argv=None, parser=None):
 def check_flags(args):
     """The stages, the data's sizes and the reward's order."""
     stages = ",".join(args.stages)
-    if not args.stages or any(s not in ("text", "contrastive", "elva") for s in args.stages):
-        fail("--stages", stages, "a comma list of text, contrastive and/or elva")
+    if not args.stages or any(s not in STAGES for s in args.stages):
+        fail("--stages", stages, f"a comma list of {', '.join(STAGES)}")
     if "text" in args.stages and "contrastive" not in args.stages:
         fail("--stages", stages, "text together with contrastive (stage 2 starts from stage 1)")
+    if "describe" in args.stages and "text" not in args.stages:
+        fail("--stages", stages, "describe together with text (stage 1 starts from stage 0)")
     if args.mbeir is not None and not (Path(args.mbeir) / "query" / "train").is_dir():
         fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, "
                                     "instructions/)")
@@ -171,9 +189,9 @@ def check_flags(args):
         value = args.eval_tasks if args.eval_tasks is not None else ",".join(args.train_tasks)
         fail(flag, value, "M-BEIR tasks together with --mbeir (GrainWorld has "
                                             "its four tasks)")
-    if args.mbeir is not None and "text" in args.stages:
-        fail("--stages", stages, "contrastive and/or elva with --mbeir (the text stage's NLI "
-                                 "triplets are made from GrainWorld captions)")
+    if args.mbeir is not None and ("text" in args.stages or "describe" in args.stages):
+        fail("--stages", stages, "contrastive and/or elva with --mbeir (stages 0-1 are made of "
+                                 "GrainWorld's scenes and captions)")
     if args.mbeir is None and args.batch_size > args.n_train:
         fail("--batch_size", args.batch_size, f"at most the {args.n_train} training scenes "
                                               f"(--n_train) a batch is drawn from")
@@ -295,19 +313,21 @@ def stage2_loss(args, run: Run, model, pairs: Pairs):
     b = {k: v.to(dev, non_blocking=True) for k, v in pairs.encoded[0].items()}
     imgs = pairs.encoded[1].to(dev, non_blocking=True)
     e, logp, lm_mask = teacher_forced(model, b, imgs, torch.tensor(pairs.drop), run.autocast)
+    l_lm = lm_loss(run, logp, lm_mask)
+    if pairs.lm_only:                                   # stage 0's describe batch: no InfoNCE
+        return l_lm, torch.zeros(()), l_lm
     B = pairs.n_queries                                 # items: [B queries, their candidates]
     ec, offset = run.gather(e[B:])   # torchrun: every process's candidates; one process: e[B:]
     l_nce = info_nce(e[:B], ec, args.tau, pairs.false_neg.to(dev), target_offset=offset)
-    l_lm = lm_loss(run, logp, lm_mask)
     return l_nce + args.lm_weight * l_lm, l_nce, l_lm
 
 
 def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, make_batch,
-                    init: Path | None):
-    """Stages 1 and 2: per step the global batch from the step's seed, this process's share, the
+                    init: Path | None, peak_lr: float):
+    """Stages 0-2: per step the global batch from the step's seed, this process's share, the
     loss, the learning rate, the update; a log line and, when due, a checkpoint."""
     model = new_model(args, tok, run.device, init).train()
-    opt = adamw(model.parameters(), args.lr, args.weight_decay, run.device)
+    opt = adamw(model.parameters(), peak_lr, args.weight_decay, run.device)
     stage = run.stage(name, steps, Retriever(model, tok), opt, dict(source.meta), init)
     if stage is None:
         return
@@ -324,7 +344,7 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
         loss, l_nce, l_lm = stage2_loss(args, run, model, pairs)
         # the update: warm-up + cosine learning rate; gradients averaged over the processes
         # (torchrun; nothing on one), clipped to norm 1; a non-finite step is never applied
-        lr = lr_at(step, steps, args.lr, args.warmup)
+        lr = lr_at(step, steps, peak_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -338,18 +358,40 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
         stage.save_if_due(step)
 
 
+def replayed(make, earlier, every: int, args, data_, step: int):
+    """Every `every`-th step a batch of the earlier stage's kind (drawn from its own seeds),
+    the other steps the stage's own (ours): the later stage keeps what the earlier one taught,
+    as the paper's LLM keeps its language through LoRA-tuned stages. every 0: never."""
+    if every and step % every == every - 1:
+        return earlier(args, data_, 10 ** 6 + step)
+    return make(args, data_, step)
+
+
+def describe_stage(args, run: Run, source: Source, tok):
+    """Stage 0 (ours, standing in for the MLLM's own pretraining, which the paper starts from):
+    the next-token loss of each training image's reference summary, so that the model sees its
+    input and describes it before stage 1."""
+    embedding_stage(args, run, source, tok, "describe", args.describe_steps,
+                    data.make_describe_inputs, None, args.describe_lr)
+
+
 def text_stage(args, run: Run, source: Source, tok):
     """Stage 1 (Sec. 3.3, after LamRA), in miniature: language-only InfoNCE on NLI-style triplets
-    (data.nli_triplet): a caption, an entailed rewording (the positive), the caption with one grain
-    contradicted (a hard negative), and in-batch negatives; stage 2's model, template and loss."""
-    embedding_stage(args, run, source, tok, "text", args.text_steps, data.make_text_inputs, None)
+    (data.nli_triplet): a premise, an entailed rewording (the positive), the premise with one
+    grain contradicted (a hard negative), and in-batch negatives; stage 2's model and loss."""
+    init = Path(args.out) / "describe" if "describe" in args.stages else None
+    make = functools.partial(replayed, data.make_text_inputs, data.make_describe_inputs,
+                             args.describe_every if init else 0)
+    embedding_stage(args, run, source, tok, "text", args.text_steps, make, init, args.lr)
 
 
 def contrastive_stage(args, run: Run, source: Source, tok):
-    """Stage 2 (Sec. 3.3) on the source's batches, from stage 1's weights when the run has it."""
+    """Stage 2 (Sec. 3.3) on the source's batches, from stage 1's weights when the run has it,
+    and then with stage 1's batches replayed every --text_every steps."""
     init = Path(args.out) / "text" if "text" in args.stages else None
-    embedding_stage(args, run, source, tok, "contrastive", args.steps, source.contrastive_inputs,
-                    init)
+    make = functools.partial(replayed, source.contrastive_inputs, data.make_text_inputs,
+                             args.text_every if init else 0)
+    embedding_stage(args, run, source, tok, "contrastive", args.steps, make, init, args.lr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,6 +720,8 @@ def main(argv=None):
     run = Run(args, SHAPING_ARGS, parser)
     if "contrastive" in args.stages:
         tok = run.tokenizer(source)
+        if "describe" in args.stages:
+            describe_stage(args, run, source, tok)
         if "text" in args.stages:
             text_stage(args, run, source, tok)
         contrastive_stage(args, run, source, tok)

@@ -7,6 +7,7 @@ import torch
 
 import data
 import retriever
+import train
 from data import Caption, Item, Mention, Obj, Scene
 
 
@@ -154,3 +155,24 @@ def test_a_process_takes_its_share_of_the_global_batch():
             matches = {gathered[j] for j in range(8) if p.false_neg[i, j]}
             want = {items[B + j] for j in range(2 * B) if false_neg[int(query[1]), j]}
             assert matches == want
+
+
+def test_the_recipes_batches(world):
+    """Stage 0's batch holds images with their reference summaries and asks for the next-token
+    loss alone; stage 1's premises are a scene's summary written as text where --scene_premises
+    says; a replayed stage takes the earlier stage's batch every N-th step, from seeds of its own."""
+    args = train.get_args(["--preset", "smoke", "--scene_premises", "1", "--batch_size", "8"])
+    d = data.make_describe_inputs(args, world, 0)
+    assert d.lm_only and d.blocks == 1 and all(it.scene is not None for it in d.items)
+    assert [it.summary for it in d.items] == [it.scene.summary() for it in d.items]
+    assert not any(d.drop) and d.false_neg.shape == (8, 0)
+    t = data.make_text_inputs(args, world, 0)
+    scenes = {s.summary() for s in world.splits["train"]}
+    assert all(it.text in scenes and it.caption is None for it in t.items[:8])
+    args.scene_premises = 0.0
+    assert all(it.caption is not None for it in data.make_text_inputs(args, world, 0).items[:8])
+    kinds = [train.replayed(data.make_text_inputs, data.make_describe_inputs, 4, args, world,
+                            step).lm_only for step in range(8)]
+    assert kinds == [False, False, False, True] * 2
+    assert train.replayed(data.make_text_inputs, data.make_describe_inputs, 0, args, world,
+                          3).lm_only is False
