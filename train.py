@@ -1,19 +1,21 @@
 """
-Training: the paper's three stages (ELVA, Sections 3.3-3.4), top to bottom.
-  stage 1  language-only InfoNCE on NLI-style caption triplets                    text_stage
-  stage 2  InfoNCE on generated [RET] embeddings + the summaries' next-token loss  contrastive_stage
-  stage 3  ELVA: negatives mined by the stage-2 model, then GRPO on the margin and elva_stage,
-           ranking rewards with a KL to the stage-2 model                          grpo_step
+Training: the paper's three stages (ELVA, Sections 3.3-3.4), top to bottom, after ours.
+  stage 0  (ours) the next-token loss of images' summaries           describe_stage
+  stage 1  language-only InfoNCE on NLI-style caption triplets       text_stage
+  stage 2  InfoNCE on [RET] embeddings + the summaries' LM loss      contrastive_stage
+  stage 3  ELVA: negatives mined by the stage-2 model, then GRPO     elva_stage, grpo_step
+           on the margin and ranking rewards, KL to stage 2
 
-    python train.py                  # preset gpu on CUDA, else cpu: stages 1-3, then eval.py
-    python train.py --preset smoke   # the whole pipeline in under a minute on 2 CPU cores
-    python train.py --mbeir ROOT     # stages 2-3 on M-BEIR (python mbeir.py --sample DIR: a sample)
-    torchrun --nproc_per_node=N train.py   # data-parallel on N processes (GPUs, or CPUs: gloo)
+    python train.py                  # gpu preset on CUDA, else cpu; then eval.py
+    python train.py --preset smoke   # the whole pipeline in a minute on 2 CPU cores
+    python train.py --mbeir ROOT     # stages 2-3 on M-BEIR (mbeir.py --sample DIR: one)
+    python train.py --explain CKPT   # one GRPO step on a checkpoint, printed
+    torchrun --nproc_per_node=N train.py   # data-parallel (GPUs, or CPUs with gloo)
 
-This file is the paper only; our variants and the equal-compute control are in study/. Each stage
-is a loop you can read: batch, step, log line, checkpoint. runtime.py holds the machinery (flags,
-the run folder, logs, checkpoints, torchrun), which a reader of the paper may skip. Outputs under
---out (default runs/<preset>): a folder per stage (model.safetensors, log.jsonl), eval.json.
+This file is the paper (and our stage 0, which stands in for the MLLM's pretraining); our
+variants and the equal-compute control are in study/. Each stage is a loop you can read:
+batch, step, log line, checkpoint. runtime.py holds the machinery a reader of the paper may
+skip. Outputs under --out (default runs/<preset>): a folder per stage, eval.json.
 """
 
 from __future__ import annotations
@@ -44,32 +46,38 @@ from runtime import Parser, Run, check_device, fail, number, one_line_errors, re
 phase = torch.profiler.record_function     # labels a step's phases in --profile's table
 
 
-# --------------------------------------------------------------------------------------------------
-# Presets: the world's and each stage's sizes (the model's are in elva.PRESETS). Keys with no flag
-# here (n_train, rl_queries, ...) are set by the study's flags.
+# ----------------------------------------------------------------------------------------
+# Presets: the world's and each stage's sizes (the model's are in elva.PRESETS). Keys with
+# no flag here (n_train, rl_queries, ...) are set by the study's flags.
 
 TRAIN_PRESETS = {
     # smoke: the whole pipeline in under a minute on 2 CPU cores (tests, CI)
-    "smoke": dict(n_train=400, n_test=60, describe_steps=10, describe_lr=2e-3, scene_premises=0.5,
-                  describe_every=4, text_every=4, text_steps=10, steps=40, batch_size=16, lr=2e-3,
+    "smoke": dict(n_train=400, n_test=60, batch_size=16, lr=2e-3,
+                  describe_steps=10, describe_lr=2e-3,
+                  text_steps=10, scene_premises=0.0, describe_every=4,
+                  steps=40, text_every=4,
                   rl_steps=6, rl_batch=2, group_size=4, n_hard=2, n_rand=2, rl_queries=8,
                   rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6, log_every=5),
-    # cpu: the default without a GPU, about a quarter of an hour on 2 cores
-    "cpu": dict(n_train=6000, n_test=500, describe_steps=600, describe_lr=2e-3, scene_premises=0.5,
-                describe_every=4, text_every=4, text_steps=300, steps=1000, batch_size=48, lr=1e-3,
+    # cpu: the default without a GPU, within 20 minutes on 2 cores
+    "cpu": dict(n_train=6000, n_test=500, batch_size=48, lr=1e-3,
+                describe_steps=500, describe_lr=2e-3,
+                text_steps=1000, scene_premises=0.0, describe_every=4,
+                steps=800, text_every=4,
                 rl_steps=150, rl_batch=2, group_size=8, n_hard=4, n_rand=4, rl_queries=200,
                 rl_pool_scenes=300, eval_queries=200, mrbench_per_task=100, log_every=25),
-    "gpu": dict(n_train=20000, n_test=1000, describe_steps=2000, describe_lr=1e-3,
-                scene_premises=0.5, describe_every=4, text_every=4, text_steps=1000, steps=6000,
-                batch_size=128, lr=5e-4,
-                rl_steps=400, rl_batch=8, group_size=8, n_hard=16, n_rand=16, rl_queries=1000,
-                rl_pool_scenes=1500, eval_queries=250, mrbench_per_task=250, log_every=50),
+    "gpu": dict(n_train=20000, n_test=1000, batch_size=128, lr=5e-4,
+                describe_steps=2000, describe_lr=1e-3,
+                text_steps=3000, scene_premises=0.0, describe_every=4,
+                steps=6000, text_every=4,
+                rl_steps=400, rl_batch=8, group_size=8, n_hard=16, n_rand=16,
+                rl_queries=1000, rl_pool_scenes=1500, eval_queries=250,
+                mrbench_per_task=250, log_every=50),
 }
 STAGES = ("describe", "text", "contrastive", "elva")   # stages 0-3
-# Every preset's: AdamW's weight decay and warm-up, one GRPO update per batch (on-policy), stage 3's
-# folder.
+# Every preset's: AdamW's weight decay and warm-up, one GRPO update per batch (on-policy),
+# stage 3's folder.
 COMMON = dict(weight_decay=0.05, warmup=0.05, num_iterations=1, elva_name="elva")
-# What decides the world, the tokenizer and the model's shape: a run folder keeps one value of each.
+# What decides the world, the tokenizer and the model's shape: one value per run folder.
 SHAPING_ARGS = ("preset", "seed", "world_seed", "n_train", "n_test", "vocab_size", "mbeir",
                 "train_tasks", "mbeir_pool", "summary_field")
 # What stage 3's console line shows (its log.jsonl keeps every value of the step).
@@ -85,71 +93,72 @@ def gamma_flag(text: str):
 
 
 def build_parser() -> Parser:
-    """The paper's knobs and the run's essentials, one flag each (the study adds its variants)."""
+    """The paper's knobs and the run's essentials, one flag each (the study adds its own)."""
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    count, positive, unit = number(1, kind=int), number(0, above=True), number(0, 1)
+    count, every = number(1, kind=int), number(0, kind=int)
+    positive, unit = number(0, above=True), number(0, 1)
     add = p.add_argument_group("run").add_argument
-    add("--preset", default=None, choices=list(TRAIN_PRESETS), help="default gpu on CUDA, else cpu")
+    add("--preset", default=None, choices=list(TRAIN_PRESETS),
+        help="default gpu on CUDA, else cpu")
     add("--out", default=None, help="output folder (default runs/<preset>)")
-    add("--seed", type=int, default=0, help="seed of the world, the model and the sampling")
+    add("--seed", type=int, default=0, help="seed of the world, model and sampling")
     add("--stages", default=None, help="describe, text, contrastive, elva (default all; "
         "contrastive,elva with --mbeir)")
-    p.add_run_flags()   # --resume, --device, --threads, --log_every, --profile, ... (runtime.py)
+    p.add_run_flags()   # --resume, --device, --threads, --profile, ... (runtime.py)
     add = p.add_argument_group("data: GrainWorld, or M-BEIR in UniIR's layout").add_argument
-    add("--vocab_size", type=number(300, kind=int), default=512, help="BPE vocabulary size (>= "
-        "300: 256 byte symbols, 5 special tokens and some merges)")
+    add("--vocab_size", type=number(300, kind=int), default=512,
+        help="BPE vocabulary size (>= 300: 256 bytes, 5 special tokens, merges)")
     add("--world_seed", type=int, default=None, help="GrainWorld's seed (default --seed)")
-    add("--mbeir", default=None, help="an M-BEIR root: train on its train split, test on its test")
-    add("--train_tasks", default="all", help="comma list of M-BEIR training tasks, or all")
+    add("--mbeir", default=None, help="an M-BEIR root: its train split, then its test")
+    add("--train_tasks", default="all", help="M-BEIR training tasks (comma list) or all")
     add("--mbeir_pool", default="union", choices=["union", "local"], help="M-BEIR's pool")
-    add("--summary_field", default=None, help="an M-BEIR field holding a reference summary")
-    add("--eval_tasks", default=None, help="M-BEIR tasks to evaluate (default: the trained ones)")
+    add("--summary_field", default=None, help="an M-BEIR field holding a summary")
+    add("--eval_tasks", default=None, help="M-BEIR tasks to evaluate (default: trained)")
     add = p.add_argument_group("stage 0: describe (ours; batch: stage 2's)").add_argument
     add("--describe_steps", type=count, default=None, help="optimizer steps")
     add("--describe_lr", type=positive, default=None, help="peak AdamW learning rate")
     add = p.add_argument_group("stage 1: text (Sec. 3.3); batch, lr, tau: stage 2's").add_argument
-    add("--text_steps", type=count, default=None, help="optimizer steps of the text stage")
-    add("--scene_premises", type=unit, default=None, help="share of premises that are a scene's "
-        "summary written as text (ours)")
-    add("--describe_every", type=number(0, kind=int), default=None, help="a stage-0 batch every "
-        "N steps (ours; 0: none)")
+    add("--text_steps", type=count, default=None, help="optimizer steps")
+    add("--scene_premises", type=unit, default=None,
+        help="premises that are a scene's summary as text (ours)")
+    add("--describe_every", type=every, default=None,
+        help="a stage-0 batch every N steps (ours; 0: none)")
     add = p.add_argument_group("stage 2: contrastive (Sec. 3.3)").add_argument
     add("--steps", type=count, default=None, help="optimizer steps")
-    add("--batch_size", type=number(2, kind=int), default=None, help="queries per step, each with "
-        "its positive (>= 2: InfoNCE needs a negative)")
+    add("--batch_size", type=number(2, kind=int), default=None,
+        help="queries per step, each with its positive (>= 2)")
     add("--lr", type=positive, default=None, help="peak AdamW learning rate")
     add("--tau", type=number(0.005, 10), default=0.05, help="InfoNCE temperature")
-    add("--lm_weight", type=number(0), default=1.0, help="weight of the summaries' next-token loss")
-    add("--summary_dropout", type=unit, default=0.5, help="items embedded with no summary (ours)")
-    add("--text_every", type=number(0, kind=int), default=None, help="a stage-1 batch every N "
-        "steps (ours; 0: none)")
+    add("--lm_weight", type=number(0), default=1.0, help="weight of the next-token loss")
+    add("--summary_dropout", type=unit, default=0.5,
+        help="items embedded with no summary (ours)")
+    add("--text_every", type=every, default=None,
+        help="a stage-1 batch every N steps (ours; 0: none)")
     add = p.add_argument_group("stage 3: ELVA (Sec. 3.4)").add_argument
     add("--init", default=None, help="start checkpoint (default <out>/contrastive)")
     add("--rl_steps", type=count, default=None, help="optimizer steps")
     add("--rl_batch", type=count, default=None, help="queries per step")
-    add("--group_size", type=number(2, kind=int), default=None, help="G: rollouts per query "
-        "(paper 8; >= 2: an advantage needs a group)")
-    add("--n_hard", type=number(0, kind=int), default=None, help="filtered hard negatives per "
-        "query (paper 50)")
-    add("--n_rand", type=number(0, kind=int), default=None, help="random negatives per query "
-        "(paper 50)")
-    add("--hard_threshold", type=number(-1, 1), default=0.95, help="hard negatives above this "
-        "stage-2 cosine are dropped as likely false negatives")
-    add("--rl_lr", type=positive, default=1e-5, help="AdamW learning rate (paper 1e-6, 7B + LoRA)")
-    add("--temperature", type=positive, default=1.0, help="sampling temperature of the summaries")
-    add("--clip_eps", type=number(0, 1, above=True), default=0.2, help="PPO clip range of the "
-        "ratio (TRL's epsilon)")
-    add("--beta", type=number(0), default=0.2, help="KL coefficient to the reference (paper 0.2)")
+    add("--group_size", type=number(2, kind=int), default=None,
+        help="G: rollouts per query (paper 8)")
+    add("--n_hard", type=every, default=None, help="hard negatives per query (paper 50)")
+    add("--n_rand", type=every, default=None, help="random negatives per query (paper 50)")
+    add("--hard_threshold", type=number(-1, 1), default=0.95,
+        help="hard negatives above this stage-2 cosine are dropped (false negatives?)")
+    add("--rl_lr", type=positive, default=1e-5, help="AdamW's lr (paper 1e-6, 7B + LoRA)")
+    add("--temperature", type=positive, default=1.0, help="the summaries' sampling temperature")
+    add("--clip_eps", type=number(0, 1, above=True), default=0.2,
+        help="PPO clip range of the ratio (TRL's epsilon)")
+    add("--beta", type=number(0), default=0.2, help="KL coefficient (paper 0.2)")
     add("--alpha", "--margin_weight", dest="alpha", type=number(0), default=ALPHA,
         help="weight of R_Margin (paper 0.4)")
     add("--epsilon", "--rank_weight", dest="epsilon", type=number(0), default=EPSILON,
-        help="weight of R_Rank (paper 0.6; not TRL's epsilon, which is --clip_eps)")
+        help="weight of R_Rank (paper 0.6; TRL's epsilon is --clip_eps)")
     add("--delta", type=number(0), default=DEFAULT_DELTA, help="margin of R_Margin")
-    add("--gamma", type=gamma_flag, default=None, help="weight of R_Rank's negative term: auto "
-        "(default) or a number below reward.ordered_gamma_limit(C)")
-    add("--train_vision", action="store_true", help="train the vision tower (the paper freezes it)")
+    add("--gamma", type=gamma_flag, default=None,
+        help="R_Rank's negative weight: auto, or below reward.ordered_gamma_limit(C)")
+    add("--train_vision", action="store_true", help="train the vision tower (paper: frozen)")
     add("--loss_norm", default="token", choices=["token", "sequence"], help="GRPO's mean")
-    add("--explain", default=None, metavar="CKPT", help="print one GRPO step on CKPT and exit")
+    add("--explain", default=None, metavar="CKPT", help="print a GRPO step on CKPT; exit")
     add("--explain_task", default=None, choices=list(TASKS), help="--explain's task")
     return p
 
@@ -164,8 +173,8 @@ def get_args(argv=None, parser=None):
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
     args.world_seed = args.seed if args.world_seed is None else args.world_seed
-    stages = args.stages or ("contrastive,elva" if args.mbeir else "describe,text,contrastive,elva")
-    args.stages = [s.strip() for s in stages.split(",")]
+    default = "contrastive,elva" if args.mbeir else ",".join(STAGES)
+    args.stages = [s.strip() for s in (args.stages or default).split(",")]
     args.train_tasks = [s.strip() for s in args.train_tasks.split(",") if s.strip()]
     check_device(args.device)
     check_flags(args)
@@ -174,52 +183,51 @@ def get_args(argv=None, parser=None):
 
 def check_flags(args):
     """The stages, the data's sizes and the reward's order."""
-    stages = ",".join(args.stages)
+    stages, out, grainworld = ",".join(args.stages), Path(args.out), args.mbeir is None
     if not args.stages or any(s not in STAGES for s in args.stages):
         fail("--stages", stages, f"a comma list of {', '.join(STAGES)}")
-    if "text" in args.stages and "contrastive" not in args.stages:
-        fail("--stages", stages, "text together with contrastive (stage 2 starts from stage 1)")
-    if "describe" in args.stages and "text" not in args.stages:
-        fail("--stages", stages, "describe together with text (stage 1 starts from stage 0)")
-    if args.mbeir is not None and not (Path(args.mbeir) / "query" / "train").is_dir():
+    for later, first in (("contrastive", "text"), ("text", "describe")):
+        if first in args.stages and later not in args.stages:
+            fail("--stages", stages, f"{first} together with {later} (which starts from it)")
+    if not grainworld and not (Path(args.mbeir) / "query" / "train").is_dir():
         fail("--mbeir", args.mbeir, "an M-BEIR root holding query/train/ (and cand_pool/, "
                                     "instructions/)")
-    if args.mbeir is None and (args.eval_tasks is not None or args.train_tasks != ["all"]):
+    if grainworld and (args.eval_tasks is not None or args.train_tasks != ["all"]):
         flag = "--eval_tasks" if args.eval_tasks is not None else "--train_tasks"
         value = args.eval_tasks if args.eval_tasks is not None else ",".join(args.train_tasks)
-        fail(flag, value, "M-BEIR tasks together with --mbeir (GrainWorld has "
-                                            "its four tasks)")
-    if args.mbeir is not None and ("text" in args.stages or "describe" in args.stages):
-        fail("--stages", stages, "contrastive and/or elva with --mbeir (stages 0-1 are made of "
-                                 "GrainWorld's scenes and captions)")
-    if args.mbeir is None and args.batch_size > args.n_train:
+        fail(flag, value, "M-BEIR tasks together with --mbeir (GrainWorld has its four)")
+    if not grainworld and ("text" in args.stages or "describe" in args.stages):
+        fail("--stages", stages, "contrastive and/or elva with --mbeir (stages 0-1 are "
+                                 "made of GrainWorld's scenes and captions)")
+    if grainworld and args.batch_size > args.n_train:
         fail("--batch_size", args.batch_size, f"at most the {args.n_train} training scenes "
                                               f"(--n_train) a batch is drawn from")
-    if args.mbeir is None and args.n_hard + args.n_rand >= args.rl_pool_scenes:
-        fail("--n_hard + --n_rand", args.n_hard + args.n_rand, f"fewer than the "
-             f"{args.rl_pool_scenes} training scenes of each task's mining pool (--rl_pool_scenes)")
-    if args.n_hard + args.n_rand < 1:
-        fail("--n_hard + --n_rand", args.n_hard + args.n_rand, ">= 1: a ranking needs a negative")
-    if args.mbeir is None and args.rl_batch > len(TASKS) * args.rl_queries:
+    n_neg = args.n_hard + args.n_rand
+    if grainworld and n_neg >= args.rl_pool_scenes:
+        fail("--n_hard + --n_rand", n_neg, f"fewer than the {args.rl_pool_scenes} training "
+                                           f"scenes of each task's mining pool")
+    if n_neg < 1:
+        fail("--n_hard + --n_rand", n_neg, ">= 1: a ranking needs a negative")
+    if grainworld and args.rl_batch > len(TASKS) * args.rl_queries:
         fail("--rl_batch", args.rl_batch, f"<= the RL instances ({len(TASKS)} tasks x "
                                          f"--rl_queries {args.rl_queries})")
-    C = 1 + args.n_hard + args.n_rand
+    C = 1 + n_neg
     if args.gamma is not None and args.gamma >= ordered_gamma_limit(C):
-        works = [c for c in range(2, C) if args.gamma < ordered_gamma_limit(c)]   # it falls with C
+        works = [c for c in range(2, C) if args.gamma < ordered_gamma_limit(c)]
         fewer = f", or at most {works[-1]} candidates" if works else ""
-        fail("--gamma", args.gamma, f"below {ordered_gamma_limit(C):.4f} at C = {C} candidates "
-             f"(1 + --n_hard + --n_rand){fewer}: a larger gamma pays R_Rank more for the positive "
-             f"ranked lower; 'auto' keeps the order")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+        fail("--gamma", args.gamma, f"below {ordered_gamma_limit(C):.4f} at C = {C} "
+             f"candidates (1 + --n_hard + --n_rand){fewer}: a larger gamma pays R_Rank "
+             f"more for the positive ranked lower; 'auto' keeps the order")
+    if out.exists() and not out.is_dir():
         fail("--out", args.out, "a folder (this path is a file)")
-    if any((Path(args.out) / d).is_dir() for d in ("query", "cand_pool")):
+    if any((out / d).is_dir() for d in ("query", "cand_pool")):
         fail("--out", args.out, "a folder for runs, not an M-BEIR root (it holds query/ or "
                                 "cand_pool/)")
 
 
 def read_source(args, meta: dict | None = None) -> Source:
-    """The training data, read and checked whole before any work: from the flags, or (stage 3)
-    from the stage-2 checkpoint's record, so that ELVA trains on the data stage 2 saw."""
+    """The training data, read and checked whole before any work: from the flags, or (stage
+    3) from the stage-2 checkpoint's record, so that ELVA trains on the data stage 2 saw."""
     if meta is None and args.mbeir:
         import mbeir   # real data, only when asked for
         meta = mbeir.meta_of(args)
@@ -242,7 +250,7 @@ def new_model(args, tok, device, init=None) -> elva.ELVAModel:
     if init is not None:
         model.load_state_dict(Retriever.from_pretrained(init, device).model.state_dict())
         print(f"starts from {init}")
-    if args.compile:   # each block compiled in place: names and checkpoints stay as they are
+    if args.compile:   # each block compiled in place: names and checkpoints stay
         for blk in [*model.vit, *model.blocks]:
             blk.compile(dynamic=True)
     return model
@@ -262,20 +270,21 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-# --------------------------------------------------------------------------------------------------
-# Stages 1 and 2 (Section 3.3): InfoNCE on the [RET] embeddings of teacher-forced reference
-# summaries, plus the summaries' next-token loss, which teaches our from-scratch model to write
-# summaries at all (Qwen2-VL already can). The paper's stages 1-2 embed at a fixed prompt token
-# (LamRA's "in one word: <emb>"); ours embed at [RET] after the summary, so that one template serves
-# all three stages.
+# ----------------------------------------------------------------------------------------
+# Stages 1 and 2 (Section 3.3): InfoNCE on the [RET] embeddings of teacher-forced
+# reference summaries, plus the summaries' next-token loss, which teaches our from-scratch
+# model to write summaries at all (Qwen2-VL already can). The paper's stages 1-2 embed at
+# a fixed prompt token (LamRA's "in one word: <emb>"); ours embed at [RET] after the
+# summary, so that one template serves all three stages.
 
 
 def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg=None, target_offset=0):
     """L = -1/N sum_n log( exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau) )   (Sec. 3.3)
 
-    eq (N, D) and ec (M, D) or (N, M, D), unit vectors. ec (M, D): candidate n + target_offset is
-    query n's positive; ec (N, M, D): candidate 0 of each row is. false_neg (N, M) masks candidates
-    known to be relevant, so that a true match is never pushed away."""
+    eq (N, D) and ec (M, D) or (N, M, D), unit vectors. ec (M, D): candidate n +
+    target_offset is query n's positive; ec (N, M, D): candidate 0 of each row is.
+    false_neg (N, M) masks candidates known to be relevant, so that a true match is never
+    pushed away."""
     if ec.dim() == 2:
         logits = eq @ ec.T / tau                                               # (N, M)
         target = torch.arange(eq.shape[0], device=eq.device) + target_offset
@@ -289,35 +298,41 @@ def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg=None, tar
 
 def teacher_forced(model, b: dict, imgs, drop: torch.Tensor, autocast):
     """Items with their reference summaries teacher-forced -> (embeddings (N, D), summary
-    log-probs (N, T), LM mask (N, T)); the rows of `drop` (N,) have no summary and no LM loss."""
+    log-probs (N, T), LM mask (N, T)); the rows of `drop` (N,) have no summary and no LM
+    loss."""
     with phase("forward"), autocast():
-        logp, h = model.token_logprobs(b, imgs, groups=2)   # 2 passes of like length: less padding
+        # two passes of rows of like length: less padding to compute on
+        logp, h = model.token_logprobs(b, imgs, groups=2)
     lm_mask = b["gen_mask"] & ~drop.to(logp.device)[:, None]
     return model.ret_embedding(h, b["ret_pos"]), logp * lm_mask, lm_mask
 
 
 def lm_loss(run: Run, logp: torch.Tensor, lm_mask: torch.Tensor) -> torch.Tensor:
-    """The summaries' next-token loss: the mean over every summary token of the global batch."""
+    """The summaries' next-token loss: the mean over the global batch's summary tokens."""
     if run.world == 1:
         return -(logp.sum() / lm_mask.sum().clamp(min=1))
     return -logp.sum() * run.world / run.total(lm_mask.sum()).clamp(min=1)   # torchrun
 
 
 def stage2_loss(args, run: Run, model, pairs: Pairs):
-    """InfoNCE over in-batch negatives + lm_weight * next-token loss -> (loss, InfoNCE, LM loss).
+    """InfoNCE over in-batch negatives + lm_weight * next-token loss -> (loss, InfoNCE, LM
+    loss).
 
-    Summary dropout (ours): with reference summaries a query and its positive often carry the same
-    words (for i2i the same string), so InfoNCE could be met by reading the summary alone.
-    Dropping the summaries of a random part of the items makes InfoNCE train perception too."""
+    Summary dropout (ours): with reference summaries a query and its positive often carry
+    the same words (for i2i the same string), so InfoNCE could be met by reading the
+    summary alone. Dropping the summaries of a random part of the items makes InfoNCE
+    train perception too."""
     dev = run.device
     b = {k: v.to(dev, non_blocking=True) for k, v in pairs.encoded[0].items()}
     imgs = pairs.encoded[1].to(dev, non_blocking=True)
-    e, logp, lm_mask = teacher_forced(model, b, imgs, torch.tensor(pairs.drop), run.autocast)
+    drop = torch.tensor(pairs.drop)
+    e, logp, lm_mask = teacher_forced(model, b, imgs, drop, run.autocast)
     l_lm = lm_loss(run, logp, lm_mask)
-    if pairs.lm_only:                                   # stage 0's describe batch: no InfoNCE
+    if pairs.lm_only:                   # stage 0's describe batch: no InfoNCE
         return l_lm, torch.zeros(()), l_lm
-    B = pairs.n_queries                                 # items: [B queries, their candidates]
-    ec, offset = run.gather(e[B:])   # torchrun: every process's candidates; one process: e[B:]
+    B = pairs.n_queries                 # items: [B queries, their candidates]
+    # torchrun: every process's candidates; one process: e[B:] itself
+    ec, offset = run.gather(e[B:])
     l_nce = info_nce(e[:B], ec, args.tau, pairs.false_neg.to(dev), target_offset=offset)
     return l_nce + args.lm_weight * l_lm, l_nce, l_lm
 
@@ -331,8 +346,8 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
     stage = run.stage(name, steps, Retriever(model, tok), opt, dict(source.meta), init)
     if stage is None:
         return
-    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} "
-          f"steps x {args.batch_size} items")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{name}: {n_params:.2f}M parameters, {steps} steps x {args.batch_size} items")
     enc, limit = stage.retriever.enc, stage.retriever.prompt_limit
     batches = run.batches(lambda step: make_batch(args, source.data, step),
                           lambda pairs: pairs.part(run.rank, run.world),   # one process: all
@@ -340,10 +355,12 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
     for step in range(stage.start, steps):
         with phase("data"):
             pairs = next(batches)
-        # the loss: InfoNCE over in-batch negatives (true matches masked) + next-token loss
+        # the loss: InfoNCE over in-batch negatives (true matches masked) + next-token
+        # loss
         loss, l_nce, l_lm = stage2_loss(args, run, model, pairs)
-        # the update: warm-up + cosine learning rate; gradients averaged over the processes
-        # (torchrun; nothing on one), clipped to norm 1; a non-finite step is never applied
+        # the update: warm-up + cosine learning rate; gradients averaged over the
+        # processes (torchrun; nothing on one), clipped to norm 1; a non-finite step is
+        # never applied
         lr = lr_at(step, steps, peak_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -353,32 +370,34 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         stage.stop_unless_finite(step, loss, gnorm)
         opt.step()
-        stage.log(step, {"loss": loss, "infonce": l_nce, "lm": l_lm, "lr": lr, "grad_norm": gnorm,
-                         "masked_false_neg": int(pairs.false_neg.sum())})
+        stage.log(step, {"loss": loss, "infonce": l_nce, "lm": l_lm, "lr": lr,
+                         "grad_norm": gnorm, "masked_false_neg": int(pairs.false_neg.sum())})
         stage.save_if_due(step)
 
 
 def replayed(make, earlier, every: int, args, data_, step: int):
     """Every `every`-th step a batch of the earlier stage's kind (drawn from its own seeds),
-    the other steps the stage's own (ours): the later stage keeps what the earlier one taught,
-    as the paper's LLM keeps its language through LoRA-tuned stages. every 0: never."""
+    the other steps the stage's own (ours): the later stage keeps what the earlier one
+    taught, as the paper's LLM keeps its language through LoRA-tuned stages. every 0:
+    never."""
     if every and step % every == every - 1:
         return earlier(args, data_, 10 ** 6 + step)
     return make(args, data_, step)
 
 
 def describe_stage(args, run: Run, source: Source, tok):
-    """Stage 0 (ours, standing in for the MLLM's own pretraining, which the paper starts from):
-    the next-token loss of each training image's reference summary, so that the model sees its
-    input and describes it before stage 1."""
+    """Stage 0 (ours, standing in for the MLLM's own pretraining, which the paper starts
+    from): the next-token loss of each training image's reference summary, so that the
+    model sees its input and describes it before stage 1."""
     embedding_stage(args, run, source, tok, "describe", args.describe_steps,
                     data.make_describe_inputs, None, args.describe_lr)
 
 
 def text_stage(args, run: Run, source: Source, tok):
-    """Stage 1 (Sec. 3.3, after LamRA), in miniature: language-only InfoNCE on NLI-style triplets
-    (data.nli_triplet): a premise, an entailed rewording (the positive), the premise with one
-    grain contradicted (a hard negative), and in-batch negatives; stage 2's model and loss."""
+    """Stage 1 (Sec. 3.3, after LamRA), in miniature: language-only InfoNCE on NLI-style
+    triplets (data.nli_triplet): a premise, an entailed rewording (the positive), the
+    premise with one grain contradicted (a hard negative), and in-batch negatives; stage
+    2's model and loss."""
     init = Path(args.out) / "describe" if "describe" in args.stages else None
     make = functools.partial(replayed, data.make_text_inputs, data.make_describe_inputs,
                              args.describe_every if init else 0)
@@ -386,17 +405,18 @@ def text_stage(args, run: Run, source: Source, tok):
 
 
 def contrastive_stage(args, run: Run, source: Source, tok):
-    """Stage 2 (Sec. 3.3) on the source's batches, from stage 1's weights when the run has it,
-    and then with stage 1's batches replayed every --text_every steps."""
+    """Stage 2 (Sec. 3.3) on the source's batches, from stage 1's weights when the run has
+    it, and then with stage 1's batches replayed every --text_every steps."""
     init = Path(args.out) / "text" if "text" in args.stages else None
     make = functools.partial(replayed, source.contrastive_inputs, data.make_text_inputs,
                              args.text_every if init else 0)
-    embedding_stage(args, run, source, tok, "contrastive", args.steps, make, init, args.lr)
+    embedding_stage(args, run, source, tok, "contrastive", args.steps, make, init,
+                    args.lr)
 
 
-# --------------------------------------------------------------------------------------------------
-# Stage 3: ELVA (Section 3.4). Negatives mined by the stage-2 model, then GRPO on generated
-# embeddings.
+# ----------------------------------------------------------------------------------------
+# Stage 3: ELVA (Section 3.4). Negatives mined by the stage-2 model, then GRPO on
+# generated embeddings.
 
 
 def make_rl_batch(args, instances, step: int) -> list:
@@ -405,18 +425,20 @@ def make_rl_batch(args, instances, step: int) -> list:
 
 
 def rollout_seed(args, step: int, rank: int) -> int:
-    """The sampling's seed of a step: from the run's seed and the step, another on each process."""
+    """The sampling's seed of a step: from the run's seed and the step, another on each
+    process."""
     return args.seed * 100003 + step + 7919 * rank
 
 
 @dataclass
 class Rollout:
     """A GRPO rollout batch: B instances x G rollouts x K = 2 + N items (query, positive, N
-    negatives): S = B * G * K sequences in (instance, rollout, item) order. An item's G rollouts
-    share its prompt, held once (U = B * K prompts); per sequence, the summary part: summary,
-    [RET]."""
+    negatives): S = B * G * K sequences in (instance, rollout, item) order. An item's G
+    rollouts share its prompt, held once (U = B * K prompts); per sequence, the summary
+    part: summary, [RET]."""
     batch: dict             # prompt_tokens / prompt_attn (U, P), images, index (S,): each row's
-                            # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): the summary
+                            # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): the
+                            # summary
     sampled: torch.Tensor   # (S, Ts) bool: the tokens the policy sampled (a forced [RET] is not)
     logp: torch.Tensor      # (S, Ts) float32 log-probs of those tokens, with gradient
     e: torch.Tensor         # (B, G, K, D) unit [RET] embeddings: the paper's action
@@ -431,13 +453,15 @@ class Rollout:
 
 def rollout_index(B: int, G: int, K: int, device) -> torch.Tensor:
     """(S,): row (b, g, k) of a rollout batch continues prompt b * K + k."""
-    index = torch.arange(B, device=device)[:, None, None] * K + torch.arange(K, device=device)
+    index = torch.arange(B, device=device)[:, None, None] * K
+    index = index + torch.arange(K, device=device)
     return index.expand(B, G, K).reshape(-1)
 
 
 def rollout_scores(e: torch.Tensor, backend: str = "auto"):
-    """e (B, G, K, D) -> each rollout's cosines of its query to its candidates and their ranks, the
-    positive's by the reward's rule (B, G, K - 1) each: kernels.cosine_ranks, fused on a GPU."""
+    """e (B, G, K, D) -> each rollout's cosines of its query to its candidates and their
+    ranks, the positive's by the reward's rule (B, G, K - 1) each: kernels.cosine_ranks,
+    fused on a GPU."""
     B, G, K, D = e.shape
     q, c = e[:, :, 0].reshape(B * G, D), e[:, :, 1:].reshape(B * G, K - 1, D)
     s, r = cosine_ranks(q, c, positive_last=True, backend=backend)
@@ -449,11 +473,11 @@ def on_device(made: Instances, device) -> tuple[dict, torch.Tensor]:
 
 
 def rollout(args, model, made: Instances, gen: torch.Generator, autocast) -> Rollout:
-    """The paper's action (Sec. 3.4): per instance and rollout, sample a summary of every item --
-    the query's, the positive's, each negative's -- then embed and score them (embed_rollout).
-    Each prompt is read once; its G rollouts expand its KV cache."""
+    """The paper's action (Sec. 3.4): per instance and rollout, sample a summary of every
+    item -- the query's, the positive's, each negative's -- then embed and score them
+    (embed_rollout). Each prompt is read once; its G rollouts expand its KV cache."""
     B, G, K = len(made.batch), args.group_size, 2 + len(made.batch[0][1])
-    pb, images = on_device(made, gen.device)                  # the U = B * K prompts, left-padded
+    pb, images = on_device(made, gen.device)       # the U = B * K prompts, left-padded
     index = rollout_index(B, G, K, pb["tokens"].device)                        # (S,)
     with phase("generate"), autocast():
         summ, ended = model.generate(pb["tokens"], pb["attn"], images, index=index,
@@ -463,10 +487,10 @@ def rollout(args, model, made: Instances, gen: torch.Generator, autocast) -> Rol
 
 
 def embed_rollout(args, model, pb: dict, images, shape: tuple, summaries, ended, autocast):
-    """The sampled summaries teacher-forced after their shared prompts, with gradient (its log-probs
-    serve the update: on-policy, no second forward), embedded at [RET], and each rollout's list
-    scored and ranked -> Rollout. A [RET] forced after max_summary_len tokens was not sampled: it is
-    left out of `sampled` (no advantage, no KL)."""
+    """The sampled summaries teacher-forced after their shared prompts, with gradient (its
+    log-probs serve the update: on-policy, no second forward), embedded at [RET], and each
+    rollout's list scored and ranked -> Rollout. A [RET] forced after max_summary_len
+    tokens was not sampled: it is left out of `sampled` (no advantage, no KL)."""
     B, G, K = shape
     dev = pb["tokens"].device
     index = rollout_index(B, G, K, dev)                                        # (S,)
@@ -480,9 +504,9 @@ def embed_rollout(args, model, pb: dict, images, shape: tuple, summaries, ended,
     with phase("forward"), autocast():
         logp, h = model.shared_prefix_logprobs(rb, args.temperature)
     # e keeps its graph: GRPO's loss reaches the embeddings only through the log-probs
-    e = model.ret_embedding(h, rb["ret_pos"]).view(B, G, K, -1)                # (B, G, K, D)
+    e = model.ret_embedding(h, rb["ret_pos"]).view(B, G, K, -1)      # (B, G, K, D)
     with phase("score"), torch.no_grad():
-        scores, ranks = rollout_scores(e.detach())                             # (B, G, K - 1) each
+        scores, ranks = rollout_scores(e.detach())                   # (B, G, K - 1) each
     return Rollout(batch=rb, sampled=sampled, logp=logp.float(), e=e, scores=scores, ranks=ranks,
                    summaries=summaries)
 
@@ -494,10 +518,11 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
       3. advantage  A = (R - mean) / (std + eps) over the query's G rollouts, for all its summaries
       4. loss       PPO-clipped policy gradient on the sampled tokens + beta * KL(k3) to stage 2
       5. update     clipped AdamW step
-    Kept: the clipped objective, the KL to the frozen stage-2 model. Dropped: the entropy bonus and
-    the value function (GRPO has none). On-policy -- one update per rollout batch, as here -- the
-    ratio is exactly 1 and the clip never acts: the gradient is REINFORCE's with the group mean as
-    baseline, plus the KL term; the clip stays so that the objective is GRPO's as written."""
+    Kept: the clipped objective, the KL to the frozen stage-2 model. Dropped: the entropy
+    bonus and the value function (GRPO has none). On-policy -- one update per rollout
+    batch, as here -- the ratio is exactly 1 and the clip never acts: the gradient is
+    REINFORCE's with the group mean as baseline, plus the KL term; the clip stays so that
+    the objective is GRPO's as written."""
     model, opt = stage.retriever.model, stage.opt
     # 1. rollout
     ro = rollout(args, model, made, gen, run.autocast)
@@ -510,12 +535,13 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
     # 4. loss: the rollout's own log-probs are the "old" ones; stage 2 is the KL reference
     with phase("reference"), torch.no_grad(), run.autocast():
         ref_logp, _ = ref.model.shared_prefix_logprobs(ro.batch, args.temperature)
-    n_tokens = run.tokens(ro.sampled, args.loss_norm)   # torchrun: the batch's; one process: None
+    # torchrun: the token count of the whole batch; one process: None (its own)
+    n_tokens = run.tokens(ro.sampled, args.loss_norm)
     loss, info = grpo_loss(ro.logp, ro.logp.detach(), ref_logp.float(), A.to(ro.logp.device),
                            ro.sampled, args.clip_eps, args.beta, n_tokens=n_tokens,
                            norm=args.loss_norm)
-    # 5. update: gradients averaged over the processes (torchrun; nothing on one), clipped to norm
-    #    1; a non-finite step is never applied
+    # 5. update: gradients averaged over the processes (torchrun; nothing on one), clipped
+    # to norm    1; a non-finite step is never applied
     opt.zero_grad(set_to_none=True)
     loss.backward()
     run.average_gradients(model)
@@ -524,7 +550,7 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
     opt.step()
     # the record
     R = R.float()
-    tied = (R.max(1).values - R.min(1).values) < 1e-6                      # groups with no gradient
+    tied = (R.max(1).values - R.min(1).values) < 1e-6      # groups with no gradient
     lengths = torch.tensor([len(s) for s in ro.summaries], dtype=torch.float32)
     return {"loss": loss.detach(), "reward_mean": R.mean(), "reward_std": R.std(),
             "R_margin": parts["margin"].float().mean(), "R_rank": parts["rank"].float().mean(),
@@ -534,17 +560,19 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
 
 
 def open_elva_stage(args, run: Run):
-    """Stage 3's set-up -> (stage, the frozen stage-2 Retriever, the RL instances), or None if
+    """Stage 3's set-up -> (stage, the frozen stage-2 Retriever, the RL instances), or None
+    if
     --out/<elva_name> is complete. The policy starts as the stage-2 model (--init), which also
     stays frozen as the KL reference and mines the negatives."""
     init = Path(args.init or Path(args.out) / "contrastive")
     ref = Retriever.from_pretrained(init, run.device)
-    source = read_source(args, ref.meta)                # stage 2's data; --seed varies only RL here
+    source = read_source(args, ref.meta)    # stage 2's data; --seed varies only RL here
     model = copy.deepcopy(ref.model).train()
     for p in ref.model.parameters():
         p.requires_grad_(False)
-    # the paper freezes the vision encoder and trains the language model (LoRA at 7B; our decoder
-    # is small enough to train whole): the vision tower and projector stay, unless --train_vision
+    # the paper freezes the vision encoder and trains the language model (LoRA at 7B; our
+    # decoder is small enough to train whole): the vision tower and projector stay, unless
+    # --train_vision
     if not args.train_vision:
         for p in model.vision_parameters():
             p.requires_grad_(False)
@@ -558,7 +586,8 @@ def open_elva_stage(args, run: Run):
                       show=ELVA_SHOWN)
     if stage is None:
         return None
-    # the RL instances: queries with balanced negatives mined by the stage-2 model (Sec. 3.4)
+    # the RL instances: queries with balanced negatives mined by the stage-2 model (Sec.
+    # 3.4)
     t0 = time.time()
     instances = mine_instances(args, source, ref, run.autocast)
     if len(instances) < args.rl_batch:
@@ -575,7 +604,8 @@ def open_elva_stage(args, run: Run):
 
 
 def rl_batches(args, run: Run, stage, instances):
-    """The steps' rollout batches: drawn from `instances`, this process's share, prompts encoded."""
+    """The steps' rollout batches: drawn from `instances`, this process's share, prompts
+    encoded."""
     enc, limit = stage.retriever.enc, stage.retriever.prompt_limit
     return run.batches(lambda step: make_rl_batch(args, instances, step), run.share,
                        lambda batch: encode_rollout(enc, limit, batch), stage.start,
@@ -591,7 +621,8 @@ def elva_stage(args, run: Run):
     batches = rl_batches(args, run, stage, instances)
     gen = torch.Generator(device=run.device)
     for step in range(stage.start, stage.steps):
-        gen.manual_seed(rollout_seed(args, step, run.rank))   # --resume replays the same samples
+        # the step's own sampling seed: --resume replays the same samples
+        gen.manual_seed(rollout_seed(args, step, run.rank))
         with phase("data"):
             made = next(batches)
         # rollout -> reward -> advantage -> loss -> update
@@ -600,19 +631,19 @@ def elva_stage(args, run: Run):
         stage.save_if_due(step)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The step above on one instance, printed: python train.py --explain CKPT
 
 
 def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
-    """One RL instance through steps 1-3 of grpo_step with the same functions: the query and its
-    mined candidates, each rollout's sampled words, ranked list, R_Margin, R_Rank, R_total and
-    advantage. The checkpoint is the policy and mines the negatives; its saved arguments give G,
-    the temperature, the negative counts and the reward's constants."""
+    """One RL instance through steps 1-3 of grpo_step with the same functions: the query and
+    its mined candidates, each rollout's sampled words, ranked list, R_Margin, R_Rank,
+    R_total and advantage. The checkpoint is the policy and mines the negatives; its saved
+    arguments give G, the temperature, the negative counts and the reward's constants."""
     ret = Retriever.from_pretrained(ckpt, device)
     args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
     source = read_source(args, ret.meta)
-    instances = mine_instances(args, source, ret, autocast)               # one query per task
+    instances = mine_instances(args, source, ret, autocast)      # one query per task
     chosen = [x for x in instances if task is None or x[0].task == task]
     if not chosen:
         raise SystemExit(f"--explain_task {task!r}: expected one of "
@@ -638,7 +669,7 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
     for name, c in zip(names, [q.positive, *negs]):
         print(f"{name + ':':12s}{describe(c)}")
     for g in range(G):
-        rows = [(g * K + k) for k in range(K)]                              # sequences of rollout g
+        rows = [(g * K + k) for k in range(K)]                   # rollout g's sequences
         said = [ret.enc.decode(ro.summaries[r]) for r in rows]
         order = ro.ranks[0, g].tolist()
         ranked = sorted(range(C), key=lambda j: order[j])
@@ -656,8 +687,8 @@ def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0)
 
 
 def describe(item: Item) -> str:
-    """An item in words: its text, and for an image its scene's reference summary (what the image
-    shows)."""
+    """An item in words: its text, and for an image its scene's reference summary (what the
+    image shows)."""
     parts = [repr(item.text)] if item.text else []
     if item.scene is not None:
         parts.append(f"(image: {item.scene.summary()})")
@@ -666,7 +697,7 @@ def describe(item: Item) -> str:
     return " ".join(parts) or "(empty)"
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The pipeline
 
 
@@ -683,10 +714,12 @@ def check_init_data(args):
 
 
 def evaluate(args, run: Run, eval_tasks: str | None):
-    """eval.py on the run's stage-2 and stage-3 checkpoints, in its own process: side by side on
-    GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation each (eval_<stage>.json)."""
+    """eval.py on the run's stage-2 and stage-3 checkpoints, in its own process: side by side
+    on GrainWorld (eval.json), or with --mbeir one M-BEIR evaluation each
+    (eval_<stage>.json)."""
     out = Path(args.out)
-    ckpts = [c for c in ("contrastive", args.elva_name) if (out / c / "model.safetensors").exists()]
+    ckpts = [c for c in ("contrastive", args.elva_name)
+             if (out / c / "model.safetensors").exists()]
     cmds = [["--out", str(out / "eval.json"), "--queries", str(args.eval_queries),
              "--mrbench_per_task", str(args.mrbench_per_task)]
             + [x for c in ckpts for x in ("--ckpt", str(out / c))]]
@@ -710,7 +743,7 @@ def main(argv=None):
     if args.explain:
         device, autocast = resolve_device(args.device)
         return explain(args.explain, device, autocast, args.explain_task, args.seed)
-    if "contrastive" not in args.stages:   # stage 3 alone trains on the data --init was trained on
+    if "contrastive" not in args.stages:   # stage 3 alone trains on --init's data
         check_init_data(args)
     eval_tasks = None
     if args.mbeir:
