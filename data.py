@@ -312,10 +312,9 @@ def entailed_caption(rng: random.Random, cap: Caption) -> Caption | None:
 
 def nli_triplet(rng: random.Random, scene: Scene,
                 tries: int = 10) -> tuple[Caption, Caption, Caption] | None:
-    """(premise, entailed, contradiction) for the paper's stage 1 in miniature (language-only NLI
-    pairs): a caption of the scene with at least two grains, a caption it entails, and the
-    premise with one grain contradicted (an attribute changed, colours swapped between its
-    objects, its relation reversed) that the scene does not satisfy."""
+    """(premise, entailed, contradiction), stage 1's NLI in miniature: a caption of the scene
+    with >= 2 grains, a caption it entails, and the premise with one grain contradicted (an
+    attribute, a binding, a relation) that the scene does not satisfy."""
     for _ in range(tries):
         premise = random_caption(rng, scene)
         if premise.n_grains() < 2:
@@ -716,10 +715,9 @@ def make_describe_inputs(args, world, step: int) -> Pairs:
 
 
 def make_text_inputs(args, world, step: int) -> Pairs:
-    """Stage 1's global batch, from the step's seed: B (premise, entailed rewording, one-grain
-    contradiction) triplets of training scenes in 3 blocks, the dropout flags, and which
-    candidates each premise's scene satisfies. A share of the premises (--scene_premises) is
-    the scene's own summary, written as text: the form [RET] reads after an image's summary."""
+    """Stage 1's global batch from the step's seed: B NLI triplets in 3 blocks, the dropout
+    flags, the candidates each premise's scene satisfies. --scene_premises of the premises are
+    the scene's summary written as text (the form [RET] reads after an image's summary)."""
     rng = random.Random(f"{args.seed}-text-{step}")
     scenes, triplets, premises = [], [], []
     while len(triplets) < args.batch_size:
@@ -762,9 +760,8 @@ def make_stage2_inputs(args, world, step: int) -> Pairs:
 
 
 def grainworld_rl_candidates(args, world) -> list:
-    """Stage 3's candidates, per task: rl_queries queries on training scenes and a mining pool of
-    training scenes and their one-grain siblings (a real corpus holds near duplicates that random
-    batches rarely bring together) -> [(queries, pool, relevant (Q, P) bool, None)]."""
+    """Stage 3's candidates per task: rl_queries queries and a mining pool of training scenes
+    and their one-grain siblings -> [(queries, pool, relevant (Q, P), None)]."""
     rng = random.Random(f"{args.seed}-rl-data")
     out = []
     for task in TASKS:

@@ -215,11 +215,9 @@ class ELVAModel(nn.Module):
         return x
 
     def forward(self, tokens, attn, images=None, cache=None, positions=None):
-        """tokens (B, T), attn (B, Tk) bool over every key so far (cache included) -> final hidden
-        states (B, T, D).
-
-        The attention mask is causal AND key-not-padding; each position may always see itself, so
-        rows that are pure padding stay finite (their outputs are never used)."""
+        """tokens (B, T), attn (B, Tk) over every key so far (cache included) -> hidden states
+        (B, T, D). The mask is causal and key-not-padding; each position sees itself, so rows
+        of pure padding stay finite (their outputs are never used)."""
         B, T = tokens.shape
         x = self._embed_tokens(tokens, images)
         Tk = attn.shape[1]
@@ -239,23 +237,19 @@ class ELVAModel(nn.Module):
         return h @ self.tok_emb.weight.T                                        # tied LM head
 
     def summary_logits(self, h, temperature: float = 1.0):
-        """The distribution summaries are sampled from, in fp32: the LM head's logits with [PAD]
-        and [IMG] ruled out (never a valid summary token), divided by the temperature. generate
-        samples from it and token_logprobs scores with it, so GRPO's ratio, gradient and KL use
-        exactly the distribution that was sampled."""
+        """The distribution summaries are sampled from (fp32 logits, [PAD] and [IMG] ruled out,
+        / temperature): generate samples from it, token_logprobs scores with it, so GRPO's
+        ratio, gradient and KL use exactly the distribution that was sampled."""
         logits = self.logits(h).float()
         logits[..., self.pad_id] = float("-inf")
         logits[..., self.img_id] = float("-inf")
         return logits / temperature if temperature > 0 else logits
 
     def token_logprobs(self, batch: dict, images=None, temperature: float = 1.0, groups: int = 1):
-        """Teacher-forced pass over full sequences (prompt + summary + [RET]).
-
-        Returns (logp (B, T), h (B, T, D)): logp[b, t] = log p(tokens[b, t] | tokens[b, <t]) at
-        `temperature` for t in gen_mask (zero elsewhere); h are the final hidden states, so h[b,
-        ret_pos[b]] is the embedding's source. groups > 1: the rows run in that many passes of
-        similar length with their all-padding columns cut (length_groups): the same numbers up to
-        rounding, less work on padding (h is zero on the cut columns)."""
+        """Teacher-forced pass over prompt + summary + [RET] -> (logp (B, T), h (B, T, D)):
+        log p(token t | tokens < t) at `temperature` where gen_mask (zero elsewhere), and the
+        hidden states (h[b, ret_pos[b]] is the embedding's source). groups > 1: in that many
+        passes of rows of like length (length_groups): the same numbers, less padding."""
         if groups > 1:
             logp = torch.zeros(batch["tokens"].shape, device=batch["tokens"].device)
             h = torch.zeros(*batch["tokens"].shape, self.cfg.d_model, device=batch["tokens"].device)
@@ -288,15 +282,10 @@ class ELVAModel(nn.Module):
         return self.ret_embedding(h, batch["ret_pos"])
 
     def shared_prefix_logprobs(self, rb: dict, temperature: float = 1.0):
-        """Teacher-forced pass over summaries that continue *shared* prompts (GRPO's G rollouts of
-        one item share its prompt): each prompt runs once, its KV cache is expanded over the rows
-        that continue it, and only the summary tokens run per row. The same numbers as
-        token_logprobs over the full sequences (a test checks), with the prompt's compute and memory
-        divided by G; gradients flow into the shared prompt states.
-
-        rb: prompt_tokens / prompt_attn (U, P) left-padded, images, index (S,) -- row s continues
-        prompt index[s] -- and the summary part tokens / attn / gen_mask (S, Ts), ret_pos (S,)
-        from collate_summaries. Returns (logp (S, Ts), h (S, Ts, D)) for the summary part."""
+        """token_logprobs for summaries that continue *shared* prompts (an item's G rollouts):
+        each prompt (U, P) runs once and its KV cache is expanded over the rows that continue it
+        (row s: prompt index[s]); the summaries (S, Ts, collate_summaries) run per row. The same
+        numbers (a test checks), the prompt's cost divided by G -> (logp, h) (S, Ts)."""
         cache = [dict() for _ in self.blocks]
         hp = self.forward(rb["prompt_tokens"], rb["prompt_attn"], rb["images"], cache=cache)
         # hp (U, P, D): the prompts' states
@@ -315,16 +304,10 @@ class ELVAModel(nn.Module):
     def generate(self, tokens, attn, images=None, max_new: int | None = None,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
                  return_ended: bool = False, index=None):
-        """Summaries for left-padded prompts (B, P): greedy when temperature == 0, else sampled.
-
-        Uses a KV cache: the prompt is read once, then one column per step. Stops at [RET] (per
-        row; all rows stop when every row has ended) or after max_new tokens. Returns each row's
-        summary ids without [RET]; the caller appends [RET] and runs one teacher-forced pass for
-        the embedding (and, in RL, the log-probs with gradient). With return_ended, also a list
-        of bools: True where the row *sampled* [RET], False where it ran out of tokens and the
-        caller's [RET] is forced (a token the policy did not choose, so RL must not train it).
-        With index (S,), the prompts are read once and row s continues prompt index[s] (GRPO's G
-        rollouts)."""
+        """Summaries (token ids, no [RET]) for left-padded prompts (B, P), greedy at temperature
+        0, else sampled, with a KV cache, until [RET] or max_new tokens. return_ended: also
+        whether each row *sampled* its [RET] (a forced one is not the policy's: RL must not
+        train it). index (S,): row s continues prompt index[s] (GRPO's G rollouts)."""
         max_new = max_new or self.cfg.max_summary_len
         cache = [dict() for _ in self.blocks]
         h = self.forward(tokens, attn, images, cache=cache)
@@ -365,11 +348,9 @@ class ELVAModel(nn.Module):
 
 
 def length_groups(batch: dict, images, groups: int, img_id: int, n_img_tokens: int):
-    """Split a collated batch (data.collate: left-padded prompts, then right-padded summaries)
-    into `groups` parts of rows of similar length, each without the columns that are padding in
-    all of its rows: the same sequences (positions come from the attention mask), less padding to
-    compute on -- stage 2's batches are ~70% real tokens. Yields (rows (b,), cols (t,), the
-    part's batch, its images) -- its rows' images, in order."""
+    """A collated batch -> `groups` parts of rows of similar length, each without the columns
+    that are padding in all its rows: the same sequences (positions come from the mask), less
+    padding (stage 2's batches are ~70% real tokens). Yields (rows, cols, part, its images)."""
     attn = batch["attn"]
     order = attn.sum(1).argsort(stable=True)                                  # rows, shortest first
     n_img = (batch["tokens"] == img_id).sum(1) // n_img_tokens                 # (B,) images per row

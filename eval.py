@@ -188,12 +188,10 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
 
 
 def summary_headroom(ret, bench, autocast) -> dict:
-    """MRBench-mini avg R@5 with every summary (queries and pool) replaced by its *reference*
-    summary, and by an empty one ([RET] right after the prompt). Against the greedy-summary score
-    this bounds what better words alone could buy -- all that GRPO's gradient can change -- and
-    shows how much of the score the summary carries at all. Also "reads": with the reference
-    summaries, each query's preference for its positive over each near miss, per kind (ties
-    half)."""
+    """MRBench-mini avg R@5 with every summary replaced by its *reference* summary, and by an
+    empty one: what better words alone could buy (all GRPO's gradient can change), and how much
+    the summary carries at all. Also "reads": with the reference summaries, each query's
+    preference for its positive over each near miss, per kind (ties half)."""
     out, wins = {}, {}
     for mode in ("reference", "empty"):
         r5 = []
@@ -279,9 +277,8 @@ def sees(ret, scenes, autocast, seed: int = 0) -> dict:
 
 
 def read_summary(text: str) -> list[dict]:
-    """A scene summary read back into its objects (the inverse of Scene.summary): one dict per
-    ';'-separated part with the shape, colour, size, row and column it names (None where a part
-    names none), so that a generated summary can be checked grain by grain."""
+    """A scene summary read back into its objects (Scene.summary's inverse): per ';' part the
+    shape, colour, size, row and column it names (None: not named)."""
     out = []
     for part in text.split(";"):
         words = part.split()
@@ -299,10 +296,9 @@ def read_summary(text: str) -> list[dict]:
 
 
 def summary_grains(scene: Scene, said: str) -> dict:
-    """Which grains a generated image summary states as the scene's reference summary does:
-    entity (the shapes), attribute (the colours and sizes), binding (which colour and size go with
-    which shape), relation (every pair of objects in the same left/right and above/below order),
-    cell (the share of objects named in their own cell), exact (the whole string)."""
+    """Which grains a generated image summary states as the reference does: entity (shapes),
+    attribute (colours, sizes), binding (which go with which shape), relation (every pair in
+    the same left/right and above/below order), cell (objects in their cell), exact."""
     from collections import Counter
     got = read_summary(said)
     want = [o.__dict__ for o in scene.objects]
@@ -390,7 +386,7 @@ def mean_pairwise_cosine(e: torch.Tensor) -> float:
 
 def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=None) -> dict:
     """Every GrainWorld measurement of a checkpoint (ret: a retriever to use in its place, e.g.
-    study.py's words-from-one-model, embedding-by-another)."""
+    the study's words-from-one-model, embedding-by-another)."""
     ret = ret or Retriever.from_pretrained(ckpt, device)
     meta = ret.meta
     if not isinstance(meta.get("world"), dict):

@@ -2,32 +2,22 @@
 Hand-written Triton kernels for the rollout's ranked list and for ranking a corpus, each beside its
 torch reference.
 
-    python kernels.py          # benchmark: each kernel against its reference (CUDA: do_bench;
-                               # CPU: small sizes, the Triton rows through Triton's interpreter)
-    python kernels.py --sweep  # CUDA: also time corpus_ranks over a few tile shapes
+    python kernels.py          # each kernel against its reference (CUDA: do_bench; CPU: small
+                               # sizes, the Triton rows through Triton's interpreter)
+    python kernels.py --sweep  # CUDA: also corpus_ranks over a few tile shapes
 
-Where they are used:
-- cosine_ranks(q [R, D], c [R, C, D]) -> (scores [R, C], ranks [R, C]): every RL rollout's ranked
-  list (the paper's Section 3.4: each rollout scores its candidates with cosine and sorts them; R =
-  B*G rollouts, C = 1 + N candidates), in one kernel: L2 normalisation fused in, fp32 accumulation
-  whatever the input dtype, the scores ranked while still in registers. With positive_last=True
-  column 0 (the positive) gets the reward's pessimistic rank: a negative that ties it ranks above
-  it. The ranks are reward.descending_ranks's: ties by index, NaN below every number (NaNs among
-  themselves by index).
-- corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: evaluation's rank of
-  each query's best positive over a whole pool, 1 + #{n not a positive: cos(q, c_n) >= best
-  positive's cosine}. Pessimistic, like the reward: a candidate that *ties* the positive ranks above
-  it, so a collapsed model (every embedding equal) gets the worst rank, never the best. The
-  positive's score comes from the very same tile arithmetic as every other score (a first, cheap
-  pass over only the tiles that hold a positive), so an exact duplicate of the positive ties it
-  exactly. NaN: a NaN positive score is the worst rank; a NaN candidate never counts above. Corpus
-  tiles stream through tl.dot and are counted, never writing the [M, N] score matrix: memory O(M*P +
-  N*D) instead of O(M*N).
+- cosine_ranks(q [R, D], c [R, C, D]) -> (scores [R, C], ranks [R, C]): every rollout's ranked
+  list (Section 3.4; R = B*G rollouts, C = 1 + N candidates) in one kernel: L2 normalisation
+  fused in, fp32 accumulation, the scores ranked in registers (reward.descending_ranks's ranks;
+  with positive_last, the positive's by the tie rule of reward.py).
+- corpus_ranks(q [M, D], corpus [N, D], positives [M] or [M, P]) -> int64 [M]: evaluation's rank
+  of each query's best positive over a pool, by the same tie rule (a collapsed model gets the
+  worst rank). The positives are scored by the very tile arithmetic of every other score, so a
+  duplicate of the positive ties it exactly; a NaN positive ranks last. Tiles stream through
+  tl.dot and are counted: memory O(M*P + N*D), never the [M, N] score matrix.
 
-Every function takes backend = "auto" | "triton" | "torch". auto = Triton on CUDA tensors, the torch
-reference otherwise. "triton" on CPU tensors runs Triton's interpreter, which needs
-TRITON_INTERPRET=1 before triton is imported: this module sets it when no CUDA device is present
-(the tests rely on that), unless the variable is set.
+backend = "auto" (Triton on CUDA tensors, else the reference) | "triton" | "torch"; "triton" on CPU
+tensors runs Triton's interpreter (TRITON_INTERPRET=1, set here when there is no CUDA device).
 """
 
 from __future__ import annotations
@@ -99,9 +89,8 @@ if HAS_TRITON:
     @triton.jit
     def _row_cosines(q_ptr, c_ptr, r, offs_c, C, D, stride_qr, stride_cr, stride_cc,
                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        # the cosines of row r's query with its candidates offs_c: D is walked in BLOCK_D chunks,
-        # accumulating the dot products and both squared norms in fp32, so every input byte is read
-        # exactly once.
+        # the cosines of row r's query with its candidates offs_c: D in BLOCK_D chunks, dot
+        # products and both squared norms in fp32, every input byte read once.
         dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
         cc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         qq = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -121,9 +110,8 @@ if HAS_TRITON:
     @triton.jit
     def _above(si, sj, order_i, order_j, j_ok):
         # per element i, how many of the elements j rank above it: a larger number, or any number
-        # above a NaN; or a tie (two equal numbers, two NaNs) earlier in the tie order. O(len(si) x
-        # len(sj)) comparisons, all in registers: for a rollout's list (C ~ 100) one pass, with no
-        # sort and no index writes.
+        # above a NaN; or a tie (two equal numbers, two NaNs) earlier in the tie order. All pairs
+        # compared in registers: for a rollout (C ~ 100) one pass, no sort, no index writes.
         ni, nj = si[:, None] != si[:, None], sj[None, :] != sj[None, :]     # NaN masks (NaN != NaN)
         gt = (~nj & ~ni & (sj[None, :] > si[:, None])) | (~nj & ni)
         tie = ((sj[None, :] == si[:, None]) | (nj & ni)) & (order_j[None, :] < order_i[:, None])
@@ -142,8 +130,7 @@ if HAS_TRITON:
         s = _row_cosines(q_ptr, c_ptr, r, offs, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C,
                          BLOCK_D)
         tl.store(s_ptr + r * stride_sr + offs, s, mask=offs < C)
-        # ranks: the tie order is the column index, except that with POS_LAST column 0 counts as
-        # index C
+        # tie order: the column index; with POS_LAST, column 0 counts as C
         order = tl.where((offs == 0) & POS_LAST, C, offs)
         rank = _above(s, s, order, order, offs < C) + 1
         tl.store(rank_ptr + r * stride_kr + offs, rank.to(tl.int64), mask=offs < C)
@@ -203,13 +190,10 @@ def _inverse_norms(corpus: torch.Tensor) -> torch.Tensor:
 
 def corpus_ranks_ref(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
                      chunk: int = 65536):
-    """Reference, chunked over the corpus so that it too never holds [M, N]: per chunk it writes an
-    [M, chunk] score block to memory and reads it back to compare -- the traffic the kernel saves.
-
-    Only the corpus norms matter for the order (|q| is one positive factor per query), so we
-    compare dot(q, c) * (1 / |c|) and never normalise q. Pass 1 scores the positives with exactly
-    the arithmetic of pass 2 (the same chunk's matmul), so that a duplicate of the positive ties
-    it bit for bit."""
+    """Reference, chunked so that it never holds [M, N]: it writes each [M, chunk] score block
+    to memory and reads it back -- the traffic the kernel saves. Only dot(q, c) / |c| matters
+    for the order; the positives are scored by pass 2's very arithmetic, so that a duplicate
+    of the positive ties it bit for bit."""
     pos = _positive_lists(pos_index, q.shape[0], corpus.shape[0]).to(q.device)      # (M, P)
     inv_norm = _inverse_norms(corpus)                                            # (N,), both passes
     # (M,); NaN propagates
@@ -333,13 +317,9 @@ def corpus_ranks(q: torch.Tensor, corpus: torch.Tensor, pos_index: torch.Tensor,
                  backend: str = "auto",
                  block_m: int = 256, block_n: int = 128, num_warps: int = 16, num_stages: int = 3
                  ) -> torch.Tensor:
-    """q [M, D], corpus [N, D], pos_index [M] or [M, P] int64 (each query's positives; -1 pads a
-    shorter list) -> int64 [M]: 1 + #{n not a positive: cos(q, c_n) >= max over the positives p of
-    cos(q, c_p)}.
-
-    With one positive per query: 1 + #{n != pos: cos(q, c_n) >= cos(q, c_pos)}. Recall@K ("a hit
-    if any positive is in the top K") is rank <= K. The default tile (256 x 128, 16 warps) is the
-    fastest of `python kernels.py --sweep` on an H100."""
+    """q [M, D], corpus [N, D], pos_index [M] or [M, P] int64 (each query's positives, -1 pads)
+    -> int64 [M]: 1 + #{n not a positive: cos(q, c_n) >= the best positive's cosine}; Recall@K
+    is rank <= K. The default tile (256 x 128, 16 warps): the fastest of --sweep on an H100."""
     if q.dim() != 2 or corpus.dim() != 2 or q.shape[1] != corpus.shape[1]:
         raise ValueError(f"corpus_ranks expects q [M, D] and corpus [N, D], got {tuple(q.shape)}, "
                          f"{tuple(corpus.shape)}")
@@ -399,8 +379,7 @@ def benchmark(sweep: bool = False):
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device: {name} | triton: {'interpreter' if INTERPRET else 'compiled'} | torch "
           f"{torch.__version__}")
-    # an idle GPU sits at a low clock: keep it busy for a second so that the first rows
-    # are not timed slow
+    # an idle GPU sits at a low clock: warm it for a second
     if cuda:
         a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
         t_end = time.perf_counter() + 1.0
@@ -408,10 +387,8 @@ def benchmark(sweep: bool = False):
             a @ a
         torch.cuda.synchronize()
     rows = []
-    # rollout sizes: R = 512 rollouts, C = 101 candidates, D = 256. The interpreter gets a small
-    # slice. These kernels run in microseconds, so on CUDA each row is timed twice: per call with
-    # events (the host's launch cost included, as in training) and as CUDA-graph replays (the GPU's
-    # own time).
+    # rollout sizes (the interpreter gets a slice). On CUDA each row is timed per call (launch
+    # cost included, as in training) and as CUDA-graph replays (the GPU's own time).
     R, C, D = (512, 101, 256) if cuda else (16, 101, 256)
     q = torch.randn(R, D, device=dev)
     c = torch.randn(R, C, D, device=dev)
@@ -424,7 +401,7 @@ def benchmark(sweep: bool = False):
                       graph=graph)
         rows.append((f"cosine_ranks R={R} C={C} D={D} vs bmm + sort{tag}", ref, fused,
                      f"{gb / fused * 1e3:.1f} GB/s"))
-    # corpus sizes: M = 4096, N = 1,000,000, D = 256, bf16. The interpreter gets a small slice.
+    # corpus sizes (the interpreter gets a slice)
     M, N, D = (4096, 1_000_000, 256) if cuda else (64, 2048, 64)
     dt = torch.bfloat16 if cuda else torch.float32
     qc = torch.randn(M, D, device=dev, dtype=dt)
@@ -450,11 +427,9 @@ def benchmark(sweep: bool = False):
 
 
 def tile_sweep(qc, corpus, pos, mm: float):
-    """corpus_ranks over a few tile shapes (the default first). The torch reference's bf16 matmul
-    rounds every score to bf16 (8 mantissa bits) before comparing, the kernel compares fp32
-    accumulators: with a million candidates many lie within one bf16 step of the positive, so the
-    two differ by a few ranks out of a million (on fp32 inputs they agree exactly: the tests).
-    The last columns count those differences."""
+    """corpus_ranks over a few tile shapes (the default first). In bf16 the reference rounds
+    every score to bf16 before comparing, the kernel compares fp32 accumulators: a few ranks
+    out of a million differ (on fp32 they agree exactly); the last columns count them."""
     ref = corpus_ranks(qc[:512], corpus, pos[:512], backend="torch")
     print(f"\ncorpus_ranks tile sweep (M={qc.shape[0]} N={corpus.shape[0]} D={qc.shape[1]}; "
           f"torch.mm {mm:.3f} ms)")

@@ -1,6 +1,6 @@
 """
 Real retrieval data: readers for UniIR's M-BEIR release and MMEB's evaluation rows, a sample writer,
-and M-BEIR as the stages' data (its batches and RL instances). The evaluation is in eval.py.
+M-BEIR as the stages' data, and the evaluation by UniIR's protocol (eval.py --mbeir calls it).
 
     python mbeir.py --sample DIR                    # a small M-BEIR-format folder (no downloads)
     python train.py --mbeir DIR --train_tasks all   # stages 2-3 on M-BEIR (training_source)
@@ -201,15 +201,10 @@ def read_mbeir_queries(path, pool: MBeirPool, image_root, instructions: dict | N
                        same_dataset_positives: bool = True, check_images: bool = True,
                        summary_field: str | None = None, qrels: dict | None = None,
                        strict: bool = True, instruction_rng: random.Random | None = None):
-    """A query file read against a pool, as UniIR's evaluation reads it: with a qrels file the
-    qrels pairs are relevant (a query absent from it has none), else the record's pos_cand_list;
-    every relevant candidate in the pool counts, whatever its dataset (`relevant`), and a query
-    none of whose relevant candidates is in the pool is a miss, not an error (`missed` counts
-    them). The query's own dataset's positives (`positives`: OVEN and InfoSeek list other
-    datasets' candidates too) pick its instruction -- UniIR's prompt for (its dataset, its
-    modality, the positive's modality), the first or with instruction_rng one drawn, as UniIR
-    draws -- and are what training pairs it with; strict (training): they must be in the pool.
-    -> MBeirQueries."""
+    """A query file against a pool, as UniIR reads it: relevant are the qrels pairs (else the
+    pos_cand_list), whatever their dataset; a query with none in the pool is a miss (counted).
+    Its own dataset's positives pick its instruction (UniIR's first prompt, or one drawn with
+    instruction_rng) and are its training pairs; strict: they must be in the pool."""
     path = Path(path)
     required = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
     out = MBeirQueries(path, [], [], [], [], [], [], [], [])
@@ -297,10 +292,9 @@ def mbeir_paths(root, task: str, split: str = "test", pool: str = "local") -> tu
 
 @dataclass
 class MBeirTrain:
-    """What training reads from M-BEIR: one pool (the union pool, or the training tasks' local
-    pools merged by id) and every query of the training tasks against it. queries[i] carries its
-    task, item, first positive and UniIR instruction; positives[i] / negatives[i] are pool
-    indices (negatives: the neg_cand_list entries)."""
+    """What training reads from M-BEIR: one pool (the union pool, or the tasks' local pools
+    merged by id) and the training tasks' queries against it; positives[i] / negatives[i] (the
+    neg_cand_list) are pool indices."""
     root: Path
     tasks: list[str]
     split: str
@@ -398,12 +392,10 @@ def _sample_image(i: int) -> str:
 
 
 def write_mbeir_sample(root) -> Path:
-    """A small M-BEIR-format folder, for the tests and for trying the commands: two datasets
-    ("9": text->image and image->text; "8": (image, text) -> (image, text)), local and union
-    pools, qrels, instructions, non-square JPEGs, null and empty texts, image+text candidates, a
-    positive from another dataset (relevant in evaluation when the union pool holds it; not a
-    training positive) and empty negative lists. It writes only into a new or empty folder: given
-    a real M-BEIR root it would write over UniIR's own file names."""
+    """A small M-BEIR-format folder for the tests and for trying the commands: two datasets,
+    local and union pools, qrels, instructions, non-square JPEGs, null and empty texts, a
+    positive from another dataset, empty negative lists. Only into a new or empty folder (in a
+    real M-BEIR root it would write over UniIR's own file names)."""
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise BadInput(f"--sample {root}: expected a new or empty folder (it holds files; the "
@@ -474,10 +466,9 @@ def write_mbeir_sample(root) -> Path:
 
 
 def make_mbeir_inputs(args, src: MBeirTrain, step: int) -> Pairs:
-    """Stage 2's global batch on M-BEIR: B queries drawn from the training tasks, for each one
-    positive (any of its positives) and one extra candidate -- an entry of its neg_cand_list
-    where the data gives one, else a random pool candidate -- in 3 blocks [queries, positives,
-    extras]. The mask takes out every in-batch candidate that is one of the query's positives."""
+    """Stage 2's global batch on M-BEIR: B queries, a positive of each and an extra candidate
+    (from its neg_cand_list, else a random one) in 3 blocks; every in-batch candidate that is
+    one of a query's positives is masked."""
     rng = random.Random(f"{args.seed}-mbeir-{step}")
     qi = [rng.randrange(len(src.queries)) for _ in range(args.batch_size)]
     pos = [rng.choice(src.positives[i]) for i in qi]
@@ -675,13 +666,10 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
                    run_file: str | None = None, cache_dir: str | None = None,
                    run_depth: int = 100, batch_size: int = 256, instruction: str = "first",
                    seed: int = 0, run_id: str = "elva") -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 -- a hit if any relevant candidate (qrels, else
-    pos_cand_list; no dataset filter) is in the top K, pessimistic ties -- plus MRR and NDCG@10
-    ranked by the same rule, over the task's local pool (its `_<split>_cand_pool` where the
-    release has one) or the union pool. A query none of whose relevant candidates is in the pool
-    is a miss. Instructions: UniIR's prompts, the first or one drawn with `seed` (UniIR draws).
-    Every input is read and checked before any embedding; the run file (TREC: qid Q0 did rank
-    score run_id) is written whole or not at all."""
+    """Per task, UniIR's protocol: Recall@1/5/10 (a hit if any relevant candidate is in the
+    top K; ties pessimistic), MRR and NDCG@10 over the task's local pool or the union pool; a
+    miss (no relevant candidate in the pool) scores 0. Every input is checked before any
+    embedding; the TREC run file (qid Q0 did rank score run_id) is written whole or not at all."""
     tasks, loaded = read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed)
     out, run_lines = {}, []
     cache = Path(cache_dir) if cache_dir else None
@@ -721,12 +709,9 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
 
 
 def evaluate_mmeb(ret, paths: list[str], image_root: str, autocast, batch_size: int = 256):
-    """MMEB (VLM2Vec) evaluation files: each row ranks its own target list, the first target the
-    positive. Per file, keyed by the path as given: Precision@1 (VLM2Vec's metric: the positive
-    ranks first; pessimistic ties, NaN last), MRR, and the chance level (mean of 1 / targets).
-    Every file is read and checked before any embedding. To make these rows from the released
-    parquet files, read them with any parquet reader outside this project and write one JSON
-    object per row with the fields read_mmeb names."""
+    """MMEB (VLM2Vec) rows: each ranks its own targets, the first the positive. Per file (keyed
+    by its path): Precision@1 (VLM2Vec's metric; ties pessimistic), MRR, chance (mean 1 /
+    targets). From the released parquet files, write one JSON row each with read_mmeb's fields."""
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
         raise BadInput(f"--mmeb: {twice} given twice; expected each file once")

@@ -37,8 +37,7 @@ from data import (INSTRUCTIONS, PROMPT, SPECIAL_TOKENS, BadInput, Instances, Ite
 
 
 # --------------------------------------------------------------------------------------------------
-# The tokenizer: byte-level BPE trained with `tokenizers` on the run's text (data.world_corpus, or
-# M-BEIR's)
+# The tokenizer: byte-level BPE on the run's text (data.world_corpus, or M-BEIR's)
 
 
 def train_tokenizer(lines: list[str], vocab_size: int = 512):
@@ -75,12 +74,9 @@ def tokenizer_from_str(text: str, what: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoding and collation. Sequence layout (the paper's template, Section 3.4), left-padded so that
-# every prompt ends in the same column and generation can append columns for the whole batch: [PAD]*
-# [BOS] USER: [IMG]*n_img <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary> [RET]
-# [PAD]*
-
-# images: a GrainWorld scene rendered, a PIL image, or a file, as the tensor the model reads
+# Images and the template (Section 3.4), left-padded so that every prompt ends in one column:
+# [PAD]* [BOS] USER: [IMG]*n <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary>
+# [RET] [PAD]*
 
 
 def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
@@ -161,11 +157,9 @@ class Encoder:
 
 def collate(prompts: list[list[int]], summaries: list[list[int]] | None, pad_id: int,
             ret_id: int) -> dict:
-    """Left-pad prompts, append summary + [RET], right-pad.
-
-    Returns tokens (B, T) long, attn (B, T) bool (False on padding), gen_mask (B, T) bool (the
-    summary tokens and [RET]: what the model generates, and where the LM / RL losses live),
-    ret_pos (B,) long (-1 without summaries)."""
+    """Left-pad prompts, append summary + [RET], right-pad -> tokens (B, T), attn (B, T) (False
+    on padding), gen_mask (B, T) (the summary and [RET]: what the model writes, where the LM
+    and RL losses live), ret_pos (B,) (-1 without summaries)."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     S = max(len(s) + 1 for s in summaries) if summaries is not None else 0
@@ -231,17 +225,9 @@ def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
 
 
 class Retriever:
-    """A model and its tokenizer: items in, embeddings out, with summaries generated (evaluation,
-    RL) or given (teacher forcing). The public face is the one people know from CLIP and
-    sentence-transformers:
-
-        r = Retriever.from_pretrained("runs/cpu/contrastive")       # the GPU when there is one
-        q = r.encode_text("a red circle left of a blue square",
-                          instruction=data.INSTRUCTIONS["t2i"])             # (D,)
-        c = r.encode_image(["a.png", "b.png"])                       # PIL images or paths -> (2, D)
-        e, words = r.encode(texts=["make the circle blue"], images=["a.png"], return_summaries=True)
-        scores, indices = r.search(q, c, k=5)                        # tensors or numpy
-    """
+    """A model and its tokenizer: items in, embeddings out, with summaries generated
+    (evaluation, RL) or given (teacher forcing); the API of CLIP and sentence-transformers
+    (encode_text, encode_image, encode, search, from_pretrained, save_pretrained)."""
 
     def __init__(self, model: elva.ELVAModel, tok, meta: dict | None = None):
         self.model, self.tok, self.meta = model, tok, meta or {}
@@ -289,14 +275,9 @@ class Retriever:
     @torch.no_grad()
     def embed_items(self, items, instructions, batch_size: int = 256, autocast=None,
                     workers: int | None = None, progress: str | None = None):
-        """Greedy summaries, then embeddings (N, D) float32 on device, plus the decoded summaries
-        (for reading). progress: a label; a long call prints items/s and an ETA under it at least
-        every 10 s.
-
-        Per chunk of batch_size items: the prompts are tokenised and the images rendered or read
-        once (in DataLoader workers ahead of the model on a GPU: `workers`, default 0 on CPU),
-        the summaries generated, then one teacher-forced pass over prompt + summary + [RET] gives
-        the embeddings."""
+        """Greedy summaries, then embeddings (N, D) and the decoded summaries. Per chunk: the
+        prompts and images made (in DataLoader workers beside a GPU), the summaries generated,
+        one teacher-forced pass for [RET]. progress: a label for a line every 10 s."""
         chunks = _PromptChunks(self.enc, items, instructions, batch_size, self.prompt_limit)
         n_workers = workers if workers is not None else 0 if self.device.type == "cpu" else 4
         loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=n_workers,
@@ -337,11 +318,9 @@ class Retriever:
     # -- the public API ----------------------------------------------------------------------------
     def encode(self, texts=None, images=None, instruction: str | None = None, batch_size: int = 256,
                return_summaries: bool = False, convert_to_numpy: bool = False):
-        """Texts, images, or both (a composed query: image i with text i, as M-BEIR's (image,
-        text) -> image tasks) -> unit embeddings, each from a generated summary and [RET]. A
-        single input (a str, a PIL image or a path) gives (D,), a list (N, D), an empty list (0,
-        D). Texts longer than the model's maximum are cut (said once). return_summaries: also the
-        generated summaries (a str, or a list); convert_to_numpy: numpy arrays."""
+        """Texts, images, or both (image i with text i: a composed query) -> unit embeddings,
+        each from a generated summary and [RET]: (D,) for one input, (N, D) for a list. Texts
+        longer than the model reads are cut (said). return_summaries: also the summaries."""
         single = isinstance(texts, str) or _is_image(images)
         texts = [texts] if isinstance(texts, str) else texts
         images = [images] if _is_image(images) else images
@@ -405,11 +384,9 @@ class Retriever:
     @staticmethod
     def search(query_embeddings, corpus_embeddings, k: int = 10, chunk: int = 65536,
                as_hits: bool = False):
-        """Each query's k highest-cosine corpus items, best first, by the reward's rule: a NaN
-        score ranks last, equal scores keep corpus order. Tensors or numpy in (a single query
-        (D,) is one row). -> (scores (Q, k), indices (Q, k)), numpy when the queries came as
-        numpy; as_hits: sentence-transformers' semantic_search form, a list per query of
-        {"corpus_id", "score"}. The corpus is streamed in chunks: memory O(Q * (k + chunk))."""
+        """Each query's k highest-cosine corpus items, best first, by the reward's tie rule;
+        tensors or numpy in and out -> (scores, indices) (Q, k); as_hits: a list per query of
+        {"corpus_id", "score"} (semantic_search's form). The corpus is streamed in chunks."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"search: k {k!r}; expected an integer >= 1")
         as_numpy = not isinstance(query_embeddings, torch.Tensor)
@@ -443,11 +420,9 @@ def _image_field(im, i: int) -> dict:
 
 
 def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, chunk: int = 65536):
-    """The top k of each query by cosine, in the order every ranked output of this project uses
-    -- the reward's rule: a NaN score ranks last, and among equal scores a relevant item
-    (positives (Q, P_max): query i's relevant corpus indices, -1 pads) ranks after the others
-    (ties never favour the positive), the rest in corpus order. Streamed in chunks with a running
-    top k. -> (scores (Q, k'), indices (Q, k')), k' = min(k, N), scores as computed."""
+    """The top k of each query by cosine, streamed in chunks, ranked by the reward's tie rule
+    (a NaN last; among equal scores a relevant item -- positives (Q, P_max), -1 pads -- after
+    the others, the rest in corpus order) -> (scores, indices) (Q, min(k, N))."""
     qn = F.normalize(q.float(), dim=-1)
     Q, dev = q.shape[0], q.device
     best_s = torch.empty(Q, 0, device=dev)
@@ -506,10 +481,9 @@ def recall_mrr(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> float:
-    """Mean NDCG@k with binary relevance: top (Q, >= k) pool indices best first; DCG = sum_i
-    rel_i / log2(i + 1) over the top k, IDCG the same for min(#positives, k) relevant items at the
-    top. `top` must come ranked by the reward's rule (ranked_top_k with the positives), so
-    that a collapsed model earns nothing. A query with no positive in the pool scores 0."""
+    """Mean NDCG@k, binary relevance: top (Q, >= k) pool indices best first (by ranked_top_k
+    with the positives, so that a collapsed model earns nothing); DCG = sum_i rel_i / log2(i +
+    1) over the top k; a query with no positive in the pool scores 0."""
     total = 0.0
     for row, pos in zip(top.tolist(), positives):
         ps = set(pos)
@@ -525,14 +499,10 @@ def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> flo
 
 def balanced_negatives(scores: torch.Tensor, is_relevant: torch.Tensor, n_hard: int, n_rand: int,
                        threshold: float, generator: torch.Generator) -> torch.Tensor:
-    """scores [Q, P] (cosine, from the stage-2 model), is_relevant [Q, P] bool -> negative indices
-    [Q, n_hard+n_rand].
-
-    Hard: drop every truly relevant candidate and every candidate scoring above `threshold` (the
-    paper's guard against unlabelled false negatives), keep the top n_hard of the rest;
-    above-threshold candidates only fill hard slots that would otherwise stay empty. Random:
-    n_rand uniformly from the remaining non-relevant candidates. The paper's reason for the mix:
-    hard negatives alone make the reward distribution narrow and the GRPO advantages vanish."""
+    """scores [Q, P] (the stage-2 model's cosines), is_relevant [Q, P] -> negatives [Q, n_hard +
+    n_rand]: the top n_hard below `threshold` (the paper's filter of likely false negatives;
+    those above only fill empty slots), then n_rand at random among the rest. Hard ones alone
+    make a group's rewards alike and GRPO's advantages vanish (the paper's reason)."""
     Q, P = scores.shape
     if (~is_relevant).sum(1).min() < n_hard + n_rand:
         raise ValueError("balanced_negatives: a query has fewer than n_hard + n_rand = "
@@ -556,10 +526,9 @@ def mine_negatives(retriever, queries: list[Item], instructions: list, pool: lis
                    is_relevant: torch.Tensor,
                    n_hard: int, n_rand: int, threshold: float, generator: torch.Generator, autocast,
                    listed: torch.Tensor | None = None) -> torch.Tensor:
-    """The paper's negative sampling scored by the stage-2 model: its embeddings of queries and
-    pool, their cosines, then balanced_negatives -> [Q, n_hard + n_rand] pool indices. listed [Q,
-    P] bool: the data's own hard negatives (M-BEIR's neg_cand_list), scored at the threshold
-    itself: above every mined candidate."""
+    """The paper's negative sampling by the stage-2 model's cosines (balanced_negatives) -> [Q,
+    n_hard + n_rand] pool indices. listed [Q, P]: the data's own hard negatives (M-BEIR's
+    neg_cand_list), scored at the threshold: above every mined one."""
     t0 = time.time()
     eq, _ = retriever.embed_items(queries, instructions, autocast=autocast(),
                                   progress="mining: queries")

@@ -1,18 +1,16 @@
 """
 Run machinery a reader of the paper may skip: what turns train.py's loops into a run that can be
-trusted, resumed and spread over processes. Nothing here is ELVA.
-
-- Parser: argparse with one-line errors; `number` makes the range checks argparse's `type=`.
-- Run: threads and the device, the run folder (one run, held by one process), the tokenizer,
-  each step's batch made ahead, and torchrun's shares and gathers (the identity on one process).
-- Stage: a stage's folder: --resume's checks and restore, the log, --profile, the checkpoints,
-  the finiteness stop.
+trusted, resumed and spread over processes. Nothing here is ELVA. Parser: argparse with one-line
+errors (`number`: range checks as `type=`). Run: threads, the device, the run folder (held by one
+process), the tokenizer, each step's batch made ahead, torchrun's shares and gathers (the identity
+on one process). Stage: --resume, the log, --profile, checkpoints, the finiteness stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import math
 import os
@@ -37,6 +35,8 @@ NOT_SHAPING = {"resume", "overwrite", "device", "threads", "workers", "compile",
                "eval_queries", "mrbench_per_task", "eval_tasks", "elva_name", "probe_every",
                "explain", "explain_task"}
 COUNTS = ("masked_false_neg",)   # log fields summed over processes (the others are averaged)
+# all_gather is deprecated in torch 2.13 for a private successor; it is public from 2.4 to 2.13
+warnings.filterwarnings("ignore", ".*all_gather is deprecated", FutureWarning)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,8 +56,8 @@ def number(lo=None, hi=None, kind=float, above=False):
             v = None
         ok = v is not None and math.isfinite(v) and (lo is None or (v > lo if above else v >= lo))
         if not (ok and (hi is None or v <= hi)):
-            bounds = ([f"> {lo}" if above else f">= {lo}"] if lo is not None else []) + (
-                [f"<= {hi}"] if hi is not None else [])
+            bounds = [f"> {lo}" if above else f">= {lo}"] * (lo is not None) + [f"<= {hi}"] * (
+                hi is not None)
             what = "an integer" if kind is int else "a finite number"
             raise argparse.ArgumentTypeError(f"{text}: expected {what} {' and '.join(bounds)}")
         return v
@@ -76,10 +76,8 @@ class Parser(argparse.ArgumentParser):
         add("--resume", action="store_true", help="continue each stage from its checkpoint")
         add("--overwrite", action="store_true", help="start the run's stages afresh in --out")
         add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-        add("--threads", type=number(1, kind=int), default=None, help="CPU threads (default: "
-            "the cores this process may use)")
-        add("--workers", type=number(0, kind=int), default=None, help="DataLoader processes "
-            "making the next batches (default: 0 on a CPU, up to 4 beside a GPU)")
+        add("--threads", type=number(1, kind=int), default=None, help="CPU threads")
+        add("--workers", type=number(0, kind=int), default=None, help="batch-making processes")
         add("--compile", action="store_true", help="torch.compile every transformer block (GPU)")
         add("--log_every", type=number(1, kind=int), default=None, help="steps between lines")
         add("--ckpt_every", type=number(1, kind=int), default=250, help="steps between saves")
@@ -111,9 +109,8 @@ def check_device(name: str, flag: str = "--device"):
 
 
 def one_line_errors(main, *argv):
-    """A command line's main: an input that is not what was expected (data.BadInput, SystemExit)
-    is one line on stderr, from the first process only, and exit code 1 on every process;
-    anything else is a bug and keeps its traceback."""
+    """A command line's main: a bad input (data.BadInput, SystemExit) is one line on stderr from
+    the first process and exit code 1 on every process; a bug keeps its traceback."""
     try:
         return main(*argv)
     except (data.BadInput, SystemExit) as e:
@@ -144,8 +141,7 @@ def default_threads() -> int:
 
 
 def set_threads(threads: int | None, rank: int = 0, world: int = 1) -> int:
-    """--threads, else default_threads(); printed with its source, and a warning when they are
-    more than the cores or the machine is already busy (threads on a busy core crawl)."""
+    """--threads, else default_threads(); printed, with a warning on a busy machine."""
     n = threads or default_threads()
     torch.set_num_threads(n)
     why = ("--threads" if threads else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS")
@@ -158,10 +154,6 @@ def set_threads(threads: int | None, rank: int = 0, world: int = 1) -> int:
     return n
 
 
-def cuda_autocast():
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
 def resolve_device(name: str):
     """cuda, else mps, else cpu; bf16 autocast on CUDA, fp32 elsewhere. Printed."""
     if name == "auto":
@@ -170,7 +162,8 @@ def resolve_device(name: str):
     dev = torch.device(name)
     print(f"device: {dev} | dtype: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | torch "
           f"{torch.__version__}")
-    return dev, cuda_autocast if dev.type == "cuda" else nullcontext
+    bf16 = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)   # makes a context
+    return dev, bf16 if dev.type == "cuda" else nullcontext
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,20 +189,7 @@ class Run:
         torch.manual_seed(args.seed)
         shown = ("preset", "out", "seed", "stages", "steps", "rl_steps", "rl_lr", "beta", "mbeir")
         print("args:", " ".join(f"--{k} {','.join(v) if isinstance(v, list) else v}"
-                                for k, v in vars(args).items() if k in shown and v is not None),
-              "(all: in each stage's model.safetensors)")
-
-    @classmethod
-    def local(cls, args, device: str = "cpu") -> "Run":
-        """One process and no run folder (args.out still names where a Stage writes): what
-        train.py's steps read of a Run, for tests and interactive use."""
-        run = cls.__new__(cls)
-        run.args, run.t0, run.world, run.rank, run.minutes = args, time.time(), 1, 0, {}
-        run.threads, run.device = torch.get_num_threads(), torch.device(device)
-        run.autocast = cuda_autocast if run.device.type == "cuda" else nullcontext
-        run.own, run.defaults = {}, {}
-        args.rank, args.world_size = 0, 1
-        return run
+                                for k, v in vars(args).items() if k in shown and v is not None))
 
     def init_distributed(self):
         """One process per GPU (NCCL) or per CPU share (gloo); only the first one prints."""
@@ -226,30 +206,26 @@ class Run:
             self.args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
     def barrier(self):
-        if self.world > 1:
-            dist.barrier()
+        dist.barrier() if self.world > 1 else None
 
     def hold_folder(self, out: Path):
-        """A lock file with this process's pid: a second run into the folder is refused while
-        the first lives; a lock left by a dead process is taken over, and the run says so."""
-        lock = out / ".lock"
+        """A lock with this process's pid: refused while another live run holds the folder."""
+        lock, me = out / ".lock", str(os.getpid())
         try:
             out.mkdir(parents=True, exist_ok=True)
-            if lock.exists():
-                pid = int(lock.read_text().strip() or 0)
-                if pid and pid != os.getpid() and alive(pid):
+            pid = int(lock.read_text().strip() or 0) if lock.exists() else None
+            if pid is not None and str(pid) != me:
+                if pid and alive(pid):   # a live process holds the folder
                     fail("--out", str(out), f"a folder no other run is using (process {pid} holds "
                                             f"it; wait for it, or choose another --out)")
                 print(f"{out}: taking over the lock of process {pid}, which is gone")
-            lock.write_text(str(os.getpid()))
+            lock.write_text(me)
         except OSError as e:
             fail("--out", str(out), f"a folder this process can write ({e.strerror})")
-        atexit.register(lambda: lock.exists() and lock.read_text() == str(os.getpid())
-                        and lock.unlink())
+        atexit.register(lambda: lock.exists() and lock.read_text() == me and lock.unlink())
 
     def check_folder(self, shaping: tuple[str, ...]):
-        """A run folder is one run: one world, tokenizer and model shape (run.json); --overwrite
-        starts the run's first stage and every later one afresh, and says what it removed."""
+        """One run a folder (run.json); --overwrite starts its stages afresh, and says so."""
         args, out = self.args, Path(self.args.out)
         if args.overwrite and args.resume:
             fail("--overwrite", True, "without --resume (--resume continues a run, --overwrite "
@@ -258,8 +234,7 @@ class Run:
             first = next(s for s in STAGE_ORDER if s in args.stages)
             names = [args.elva_name if s == "elva" else s for s in STAGE_ORDER]
             stale = [out / n for n in names[STAGE_ORDER.index(first):]] + list(out.glob("eval*"))
-            stale += [out / "run.json", out / "tokenizer.json"] if "contrastive" in args.stages \
-                else []
+            stale += [out / "run.json", out / "tokenizer.json"] * ("contrastive" in args.stages)
             gone = [p for p in stale if p.exists()]
             for p in gone:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -289,11 +264,10 @@ class Run:
         return tok
 
     def batches(self, make, share, encode, start: int, stop: int):
-        """encode(share(make(step))) for steps start..stop-1: the step's global batch from its
-        seed, this process's share, its tensors -- in DataLoader workers ahead of the step beside
-        a GPU (--workers), in place on a CPU."""
+        """encode(share(make(step))) for steps start..stop-1: the step's global batch, this
+        process's share, its tensors -- made ahead in DataLoader workers beside a GPU."""
         workers = self.args.workers
-        if workers is None:
+        if workers is None:   # none on a CPU: its cores do the model's work
             workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return iter(torch.utils.data.DataLoader(
@@ -311,9 +285,7 @@ class Run:
         if self.world == 1:
             return x, 0
         from torch.distributed.nn.functional import all_gather
-        with warnings.catch_warnings():   # deprecated in torch 2.13 for a private successor
-            warnings.simplefilter("ignore", FutureWarning)
-            rows = all_gather(x.contiguous(), group=dist.group.WORLD)
+        rows = all_gather(x.contiguous(), group=dist.group.WORLD)
         return torch.cat(rows), self.rank * x.shape[0]
 
     def total(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,15 +323,24 @@ class Run:
     def stage(self, name: str, steps: int, retriever, opt, meta: dict, init=None,
               show: tuple[str, ...] | None = None):
         """The stage in --out/name: checked, resumed (--resume), or None if already complete."""
-        return Stage.open(self, name, steps, retriever, opt, meta, init, show)
+        folder, kind = Path(self.args.out) / name, "elva" if name == self.args.elva_name else name
+        meta = {**meta, "stage": kind, "args": dict(vars(self.args)), "defaults": self.defaults}
+        if init is not None:
+            meta["init_sha256"] = file_sha(Path(init) / "model.safetensors")
+        start = 0
+        if (folder / "model.safetensors").exists() or (folder / "config.json").exists():
+            start = resume(self, kind, folder, retriever.model, opt, init)
+        if start >= steps:
+            print(f"{name}: already complete ({steps} steps) in {folder}")
+            return None
+        return Stage(self, name, steps, retriever, opt, meta, start, show)
 
     def finish(self):
         """The run's time, each stage's, and the world's end."""
         each = " | ".join(f"{k} {v:.1f}" for k, v in self.minutes.items())
         print(f"total time {(time.time() - self.t0) / 60:.1f} min" + (f" ({each})" if each else ""))
         if self.args.preset == "smoke":
-            print("(the smoke preset trains for seconds: its numbers check the plumbing, not the "
-                  "method; --preset cpu or gpu for results)")
+            print("(smoke: its numbers check the plumbing, not the method; --preset cpu or gpu)")
         if self.world > 1:
             self.barrier()
             dist.destroy_process_group()
@@ -367,17 +348,16 @@ class Run:
 
 def alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)          # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:      # it does, another user's
         pass
     return True
 
 
 class Steps(torch.utils.data.IterableDataset):
-    """Steps start..stop-1 as items; with n workers, worker w makes steps start + w, start + w + n,
-    ..., which the DataLoader hands back round-robin: in step order."""
+    """Steps start..stop-1; worker w of n makes steps start + w, + n, ...: in step order."""
 
     def __init__(self, make, share, encode, start: int, stop: int):
         self.make, self.share, self.encode, self.start, self.stop = make, share, encode, start, stop
@@ -394,8 +374,7 @@ class Steps(torch.utils.data.IterableDataset):
 
 
 class Stage:
-    """One stage of the run: where it starts (0, or after --resume's checkpoint), its log (a line
-    every --log_every steps, a JSONL record every step), --profile, its checkpoints."""
+    """A stage of the run: where it starts, its log, --profile, its checkpoints."""
 
     def __init__(self, run: Run, name: str, steps: int, retriever, opt, meta: dict, start: int,
                  show):
@@ -409,26 +388,11 @@ class Stage:
             kept = [line for line, rec in read_log(path) if rec["step"] < start] \
                 if start and path.exists() else []
             atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-            self.log_file = open(path, "a")
-
-    @classmethod
-    def open(cls, run: Run, name, steps, retriever, opt, meta, init, show):
-        folder = Path(run.args.out) / name
-        kind = "elva" if name == run.args.elva_name else name
-        meta = {**meta, "stage": kind, "args": dict(vars(run.args)), "defaults": run.defaults}
-        if init is not None:
-            meta["init_sha256"] = file_sha(Path(init) / "model.safetensors")
-        start = 0
-        if (folder / "model.safetensors").exists() or (folder / "config.json").exists():
-            start = resume(run, kind, folder, retriever.model, opt, init)
-        if start >= steps:
-            print(f"{name}: already complete ({steps} steps) in {folder}")
-            return None
-        return cls(run, name, steps, retriever, opt, meta, start, show)
+            self.log_file = open(path, "a")   # a resumed log keeps the steps before its start
 
     def log(self, step: int, rec: dict):
-        """The step's record (tensors read here); a line every log_every steps, at the last one
-        and at least every 10 s. Counts are summed over processes, the rest averaged."""
+        """The step's record; a line every log_every steps, at the last and at least every 10 s.
+        Counts are summed over processes, the rest averaged."""
         rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
         if self.run.world > 1:
             keys = [k for k, v in rec.items() if isinstance(v, (int, float))]
@@ -452,8 +416,7 @@ class Stage:
                   f"{eta:.1f} min", flush=True)
 
     def profile(self, step: int):
-        """--profile: torch.profiler over steps start+1..start+10, then its table (the phases
-        train.py labels with record_function)."""
+        """--profile: torch.profiler's table of steps start+1..start+10 (train.py's phases)."""
         first = min(self.start + 1, self.steps - 1)
         if self.args.profile and step + 1 == first:
             self.prof = torch.profiler.profile()
@@ -465,7 +428,7 @@ class Stage:
             self.prof = None
 
     def stop_unless_finite(self, step: int, loss: torch.Tensor, gnorm: torch.Tensor):
-        """Stop the run (on every process) before a non-finite loss or gradient is applied."""
+        """Stop (every process) before a non-finite loss or gradient is applied."""
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm.detach()))
         if self.run.total(bad.reshape(1))[0] > 0:
             what = (f"the loss is {loss.item()}" if not torch.isfinite(loss) else
@@ -476,8 +439,8 @@ class Stage:
 
     def last_good(self) -> str:
         try:
-            step = read_checkpoint(self.folder)[3]["step"]
-            return f"the last checkpoint in {self.folder} (step {step}) is kept"
+            return f"the last checkpoint in {self.folder} (step " \
+                   f"{read_checkpoint(self.folder)[3]['step']}) is kept"
         except (OSError, data.BadInput, KeyError):
             return f"no checkpoint of this stage was written to {self.folder}"
 
@@ -501,14 +464,13 @@ class Stage:
 
 
 def resume(run: Run, kind: str, folder: Path, model, opt, init) -> int:
-    """A checkpoint in the stage's folder: refused without --resume; with it, checked against
-    this run's flags -- the stage's own, recorded and current together, a flag one side lacks
-    at that side's default -- and its input stage, then restored. -> the first step to run."""
+    """A stage's checkpoint: refused without --resume; with it, checked against the stage's own
+    flags (recorded and current; one side's missing flag at its default) and its input stage,
+    then restored -> the first step to run."""
     args = run.args
     if not (folder / "model.safetensors").exists():
-        fail("--resume" if args.resume else "--out", str(folder), "a checkpoint of this layout: "
-             "it holds one from before model.safetensors, which loads for evaluation and --init "
-             "but not for --resume (--overwrite starts the stage afresh)")
+        fail("--resume" if args.resume else "--out", str(folder), "a model.safetensors (its "
+             "checkpoint's older layout loads for eval.py and --init; --overwrite starts afresh)")
     state, _, _, meta = read_checkpoint(folder)
     if not args.resume:
         raise SystemExit(f"{folder} holds a checkpoint of the {kind} stage (step {meta['step']}):"

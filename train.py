@@ -279,12 +279,10 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
 
 
 def info_nce(eq: torch.Tensor, ec: torch.Tensor, tau: float, false_neg=None, target_offset=0):
-    """L = -1/N sum_n log( exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau) )   (Sec. 3.3)
+    """L = -1/N sum_n log(exp(cos(e_q, e_c+)/tau) / sum_m exp(cos(e_q, e_cm)/tau))  (Sec. 3.3)
 
-    eq (N, D) and ec (M, D) or (N, M, D), unit vectors. ec (M, D): candidate n +
-    target_offset is query n's positive; ec (N, M, D): candidate 0 of each row is.
-    false_neg (N, M) masks candidates known to be relevant, so that a true match is never
-    pushed away."""
+    eq (N, D); ec (M, D), query n's positive at n + target_offset, or (N, M, D), each row's
+    at 0. false_neg (N, M) masks candidates known to be relevant: a true match is not pushed."""
     if ec.dim() == 2:
         logits = eq @ ec.T / tau                                               # (N, M)
         target = torch.arange(eq.shape[0], device=eq.device) + target_offset
@@ -315,13 +313,9 @@ def lm_loss(run: Run, logp: torch.Tensor, lm_mask: torch.Tensor) -> torch.Tensor
 
 
 def stage2_loss(args, run: Run, model, pairs: Pairs):
-    """InfoNCE over in-batch negatives + lm_weight * next-token loss -> (loss, InfoNCE, LM
-    loss).
-
-    Summary dropout (ours): with reference summaries a query and its positive often carry
-    the same words (for i2i the same string), so InfoNCE could be met by reading the
-    summary alone. Dropping the summaries of a random part of the items makes InfoNCE
-    train perception too."""
+    """InfoNCE over in-batch negatives + lm_weight * next-token loss -> (loss, InfoNCE, LM).
+    Summary dropout (ours): a query and its positive often carry the same words, which alone
+    could meet InfoNCE; items embedded with no summary make it train perception too."""
     dev = run.device
     b = {k: v.to(dev, non_blocking=True) for k, v in pairs.encoded[0].items()}
     imgs = pairs.encoded[1].to(dev, non_blocking=True)
@@ -376,10 +370,9 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
 
 
 def replayed(make, earlier, every: int, args, data_, step: int):
-    """Every `every`-th step a batch of the earlier stage's kind (drawn from its own seeds),
-    the other steps the stage's own (ours): the later stage keeps what the earlier one
-    taught, as the paper's LLM keeps its language through LoRA-tuned stages. every 0:
-    never."""
+    """Every `every`-th step (0: never) a batch of the earlier stage's kind, from seeds of its
+    own (ours): the later stage keeps what the earlier one taught, as the paper's LLM keeps
+    its language through LoRA-tuned stages."""
     if every and step % every == every - 1:
         return earlier(args, data_, 10 ** 6 + step)
     return make(args, data_, step)
@@ -394,10 +387,9 @@ def describe_stage(args, run: Run, source: Source, tok):
 
 
 def text_stage(args, run: Run, source: Source, tok):
-    """Stage 1 (Sec. 3.3, after LamRA), in miniature: language-only InfoNCE on NLI-style
-    triplets (data.nli_triplet): a premise, an entailed rewording (the positive), the
-    premise with one grain contradicted (a hard negative), and in-batch negatives; stage
-    2's model and loss."""
+    """Stage 1 (Sec. 3.3, after LamRA) in miniature: language-only InfoNCE on NLI triplets
+    (data.nli_triplet): premise, entailed rewording (the positive), one-grain contradiction
+    (a hard negative); stage 2's model and loss."""
     init = Path(args.out) / "describe" if "describe" in args.stages else None
     make = functools.partial(replayed, data.make_text_inputs, data.make_describe_inputs,
                              args.describe_every if init else 0)
@@ -433,9 +425,8 @@ def rollout_seed(args, step: int, rank: int) -> int:
 @dataclass
 class Rollout:
     """A GRPO rollout batch: B instances x G rollouts x K = 2 + N items (query, positive, N
-    negatives): S = B * G * K sequences in (instance, rollout, item) order. An item's G
-    rollouts share its prompt, held once (U = B * K prompts); per sequence, the summary
-    part: summary, [RET]."""
+    negatives) = S sequences in that order; an item's G rollouts share its prompt (U = B * K
+    prompts); per sequence, the summary part: summary, [RET]."""
     batch: dict             # prompt_tokens / prompt_attn (U, P), images, index (S,): each row's
                             # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): the
                             # summary
@@ -487,10 +478,9 @@ def rollout(args, model, made: Instances, gen: torch.Generator, autocast) -> Rol
 
 
 def embed_rollout(args, model, pb: dict, images, shape: tuple, summaries, ended, autocast):
-    """The sampled summaries teacher-forced after their shared prompts, with gradient (its
-    log-probs serve the update: on-policy, no second forward), embedded at [RET], and each
-    rollout's list scored and ranked -> Rollout. A [RET] forced after max_summary_len
-    tokens was not sampled: it is left out of `sampled` (no advantage, no KL)."""
+    """The sampled summaries teacher-forced after their shared prompts, with gradient (the
+    update's log-probs: on-policy, no second pass), embedded at [RET], each rollout's list
+    scored and ranked -> Rollout. A [RET] forced after max_summary_len is not `sampled`."""
     B, G, K = shape
     dev = pb["tokens"].device
     index = rollout_index(B, G, K, dev)                                        # (S,)
@@ -512,17 +502,11 @@ def embed_rollout(args, model, pb: dict, images, shape: tuple, summaries, ended,
 
 
 def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> dict:
-    """ELVA's GRPO step (Section 3.4), in the paper's order:
-      1. rollout    G sampled summaries of every item -> [RET] embeddings -> each rollout's ranking
-      2. reward     R_total = alpha R_Margin + epsilon R_Rank of each rollout's list, no gradient
-      3. advantage  A = (R - mean) / (std + eps) over the query's G rollouts, for all its summaries
-      4. loss       PPO-clipped policy gradient on the sampled tokens + beta * KL(k3) to stage 2
-      5. update     clipped AdamW step
-    Kept: the clipped objective, the KL to the frozen stage-2 model. Dropped: the entropy
-    bonus and the value function (GRPO has none). On-policy -- one update per rollout
-    batch, as here -- the ratio is exactly 1 and the clip never acts: the gradient is
-    REINFORCE's with the group mean as baseline, plus the KL term; the clip stays so that
-    the objective is GRPO's as written."""
+    """ELVA's GRPO step (Section 3.4), in the paper's order: rollout, reward, advantage, loss,
+    update. Kept: the clipped objective, the KL to the frozen stage-2 model. Dropped: the
+    entropy bonus and the value function (GRPO has none). On-policy (one update per batch)
+    the ratio is 1 and the clip never acts: REINFORCE with the group mean as baseline, plus
+    the KL; the clip stays so that the objective is GRPO's as written."""
     model, opt = stage.retriever.model, stage.opt
     # 1. rollout
     ro = rollout(args, model, made, gen, run.autocast)
@@ -636,10 +620,9 @@ def elva_stage(args, run: Run):
 
 
 def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
-    """One RL instance through steps 1-3 of grpo_step with the same functions: the query and
-    its mined candidates, each rollout's sampled words, ranked list, R_Margin, R_Rank,
-    R_total and advantage. The checkpoint is the policy and mines the negatives; its saved
-    arguments give G, the temperature, the negative counts and the reward's constants."""
+    """One RL instance through steps 1-3 of grpo_step, with its functions, printed: the query,
+    its mined candidates, each rollout's words, ranked list, rewards and advantage. The
+    checkpoint is the policy and the miner; its saved arguments give G and the constants."""
     ret = Retriever.from_pretrained(ckpt, device)
     args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
     source = read_source(args, ret.meta)

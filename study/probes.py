@@ -129,7 +129,7 @@ def audit_task(ret, task, queries, pool, G: int, temperature: float, gen, n_hard
 
 
 def subcommand(name: str, description: str, queries: int | None = None) -> Parser:
-    """The parser of `study.py NAME`, with --threads and --out (and --queries where it
+    """The parser of `python -m study NAME`, with --threads and --out (and --queries where it
     evaluates: the queries per task)."""
     p = Parser(prog=f"python -m study {name}", description=description)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
@@ -297,9 +297,12 @@ def mean_t(xs: list[float]) -> tuple[float, float]:
 
 
 def transfer(argv):
-    p = Parser(prog="python -m study transfer", description="the transfer probe's table: per stage-3 "
-               "run, does an update pay on its own instances (delta_same) and on held-out ones "
-               "(delta_other)?")
+    p = Parser(
+        prog="python -m study transfer",
+        description="the transfer probe's table: per stage-3 "
+        "run, does an update pay on its own instances (delta_same) and on held-out ones "
+        "(delta_other)?",
+    )
     p.add_argument("runs", nargs="+", help="stage-3 folders whose log.jsonl holds the probe")
     a = p.parse_args(argv)
     print("| run | probed steps | delta_same (t) | delta_other (t) | reward first -> last fifth |"
@@ -365,4 +368,3 @@ def eval_frozen(argv):
     print(evaluation.table([r]))
     if a.out:
         write_json(Path(a.out), [r])
-

@@ -58,8 +58,8 @@ def seeds(argv):
 
 def ladder_table(folder: str) -> str:
     """The learnability ladder: for every stage-3 run in `folder` (one sub-folder per run, as
-    `python -m study runs` writes), its reward and budget, and how its reward, KL and summaries moved
-    from the first to the last fifth of its steps. t = (last - first) / the standard error of
+    `python -m study runs` writes), its reward and budget, and how its reward, KL and summaries
+    moved from the first to the last fifth of its steps. t = (last - first) / the standard error of
     that difference over the per-step means: "rises clearly" is t > 3."""
     rows = ["| run | reward | lr | beta | reward "
             "first -> last fifth | t | KL last fifth "

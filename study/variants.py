@@ -374,8 +374,9 @@ class TransferProbe:
     reward of the step's own instances re-sampled with the step's seed after the update, minus the
     step's reward (the same samples' seed: a paired difference); delta_other: the reward of H fixed
     held-out training instances (never trained on) now minus at the previous probe (over the last
-    --probe_every updates), each time sampled with one fixed seed. The run's t of each (study.py
-    transfer) says whether an update that pays on its own instances pays anywhere else."""
+    --probe_every updates), each time sampled with one fixed seed. The run's t of each
+    (`python -m study transfer`) says whether an update that pays on its own instances pays
+    anywhere else."""
 
     def __init__(self, args, heldout: list, stage):
         self.args, self.every = args, args.probe_every
@@ -549,7 +550,9 @@ def run_parser() -> Parser:
         help="anneal summary dropout to this")
     add("--own_summaries", type=number(0, 1), default=0.0,
         help="share of kept summaries: the model's own")
-    add("--own_from", type=number(0, 1), default=0.5, help="share of stage 2 before --own_summaries")
+    add(
+        "--own_from", type=number(0, 1), default=0.5, help="share of stage 2 before --own_summaries"
+    )
     add = p.add_argument_group("stage 3 variants (ours)").add_argument
     add("--control", action="store_true", help="the equal-compute control (control_step)")
     add("--reward", default="paper", help="paper | toy | length | rank | zscore | ndcg | pool",

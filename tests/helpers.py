@@ -77,10 +77,20 @@ def rl_args(*flags, **kw):
         setattr(args, k, v)
     return args
 
+def local_run(args) -> runtime.Run:
+    """A Run of one CPU process with no run folder: what train.py's steps read of a Run."""
+    run = runtime.Run.__new__(runtime.Run)
+    run.args, run.t0, run.world, run.rank, run.minutes = args, 0.0, 1, 0, {}
+    run.threads, run.device, run.autocast = 1, torch.device("cpu"), nullcontext
+    run.own, run.defaults = {}, {}
+    args.rank, args.world_size = 0, 1
+    return run
+
+
 def stage_of(ret, args, tmp_path, name="elva", lr=1e-3, steps=100):
     """A one-process Run (no run folder) and a stage of it in tmp_path: what a step reads."""
     args.out = str(tmp_path)
-    run = runtime.Run.local(args)
+    run = local_run(args)
     opt = train.adamw(ret.model.parameters(), lr, 0.0, run.device)
     return run, run.stage(name, steps, ret, opt, {"world": {}})
 
@@ -118,7 +128,7 @@ def two_process_worker(rank, ports, argv_sets, out, main=train.main):
     logp, old, ref, A, mask = grpo_tensors()
     mine = slice(rank * 4, rank * 4 + 4)
     x = logp[mine].clone().requires_grad_()
-    run = runtime.Run.local(argparse.Namespace())
+    run = local_run(argparse.Namespace())
     run.world, run.rank = 2, rank
     n_tokens = run.tokens(mask[mine])
     loss, _ = reward.grpo_loss(x, old[mine], ref[mine], A[mine], mask[mine], 0.2, 0.2,
@@ -157,8 +167,10 @@ def free_ports(n: int) -> list[int]:
 def same_logs_and_weights(one, two, stage, keys=("loss", "infonce", "lm", "masked_false_neg")):
     """A one-process and a two-process run of a stage: the same loss each step, up to float
     summation order (tolerance 1e-4), counts summed over the processes, and the same weights."""
-    a_log, b_log = ([json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
-                    for run in (one, two))
+    a_log, b_log = (
+        [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
+        for run in (one, two)
+    )
     assert len(a_log) == len(b_log) > 0
     for a, b in zip(a_log, b_log):
         for k in keys:

@@ -160,7 +160,8 @@ def test_a_process_takes_its_share_of_the_global_batch():
 def test_the_recipes_batches(world):
     """Stage 0's batch holds images with their reference summaries and asks for the next-token
     loss alone; stage 1's premises are a scene's summary written as text where --scene_premises
-    says; a replayed stage takes the earlier stage's batch every N-th step, from seeds of its own."""
+    says; a replayed stage takes the earlier stage's batch every N-th step, from seeds of its own.
+    """
     args = train.get_args(["--preset", "smoke", "--scene_premises", "1", "--batch_size", "8"])
     d = data.make_describe_inputs(args, world, 0)
     assert d.lm_only and d.blocks == 1 and all(it.scene is not None for it in d.items)

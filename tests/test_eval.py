@@ -35,7 +35,7 @@ def test_chance_recall_by_hand():
 def test_streamed_search_matches_dense():
     g = torch.Generator().manual_seed(0)
     q, c = torch.randn(7, 16, generator=g), torch.randn(300, 16, generator=g)
-    s, i = retriever.Retriever.search(q, c, k=5, chunk=64)                  # streamed in chunks of 64
+    s, i = retriever.Retriever.search(q, c, k=5, chunk=64)  # streamed in chunks of 64
     dense = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T
     ds, di = dense.topk(5, dim=1)
     assert torch.equal(i, di) and torch.allclose(s, ds, atol=1e-6)

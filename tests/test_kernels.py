@@ -43,8 +43,11 @@ def test_cosine_ranks_low_precision_accumulates_fp32(dtype):
     ref, _ = kernels.cosine_ranks(q.to(dtype).float(), c.to(dtype).float(), backend="torch")
     assert (got - ref).abs().max().item() < 1e-5
 
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M,N,D,ties", [(70, 300, 37, True), (5, 129, 16, False), (65, 1000, 100, False)])
+@pytest.mark.parametrize(
+    "M,N,D,ties", [(70, 300, 37, True), (5, 129, 16, False), (65, 1000, 100, False)]
+)
 def test_corpus_ranks_kernel(device, M, N, D, ties):
     g = torch.Generator().manual_seed(M + N)
     if ties:  # small integers: exact dot products, many exact ties in cosine
