@@ -49,8 +49,7 @@ COLS = ("left", "center", "right")
 RELATIONS = ("left of", "right of", "above", "below")
 RELATION_FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
-# The paper's template (ELVA, Section 3.4, generative embeddings). {image} becomes the [IMG]
-# placeholder tokens.
+# The paper's template (ELVA, Section 3.4, generative embeddings)
 PROMPT = ("Analyze and summarize the key information of the above input. "
           "Finally, append the special token [RET] to represent the entire input.")
 # the template's words, in every tokenizer's training text
@@ -164,7 +163,7 @@ def satisfies(scene: Scene, cap: Caption) -> bool:
 # Random scenes and captions
 
 def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
-    # mostly 3 objects: bindings need company to be ambiguous
+    # mostly 3 objects: a binding needs company to be ambiguous
     n = n_objects or rng.choice((2, 3, 3))
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
@@ -556,10 +555,9 @@ class GrainWorld:
         self.splits = {"train": scenes[:cfg.n_train],
                        "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
                        "test": scenes[cfg.n_train + cfg.n_val:]}
-        # Derived scenes (edit targets, near misses, siblings) never cross splits. A test query's
-        # derived scene is one edit from a test scene, so a scene training derives must be neither a
-        # held-out scene nor one edit from one; and a test query's derived scene is never a training
-        # scene.
+        # Derived scenes (edit targets, near misses, siblings) never cross splits: a scene training
+        # derives is neither a held-out scene nor one edit from one, and a test query's derived
+        # scene is never a training scene.
         self.heldout = set(scenes[cfg.n_train:])
         self.near_heldout = self.heldout.union(*(edit_neighbours(s) for s in self.heldout))
         self.train_scenes = set(self.splits["train"])

@@ -667,8 +667,8 @@ def check_inputs(p, args):
             if stages:
                 p.error(f"--ckpt {c}: a run folder, not a checkpoint; it holds the stage folders "
                         f"{stages}, e.g. --ckpt {Path(c) / stages[0]}")
-            p.error(f"--ckpt {c}: no model.safetensors; expected a checkpoint folder written by "
-                    f"train.py")
+            what = "no model.safetensors" if Path(c).is_dir() else "no such folder"
+            p.error(f"--ckpt {c}: {what}; expected a checkpoint folder written by train.py")
     if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
         p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
     if args.mbeir and not Path(args.mbeir).is_dir():

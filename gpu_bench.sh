@@ -4,7 +4,7 @@
 #   bash gpu_bench.sh [OUT]          # default OUT=gpu_bench; every step's output lands in OUT/*.txt
 # In order of importance:
 #   1. 300 steps of the gpu preset's stage 2 with --profile (its phase table, ms/step: the stage with the targets),
-#      then the gpu preset end to end (stage 1 -> stage 2 -> ELVA -> evaluation) with --profile: each stage prints
+#      then the gpu preset end to end (stages 0-2 -> ELVA -> evaluation) with --profile: each stage prints
 #      its phase table after ten steps and its ms/step on every log line, so even a run cut by its limit says where
 #      the time goes and how long the whole would take;
 #   2. python kernels.py --sweep (each kernel against its reference; corpus_ranks tile shapes);

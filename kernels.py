@@ -40,7 +40,7 @@ except ImportError:  # the torch references still work
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# norm floor: a zero vector scores 0 with everything instead of NaN (as F.normalize does)
+# norm floor: a zero vector scores 0 with everything instead of NaN (as F.normalize)
 EPS = 1e-8
 
 

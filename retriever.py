@@ -220,8 +220,8 @@ def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
 
 
 # --------------------------------------------------------------------------------------------------
-# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or given
-# (teacher forcing).
+# Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or
+# given (teacher forcing).
 
 
 class Retriever:
@@ -653,8 +653,9 @@ def read_checkpoint(folder) -> tuple[dict, dict, object, dict]:
     if not path.is_file():
         if (folder / "config.json").is_file():
             return read_old_layout(folder)
-        raise data.MissingInput(f"checkpoint {folder}: no model.safetensors; expected a "
-                                f"checkpoint folder written by train.py")
+        what = "no model.safetensors" if folder.is_dir() else "no such folder"
+        raise data.MissingInput(f"checkpoint {folder}: {what}; expected a checkpoint folder "
+                                f"written by train.py")
     try:
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}

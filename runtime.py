@@ -213,12 +213,12 @@ class Run:
         lock, me = out / ".lock", str(os.getpid())
         try:
             out.mkdir(parents=True, exist_ok=True)
-            pid = int(lock.read_text().strip() or 0) if lock.exists() else None
-            if pid is not None and str(pid) != me:
-                if pid and alive(pid):   # a live process holds the folder
+            pid = lock.read_text().strip() if lock.exists() else me
+            if pid != me:
+                if pid.isdigit() and alive(int(pid)):   # a live process holds the folder
                     fail("--out", str(out), f"a folder no other run is using (process {pid} holds "
                                             f"it; wait for it, or choose another --out)")
-                print(f"{out}: taking over the lock of process {pid}, which is gone")
+                print(f"{out}: taking over the lock of process {pid!r}, which is gone")
             lock.write_text(me)
         except OSError as e:
             fail("--out", str(out), f"a folder this process can write ({e.strerror})")

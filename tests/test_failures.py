@@ -251,8 +251,13 @@ def test_eval_names_the_stage_folders_of_a_run_folder(tmp_path, tok):
     ret = tiny_model(tok)
     retriever.save_checkpoint(tmp_path / "run" / "contrastive", ret.model, tok,
                             {"world": {}, "step": 0})
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="a run folder, not a checkpoint"):
         evaluation.main(["--ckpt", str(tmp_path / "run")])
+    # a folder that is not there is named as such (not 'no model.safetensors')
+    with pytest.raises(SystemExit, match="nowhere: no such folder"):
+        evaluation.main(["--ckpt", str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        retriever.Retriever.from_pretrained(tmp_path / "nowhere")
     assert train.get_args(["--margin_weight", "0.3", "--rank_weight", "0.7"]).epsilon == 0.7
 
 def test_threads_follow_the_cores_this_process_may_use(monkeypatch, capsys):
@@ -531,7 +536,10 @@ def test_what_a_new_user_lost_or_was_not_told(mbeir, tok, tmp_path, capsys):
         train.main(SMOKE + ["--out", str(out), "--steps", "1", "--resume"])
     (out / ".lock").write_text("999999999")           # a dead one: taken over, and said
     train.main(SMOKE + ["--out", str(out), "--steps", "1", "--resume"])
-    assert "taking over the lock of process 999999999" in capsys.readouterr().out
+    assert "taking over the lock of process '999999999'" in capsys.readouterr().out
+    (out / ".lock").write_text("not a pid")           # a damaged lock: taken over, not a traceback
+    train.main(SMOKE + ["--out", str(out), "--steps", "1", "--resume"])
+    assert "taking over the lock of process 'not a pid'" in capsys.readouterr().out
     ck = out / "contrastive"
     for flags in (["--out", str(ck / "e.json")], ["--run_file", str(ck / "model.safetensors")]):
         with pytest.raises(SystemExit, match="expected a path outside a checkpoint folder"):
