@@ -538,7 +538,8 @@ def table(results: list[dict]) -> str:
 
 def check_pooled(results: list[dict]):
     """Results pooled as seeds must be different models on one benchmark: refuse a checkpoint
-    counted twice (the same weights) and evaluations of different sizes or worlds."""
+    counted twice (the same weights) and evaluations of different sizes (another world's seed
+    is welcome)."""
     seen = {}
     for r in results:
         w = r.get("weights_sha256")
@@ -546,13 +547,13 @@ def check_pooled(results: list[dict]):
             raise SystemExit(f"{r['ckpt']} and {seen[w]} hold the same weights: one model counted "
                              f"twice; expected each checkpoint once")
         seen[w] = r["ckpt"]
-    sizes = {(json.dumps(r.get("world"), sort_keys=True), json.dumps(r.get("mrbench_pools"),
-                                                                     sort_keys=True))
+    sizes = {json.dumps([{k: v for k, v in (r.get("world") or {}).items() if k != "seed"},
+                         {t: p["queries"] for t, p in r.get("mrbench_pools", {}).items()}])
              for r in results}
     if len(sizes) > 1:
-        raise SystemExit("the results come from evaluations of different sizes or worlds "
-                         "(MRBench-mini queries, pools); expected one benchmark (re-evaluate with "
-                         "the same --mrbench_per_task)")
+        raise SystemExit("the results come from evaluations of different sizes (world sizes, "
+                         "MRBench-mini queries); expected one benchmark (re-evaluate with the same "
+                         "--mrbench_per_task)")
 
 
 def paired_interval(diffs: list[torch.Tensor], n: int = 2000, seed: int = 0):

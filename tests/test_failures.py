@@ -577,3 +577,7 @@ def test_what_a_new_user_lost_or_was_not_told(mbeir, tok, tmp_path, capsys):
         evaluation.check_pooled([r, dict(r, ckpt="copy")])
     with pytest.raises(SystemExit, match="evaluations of different sizes"):
         evaluation.check_pooled([r, dict(r, weights_sha256="x", mrbench_pools={})])
+    # another world's model, evaluated alike, pools (its MRBench-mini pools differ in size)
+    pools = {t: dict(p, pool=p["pool"] + 3) for t, p in r["mrbench_pools"].items()}
+    other = dict(r, weights_sha256="y", world=dict(r["world"], seed=1), mrbench_pools=pools)
+    evaluation.check_pooled([r, other])

@@ -182,8 +182,11 @@ def test_checkpoint_round_trip_and_bad_checkpoints(world, tok, tmp_path):
     (tmp_path / "bad" / "model.safetensors").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(data.BadInput, match="damaged or not a checkpoint"):
         retriever.load_checkpoint(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         retriever.load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no model.safetensors"):
+        retriever.load_checkpoint(tmp_path / "empty")
     # the layout before: config.json naming the weights file, tokenizer.json beside it
     old = tmp_path / "old"
     old.mkdir()
