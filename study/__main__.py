@@ -29,9 +29,8 @@ def read_runs(path: Path = HERE / "runs.txt") -> list[tuple[str, str, list[str]]
 
 
 def study_runs(argv):
-    p = Parser(
-        prog="python -m study runs", description="the study's stage-3 runs from one stage-2 model"
-    )
+    p = Parser(prog="python -m study runs",
+               description="the study's stage-3 runs from one stage-2 model")
     p.add_argument("init", help="the stage-2 checkpoint every run starts from (e.g. "
                                 "runs/cpu/contrastive)")
     p.add_argument("out", help="the study's folder (each run's checkpoint lands in "

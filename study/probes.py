@@ -297,12 +297,9 @@ def mean_t(xs: list[float]) -> tuple[float, float]:
 
 
 def transfer(argv):
-    p = Parser(
-        prog="python -m study transfer",
-        description="the transfer probe's table: per stage-3 "
-        "run, does an update pay on its own instances (delta_same) and on held-out ones "
-        "(delta_other)?",
-    )
+    p = Parser(prog="python -m study transfer",
+               description="the transfer probe's table: per stage-3 run, does an update pay on "
+               "its own instances (delta_same) and on held-out ones (delta_other)?")
     p.add_argument("runs", nargs="+", help="stage-3 folders whose log.jsonl holds the probe")
     a = p.parse_args(argv)
     print("| run | probed steps | delta_same (t) | delta_other (t) | reward first -> last fifth |"

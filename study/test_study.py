@@ -42,11 +42,10 @@ def test_scale_free_rewards_by_hand_and_invariant():
     assert torch.allclose(rewards.rank_reward(s), torch.tensor([1 / (1 + math.log(2)), 1.0]))
     # positive at 2, the near miss at 3
     dcg = 1 / math.log2(3) + 0.5 / math.log2(4)
-    assert rewards.ndcg_reward(s, gains)[0].item() == pytest.approx(dcg / (1 + 0.5 / math.log2(3)),
-                                                                   abs=1e-6)
+    ideal = 1 + 0.5 / math.log2(3)
+    assert rewards.ndcg_reward(s, gains)[0].item() == pytest.approx(dcg / ideal, abs=1e-6)
     assert rewards.ndcg_reward(s, gains)[1].item() == pytest.approx(
-        (1 + 0.5 / math.log2(4)) / (1 + 0.5 / math.log2(3)), abs=1e-6
-    )
+        (1 + 0.5 / math.log2(4)) / ideal, abs=1e-6)
     for a, b in ((2.0, 0.3), (0.5, -1.0)):                                # s -> a s + b, a > 0
         t = a * s + b
         assert torch.allclose(rewards.rank_reward(t), rewards.rank_reward(s))
@@ -57,9 +56,8 @@ def test_scale_free_rewards_by_hand_and_invariant():
     # a collapsed list: the worst rank
     tied = torch.full((1, 4), 0.7)
     assert rewards.rank_reward(tied).item() == pytest.approx(1 / (1 + math.log(4)))
-    assert rewards.zscore_reward(tied).item() == pytest.approx(
-        reward.total_reward(torch.zeros(1, 4)).item()
-    )
+    paper_at_zero = reward.total_reward(torch.zeros(1, 4)).item()
+    assert rewards.zscore_reward(tied).item() == pytest.approx(paper_at_zero)
 
 
 def test_sequence_credit():
@@ -230,10 +228,8 @@ def test_fixed_set_and_held_out_instances(world):
     assert not set(ids(train_set)) & set(ids(heldout))
     again = variants.study_instances(args, pool)
     assert ids(again[0]) == ids(train_set) and ids(again[1]) == ids(heldout)
-    assert variants.study_instances(study_args(), pool) == (
-        pool,
-        [],
-    )  # off: all instances, none held
+    # off: all instances, none held
+    assert variants.study_instances(study_args(), pool) == (pool, [])
     drawn = set()
     for step in range(20):
         drawn |= set(ids(train.make_rl_batch(args, train_set, step)))
@@ -306,64 +302,31 @@ def test_reward_audit_runs_on_a_tiny_checkpoint(world, tok, tmp_path):
     ret = tiny_model(tok)
     retriever.save_checkpoint(tmp_path / "ck", ret.model, tok,
                             {"world": world.cfg.__dict__, "step": 0})
-    probes.audit(
-        [
-            "--ckpt",
-            str(tmp_path / "ck"),
-            "--queries",
-            "3",
-            "--samples",
-            "3",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "audit.json"),
-        ]
-    )
+    probes.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads",
+                  "1", "--device", "cpu", "--out", str(tmp_path / "audit.json")])
     res = json.loads((tmp_path / "audit.json").read_text())
     rows = res["rows"]
-    assert (
-        res["queries"] == 12 and "greedy summary" in rows and "best of 3 by R_total (paper)" in rows
-    )
+    assert (res["queries"] == 12 and "greedy summary" in rows
+            and "best of 3 by R_total (paper)" in rows)
     oracle = rows["oracle best of 3 (true pool rank)"]["mean_rank"]
-    assert all(
-        oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items() if k.startswith(("best", "mean"))
-    )
+    assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in rows.items()
+               if k.startswith(("best", "mean")))
     assert set(res["spearman"]) >= {"R_total (paper)", "rank only", "zscore R_total",
                                     "ndcg (graded)"}
     for pick in ("likeliest", "medoid", "centroid"):                   # the label-free rows
         assert 1 <= rows[f"{pick} of the 3 samples (no label)"]["mean_rank"] <= 50
     # the paper's setting: the context candidates write their own sampled summaries per rollout;
     # what does not involve the rewards (greedy / empty / reference query summaries) is unchanged
-    probes.audit(
-        [
-            "--ckpt",
-            str(tmp_path / "ck"),
-            "--queries",
-            "3",
-            "--samples",
-            "3",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--sample_candidates",
-            "--out",
-            str(tmp_path / "audit_sc.json"),
-        ]
-    )
+    probes.audit(["--ckpt", str(tmp_path / "ck"), "--queries", "3", "--samples", "3", "--threads",
+                  "1", "--device", "cpu", "--sample_candidates", "--out",
+                  str(tmp_path / "audit_sc.json")])
     sc = json.loads((tmp_path / "audit_sc.json").read_text())
     assert sc["sample_candidates"] and not res["sample_candidates"]
     for k in ("greedy summary", "empty summary", "reference summary"):
         assert sc["rows"][k] == rows[k]
     oracle = sc["rows"]["oracle best of 3 (true pool rank)"]["mean_rank"]
-    assert all(
-        oracle <= v["mean_rank"] + 1e-9
-        for k, v in sc["rows"].items()
-        if k.startswith(("best", "mean"))
-    )
+    assert all(oracle <= v["mean_rank"] + 1e-9 for k, v in sc["rows"].items()
+               if k.startswith(("best", "mean")))
 
 
 def test_compare_counts_files_on_either_side(tmp_path, capsys):
@@ -440,10 +403,8 @@ def test_the_study_command_lines_answer_in_one_line(tmp_path):
     bad_ckpt = tmp_path / "ck"
     bad_ckpt.mkdir()
     (bad_ckpt / "config.json").write_text("{}")
-    for argv in (
-        ["audit", "--ckpt", str(bad_ckpt)],
-        ["runs", "x", str(tmp_path), "--only", "nope"],
-    ):
+    for argv in (["audit", "--ckpt", str(bad_ckpt)],
+                 ["runs", "x", str(tmp_path), "--only", "nope"]):
         run = subprocess.run([sys.executable, "-m", "study", *argv], cwd=HERE, capture_output=True,
                              text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
         lines = [x for x in run.stderr.splitlines() if x.strip()]

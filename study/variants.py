@@ -550,9 +550,8 @@ def run_parser() -> Parser:
         help="anneal summary dropout to this")
     add("--own_summaries", type=number(0, 1), default=0.0,
         help="share of kept summaries: the model's own")
-    add(
-        "--own_from", type=number(0, 1), default=0.5, help="share of stage 2 before --own_summaries"
-    )
+    add("--own_from", type=number(0, 1), default=0.5,
+        help="share of stage 2 before --own_summaries")
     add = p.add_argument_group("stage 3 variants (ours)").add_argument
     add("--control", action="store_true", help="the equal-compute control (control_step)")
     add("--reward", default="paper", help="paper | toy | length | rank | zscore | ndcg | pool",

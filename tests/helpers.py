@@ -167,10 +167,9 @@ def free_ports(n: int) -> list[int]:
 def same_logs_and_weights(one, two, stage, keys=("loss", "infonce", "lm", "masked_false_neg")):
     """A one-process and a two-process run of a stage: the same loss each step, up to float
     summation order (tolerance 1e-4), counts summed over the processes, and the same weights."""
-    a_log, b_log = (
-        [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
-        for run in (one, two)
-    )
+    a_log, b_log = ([json.loads(line)
+                     for line in (run / stage / "log.jsonl").read_text().splitlines()]
+                    for run in (one, two))
     assert len(a_log) == len(b_log) > 0
     for a, b in zip(a_log, b_log):
         for k in keys:

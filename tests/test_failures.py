@@ -72,31 +72,18 @@ def test_bad_input_errors(tmp_path, tok):
         train.get_args(["--preset", "huge"])
     # M-BEIR reader: malformed record, missing field, missing image
     pool = tmp_path / "pool.jsonl"
-    pool.write_text(
-        json.dumps({"did": "1", "txt": "a red circle", "img_path": None, "modality": "text"}) + "\n"
-    )
+    pool.write_text(json.dumps({"did": "1", "txt": "a red circle", "img_path": None,
+                                "modality": "text"}) + "\n")
     qf = tmp_path / "q.jsonl"
     qf.write_text('{"qid": 1, "query_txt": "x"\n')
     with pytest.raises(ValueError, match="q.jsonl:1: malformed JSON"):
         realdata.read_mbeir(qf, pool)
-    qf.write_text(
-        json.dumps({"qid": 1, "query_txt": "x", "query_img_path": None, "query_modality": "text"})
-        + "\n"
-    )
+    qf.write_text(json.dumps({"qid": 1, "query_txt": "x", "query_img_path": None,
+                              "query_modality": "text"}) + "\n")
     with pytest.raises(ValueError, match="lacks field.*pos_cand_list"):
         realdata.read_mbeir(qf, pool)
-    qf.write_text(
-        json.dumps(
-            {
-                "qid": 1,
-                "query_txt": "x",
-                "query_img_path": "nope.png",
-                "query_modality": "image",
-                "pos_cand_list": ["1"],
-            }
-        )
-        + "\n"
-    )
+    qf.write_text(json.dumps({"qid": 1, "query_txt": "x", "query_img_path": "nope.png",
+                              "query_modality": "image", "pos_cand_list": ["1"]}) + "\n")
     with pytest.raises(FileNotFoundError, match="nope.png not found"):
         realdata.read_mbeir(qf, pool, tmp_path)
     bad_img = tmp_path / "bad.png"
@@ -146,9 +133,8 @@ def test_the_log_writes_every_step_and_prints_every_log_every(tok, tmp_path, cap
         lines = (tmp_path / "contrastive" / "log.jsonl").read_text().splitlines()
         assert len(lines) == step + 1
     recs = [json.loads(x) for x in lines]
-    assert [r["loss"] for r in recs] == [float(i) for i in range(7)] and recs[5][
-        "masked_false_neg"
-    ] == 5
+    assert [r["loss"] for r in recs] == [float(i) for i in range(7)]
+    assert recs[5]["masked_false_neg"] == 5
     printed = [x for x in capsys.readouterr().out.splitlines() if x.startswith("contrastive 0")]
     assert [x.split()[1] for x in printed] == ["00000/7", "00003/7", "00006/7"]
 
@@ -175,9 +161,8 @@ def test_checkpoint_is_whole_or_absent(world, tok, tmp_path, monkeypatch):
         retriever.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 29}, optimizer=opt)
     monkeypatch.setattr(retriever, "atomic_write", real)
     model, _, meta = retriever.load_checkpoint(folder)
-    assert meta["step"] == 19 and all(
-        torch.equal(v, model.state_dict()[k]) for k, v in saved.items()
-    )
+    assert meta["step"] == 19
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
     assert meta["optimizer"] == "optimizer-000019.pt" and (folder / meta["optimizer"]).is_file()
     # the next save removes the optimizer files it does not name
     retriever.save_checkpoint(folder, ret.model, tok, {"world": {}, "step": 31}, optimizer=opt)
@@ -208,10 +193,8 @@ def test_kill_and_resume_is_byte_identical_and_logs_each_step_once(tmp_path, mon
     train.main(SMOKE + ["--out", b, "--resume"])
     assert same_weights(Path(a) / "contrastive", Path(b) / "contrastive")
     for run in (a, b):
-        steps = [
-            json.loads(line)["step"]
-            for line in (Path(run) / "contrastive" / "log.jsonl").read_text().splitlines()
-        ]
+        steps = [json.loads(line)["step"]
+                 for line in (Path(run) / "contrastive" / "log.jsonl").read_text().splitlines()]
         assert steps == list(range(6)), run
     # a second fresh run into the same folder is refused; with --overwrite it starts a fresh log
     with pytest.raises(SystemExit, match="holds a checkpoint of the contrastive stage .*--resume"):
@@ -283,9 +266,8 @@ def test_the_sample_writer_writes_only_where_nothing_is(tmp_path):
     real = tmp_path / "mbeir_root"
     real.mkdir()
     (real / "query").mkdir()                                             # a real M-BEIR root, say
-    with pytest.raises(
-        data.BadInput, match="--sample .*mbeir_root: expected a new or empty folder"
-    ):
+    with pytest.raises(data.BadInput,
+                       match="--sample .*mbeir_root: expected a new or empty folder"):
         realdata.write_mbeir_sample(real)
     assert sorted(p.name for p in real.iterdir()) == ["query"]           # nothing written
     assert (realdata.write_mbeir_sample(tmp_path / "new") / "instructions").is_dir()
@@ -298,14 +280,11 @@ def test_a_run_folder_is_one_run(tmp_path):
     base = ["--preset", "smoke", "--stages", "contrastive,elva", "--steps", "3", "--rl_steps", "1",
             "--no_eval", "--out", out]
     train.main(base)
-    for flags, name, old in (
-        (["--steps", "5"], "--steps 5", "3"),
-        (["--lr", "0.05"], "--lr 0.05", "0.002"),
-        (["--beta", "0.1"], "--beta 0.1", "0.2"),
-    ):
-        with pytest.raises(
-            SystemExit, match=f"{name}: expected {old}, the value the .* checkpoint"
-        ):
+    for flags, name, old in ((["--steps", "5"], "--steps 5", "3"),
+                             (["--lr", "0.05"], "--lr 0.05", "0.002"),
+                             (["--beta", "0.1"], "--beta 0.1", "0.2")):
+        with pytest.raises(SystemExit,
+                           match=f"{name}: expected {old}, the value the .* checkpoint"):
             train.main(base + ["--resume", *flags])
     # a stage compares its own flags only: stage 3's do not stop stage 2 (the stage 3 it resumes
     # then refuses them)
@@ -318,23 +297,9 @@ def test_a_run_folder_is_one_run(tmp_path):
     with pytest.raises(SystemExit, match="--overwrite True: expected without --resume"):
         train.main(base + ["--resume", "--overwrite"])
     elva_weights = (Path(out) / "elva" / "model.safetensors").read_bytes()
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--stages",
-            "contrastive",
-            "--steps",
-            "2",
-            "--no_eval",
-            "--out",
-            # stage 2 afresh, and stage 3 gone
-            out,
-            "--overwrite",
-            "--lr",
-            "0.01",
-        ]
-    )
+    # stage 2 afresh, and stage 3 gone
+    train.main(["--preset", "smoke", "--stages", "contrastive", "--steps", "2", "--no_eval",
+                "--out", out, "--overwrite", "--lr", "0.01"])
     assert not (Path(out) / "elva").exists()
     assert retriever.read_checkpoint(Path(out) / "contrastive")[3]["args"]["lr"] == 0.01
     assert elva_weights
@@ -342,20 +307,8 @@ def test_a_run_folder_is_one_run(tmp_path):
     rl = ["--preset", "smoke", "--stages", "elva", "--rl_steps", "1", "--no_eval", "--init",
           str(Path(out) / "contrastive"), "--out", str(tmp_path / "rl")]
     train.main(rl)
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--stages",
-            "contrastive",
-            "--steps",
-            "3",
-            "--no_eval",
-            "--out",
-            out,
-            "--overwrite",
-        ]
-    )
+    train.main(["--preset", "smoke", "--stages", "contrastive", "--steps", "3", "--no_eval",
+                "--out", out, "--overwrite"])
     with pytest.raises(SystemExit, match="the elva stage's input .*changed since"):
         train.main(rl + ["--resume"])
 
@@ -385,16 +338,14 @@ def test_inputs_are_refused_before_the_work(mbeir, tok, tmp_path, capsys):
         train.get_args(["--preset", "smoke", "--batch_size", "100000"])
     out = tmp_path / "run"
     with pytest.raises(data.BadInput, match="--eval_tasks nope: unknown task"):
-        train.main(
-            ["--preset", "smoke", "--mbeir", str(mbeir), "--eval_tasks", "nope", "--out", str(out)]
-        )
+        train.main(["--preset", "smoke", "--mbeir", str(mbeir), "--eval_tasks", "nope", "--out",
+                    str(out)])
     assert not out.exists()                                              # before any training
     ret = tiny_model(tok)
     retriever.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
     for flag in ("--out", "--grid", "--run_file"):
-        with pytest.raises(
-            SystemExit, match=f"{flag} /missing/folder/x.json: expected a file in a"
-        ):
+        with pytest.raises(SystemExit,
+                           match=f"{flag} /missing/folder/x.json: expected a file in a"):
             evaluation.main(["--ckpt", str(tmp_path / "ck"), flag, "/missing/folder/x.json"])
     with pytest.raises(SystemExit, match="--queries 0: expected an integer >= 1"):
         evaluation.main(["--ckpt", str(tmp_path / "ck"), "--queries", "0"])
@@ -481,23 +432,8 @@ def test_errors_of_the_command_lines_are_one_line(tmp_path, mbeir):
         assert "Traceback" not in run.stderr and len(lines) <= 2, (argv, run.stderr)
 
 def test_a_smoke_run_says_its_numbers_check_the_plumbing(tmp_path, capsys):
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--stages",
-            "text,contrastive",
-            "--text_steps",
-            "1",
-            "--steps",
-            "1",
-            "--no_eval",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path / "r"),
-        ]
-    )
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "1", "--steps",
+                "1", "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
     assert "check the plumbing, not the method" in capsys.readouterr().out
 
 

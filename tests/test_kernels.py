@@ -45,9 +45,8 @@ def test_cosine_ranks_low_precision_accumulates_fp32(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "M,N,D,ties", [(70, 300, 37, True), (5, 129, 16, False), (65, 1000, 100, False)]
-)
+@pytest.mark.parametrize("M,N,D,ties", [(70, 300, 37, True), (5, 129, 16, False),
+                                        (65, 1000, 100, False)])
 def test_corpus_ranks_kernel(device, M, N, D, ties):
     g = torch.Generator().manual_seed(M + N)
     if ties:  # small integers: exact dot products, many exact ties in cosine

@@ -42,11 +42,8 @@ def test_embedding_shapes_dtype_unit_norm(world, tok):
     assert e.shape == (6, ret.model.cfg.d_model) and e.dtype == torch.float32
     assert torch.allclose(e.norm(dim=-1), torch.ones(6), atol=1e-5)
     logp, h = ret.model.token_logprobs(b, imgs)
-    assert (
-        logp.shape == b["tokens"].shape
-        and torch.all(logp[~b["gen_mask"]] == 0)
-        and torch.all(logp <= 0)
-    )
+    assert (logp.shape == b["tokens"].shape and torch.all(logp[~b["gen_mask"]] == 0)
+            and torch.all(logp <= 0))
 
 def test_padding_does_not_change_embeddings(world, tok):
     """Left padding (batching with longer prompts) must not change an input's embedding:

@@ -22,18 +22,9 @@ def test_mbeir_reader_round_trip(tmp_path):
     (tmp_path / "pool.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"did": "c1", "txt": None, "img_path": "a.png", "modality": "image"},
         {"did": "c2", "txt": "a blue square", "img_path": None, "modality": "text"}]) + "\n")
-    (tmp_path / "q.jsonl").write_text(
-        json.dumps(
-            {
-                "qid": "q1",
-                "query_txt": "a red circle",
-                "query_img_path": None,
-                "query_modality": "text",
-                "pos_cand_list": ["c1"],
-            }
-        )
-        + "\n"
-    )
+    (tmp_path / "q.jsonl").write_text(json.dumps({"qid": "q1", "query_txt": "a red circle",
+                                                  "query_img_path": None, "query_modality": "text",
+                                                  "pos_cand_list": ["c1"]}) + "\n")
     items, pool, pos = realdata.read_mbeir(tmp_path / "q.jsonl", tmp_path / "pool.jsonl", tmp_path)
     assert items[0].text == "a red circle" and pos == [{0}] and pool[1].text == "a blue square"
     assert retriever.load_image(pool[0], 32).shape == (3, 32, 32)
@@ -56,19 +47,13 @@ def test_mbeir_reader_instructions_filter_and_modalities(mbeir):
     # null and empty candidate texts are image-only items; image+text candidates keep both
     assert pool.items[pool.index["9:1"]].text == "" and pool.items[pool.index["9:0"]].text == ""
     both = pool.items[pool.index["8:3"]]
-    assert (
-        both.text == "picture 3"
-        and both.image_path.endswith("3.jpg")
-        and pool.modalities[pool.index["8:3"]] == "image,text"
-    )
+    assert (both.text == "picture 3" and both.image_path.endswith("3.jpg")
+            and pool.modalities[pool.index["8:3"]] == "image,text")
     q3, p3 = realdata.mbeir_paths(mbeir, "sample_task3")
     pool3 = realdata.read_mbeir_pool(p3, mbeir)
     qs3 = realdata.read_mbeir_queries(q3, pool3, mbeir, ins)
-    assert (
-        qs3.negatives[0] == [pool3.index["9:101"]]
-        and qs3.items[0].text == ""
-        and qs3.items[0].image_path
-    )
+    assert (qs3.negatives[0] == [pool3.index["9:101"]] and qs3.items[0].text == ""
+            and qs3.items[0].image_path)
     img = retriever.load_image(qs3.items[0], 36)
     assert img.shape == (3, 36, 36)                           # a non-square JPEG, resized
 
@@ -80,60 +65,26 @@ def test_mbeir_bad_input_names_file_and_line(mbeir, tmp_path):
     q, p = realdata.mbeir_paths(root, "sample_task0")
     pool = realdata.read_mbeir_pool(p, root)
     lines = q.read_text().splitlines()
+    good = {"qid": "9:9", "query_txt": "x", "query_img_path": None, "query_modality": "text",
+            "pos_cand_list": ["9:1"]}
+    lacking = {k: v for k, v in good.items() if k != "pos_cand_list"}
     cases = [
         ('{"qid": "9:0", "query_txt": "x"', "mbeir_sample_task0_test.jsonl:2: malformed JSON"),
-        (
-            json.dumps(
-                {"qid": "9:9", "query_txt": "x", "query_img_path": None, "query_modality": "text"}
-            ),
-            r"mbeir_sample_task0_test.jsonl:2: record lacks field\(s\) \['pos_cand_list'\]",
-        ),
-        (
-            json.dumps(
-                {
-                    "qid": "9:9",
-                    "query_txt": "x",
-                    "query_img_path": "gone.jpg",
-                    "query_modality": "text",
-                    "pos_cand_list": ["9:1"],
-                }
-            ),
-            "mbeir_sample_task0_test.jsonl:2: image .*gone.jpg not found",
-        ),
-        (
-            json.dumps(
-                {
-                    "qid": "9:9",
-                    "query_txt": "x",
-                    "query_img_path": None,
-                    "query_modality": "text",
-                    "pos_cand_list": ["9:777"],
-                }
-            ),
-            r"test.jsonl:2: positive candidate\(s\) \['9:777'\] .* not in the pool",
-        ),
-        (
-            json.dumps(
-                {
-                    "qid": "9:9",
-                    "query_txt": "x",
-                    "query_img_path": None,
-                    "query_modality": "audio",
-                    "pos_cand_list": ["9:1"],
-                }
-            ),
-            "test.jsonl:2: no instruction for dataset 9, query modality 'audio'",
-        ),
+        (json.dumps(lacking),
+         r"mbeir_sample_task0_test.jsonl:2: record lacks field\(s\) \['pos_cand_list'\]"),
+        (json.dumps({**good, "query_img_path": "gone.jpg"}),
+         "mbeir_sample_task0_test.jsonl:2: image .*gone.jpg not found"),
+        (json.dumps({**good, "pos_cand_list": ["9:777"]}),
+         r"test.jsonl:2: positive candidate\(s\) \['9:777'\] .* not in the pool"),
+        (json.dumps({**good, "query_modality": "audio"}),
+         "test.jsonl:2: no instruction for dataset 9, query modality 'audio'"),
     ]
     for bad, pattern in cases:
         q.write_text("\n".join([lines[0], bad]) + "\n")
         with pytest.raises((ValueError, FileNotFoundError), match=pattern):
             realdata.read_mbeir_queries(q, pool, root, ins)
-    p.write_text(
-        p.read_text()
-        + json.dumps({"did": "9:0", "txt": "dup", "img_path": None, "modality": "text"})
-        + "\n"
-    )
+    p.write_text(p.read_text() + json.dumps({"did": "9:0", "txt": "dup", "img_path": None,
+                                             "modality": "text"}) + "\n")
     with pytest.raises(ValueError, match=r"cand_pool.jsonl:13: candidate id '9:0' appears twice"):
         realdata.read_mbeir_pool(p, root)
 
@@ -154,13 +105,9 @@ def test_mbeir_uniir_protocol(mbeir, tmp_path, tok):
     root = tmp_path / "m"
     shutil.copytree(mbeir, root)
     local = root / "cand_pool" / "local"
-    (local / "mbeir_sample_task0_cand_pool.jsonl").rename(
-        local / "mbeir_sample_task0_test_cand_pool.jsonl"
-    )
-    assert (
-        realdata.mbeir_paths(root, "sample_task0")[1].name
-        == "mbeir_sample_task0_test_cand_pool.jsonl"
-    )
+    split_pool = "mbeir_sample_task0_test_cand_pool.jsonl"
+    (local / "mbeir_sample_task0_cand_pool.jsonl").rename(local / split_pool)
+    assert realdata.mbeir_paths(root, "sample_task0")[1].name == split_pool
     ret = tiny_model(tok)
     res = realdata.evaluate_mbeir(ret, root, ["sample_task0"], "test", "local", nullcontext)
     assert res["sample_task0"]["pool_file"] == "mbeir_sample_task0_test_cand_pool.jsonl"
@@ -176,22 +123,9 @@ def test_eval_mbeir_end_to_end(mbeir, world, tok, tmp_path, capsys):
     ret = tiny_model(tok)
     retriever.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
     run = tmp_path / "run.trec"
-    args = [
-        "--ckpt",
-        str(tmp_path / "ck"),
-        "--mbeir",
-        str(mbeir),
-        "--run_file",
-        str(run),
-        "--run_depth",
-        "4",
-        "--cache",
-        str(tmp_path / "cache"),
-        "--out",
-        str(tmp_path / "m.json"),
-        "--threads",
-        "1",
-    ]
+    args = ["--ckpt", str(tmp_path / "ck"), "--mbeir", str(mbeir), "--run_file", str(run),
+            "--run_depth", "4", "--cache", str(tmp_path / "cache"), "--out",
+            str(tmp_path / "m.json"), "--threads", "1"]
     evaluation.main(args)
     res = json.loads((tmp_path / "m.json").read_text())
     assert set(res) == {"sample_task0", "sample_task3", "samplecirr_task8", "avg"}
@@ -217,14 +151,10 @@ def test_read_mbeir_train_merges_pools_and_keeps_negatives(mbeir):
     # two local pools merged by id
     assert len(src.queries) == 12 and len(src.pool.items) == 24
     q = src.queries[0]
-    assert (
-        q.task == "sample_task0"
-        and q.instruction == "Retrieve an image that matches the given caption."
-    )
-    assert (
-        src.pool.dids[src.positives[0][0]] == "9:0"
-        and q.positive is src.pool.items[src.positives[0][0]]
-    )
+    assert (q.task == "sample_task0"
+            and q.instruction == "Retrieve an image that matches the given caption.")
+    assert (src.pool.dids[src.positives[0][0]] == "9:0"
+            and q.positive is src.pool.items[src.positives[0][0]])
     # task 3's neg_cand_list, as pool indices
     assert [src.pool.dids[j] for j in src.negatives[6]] == ["9:101"]
     assert "Retrieve an image that matches the given caption." in src.texts()
@@ -254,29 +184,11 @@ def test_mbeir_stage2_batch_masks_positives(mbeir):
 
 def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
     out = tmp_path / "run"
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--mbeir",
-            str(mbeir),
-            "--steps",
-            "3",
-            "--rl_steps",
-            "2",
-            "--out",
-            str(out),
-            "--threads",
-            "1",
-            "--vocab_size",
-            "400",
-        ]
-    )
+    train.main(["--preset", "smoke", "--mbeir", str(mbeir), "--steps", "3", "--rl_steps", "2",
+                "--out", str(out), "--threads", "1", "--vocab_size", "400"])
     meta = retriever.read_checkpoint(out / "elva")[3]
-    assert (
-        meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"]
-        and "world" not in meta
-    )
+    assert (meta["mbeir"]["tasks"] == ["sample_task0", "sample_task3", "samplecirr_task8"]
+            and "world" not in meta)
     tok = retriever.load_tokenizer(out / "tokenizer.json")
     caption = realdata.read_mbeir_train(mbeir, ["all"]).queries[0].item.text
     # BPE merges learnt from the real text
@@ -284,38 +196,14 @@ def test_train_on_mbeir_sample_end_to_end(mbeir, tmp_path):
     for c in ("contrastive", "elva"):
         res = json.loads((out / f"eval_{c}.json").read_text())
         assert set(res) == {"sample_task0", "sample_task3", "samplecirr_task8", "avg"}
-    with pytest.raises(
-        SystemExit, match="--mbeir .*: expected an M-BEIR root holding query/train/"
-    ):
+    with pytest.raises(SystemExit,
+                       match="--mbeir .*: expected an M-BEIR root holding query/train/"):
         train.get_args(["--mbeir", str(tmp_path)])
 
 def test_mmeb_eval_by_hand(tmp_path):
-    rows = [
-        {
-            "qry_inst": "",
-            "qry_text": "q0",
-            "qry_img_path": "",
-            "tgt_inst": "",
-            "tgt_text": ["a", "b", "c"],
-            "tgt_img_path": [],
-        },
-        {
-            "qry_inst": "",
-            "qry_text": "q1",
-            "qry_img_path": "",
-            "tgt_inst": "",
-            "tgt_text": ["d", "e"],
-            "tgt_img_path": [],
-        },
-        {
-            "qry_inst": "",
-            "qry_text": "q2",
-            "qry_img_path": "",
-            "tgt_inst": "",
-            "tgt_text": ["f", "g", "h", "i"],
-            "tgt_img_path": [],
-        },
-    ]
+    rows = [{"qry_inst": "", "qry_text": q, "qry_img_path": "", "tgt_inst": "", "tgt_text": t,
+             "tgt_img_path": []}
+            for q, t in (("q0", ["a", "b", "c"]), ("q1", ["d", "e"]), ("q2", ["f", "g", "h", "i"]))]
     path = tmp_path / "toy.jsonl"
     vec = {"q0": [1, 0], "a": [1, 0], "b": [0, 1], "c": [-1, 0],        # positive first: rank 1
            # a tie with the positive: rank 2
@@ -338,9 +226,8 @@ def test_mmeb_eval_by_hand(tmp_path):
     res = realdata.evaluate_mmeb(Fake(), [str(path)], str(tmp_path), nullcontext)
     assert seen.count("b") == 1 and "q2" in seen and not any("<|image_1|>" in t for t in seen)
     toy = res[str(path)]                                                # keyed by the path given
-    assert toy["P@1"] == pytest.approx(1 / 3) and toy["MRR"] == pytest.approx(
-        (1 + 1 / 2 + 1 / 4) / 3
-    )
+    assert toy["P@1"] == pytest.approx(1 / 3)
+    assert toy["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
     assert toy["chance_P@1"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3) and toy["nonfinite"] == 1
     # the same file name in two folders: two rows, not one
     (tmp_path / "other").mkdir()
@@ -355,18 +242,8 @@ def test_mmeb_command_on_the_sample(mbeir, tok, tmp_path, capsys):
     ret = tiny_model(tok)
     retriever.save_checkpoint(tmp_path / "ck", ret.model, tok, {"world": {}, "step": 0})
     files = sorted(str(f) for f in (mbeir / "mmeb").glob("*.jsonl"))
-    evaluation.main(
-        [
-            "--ckpt",
-            str(tmp_path / "ck"),
-            "--mmeb",
-            *files,
-            "--mmeb_images",
-            str(mbeir),
-            "--threads",
-            "1",
-        ]
-    )
+    evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--mmeb_images", str(mbeir),
+                     "--threads", "1"])
     assert f"| {files[1]} | 8 |" in capsys.readouterr().out             # files[1]: sample_t2i.jsonl
     with pytest.raises(SystemExit, match="--mmeb: .*sample_i2t.jsonl:1: image .* not found"):
         evaluation.main(["--ckpt", str(tmp_path / "ck"), "--mmeb", *files, "--threads", "1"])

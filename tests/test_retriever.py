@@ -35,9 +35,8 @@ def test_retriever_api(world, tok, tmp_path, capsys):
                                                               data.INSTRUCTIONS["t2i"])[0])
     # not one embedding per character
     assert r.encode_text("triangle").shape == (D,)
-    assert r.encode_image(img).shape == (D,) and r.encode_image(str(tmp_path / "a.png")).shape == (
-        D,
-    )
+    assert r.encode_image(img).shape == (D,)
+    assert r.encode_image(str(tmp_path / "a.png")).shape == (D,)
     assert r.encode_text([]).shape == (0, D)
     composed, words = r.encode(texts=["make the circle blue", "x"], images=[img, img],
                                return_summaries=True)
@@ -48,11 +47,9 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert isinstance(i_np, np.ndarray) and i_np.shape == (2, 2)
     hits = r.search(arr[0], c.numpy(), k=2, as_hits=True)              # sentence-transformers' form
     assert len(hits) == 1 and set(hits[0][0]) == {"corpus_id", "score"}
-    for bad, err in (
-        ((" ",), "text 0 is blank"),
-        ((str(tmp_path / "gone.jpg"),), "image 0 " ".*gone.jpg.* not a file"),
-        ((3,), "texts must be"),
-    ):
+    for bad, err in (((" ",), "text 0 is blank"),
+                     ((str(tmp_path / "gone.jpg"),), "image 0 .*gone.jpg.* not a file"),
+                     ((3,), "texts must be")):
         with pytest.raises((ValueError, FileNotFoundError, TypeError), match=err):
             if "gone" in str(bad[0]):
                 r.encode_image(bad[0])
@@ -63,9 +60,8 @@ def test_retriever_api(world, tok, tmp_path, capsys):
     assert torch.allclose(r2.encode_text("a triangle"), r.encode_text("a triangle"))
     # evaluation's pools: chunks made in DataLoader workers embed to the same numbers as in-process
     qs = world.sample_queries(random.Random(0), 5)
-    items, instr = [q.positive for q in qs] + [q.item for q in qs], [None] * 5 + [
-        data.INSTRUCTIONS[q.task] for q in qs
-    ]
+    items = [q.positive for q in qs] + [q.item for q in qs]
+    instr = [None] * 5 + [data.INSTRUCTIONS[q.task] for q in qs]
     e0, t0 = r.embed_items(items, instr, batch_size=3, workers=0)
     e2, t2 = r.embed_items(items, instr, batch_size=3, workers=2)
     assert torch.equal(e0, e2) and t0 == t2

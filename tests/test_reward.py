@@ -20,9 +20,8 @@ def test_reward_positive_at_rank_3():
     s = torch.tensor([0.4, 0.8, 0.1, 0.6], dtype=torch.float64)
     R, r = reward.ranking_reward(s, 0.2, return_rank=True)
     assert r.item() == 3
-    assert R.item() == pytest.approx(
-        rank_reward_by_hand(0.4, 3, [(0.8, 1), (0.6, 2), (0.1, 4)], 0.2), abs=1e-12
-    )
+    by_hand = rank_reward_by_hand(0.4, 3, [(0.8, 1), (0.6, 2), (0.1, 4)], 0.2)
+    assert R.item() == pytest.approx(by_hand, abs=1e-12)
     # clipped at zero: the positive loses to the hardest negative
     assert reward.margin_reward(s, 0.05).item() == 0.0
 
@@ -37,9 +36,8 @@ def test_reward_all_equal_is_worst_rank():
     s = torch.full((4,), 0.3, dtype=torch.float64)
     R, r = reward.ranking_reward(s, 0.2, return_rank=True)
     assert r.item() == 4
-    assert R.item() == pytest.approx(
-        rank_reward_by_hand(0.3, 4, [(0.3, 1), (0.3, 2), (0.3, 3)], 0.2), abs=1e-12
-    )
+    by_hand = rank_reward_by_hand(0.3, 4, [(0.3, 1), (0.3, 2), (0.3, 3)], 0.2)
+    assert R.item() == pytest.approx(by_hand, abs=1e-12)
     assert reward.margin_reward(s, 0.0).item() == 0.0
 
 def test_margin_value_and_clip():
@@ -69,9 +67,8 @@ def test_ranking_reward_matches_sorted_list_definition():
         r = 1 + sum(n >= pos for n in negs)
         # negatives fill the other ranks, in order
         ranks = [k for k in range(1, len(row) + 1) if k != r]
-        want = pos / (1 + math.log(r)) - 0.2 * sum(
-            n * (math.log(k) - 1) for n, k in zip(negs, ranks)
-        )
+        penalty = sum(n * (math.log(k) - 1) for n, k in zip(negs, ranks))
+        want = pos / (1 + math.log(r)) - 0.2 * penalty
         assert val == pytest.approx(want, abs=1e-9)
 
 def test_descending_ranks_with_ties_and_nan():
@@ -190,8 +187,7 @@ def test_grpo_loss_sequence_norm_by_hand():
     A = torch.tensor([1.0, 3.0])
     tok, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0)
     seq, _ = reward.grpo_loss(logp, logp, logp, A, mask, beta=0.0, norm="sequence")
-    assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4) and seq.item() == pytest.approx(
-        -(1 + 3) / 2
-    )
+    assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4)
+    assert seq.item() == pytest.approx(-(1 + 3) / 2)
     with pytest.raises(ValueError, match="norm must be"):
         reward.grpo_loss(logp, logp, logp, A, mask, norm="x")

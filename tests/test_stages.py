@@ -67,28 +67,14 @@ def test_nli_triplets_and_the_text_stage(tmp_path, world):
         assert all(data.satisfies(o, hyp) for o in scenes if data.satisfies(o, premise))
     assert n >= 50
     out = tmp_path / "run"
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--stages",
-            "text,contrastive",
-            "--text_steps",
-            "3",
-            "--steps",
-            "1",
-            "--out",
-            str(out),
-            "--no_eval",
-        ]
-    )
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps",
+                "1", "--out", str(out), "--no_eval"])
     text = retriever.load_checkpoint(out / "text")[0]
     _, cfg, _, meta = retriever.read_checkpoint(out / "text")
     assert meta["step"] == 2
     stage2 = retriever.load_checkpoint(out / "contrastive")[0]
-    fresh = elva.build_model(
-        elva.ModelConfig(**cfg), retriever.load_tokenizer(out / "tokenizer.json")
-    )
+    fresh = elva.build_model(elva.ModelConfig(**cfg),
+                             retriever.load_tokenizer(out / "tokenizer.json"))
     # one step of stage 2 moved the weights a little from stage 1's, not from a fresh model's
     d_text = sum((a - b).abs().sum() for a, b in zip(text.parameters(), stage2.parameters()))
     d_fresh = sum((a - b).abs().sum() for a, b in zip(fresh.parameters(), stage2.parameters()))
@@ -100,13 +86,9 @@ def test_rollout_shapes(world, tok):
     ret = tiny_model(tok)
     args = rl_args(group_size=3)
     ro = train.rollout(args, ret.model, made_of(ret, rl_instances(world, 2, 3)),
-                       torch.Generator().manual_seed(0),
-                       nullcontext)
-    assert (
-        ro.shape == (2, 3, 2 + 3)
-        and ro.scores.shape == (2, 3, 1 + 3)
-        and ro.e.shape[:3] == (2, 3, 5)
-    )
+                       torch.Generator().manual_seed(0), nullcontext)
+    assert ro.shape == (2, 3, 2 + 3) and ro.scores.shape == (2, 3, 1 + 3)
+    assert ro.e.shape[:3] == (2, 3, 5)
     assert reward.total_reward(ro.scores).shape == (2, 3)
     assert ro.logp.shape[0] == 2 * 3 * (2 + 3) and ro.logp.requires_grad
     # each item's prompt held once
@@ -161,17 +143,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     resumes as a no-op; train.py --explain walks one RL instance of the stage-2 checkpoint through
     the paper's step."""
     out = tmp_path / "run"
-    common = [
-        "--preset",
-        "smoke",
-        "--out",
-        str(out),
-        "--steps",
-        "6",
-        "--rl_steps",
-        "2",
-        "--no_eval",
-    ]
+    common = ["--preset", "smoke", "--out", str(out), "--steps", "6", "--rl_steps", "2",
+              "--no_eval"]
     train.main(common)
     for stage in ("contrastive", "elva"):
         model, _, meta = retriever.load_checkpoint(out / stage)
@@ -183,25 +156,18 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert (out / "elva" / "model.safetensors").read_bytes() == first
     # stage 3 follows the paper: the vision tower and projector stay frozen, the language model
     # moves
-    init, rl = (
-        retriever.load_checkpoint(out / "contrastive")[0],
-        retriever.load_checkpoint(out / "elva")[0],
-    )
+    init, rl = (retriever.load_checkpoint(out / "contrastive")[0],
+                retriever.load_checkpoint(out / "elva")[0])
     assert all(torch.equal(a, b) for a, b in zip(init.vision_parameters(), rl.vision_parameters()))
-    assert not all(
-        torch.equal(a, b) for a, b in zip(init.blocks.parameters(), rl.blocks.parameters())
-    )
+    assert not all(torch.equal(a, b) for a, b in zip(init.blocks.parameters(),
+                                                     rl.blocks.parameters()))
     capsys.readouterr()
-    train.main(
-        ["--preset", "smoke", "--explain", str(out / "contrastive"), "--explain_task", "t2i"]
-    )
+    train.main(["--preset", "smoke", "--explain", str(out / "contrastive"), "--explain_task",
+                "t2i"])
     shown = capsys.readouterr().out
     G = train.get_args(["--preset", "smoke"]).group_size
-    assert (
-        "task t2i" in shown
-        and shown.count("ranked list:") == G
-        and shown.count("advantage") == G + 1
-    )
+    assert ("task t2i" in shown and shown.count("ranked list:") == G
+            and shown.count("advantage") == G + 1)
     assert "negative 4:" in shown and "R_Margin" in shown and "R_total mean" in shown
     evaluation.main(["--ckpt", str(out / "contrastive"), "--queries", "6", "--mrbench_per_task",
                      "2", "--threads", "1"])
@@ -214,23 +180,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
 
 def test_the_run_prints_each_stages_minutes(tmp_path, capsys):
     """Stage lines carry the stage's ETA; the run ends with its time and each stage's minutes."""
-    train.main(
-        [
-            "--preset",
-            "smoke",
-            "--stages",
-            "text,contrastive",
-            "--text_steps",
-            "3",
-            "--steps",
-            "2",
-            "--no_eval",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path / "r"),
-        ]
-    )
+    train.main(["--preset", "smoke", "--stages", "text,contrastive", "--text_steps", "3", "--steps",
+                "2", "--no_eval", "--threads", "1", "--out", str(tmp_path / "r")])
     out = capsys.readouterr().out
     assert "text 00000/3" in out and "| eta " in out
     assert re.search(r"total time \d+\.\d min \(text \d+\.\d \| contrastive \d+\.\d\)", out)
@@ -238,21 +189,8 @@ def test_the_run_prints_each_stages_minutes(tmp_path, capsys):
 def test_dataloader_workers_change_nothing_but_speed(tmp_path):
     """Every stage makes its batches in DataLoader workers from per-step seeds: any number of
     workers trains the same bytes."""
-    base = [
-        "--preset",
-        "smoke",
-        "--stages",
-        "text,contrastive,elva",
-        "--text_steps",
-        "3",
-        "--steps",
-        "4",
-        "--rl_steps",
-        "2",
-        "--no_eval",
-        "--threads",
-        "1",
-    ]
+    base = ["--preset", "smoke", "--stages", "text,contrastive,elva", "--text_steps", "3",
+            "--steps", "4", "--rl_steps", "2", "--no_eval", "--threads", "1"]
     train.main(base + ["--out", str(tmp_path / "w0"), "--workers", "0"])
     train.main(base + ["--out", str(tmp_path / "w2"), "--workers", "2"])
     for stage in ("text", "contrastive", "elva"):
