@@ -1,6 +1,6 @@
 """
 Training: the paper's three stages (ELVA, Sections 3.3-3.4), top to bottom, after ours.
-  stage 0  (ours) the next-token loss of images' summaries           describe_stage
+  stage 0  (ours, opt-in) the next-token loss of images' summaries   describe_stage
   stage 1  language-only InfoNCE on NLI-style caption triplets       text_stage
   stage 2  InfoNCE on [RET] embeddings + the summaries' LM loss      contrastive_stage
   stage 3  ELVA: negatives mined by the stage-2 model, then GRPO     elva_stage, grpo_step
@@ -12,10 +12,9 @@ Training: the paper's three stages (ELVA, Sections 3.3-3.4), top to bottom, afte
     python train.py --explain CKPT   # one GRPO step on a checkpoint, printed
     torchrun --nproc_per_node=N train.py   # data-parallel (GPUs, or CPUs with gloo)
 
-This file is the paper (and our stage 0, which stands in for the MLLM's pretraining); our
-variants and the equal-compute control are in study/. Each stage is a loop you can read:
-batch, step, log line, checkpoint. runtime.py holds the machinery a reader of the paper may
-skip. Outputs under --out (default runs/<preset>): a folder per stage, eval.json.
+This file is the paper (and our stage 0); our variants and the control are in study/. Each
+stage is a loop: batch, step, log line, checkpoint. runtime.py holds the machinery a reader
+may skip. Outputs under --out (default runs/<preset>): a folder per stage, eval.json.
 """
 
 from __future__ import annotations
@@ -47,26 +46,26 @@ phase = torch.profiler.record_function     # labels a step's phases in --profile
 
 
 # ----------------------------------------------------------------------------------------
-# Presets: the world's and each stage's sizes (the model's are in elva.PRESETS). Keys with
-# no flag here (n_train, rl_queries, ...) are set by the study's flags.
+# Presets: the world's and each stage's sizes (the model's: elva.PRESETS). Keys with no
+# flag here (n_train, rl_queries, ...): the study's flags.
 
 TRAIN_PRESETS = {
     # smoke: the whole pipeline in under a minute on 2 CPU cores (tests, CI)
     "smoke": dict(n_train=400, n_test=60, batch_size=16, lr=2e-3,
-                  describe_steps=10, describe_lr=2e-3,
+                  stages="describe,text,contrastive,elva", describe_steps=10, describe_lr=2e-3,
                   text_steps=10, scene_premises=0.0, describe_every=4,
                   steps=40, text_every=4,
                   rl_steps=6, rl_batch=2, group_size=4, n_hard=2, n_rand=2, rl_queries=8,
                   rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6, log_every=5),
     # cpu: the default without a GPU, within 20 minutes on 2 cores
     "cpu": dict(n_train=6000, n_test=500, batch_size=48, lr=1e-3,
-                describe_steps=500, describe_lr=2e-3,
-                text_steps=1000, scene_premises=0.0, describe_every=4,
-                steps=800, text_every=4,
+                stages="text,contrastive,elva", describe_steps=500, describe_lr=2e-3,
+                text_steps=1500, scene_premises=0.0, describe_every=4,
+                steps=1000, text_every=4,
                 rl_steps=150, rl_batch=2, group_size=8, n_hard=4, n_rand=4, rl_queries=200,
                 rl_pool_scenes=300, eval_queries=200, mrbench_per_task=100, log_every=25),
     "gpu": dict(n_train=20000, n_test=1000, batch_size=128, lr=5e-4,
-                describe_steps=2000, describe_lr=1e-3,
+                stages="text,contrastive,elva", describe_steps=2000, describe_lr=1e-3,
                 text_steps=3000, scene_premises=0.0, describe_every=4,
                 steps=6000, text_every=4,
                 rl_steps=400, rl_batch=8, group_size=8, n_hard=16, n_rand=16,
@@ -74,13 +73,12 @@ TRAIN_PRESETS = {
                 mrbench_per_task=250, log_every=50),
 }
 STAGES = ("describe", "text", "contrastive", "elva")   # stages 0-3
-# Every preset's: AdamW's weight decay and warm-up, one GRPO update per batch (on-policy),
-# stage 3's folder.
+# Every preset's: AdamW's decay and warm-up, one GRPO update a batch, stage 3's folder
 COMMON = dict(weight_decay=0.05, warmup=0.05, num_iterations=1, elva_name="elva")
 # What decides the world, the tokenizer and the model's shape: one value per run folder.
 SHAPING_ARGS = ("preset", "seed", "world_seed", "n_train", "n_test", "vocab_size", "mbeir",
                 "train_tasks", "mbeir_pool", "summary_field")
-# What stage 3's console line shows (its log.jsonl keeps every value of the step).
+# What stage 3's console line shows (log.jsonl keeps every value)
 ELVA_SHOWN = ("loss", "reward_mean", "R_rank", "top1", "tied_groups", "kl", "summary_len")
 
 
@@ -102,8 +100,8 @@ def build_parser() -> Parser:
         help="default gpu on CUDA, else cpu")
     add("--out", default=None, help="output folder (default runs/<preset>)")
     add("--seed", type=int, default=0, help="seed of the world, model and sampling")
-    add("--stages", default=None, help="describe, text, contrastive, elva (default all; "
-        "contrastive,elva with --mbeir)")
+    add("--stages", default=None, help="of describe, text, contrastive, elva (default the "
+        "preset's; contrastive,elva with --mbeir)")
     p.add_run_flags()   # --resume, --device, --threads, --profile, ... (runtime.py)
     add = p.add_argument_group("data: GrainWorld, or M-BEIR in UniIR's layout").add_argument
     add("--vocab_size", type=number(300, kind=int), default=512,
@@ -168,13 +166,15 @@ def get_args(argv=None, parser=None):
     given, then what no single flag's range says -- all before any work."""
     args = (parser or build_parser()).parse_args(argv)
     args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    for k, v in {**COMMON, **TRAIN_PRESETS[args.preset]}.items():
+    preset = {**COMMON, **TRAIN_PRESETS[args.preset]}
+    if args.mbeir:   # no stages 0-1 on M-BEIR: no reference summaries, no NLI triplets
+        preset["stages"] = "contrastive,elva"
+    for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = args.out or f"runs/{args.preset}"
     args.world_seed = args.seed if args.world_seed is None else args.world_seed
-    default = "contrastive,elva" if args.mbeir else ",".join(STAGES)
-    args.stages = [s.strip() for s in (args.stages or default).split(",")]
+    args.stages = [s.strip() for s in args.stages.split(",")]
     args.train_tasks = [s.strip() for s in args.train_tasks.split(",") if s.strip()]
     check_device(args.device)
     check_flags(args)
@@ -555,8 +555,7 @@ def open_elva_stage(args, run: Run):
     for p in ref.model.parameters():
         p.requires_grad_(False)
     # the paper freezes the vision encoder and trains the language model (LoRA at 7B; our
-    # decoder is small enough to train whole): the vision tower and projector stay, unless
-    # --train_vision
+    # small decoder is trained whole); --train_vision trains the tower and projector too
     if not args.train_vision:
         for p in model.vision_parameters():
             p.requires_grad_(False)
