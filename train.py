@@ -525,7 +525,7 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
                            ro.sampled, args.clip_eps, args.beta, n_tokens=n_tokens,
                            norm=args.loss_norm)
     # 5. update: gradients averaged over the processes (torchrun; nothing on one), clipped
-    # to norm    1; a non-finite step is never applied
+    # to norm 1; a non-finite step is never applied
     opt.zero_grad(set_to_none=True)
     loss.backward()
     run.average_gradients(model)
