@@ -13,6 +13,7 @@ with other arguments; no file of the reference imports it.
     python -m study compare RUN_A RUN_B                         # the same, number for number?
     python -m study ladder runs/study                           # the learnability ladder's table
     python -m study seeds RESULT.json...                        # mean +- sd per run over seeds
+    python -m study precondition RESULT.json...                 # stage-2 models vs the targets
     python -m study run --help                                  # every flag
 
 Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what
@@ -21,7 +22,8 @@ InfoNCE misses. In this miniature the paper's configuration does not beat the co
 `python -m study run` with none of them is `python train.py`.
 
 Files: variants.py (the variants, the control, `run`), rewards.py (our rewards), probes.py (audit,
-grains, transfer, eval), tables.py (ladder, seeds, compare), runs.txt (the study's runs, as data).
+grains, transfer, eval), tables.py (ladder, seeds, precondition, compare), runs.txt (the study's
+runs, as data).
 
 The variants (stage: what it changes -- why):
   --control                 stage 3: stage 2's loss continued on the same candidate sets and steps

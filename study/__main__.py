@@ -77,7 +77,8 @@ def study_runs(argv):
 
 COMMANDS = {"run": variants.run, "runs": study_runs, "audit": probes.audit, "grains": probes.grains,
             "eval": probes.eval_frozen, "transfer": probes.transfer, "compare": tables.compare,
-            "ladder": tables.ladder, "seeds": tables.seeds, "curves": tables.curves}
+            "ladder": tables.ladder, "seeds": tables.seeds, "curves": tables.curves,
+            "precondition": tables.precondition}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

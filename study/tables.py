@@ -5,6 +5,7 @@ change).
 
     python -m study ladder runs/study
     python -m study seeds runs/seeds/*/eval.json runs/r4_*/*.json
+    python -m study precondition runs/seeds/*/eval.json   # stage-2 models against the targets
     python -m study compare RUN_A RUN_B [--shared_keys]
 """
 
@@ -54,6 +55,58 @@ def seeds(argv):
         r = json.loads(Path(f).read_text())
         results += r if isinstance(r, list) else [r]
     print(aggregate(results))
+
+
+# (row, target or None, the value in an eval.py result); MRBench-mini's sd is checked per world
+PRECONDITION = [(f"{part} {kind}", target, lambda r, p=part, k=kind: r["precondition"][p][k])
+                for part, kinds, target in (("sees", ("binding", "relation", "position"), 0.95),
+                                            ("sees", ("shape", "color", "size"), None),
+                                            ("says", ("binding", "relation"), 0.8),
+                                            ("says", ("entity", "cell", "exact"), None),
+                                            ("reads", ("binding", "relation"), 0.9),
+                                            ("reads_text", ("binding", "relation"), 0.9))
+                for kind in kinds]
+PRECONDITION += [("MRBench-mini R@5, greedy", None, lambda r: r["mrbench"]["avg"]),
+                 ("MRBench-mini R@5, empty summaries", None, lambda r: r["headroom"]["empty"]),
+                 ("greedy - empty", 0.0, lambda r: r["mrbench"]["avg"] - r["headroom"]["empty"])]
+
+
+def precondition_table(results: list[dict]) -> str:
+    """The precondition rows of stage-2 models (eval.py results), per world: mean +- sd and
+    range over its seeds, against the targets; a target is met when every model meets it."""
+    worlds = {}
+    for r in results:
+        worlds.setdefault(r["world"]["seed"], []).append(r)
+    head = " | ".join(f"world {w} ({len(rs)} models)" for w, rs in sorted(worlds.items()))
+    lines = [f"| row | target | {head} | models at target |", "|---|---|" + "---|" * len(worlds)
+             + "---|"]
+
+    def cell(v):
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{statistics.mean(v):.3f} +- {sd:.3f} ({min(v):.3f}-{max(v):.3f})"
+    for name, target, get in PRECONDITION:
+        cells = [cell([get(r) for r in rs]) for _, rs in sorted(worlds.items())]
+        met = ("-" if target is None else
+               f"{sum((get(r) > target) if target == 0 else (get(r) >= target) for r in results)}"
+               f" of {len(results)}")
+        goal = "-" if target is None else ("> 0" if target == 0 else f">= {target}")
+        lines.append(f"| {name} | {goal} | " + " | ".join(cells) + f" | {met} |")
+    sds = [statistics.stdev([r["mrbench"]["avg"] for r in rs]) if len(rs) > 1 else 0.0
+           for _, rs in sorted(worlds.items())]
+    lines.append("| MRBench-mini sd over seeds | <= 0.015 | " + " | ".join(f"{s:.3f}" for s in sds)
+                 + f" | {sum(s <= 0.015 for s in sds)} of {len(sds)} worlds |")
+    return "\n".join(lines)
+
+
+def precondition(argv):
+    p = Parser(prog="python -m study precondition",
+               description="stage-2 models' precondition rows against the targets, per world")
+    p.add_argument("results", nargs="+", help="eval.py --out JSON files of stage-2 models")
+    results = []
+    for f in p.parse_args(argv).results:
+        r = json.loads(Path(f).read_text())
+        results += r if isinstance(r, list) else [r]
+    print(precondition_table(results))
 
 
 def ladder_table(folder: str) -> str:

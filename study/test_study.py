@@ -1,6 +1,6 @@
 """
 The study's tests (python -m pytest study): our rewards by hand, the variants' mechanics, the
-control, the probes and the tables. The fixtures and helpers are the reference's (test_elva.py).
+control, the probes and the tables. The fixtures and helpers are the reference's (tests/).
 """
 
 import json
@@ -409,3 +409,24 @@ def test_the_study_command_lines_answer_in_one_line(tmp_path):
                              text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
         lines = [x for x in run.stderr.splitlines() if x.strip()]
         assert run.returncode == 1 and "Traceback" not in run.stderr and len(lines) == 1, argv
+
+
+def test_precondition_table_counts_models_at_target():
+    """Two worlds, two models each: a row's target is met model by model; sd per world."""
+    def result(world, reads, greedy):
+        rows = {"sees": dict.fromkeys(("binding", "relation", "position", "shape", "color",
+                                       "size"), 1.0),
+                "says": dict.fromkeys(("binding", "relation", "entity", "cell", "exact"), 0.0),
+                "reads": {"binding": reads, "relation": reads},
+                "reads_text": {"binding": 0.5, "relation": 0.5}}
+        return {"world": {"seed": world}, "precondition": rows, "mrbench": {"avg": greedy},
+                "headroom": {"empty": 0.5}}
+    table = tables.precondition_table([result(0, 0.95, 0.6), result(0, 0.85, 0.62),
+                                       result(1, 0.92, 0.4), result(1, 0.91, 0.41)])
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()}
+    assert rows["reads binding"].endswith("| 3 of 4 |")
+    assert rows["sees binding"].endswith("| 4 of 4 |")
+    assert rows["says relation"].endswith("| 0 of 4 |")
+    assert rows["greedy - empty"].endswith("| 2 of 4 |")
+    assert "0.900 +- 0.071 (0.850-0.950)" in rows["reads binding"]      # world 0
+    assert rows["MRBench-mini sd over seeds"].endswith("| 2 of 2 worlds |")
