@@ -13,7 +13,7 @@ with other arguments; no file of the reference imports it.
     python -m study compare RUN_A RUN_B                         # the same, number for number?
     python -m study ladder runs/study                           # the learnability ladder's table
     python -m study seeds RESULT.json...                        # mean +- sd per run over seeds
-    python -m study precondition RESULT.json...                 # stage-2 models vs the targets
+    python -m study precondition RESULT.json...                 # models vs the targets
     python -m study run --help                                  # every flag
 
 Why a study: the paper's claim (Section 3.4) is that GRPO on its ranking rewards teaches what

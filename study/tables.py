@@ -5,7 +5,7 @@ change).
 
     python -m study ladder runs/study
     python -m study seeds runs/seeds/*/eval.json runs/r4_*/*.json
-    python -m study precondition runs/seeds/*/eval.json   # stage-2 models against the targets
+    python -m study precondition runs/seeds/*/eval.json   # the models against the targets
     python -m study compare RUN_A RUN_B [--shared_keys]
 """
 
@@ -72,25 +72,35 @@ PRECONDITION += [("MRBench-mini R@5, greedy", None, lambda r: r["mrbench"]["avg"
 
 
 def precondition_table(results: list[dict]) -> str:
-    """The precondition rows of stage-2 models (eval.py results), per world: mean +- sd and
-    range over its seeds, against the targets; a target is met when every model meets it."""
+    """The precondition rows of eval.py results, one table per checkpoint name (`contrastive`:
+    the stage-2 models; `elva-s0`, `control-s0`: what stage 3 and its control made of them), a
+    column per world: mean +- sd and range over its seeds, against the targets; a target is met
+    when every model meets it."""
+    kinds = {}
+    for r in results:
+        kinds.setdefault(Path(r.get("ckpt", "")).name, []).append(r)
+    return "\n\n".join(_precondition_kind(name, rs) for name, rs in kinds.items())
+
+
+def _precondition_kind(name: str, results: list[dict]) -> str:
     worlds = {}
     for r in results:
         worlds.setdefault(r["world"]["seed"], []).append(r)
     head = " | ".join(f"world {w} ({len(rs)} models)" for w, rs in sorted(worlds.items()))
-    lines = [f"| row | target | {head} | models at target |", "|---|---|" + "---|" * len(worlds)
+    lines = [f"checkpoints named {name or '-'}:", "",
+             f"| row | target | {head} | models at target |", "|---|---|" + "---|" * len(worlds)
              + "---|"]
 
     def cell(v):
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{statistics.mean(v):.3f} +- {sd:.3f} ({min(v):.3f}-{max(v):.3f})"
-    for name, target, get in PRECONDITION:
+    for row, target, get in PRECONDITION:
         cells = [cell([get(r) for r in rs]) for _, rs in sorted(worlds.items())]
         met = ("-" if target is None else
                f"{sum((get(r) > target) if target == 0 else (get(r) >= target) for r in results)}"
                f" of {len(results)}")
         goal = "-" if target is None else ("> 0" if target == 0 else f">= {target}")
-        lines.append(f"| {name} | {goal} | " + " | ".join(cells) + f" | {met} |")
+        lines.append(f"| {row} | {goal} | " + " | ".join(cells) + f" | {met} |")
     sds = [statistics.stdev([r["mrbench"]["avg"] for r in rs]) if len(rs) > 1 else 0.0
            for _, rs in sorted(worlds.items())]
     lines.append("| MRBench-mini sd over seeds | <= 0.015 | " + " | ".join(f"{s:.3f}" for s in sds)
@@ -100,8 +110,8 @@ def precondition_table(results: list[dict]) -> str:
 
 def precondition(argv):
     p = Parser(prog="python -m study precondition",
-               description="stage-2 models' precondition rows against the targets, per world")
-    p.add_argument("results", nargs="+", help="eval.py --out JSON files of stage-2 models")
+               description="precondition rows against the targets, per checkpoint name and world")
+    p.add_argument("results", nargs="+", help="eval.py --out JSON files")
     results = []
     for f in p.parse_args(argv).results:
         r = json.loads(Path(f).read_text())

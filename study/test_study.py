@@ -412,18 +412,23 @@ def test_the_study_command_lines_answer_in_one_line(tmp_path):
 
 
 def test_precondition_table_counts_models_at_target():
-    """Two worlds, two models each: a row's target is met model by model; sd per world."""
-    def result(world, reads, greedy):
+    """Two worlds, two models each: a row's target is met model by model; sd per world; another
+    checkpoint name gets a table of its own."""
+    def result(world, reads, greedy, ckpt="w/contrastive"):
         rows = {"sees": dict.fromkeys(("binding", "relation", "position", "shape", "color",
                                        "size"), 1.0),
                 "says": dict.fromkeys(("binding", "relation", "entity", "cell", "exact"), 0.0),
                 "reads": {"binding": reads, "relation": reads},
                 "reads_text": {"binding": 0.5, "relation": 0.5}}
-        return {"world": {"seed": world}, "precondition": rows, "mrbench": {"avg": greedy},
+        return {"ckpt": ckpt, "world": {"seed": world}, "precondition": rows,
+                "mrbench": {"avg": greedy},
                 "headroom": {"empty": 0.5}}
     table = tables.precondition_table([result(0, 0.95, 0.6), result(0, 0.85, 0.62),
-                                       result(1, 0.92, 0.4), result(1, 0.91, 0.41)])
-    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()}
+                                       result(1, 0.92, 0.4), result(1, 0.91, 0.41),
+                                       result(0, 0.5, 0.3, "w/elva-s0")])
+    stage2, elva = table.split("\n\n" + "checkpoints named elva-s0:")
+    assert "| world 0 (1 models) |" in elva and "world 1" not in elva
+    rows = {line.split(" | ")[0][2:]: line for line in stage2.splitlines()}
     assert rows["reads binding"].endswith("| 3 of 4 |")
     assert rows["sees binding"].endswith("| 4 of 4 |")
     assert rows["says relation"].endswith("| 0 of 4 |")
