@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 
 class BadInput(ValueError):
-    """An input (a file, a record, a flag, an argument) that is not what was expected: the
+    """An input (file, record, flag, argument) that is not what was expected: the
     command lines print its message, which names it, as one line (a traceback is for bugs)."""
 
 
