@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 class BadInput(ValueError):
     """An input (file, record, flag, argument) that is not what was expected: the
-    command lines print its message, which names it, as one line (a traceback is for bugs)."""
+    command lines print its message as one line (a traceback is for bugs)."""
 
 
 class MissingInput(BadInput, FileNotFoundError):

@@ -9,8 +9,8 @@ Every embedding is generated (ELVA, Section 3.4): greedy summary, then [RET]. Th
 on the standard split (with chance), MRBench-mini R@5 (Table 6; also with reference and with
 empty summaries), near-miss win rates, the paper's grain-masking distance, the precondition rows
 (sees / says / reads per grain), the summary-swap distance. Ranks are pessimistic (a candidate
-scoring equal to the positive ranks above it) and streamed (kernels.corpus_ranks): a collapsed
-or broken model scores nothing, and the table counts its non-finite embeddings.
+equal to the positive ranks above it) and streamed (kernels.corpus_ranks): a collapsed or broken
+model scores nothing.
 """
 
 from __future__ import annotations
@@ -189,9 +189,8 @@ def summary_swap(ret, world: GrainWorld, n: int, autocast) -> dict:
 
 def summary_headroom(ret, bench, autocast) -> dict:
     """MRBench-mini avg R@5 with every summary replaced by its *reference* summary, and by an
-    empty one: what better words alone could buy (all GRPO's gradient can change), and how much
-    the summary carries at all. Also "reads": with the reference summaries, each query's
-    preference for its positive over each near miss, per kind (ties half)."""
+    empty one: what better words alone could buy, and how much the summary carries. "reads":
+    with reference summaries, each query's preference for its positive over each near miss."""
     out, wins = {}, {}
     for mode in ("reference", "empty"):
         r5 = []
@@ -648,7 +647,7 @@ OUTPUTS = {"out": ".json", "grid": ".png", "run_file": None}
 def check_inputs(p, args):
     """Every path before any work, one line naming the flag. An output goes to a folder that
     exists, never into a checkpoint folder, and replaces no file but an earlier output of its
-    own kind (JSON, a PNG, a TREC run)."""
+    own kind."""
     check_device(args.device)
     for flag, kind in OUTPUTS.items():
         path = getattr(args, flag) and Path(getattr(args, flag))
@@ -670,6 +669,9 @@ def check_inputs(p, args):
                         f"{stages}, e.g. --ckpt {Path(c) / stages[0]}")
             what = "no model.safetensors" if Path(c).is_dir() else "no such folder"
             p.error(f"--ckpt {c}: {what}; expected a checkpoint folder written by train.py")
+    shas = [file_sha(f) for c in args.ckpt if (f := Path(c) / "model.safetensors").is_file()]
+    if len(set(shas)) < len(shas):              # one model twice, before it is evaluated twice
+        p.error(f"--ckpt: the same weights twice in {args.ckpt}; expected each model once")
     if (args.mmeb or args.mbeir) and len(args.ckpt) != 1:
         p.error(f"--{'mmeb' if args.mmeb else 'mbeir'} evaluates one --ckpt at a time")
     if args.mbeir and not Path(args.mbeir).is_dir():
@@ -693,7 +695,7 @@ def own_output(path: Path, kind: str | None) -> bool:
 
 
 def is_checkpoint(folder: Path) -> bool:
-    """A checkpoint folder (or one of the layout before model.safetensors held everything)."""
+    """A checkpoint folder (or one of the older layout: a config.json)."""
     return (folder / "model.safetensors").is_file() or (folder / "config.json").is_file()
 
 

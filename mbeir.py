@@ -74,8 +74,8 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
 
 
 def check_image(path) -> None:
-    """An image file's header read and checked (Pillow's verify), before any embedding: a broken
-    image in a large pool fails at once, named, not after most of the pool was embedded."""
+    """An image file's header read and checked (Pillow's verify) before any embedding: a broken
+    image in a large pool fails at once, named."""
     try:
         with Image.open(path) as img:
             img.verify()
@@ -666,10 +666,10 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
                    run_file: str | None = None, cache_dir: str | None = None,
                    run_depth: int = 100, batch_size: int = 256, instruction: str = "first",
                    seed: int = 0, run_id: str = "elva") -> dict:
-    """Per task, UniIR's protocol: Recall@1/5/10 (a hit if any relevant candidate is in the
-    top K; ties pessimistic), MRR and NDCG@10 over the task's local pool or the union pool; a
-    miss (no relevant candidate in the pool) scores 0. Every input is checked before any
-    embedding; the TREC run file (qid Q0 did rank score run_id) is written whole or not at all."""
+    """Per task, UniIR's protocol: Recall@1/5/10 (ties pessimistic), MRR and NDCG@10 over the
+    task's local pool or the union pool; a miss (no relevant candidate in the pool) scores 0.
+    Every input is checked before any embedding; the TREC run file (qid Q0 did rank score
+    run_id) is written whole or not at all."""
     tasks, loaded = read_mbeir_tasks(root, tasks, split, pool_kind, instruction, seed)
     out, run_lines = {}, []
     cache = Path(cache_dir) if cache_dir else None

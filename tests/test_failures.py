@@ -1,6 +1,7 @@
 """What happens when things go wrong: each bad input a named one-line error, or handled."""
 
 import json
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -236,6 +237,12 @@ def test_eval_names_the_stage_folders_of_a_run_folder(tmp_path, tok):
                             {"world": {}, "step": 0})
     with pytest.raises(SystemExit, match="a run folder, not a checkpoint"):
         evaluation.main(["--ckpt", str(tmp_path / "run")])
+    # one model twice (a copy too): refused before any work (this one would fail in evaluate)
+    shutil.copytree(tmp_path / "run" / "contrastive", tmp_path / "copy")
+    for twice in ("run/contrastive", "copy"):
+        with pytest.raises(SystemExit, match="the same weights twice in .*; expected each model"):
+            evaluation.main(["--ckpt", str(tmp_path / "run" / "contrastive"),
+                             "--ckpt", str(tmp_path / twice)])
     # a folder that is not there is named as such (not 'no model.safetensors')
     with pytest.raises(SystemExit, match="nowhere: no such folder"):
         evaluation.main(["--ckpt", str(tmp_path / "nowhere")])
