@@ -428,6 +428,7 @@ def test_precondition_table_counts_models_at_target():
                                        result(0, 0.5, 0.3, "w/elva-s0")])
     stage2, elva = table.split("\n\n" + "checkpoints named elva-s0:")
     assert "| world 0 (1 models) |" in elva and "world 1" not in elva
+    assert elva.endswith("| MRBench-mini sd over seeds | <= 0.015 | - | 0 of 0 worlds |")
     rows = {line.split(" | ")[0][2:]: line for line in stage2.splitlines()}
     assert rows["reads binding"].endswith("| 3 of 4 |")
     assert rows["sees binding"].endswith("| 4 of 4 |")
