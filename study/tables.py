@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from eval import check_pooled
 from retriever import read_checkpoint
 from retriever import log_records
 from runtime import Parser
@@ -119,6 +120,7 @@ def precondition(argv):
     for f in p.parse_args(argv).results:
         r = json.loads(Path(f).read_text())
         results += r if isinstance(r, list) else [r]
+    check_pooled(results)           # one model counted twice, or another benchmark: refused
     print(precondition_table(results))
 
 

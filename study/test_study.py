@@ -411,7 +411,7 @@ def test_the_study_command_lines_answer_in_one_line(tmp_path):
         assert run.returncode == 1 and "Traceback" not in run.stderr and len(lines) == 1, argv
 
 
-def test_precondition_table_counts_models_at_target():
+def test_precondition_table_counts_models_at_target(tmp_path):
     """Two worlds, two models each: a row's target is met model by model; sd per world; another
     checkpoint name gets a table of its own."""
     def result(world, reads, greedy, ckpt="w/contrastive"):
@@ -436,3 +436,9 @@ def test_precondition_table_counts_models_at_target():
     assert rows["greedy - empty"].endswith("| 2 of 4 |")
     assert "0.900 +- 0.071 (0.850-0.950)" in rows["reads binding"]      # world 0
     assert rows["MRBench-mini sd over seeds"].endswith("| 2 of 2 worlds |")
+    # one model counted twice (the same weights in two files) is refused
+    one = dict(result(0, 0.9, 0.6), weights_sha256="same")
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(one))
+    with pytest.raises(SystemExit, match="one model counted twice"):
+        tables.precondition([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
