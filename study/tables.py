@@ -51,11 +51,16 @@ def ladder(argv):
 def seeds(argv):
     p = Parser(prog="python -m study seeds", description="mean +- sd over seeds per run")
     p.add_argument("results", nargs="+", help="eval.py --out JSON files")
+    print(aggregate(read_results(p.parse_args(argv).results)))
+
+
+def read_results(files: list[str]) -> list[dict]:
+    """eval.py --out files (each one result or a list of them) -> one list of results."""
     results = []
-    for f in p.parse_args(argv).results:
+    for f in files:
         r = json.loads(Path(f).read_text())
         results += r if isinstance(r, list) else [r]
-    print(aggregate(results))
+    return results
 
 
 # (row, target or None, the value in an eval.py result); MRBench-mini's sd is checked per world
@@ -116,10 +121,7 @@ def precondition(argv):
     p = Parser(prog="python -m study precondition",
                description="precondition rows against the targets, per checkpoint name and world")
     p.add_argument("results", nargs="+", help="eval.py --out JSON files")
-    results = []
-    for f in p.parse_args(argv).results:
-        r = json.loads(Path(f).read_text())
-        results += r if isinstance(r, list) else [r]
+    results = read_results(p.parse_args(argv).results)
     check_pooled(results)           # one model counted twice, or another benchmark: refused
     print(precondition_table(results))
 
