@@ -388,10 +388,13 @@ def test_torchrun_two_processes_match_one_for_the_control(tmp_path):
         return [common + ["--stages", "contrastive", "--out", str(out)],
                 common + ["--stages", "elva", "--control", "--elva_name", "control", "--out",
                           str(out)]]
+    # the two processes start (torch's import) while this one makes the 1-process runs
+    two = mp.spawn(two_process_worker, nprocs=2, join=False,
+                   args=(free_ports(3), runs(tmp_path / "two"), str(tmp_path), variants.run))
     for argv in runs(tmp_path / "one"):
         variants.run(argv)
-    mp.spawn(two_process_worker, args=(free_ports(3), runs(tmp_path / "two"), str(tmp_path),
-                                       variants.run), nprocs=2, join=True)
+    while not two.join():
+        pass
     same_logs_and_weights(tmp_path / "one", tmp_path / "two", "control",
                           keys=("loss", "infonce", "lm"))
 
@@ -403,12 +406,16 @@ def test_the_study_command_lines_answer_in_one_line(tmp_path):
     bad_ckpt = tmp_path / "ck"
     bad_ckpt.mkdir()
     (bad_ckpt / "config.json").write_text("{}")
-    for argv in (["audit", "--ckpt", str(bad_ckpt)],
-                 ["runs", "x", str(tmp_path), "--only", "nope"]):
-        run = subprocess.run([sys.executable, "-m", "study", *argv], cwd=HERE, capture_output=True,
-                             text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-        lines = [x for x in run.stderr.splitlines() if x.strip()]
-        assert run.returncode == 1 and "Traceback" not in run.stderr and len(lines) == 1, argv
+    cases = (["audit", "--ckpt", str(bad_ckpt)], ["runs", "x", str(tmp_path), "--only", "nope"])
+    # started together, then read one by one
+    runs = [subprocess.Popen([sys.executable, "-m", "study", *argv], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+            for argv in cases]
+    for argv, run in zip(cases, runs):
+        stderr = run.communicate()[1]
+        lines = [x for x in stderr.splitlines() if x.strip()]
+        assert run.returncode == 1 and "Traceback" not in stderr and len(lines) == 1, argv
 
 
 def test_precondition_table_counts_models_at_target(tmp_path):

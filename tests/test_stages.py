@@ -209,10 +209,13 @@ def test_import_reward_and_train_stay_light():
 def test_torchrun_two_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
     ports = free_ports(3)
+    # the two processes start (torch's import) while this one makes the 1-process runs
+    two = mp.spawn(two_process_worker, nprocs=2, join=False,
+                   args=(ports, two_process_runs(tmp_path / "two"), str(tmp_path)))
     for argv in two_process_runs(tmp_path / "one"):
         train.main(argv)
-    mp.spawn(two_process_worker, args=(ports, two_process_runs(tmp_path / "two"), str(tmp_path)),
-             nprocs=2, join=True)
+    while not two.join():
+        pass
     # (stage 2 from stage 1 differs by more: AdamW's first steps amplify summation-order noise)
     for run, stage in (("a", "text"), ("b", "contrastive")):
         same_logs_and_weights(tmp_path / "one" / run, tmp_path / "two" / run, stage)
