@@ -775,9 +775,20 @@ def grainworld_rl_candidates(args, world) -> list:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _grain_world(*values) -> GrainWorld:
+    return GrainWorld(WorldConfig(*values))
+
+
+def grain_world(cfg: WorldConfig) -> GrainWorld:
+    """A world made once per process and config (nothing changes a GrainWorld once made): the
+    stages, stage 3 and the evaluation of one run share it."""
+    return _grain_world(*(getattr(cfg, f.name) for f in fields(WorldConfig)))
+
+
 def grainworld_source(cfg: WorldConfig) -> Source:
     """GrainWorld as the stages' data (train.read_source): its text, batches and RL instances."""
-    world = GrainWorld(cfg)
+    world = grain_world(cfg)
     n_train, n_test = len(world.splits["train"]), len(world.splits["test"])
     return Source(data=world, meta={"world": cfg.__dict__},
                   texts=functools.partial(world_corpus, world, seed=cfg.seed),

@@ -30,7 +30,7 @@ import torch
 import data
 import mbeir
 from data import (INSTRUCTIONS, TASKS, Caption, GrainWorld, Item, Mention, Query, Scene,
-                  WorldConfig, relevant)
+                  WorldConfig, grain_world, relevant)
 from retriever import (Retriever, chance_recall, file_sha, n_nonfinite, ranks_of_best_positive,
                        read_checkpoint, recall_mrr, write_json)
 from runtime import Parser, check_device, default_threads, number, one_line_errors, resolve_device
@@ -391,7 +391,7 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
     if not isinstance(meta.get("world"), dict):
         raise SystemExit(f"--ckpt {ckpt}: a checkpoint trained on M-BEIR; expected one trained "
                          "on GrainWorld (or give --mbeir)")
-    world = GrainWorld(WorldConfig(**meta["world"]))
+    world = grain_world(WorldConfig(**meta["world"]))
     t0 = time.time()
     print(f"eval {ckpt}: the standard split ({n_queries} queries a task), MRBench-mini "
           f"({n_mrbench} a task), the probes, the precondition", flush=True)
@@ -752,7 +752,7 @@ def grainworld_mode(p, args, device, autocast):
         print(compare(results, *args.compare))
     if args.grid:
         world_cfg = read_checkpoint(results[0]["ckpt"])[3]["world"]
-        bench = GrainWorld(WorldConfig(**world_cfg)).mrbench_mini(args.mrbench_per_task)
+        bench = grain_world(WorldConfig(**world_cfg)).mrbench_mini(args.mrbench_per_task)
         draw_retrieval_grid(results, bench, args.grid)
         print(f"wrote {args.grid}")
     write_results(args, results)

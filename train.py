@@ -56,7 +56,7 @@ TRAIN_PRESETS = {
                   text_steps=10, scene_premises=0.0, describe_every=4,
                   steps=40, text_every=4,
                   rl_steps=6, rl_batch=2, group_size=4, n_hard=2, n_rand=2, rl_queries=8,
-                  rl_pool_scenes=40, eval_queries=20, mrbench_per_task=6, log_every=5),
+                  rl_pool_scenes=20, eval_queries=20, mrbench_per_task=6, log_every=5),
     # cpu: the default without a GPU (about 34 minutes on 2 cores; docs/results.md)
     "cpu": dict(n_train=6000, n_test=500, batch_size=48, lr=1e-3,
                 stages="text,contrastive,elva", describe_steps=500, describe_lr=2e-3,

@@ -339,7 +339,7 @@ def test_the_pool_cache_is_keyed_by_the_images(mbeir, tok, tmp_path, capsys):
     assert "from the cache" not in capsys.readouterr().out               # re-embedded
 
 def test_inputs_are_refused_before_the_work(mbeir, tok, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--n_hard \\+ --n_rand 1002: expected fewer than the 40"):
+    with pytest.raises(SystemExit, match="--n_hard \\+ --n_rand 1002: expected fewer than the 20"):
         train.get_args(["--preset", "smoke", "--n_hard", "1000"])
     with pytest.raises(SystemExit, match="--batch_size 100000: expected at most the 400 training"):
         train.get_args(["--preset", "smoke", "--batch_size", "100000"])
