@@ -33,7 +33,7 @@ class BadInput(ValueError):
 class MissingInput(BadInput, FileNotFoundError):
     """An input file or folder that is not there."""
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The world's vocabulary. Eight colours and five shapes make one-grain differences common enough to
 # mine and rare enough that a random negative almost never is one.
 
@@ -65,7 +65,7 @@ TASKS = tuple(INSTRUCTIONS)
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[IMG]", "[RET]"]
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Scenes and captions
 
 @dataclass(frozen=True, order=True)
@@ -159,7 +159,7 @@ def satisfies(scene: Scene, cap: Caption) -> bool:
     return bool(assignments(scene, cap))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Random scenes and captions
 
 def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
@@ -201,7 +201,7 @@ def full_caption(rng: random.Random, scene: Scene) -> Caption:
                    _relation_between(rng, a, b))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # One-grain edits: the near misses. Each returns None when the edit is impossible for this input.
 
 def _replace(objs, i, **kw):
@@ -355,7 +355,7 @@ def random_edit(rng: random.Random, scene: Scene) -> tuple[Edit, Scene] | None:
     return None if out is None else (e, out)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Rendering with Pillow. Every render of a scene jitters positions and sizes and adds pixel noise,
 # so that two renders of one scene differ in pixels (the image -> image task).
 
@@ -389,7 +389,7 @@ def render(scene: Scene, image_size: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Items, the four tasks and exact relevance.
 # An Item is one side of a retrieval pair: optional image (a scene to render) and optional text.
 
@@ -472,7 +472,7 @@ def make_query(task: str, rng: random.Random, scene: Scene) -> Query | None:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly
 # one grain.
 
@@ -529,10 +529,10 @@ def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int 
     return out
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The world: disjoint train / val / test scenes, deterministic from a seed.
 
-@dataclass
+@dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
     n_train: int = 6000        # scenes (each gives endless captions and renders)
@@ -545,19 +545,15 @@ class GrainWorld:
     def __init__(self, cfg: WorldConfig):
         self.cfg = cfg
         rng = random.Random(cfg.seed)
-        seen, scenes = set(), []
-        total = cfg.n_train + cfg.n_val + cfg.n_test
-        while len(scenes) < total:
-            s = random_scene(rng)
-            if s not in seen:
-                seen.add(s)
-                scenes.append(s)
+        scenes = {}                                    # distinct scenes in the order drawn
+        while len(scenes) < cfg.n_train + cfg.n_val + cfg.n_test:
+            scenes.setdefault(random_scene(rng))
+        scenes = list(scenes)
         self.splits = {"train": scenes[:cfg.n_train],
                        "val": scenes[cfg.n_train:cfg.n_train + cfg.n_val],
                        "test": scenes[cfg.n_train + cfg.n_val:]}
-        # Derived scenes (edit targets, near misses, siblings) never cross splits: a scene training
-        # derives is neither a held-out scene nor one edit from one, and a test query's derived
-        # scene is never a training scene.
+        # Derived scenes (edit targets, near misses, siblings) never cross splits: training derives
+        # no held-out scene nor one an edit away; a test query derives no training scene.
         self.heldout = set(scenes[cfg.n_train:])
         self.near_heldout = self.heldout.union(*(edit_neighbours(s) for s in self.heldout))
         self.train_scenes = set(self.splits["train"])
@@ -632,7 +628,7 @@ class GrainWorld:
         return [candidate_item(task, rng, s) for s in scenes]
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Tokenizer: byte-level BPE trained with `tokenizers` on the world's text.
 
 def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
@@ -643,7 +639,7 @@ def world_corpus(world: GrainWorld, n: int = 4000, seed: int = 0) -> list[str]:
     return [l for l in lines if l]
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 @dataclass
 class Source:
     """The stages' one interface to their data: train.grainworld_source or mbeir.training_source."""
@@ -658,7 +654,7 @@ class Source:
     describe: str                # one line for the log
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # GrainWorld as the stages' data (mbeir.py gives M-BEIR the same interface): each step's batch,
 # made from the step's seed without the model, and stage 3's candidates.
 
@@ -775,15 +771,9 @@ def grainworld_rl_candidates(args, world) -> list:
     return out
 
 
-@functools.lru_cache(maxsize=2)
-def _grain_world(*values) -> GrainWorld:
-    return GrainWorld(WorldConfig(*values))
-
-
+@functools.lru_cache(maxsize=2)   # one world a process and config: a run's stages and eval share it
 def grain_world(cfg: WorldConfig) -> GrainWorld:
-    """A world made once per process and config (nothing changes a GrainWorld once made): the
-    stages, stage 3 and the evaluation of one run share it."""
-    return _grain_world(*(getattr(cfg, f.name) for f in fields(WorldConfig)))
+    return GrainWorld(cfg)
 
 
 def grainworld_source(cfg: WorldConfig) -> Source:

@@ -35,7 +35,7 @@ from retriever import (Retriever, chance_recall, file_sha, n_nonfinite, ranks_of
                        read_checkpoint, recall_mrr, write_json)
 from runtime import Parser, check_device, default_threads, number, one_line_errors, resolve_device
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -48,7 +48,7 @@ def relevant_indices(task: str, queries: list[Query], pool: list[Item]) -> torch
     return torch.tensor([x + [-1] * (width - len(x)) for x in lists], dtype=torch.long)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Benchmarks
 
 
@@ -225,7 +225,7 @@ def near_miss_scores(eq: torch.Tensor, ep: torch.Tensor, queries) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The paper's precondition. ELVA's RL changes only the words of a summary (Section 3.4), so it
 # starts from an MLLM that already sees its input and describes it, and whose [RET] state reads
 # what the words say. Per grain, on held-out scenes:
@@ -416,7 +416,7 @@ def evaluate(ckpt: str, n_queries: int, n_mrbench: int, device, autocast, ret=No
             "mean_pairwise_cos": mean_pairwise_cosine(pool_emb), "eval_seconds": time.time() - t0}
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Pictures, drawn with Pillow (no plotting library)
 
 def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", "it2i"),
@@ -450,7 +450,7 @@ def draw_retrieval_grid(results: list[dict], bench, out_png: str, tasks=("t2i", 
     img.save(out_png)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Table
 
 
@@ -528,7 +528,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Paired comparisons: two checkpoints that started from one stage-2 model (ELVA and its
 # equal-compute control, say), on the same MRBench-mini queries. The difference of their R@5, with
 # a 95% interval from a bootstrap over the queries -- paired: one resample serves both -- per
@@ -603,7 +603,7 @@ def compare(results: list[dict], a: str, b: str) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The command line: one small function per mode
 
 

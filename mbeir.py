@@ -45,7 +45,7 @@ from data import (TEMPLATE_TEXT, BadInput, GrainWorld, Item, MissingInput, Pairs
                   WorldConfig, full_caption, random_caption, render)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Readers: every record and image checked before any work; an error names the file and line
 
 
@@ -383,7 +383,7 @@ def read_mmeb(path, image_root=".") -> list[tuple[Item, str, list[Item], str]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # A sample in M-BEIR's layout, drawn from GrainWorld (python mbeir.py --sample DIR)
 
 
@@ -461,7 +461,7 @@ def write_mbeir_sample(root) -> Path:
     return root
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # M-BEIR as the stages' data (train.py --mbeir): the same interface as GrainWorld's
 
 
@@ -557,7 +557,7 @@ def eval_tasks(args) -> str | None:
     return ",".join(t for t in args.train_tasks if t in test_tasks) or None
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Evaluation on real data (python eval.py --mbeir ROOT / --mmeb FILE...): M-BEIR by UniIR's protocol
 # and MMEB's rows, streamed: neither the [queries, pool] score matrix nor a dense relevance matrix
 # is ever built.

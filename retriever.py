@@ -36,7 +36,7 @@ from data import (INSTRUCTIONS, PROMPT, SPECIAL_TOKENS, BadInput, Instances, Ite
                   Pairs, Query, Source, render)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The tokenizer: byte-level BPE on the run's text (data.world_corpus, or M-BEIR's)
 
 
@@ -73,7 +73,7 @@ def tokenizer_from_str(text: str, what: str):
     return tok
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Images and the template (Section 3.4), left-padded so that every prompt ends in one column:
 # [PAD]* [BOS] USER: [IMG]*n <instruction> <text>. Analyze and summarize ... ASSISTANT: <summary>
 # [RET] [PAD]*
@@ -219,7 +219,7 @@ def encode_rollout(enc: Encoder, limit: int, batch) -> Instances:
     return Instances(batch, prompts, images)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Retriever: model + encoder. Items in, embeddings out, with summaries generated (eval, RL) or
 # given (teacher forcing).
 
@@ -448,7 +448,7 @@ def ranked_top_k(q: torch.Tensor, corpus: torch.Tensor, k: int, positives=None, 
     return best_s, best_i
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Ranks and their metrics, by the same rule (a NaN ranks last; a candidate equal to the positive
 # ranks above it, so a collapsed model scores nothing)
 
@@ -493,7 +493,7 @@ def ndcg_at_k(top: torch.Tensor, positives: list[list[int]], k: int = 10) -> flo
     return total / max(1, len(positives))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Balanced negative sampling (ELVA, Section 3.4): stage 3's negatives, mined by the stage-2 model
 
 
@@ -555,7 +555,7 @@ def mine_instances(args, source: Source, ref: Retriever, autocast) -> list:
     return instances
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Embedding in chunks
 
 
@@ -576,7 +576,7 @@ class _PromptChunks(torch.utils.data.Dataset):
         return [self.enc.prompt(it, i, self.limit) for it, i in zip(its, ins)], self.enc.images(its)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Checkpoints
 
 

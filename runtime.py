@@ -39,7 +39,7 @@ COUNTS = ("masked_false_neg",)   # log fields summed over processes (the others 
 warnings.filterwarnings("ignore", ".*all_gather is deprecated", FutureWarning)
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Flags: one line naming the flag, the value and what was expected, before any work
 
 
@@ -122,7 +122,7 @@ def one_line_errors(main, *argv):
         raise SystemExit(1) from None
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # Threads and the device
 
 
@@ -166,7 +166,7 @@ def resolve_device(name: str):
     return dev, bf16 if dev.type == "cuda" else nullcontext
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # The run: one per process
 
 
@@ -369,7 +369,7 @@ class Steps(torch.utils.data.IterableDataset):
             yield self.encode(self.share(self.make(step)))
 
 
-# --------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
 # A stage: its folder, log and checkpoints
 
 
