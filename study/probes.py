@@ -166,7 +166,7 @@ def audit(argv):
     if not isinstance(ret.meta.get("world"), dict):
         fail("--ckpt", a.ckpt, "a checkpoint trained on GrainWorld (its record has a 'world' "
                                "section)")
-    world = data.GrainWorld(data.WorldConfig(**ret.meta["world"]))
+    world = data.grain_world(data.WorldConfig(**ret.meta["world"]))
     gen = torch.Generator(device=device).manual_seed(a.seed)
     rng = random.Random(a.seed)
     t0 = time.time()
@@ -276,7 +276,7 @@ def grains(argv):
     res = {}
     for c in a.ckpt:
         ret = Retriever.from_pretrained(c, device)
-        bench = data.GrainWorld(data.WorldConfig(**ret.meta["world"])).mrbench_mini(a.queries)
+        bench = data.grain_world(data.WorldConfig(**ret.meta["world"])).mrbench_mini(a.queries)
         res[c] = grain_errors(ret, bench, autocast)
     print("| checkpoint | summaries | entity | attribute | binding | relation |")
     print("|---|---|---|---|---|---|")

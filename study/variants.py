@@ -250,7 +250,7 @@ def training_pools(args) -> dict:
     init = str(args.init or Path(args.out) / "contrastive")
     if init not in _POOLS:
         ref = Retriever.from_pretrained(init)
-        world = data.GrainWorld(data.WorldConfig(**ref.meta["world"]))
+        world = data.grain_world(data.WorldConfig(**ref.meta["world"]))
         rng = random.Random(f"{args.seed}-pool-reward")
         pools = {}
         for task in data.TASKS:
