@@ -424,8 +424,7 @@ class Query:
 
 
 def relevant(task: str, q: Item, c: Item) -> bool:
-    """The exact relevance rule: a candidate is relevant when it satisfies every grain the query
-    states."""
+    """The exact relevance rule: a candidate is relevant if it satisfies every grain stated."""
     # a candidate of the wrong modality (a caption for a text->image query) is never relevant
     if task == "t2i":
         return c.scene is not None and satisfies(c.scene, q.caption)
@@ -439,8 +438,7 @@ def relevant(task: str, q: Item, c: Item) -> bool:
 
 
 def candidate_item(task: str, rng: random.Random, scene: Scene) -> Item:
-    """What a task's pool holds for a scene: a full caption for i2t, a fresh render for the image
-    tasks."""
+    """A task's pool item for a scene: a full caption for i2t, a fresh render otherwise."""
     if task == "i2t":
         cap = full_caption(rng, scene)
         return Item(text=cap.text(), summary=cap.summary(), caption=cap)
@@ -473,8 +471,7 @@ def make_query(task: str, rng: random.Random, scene: Scene) -> Query | None:
 
 
 # ----------------------------------------------------------------------------------------
-# Near misses for a query (MRBench-mini): candidates that differ from what the query asks in exactly
-# one grain.
+# Near misses for a query (MRBench-mini): candidates that differ from the query in one grain.
 
 def near_misses(rng: random.Random, query: Query, per_kind: int = 2, tries: int = 30,
                 exclude: set | frozenset = frozenset()) -> list[tuple[str, Item]]:

@@ -156,8 +156,7 @@ class ELVAModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.img_id, self.ret_id, self.pad_id = img_token_id, ret_token_id, pad_token_id
-        # vision tower: patches -> ViT (bidirectional) -> 2x2 merge -> projector MLP into the
-        # decoder width
+        # vision tower: patches -> ViT (bidirectional) -> 2x2 merge -> projector into d_model
         n_patch = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vit_dim)
         self.vit_pos = nn.Parameter(torch.randn(1, n_patch, cfg.vit_dim) * 0.02)

@@ -123,8 +123,7 @@ if HAS_TRITON:
                              stride_qr, stride_cr, stride_cc, stride_sr, stride_kr,   # strides
                              POS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         # one program: one rollout row, all of its C <= BLOCK_C candidates. The scores never leave
-        # the registers before they are ranked: one read of q and c, one write of scores and ranks,
-        # one launch.
+        # the registers before they are ranked: one read of q and c, one write, one launch.
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         s = _row_cosines(q_ptr, c_ptr, r, offs, C, D, stride_qr, stride_cr, stride_cc, BLOCK_C,

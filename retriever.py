@@ -80,8 +80,7 @@ def tokenizer_from_str(text: str, what: str):
 
 
 def image_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> float tensor (3, H, W) in [-1, 1]; resizes real images to the model's input
-    size."""
+    """PIL image -> float tensor (3, H, W) in [-1, 1], resized to the model's input size."""
     if 0 in img.size:
         raise BadInput(f"an image of {img.size[0]}x{img.size[1]} pixels; expected one with pixels")
     if img.size != (image_size, image_size):
@@ -107,8 +106,7 @@ def load_image(item: Item, image_size: int) -> torch.Tensor:
 
 
 class Encoder:
-    """Turns Items into token ids with a trained tokenizer; caches the constant pieces of the
-    template."""
+    """Items -> token ids with a trained tokenizer; caches the template's constant pieces."""
 
     def __init__(self, tok, n_img_tokens: int, image_size: int):
         self.tok, self.n_img_tokens, self.image_size = tok, n_img_tokens, image_size

@@ -26,8 +26,7 @@ import math
 
 import torch
 
-# alpha and epsilon: R_total's weights, the paper's best pair (Table 4: (0.4, 0.6), 58.7
-# on M-BEIR).
+# alpha and epsilon: R_total's weights, the paper's best pair (Table 4: 58.7 on M-BEIR).
 ALPHA, EPSILON = 0.4, 0.6
 
 # delta: R_Margin's margin in cosine units. Small: a margin few rollouts clear gives the

@@ -32,8 +32,7 @@ STAGE_ORDER = ("describe", "text", "contrastive", "elva")   # stages 0-3
 # What does not shape a stage's steps: where it runs, what it prints, what it is named.
 NOT_SHAPING = {"resume", "overwrite", "device", "threads", "workers", "compile", "log_every",
                "ckpt_every", "no_eval", "profile", "out", "stages", "init", "rank", "world_size",
-               "eval_queries", "mrbench_per_task", "eval_tasks", "elva_name", "probe_every",
-               "explain", "explain_task"}
+               "eval_queries", "mrbench_per_task", "eval_tasks", "elva_name", "probe_every"}
 COUNTS = ("masked_false_neg",)   # log fields summed over processes (the others are averaged)
 # all_gather is deprecated in torch 2.13 for a private successor; it is public from 2.4 to 2.13
 warnings.filterwarnings("ignore", ".*all_gather is deprecated", FutureWarning)

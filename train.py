@@ -9,7 +9,6 @@ Training: the paper's three stages (ELVA, Sections 3.3-3.4), top to bottom, afte
     python train.py                  # gpu preset on CUDA, else cpu; then eval.py
     python train.py --preset smoke   # the whole pipeline in a minute on 2 CPU cores
     python train.py --mbeir ROOT     # stages 2-3 on M-BEIR (mbeir.py --sample DIR: one)
-    python train.py --explain CKPT   # one GRPO step on a checkpoint, printed
     torchrun --nproc_per_node=N train.py   # data-parallel (GPUs, or CPUs with gloo)
 
 This file is the paper (and our stage 0); our variants and the control are in study/. Each
@@ -35,12 +34,12 @@ import torch.nn.functional as F
 
 import data
 import elva
-from data import TASKS, Instances, Item, Pairs, Source, WorldConfig
+from data import TASKS, Instances, Pairs, Source, WorldConfig
 from kernels import cosine_ranks
-from retriever import Retriever, encode_pairs, encode_rollout, instruction_of, mine_instances
+from retriever import Retriever, encode_pairs, encode_rollout, mine_instances
 from reward import (ALPHA, DEFAULT_DELTA, EPSILON, auto_gamma, group_advantages, grpo_loss,
                     ordered_gamma_limit, total_reward)
-from runtime import Parser, Run, check_device, fail, number, one_line_errors, resolve_device
+from runtime import Parser, Run, check_device, fail, number, one_line_errors
 
 phase = torch.profiler.record_function     # labels a step's phases in --profile's table
 
@@ -156,8 +155,6 @@ def build_parser() -> Parser:
         help="R_Rank's negative weight: auto, or below reward.ordered_gamma_limit(C)")
     add("--train_vision", action="store_true", help="train the vision tower (paper: frozen)")
     add("--loss_norm", default="token", choices=["token", "sequence"], help="GRPO's mean")
-    add("--explain", default=None, metavar="CKPT", help="print a GRPO step on CKPT; exit")
-    add("--explain_task", default=None, choices=list(TASKS), help="--explain's task")
     return p
 
 
@@ -349,12 +346,10 @@ def embedding_stage(args, run: Run, source: Source, tok, name: str, steps: int, 
     for step in range(stage.start, steps):
         with phase("data"):
             pairs = next(batches)
-        # the loss: InfoNCE over in-batch negatives (true matches masked) + next-token
-        # loss
+        # the loss: InfoNCE over in-batch negatives (true matches masked) + next-token loss
         loss, l_nce, l_lm = stage2_loss(args, run, model, pairs)
-        # the update: warm-up + cosine learning rate; gradients averaged over the
-        # processes (torchrun; nothing on one), clipped to norm 1; a non-finite step is
-        # never applied
+        # the update: warm-up + cosine lr; gradients averaged over the processes (torchrun;
+        # nothing on one), clipped to norm 1; a non-finite step is never applied
         lr = lr_at(step, steps, peak_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -407,8 +402,7 @@ def contrastive_stage(args, run: Run, source: Source, tok):
 
 
 # ----------------------------------------------------------------------------------------
-# Stage 3: ELVA (Section 3.4). Negatives mined by the stage-2 model, then GRPO on
-# generated embeddings.
+# Stage 3: ELVA (Section 3.4). Negatives mined by the stage-2 model, then GRPO.
 
 
 def make_rl_batch(args, instances, step: int) -> list:
@@ -428,8 +422,7 @@ class Rollout:
     negatives) = S sequences in that order; an item's G rollouts share its prompt (U = B * K
     prompts); per sequence, the summary part: summary, [RET]."""
     batch: dict             # prompt_tokens / prompt_attn (U, P), images, index (S,): each row's
-                            # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): the
-                            # summary
+                            # prompt; tokens / attn / gen_mask (S, Ts), ret_pos (S,): summary
     sampled: torch.Tensor   # (S, Ts) bool: the tokens the policy sampled (a forced [RET] is not)
     logp: torch.Tensor      # (S, Ts) float32 log-probs of those tokens, with gradient
     e: torch.Tensor         # (B, G, K, D) unit [RET] embeddings: the paper's action
@@ -544,8 +537,7 @@ def grpo_step(args, run: Run, stage, ref, made: Instances, gen, step: int) -> di
 
 
 def open_elva_stage(args, run: Run):
-    """Stage 3's set-up -> (stage, the frozen stage-2 Retriever, the RL instances), or None
-    if
+    """Stage 3's set-up -> (stage, the frozen stage-2 Retriever, the RL instances), or None if
     --out/<elva_name> is complete. The policy starts as the stage-2 model (--init), which also
     stays frozen as the KL reference and mines the negatives."""
     init = Path(args.init or Path(args.out) / "contrastive")
@@ -569,8 +561,7 @@ def open_elva_stage(args, run: Run):
                       show=ELVA_SHOWN)
     if stage is None:
         return None
-    # the RL instances: queries with balanced negatives mined by the stage-2 model (Sec.
-    # 3.4)
+    # the RL instances: queries with balanced negatives mined by the stage-2 model (3.4)
     t0 = time.time()
     instances = mine_instances(args, source, ref, run.autocast)
     if len(instances) < args.rl_batch:
@@ -612,71 +603,6 @@ def elva_stage(args, run: Run):
         rec = grpo_step(args, run, stage, ref, made, gen, step)
         stage.log(step, rec)
         stage.save_if_due(step)
-
-
-# ----------------------------------------------------------------------------------------
-# The step above on one instance, printed: python train.py --explain CKPT
-
-
-def explain(ckpt: str, device, autocast, task: str | None = None, seed: int = 0):
-    """One RL instance through steps 1-3 of grpo_step, with its functions, printed: the query,
-    its mined candidates, each rollout's words, ranked list, rewards and advantage. The
-    checkpoint is the policy and the miner; its saved arguments give G and the constants."""
-    ret = Retriever.from_pretrained(ckpt, device)
-    args = argparse.Namespace(**{**ret.meta["args"], "rl_queries": 1, "seed": seed})
-    source = read_source(args, ret.meta)
-    instances = mine_instances(args, source, ret, autocast)      # one query per task
-    chosen = [x for x in instances if task is None or x[0].task == task]
-    if not chosen:
-        raise SystemExit(f"--explain_task {task!r}: expected one of "
-                         f"{sorted({q.task for q, _ in instances})}")
-    batch = chosen[:1]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    made = encode_rollout(ret.enc, ret.prompt_limit, batch)
-    with torch.no_grad():
-        ro = rollout(args, ret.model, made, gen, autocast)
-    R, parts = total_reward(ro.scores, args.alpha, args.epsilon, args.delta, args.gamma,
-                            return_parts=True,
-                            ranks=ro.ranks)                                    # (1, G)
-    A = group_advantages(R)
-    B, G, K = ro.shape
-    q, negs = batch[0]
-    names = ["positive"] + [f"negative {i + 1}" for i in range(len(negs))]
-    C = K - 1
-    gamma = auto_gamma(C) if args.gamma is None else args.gamma
-    print(f"\nOne ELVA step on {ckpt} (Section 3.4), task {q.task}: G = {G} rollouts at "
-          f"temperature {args.temperature}; R_total = {args.alpha} R_Margin + {args.epsilon} "
-          f"R_Rank, delta {args.delta}, gamma {gamma:.4f}")
-    print(f"query:      {describe(q.item)}   [instruction: {instruction_of(q)}]")
-    for name, c in zip(names, [q.positive, *negs]):
-        print(f"{name + ':':12s}{describe(c)}")
-    for g in range(G):
-        rows = [(g * K + k) for k in range(K)]                   # rollout g's sequences
-        said = [ret.enc.decode(ro.summaries[r]) for r in rows]
-        order = ro.ranks[0, g].tolist()
-        ranked = sorted(range(C), key=lambda j: order[j])
-        listing = "  ".join(f"[{order[j]}] {names[j]} {ro.scores[0, g, j].item():.3f}"
-                            for j in ranked)
-        print(f"\nrollout {g}: the query wrote {said[0]!r}")
-        print(f"  ranked list: {listing}")
-        print(f"  R_Margin {parts['margin'][0, g].item():.4f} | R_Rank "
-              f"{parts['rank'][0, g].item():.4f} | "
-              f"R_total {R[0, g].item():.4f} | advantage {A[0, g].item():+.3f}")
-        wrote = " | ".join(f"{n}: {s!r}" for n, s in zip(names, said[1:]))
-        print(f"  the candidates wrote: {wrote}")
-    print(f"\ngroup: R_total mean {R.mean().item():.4f}, std {R.std().item():.4f}; every summary "
-          "of rollout g shares its advantage A_g = (R_g - mean) / (std + 1e-4)")
-
-
-def describe(item: Item) -> str:
-    """An item in words: its text, and for an image its scene's reference summary (what the
-    image shows)."""
-    parts = [repr(item.text)] if item.text else []
-    if item.scene is not None:
-        parts.append(f"(image: {item.scene.summary()})")
-    elif item.image_path:
-        parts.append(f"(image {item.image_path})")
-    return " ".join(parts) or "(empty)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -722,9 +648,6 @@ def main(argv=None):
     """Stage 1 -> stage 2 -> stage 3 -> evaluation (eval.py, in its own process)."""
     parser = build_parser()
     args = get_args(argv, parser)
-    if args.explain:
-        device, autocast = resolve_device(args.device)
-        return explain(args.explain, device, autocast, args.explain_task, args.seed)
     if "contrastive" not in args.stages:   # stage 3 alone trains on --init's data
         check_init_data(args)
     eval_tasks = None

@@ -11,6 +11,7 @@ import torch
 
 import data
 import elva
+import explain
 import eval as evaluation
 import reward
 import retriever
@@ -140,7 +141,7 @@ def test_grpo_step_is_the_paper_step_and_its_clip_is_inert(world, tok, tmp_path)
 
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     """train.py --preset smoke (shortened) writes loadable checkpoints for both stages, then
-    resumes as a no-op; train.py --explain walks one RL instance of the stage-2 checkpoint through
+    resumes as a no-op; explain.py walks one RL instance of the stage-2 checkpoint through
     the paper's step."""
     out = tmp_path / "run"
     common = ["--preset", "smoke", "--out", str(out), "--steps", "6", "--rl_steps", "2",
@@ -162,8 +163,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(init.blocks.parameters(),
                                                      rl.blocks.parameters()))
     capsys.readouterr()
-    train.main(["--preset", "smoke", "--explain", str(out / "contrastive"), "--explain_task",
-                "t2i"])
+    explain.main([str(out / "contrastive"), "--task", "t2i"])
     shown = capsys.readouterr().out
     G = train.get_args(["--preset", "smoke"]).group_size
     assert ("task t2i" in shown and shown.count("ranked list:") == G
