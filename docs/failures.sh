@@ -38,6 +38,8 @@ t python eval.py --ckpt cp/contrastive
 SHOWN="OMP_NUM_THREADS=abc python train.py --preset smoke --out x4" OMP_NUM_THREADS=abc \
   N=1 t python train.py --preset smoke --out x4
 KEEP=warning t python train.py --preset smoke --threads 8 --out x5 --no_eval
+t python explain.py run/nothing
+t python explain.py run/contrastive --task t2t
 t python eval.py --ckpt run
 t python eval.py --ckpt no/such/folder
 t python eval.py --ckpt run/contrastive --ckpt run/contrastive

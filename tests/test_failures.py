@@ -429,7 +429,7 @@ def test_errors_of_the_command_lines_are_one_line(tmp_path, mbeir):
     bad_ckpt.mkdir()
     (bad_ckpt / "config.json").write_text("{}")
     cases = [["eval.py", "--ckpt", str(bad_ckpt)], ["mbeir.py", "--sample", str(mbeir)],
-             ["train.py", "--steps", "0"],
+             ["train.py", "--steps", "0"], ["explain.py", str(bad_ckpt)],
              ["eval.py", "--ckpt", str(mbeir), "--mbeir", str(mbeir)]]
     # started together (each is mostly torch's import), then read one by one
     runs = [subprocess.Popen([sys.executable, *argv], cwd=here, stdout=subprocess.DEVNULL,
