@@ -126,8 +126,8 @@ def build_parser() -> Parser:
         help="queries per step, each with its positive (>= 2)")
     add("--lr", type=positive, default=None, help="peak AdamW learning rate")
     add("--tau", type=number(0.005, 10), default=0.05, help="InfoNCE temperature")
-    add("--lm_weight", type=number(0), default=1.0, help="weight of the next-token loss")
-    add("--summary_dropout", type=unit, default=0.5,
+    add("--lm_weight", type=number(0), default=3.0, help="weight of the next-token loss (ours)")
+    add("--summary_dropout", type=unit, default=0.25,
         help="items embedded with no summary (ours)")
     add("--text_every", type=every, default=None,
         help="a stage-1 batch every N steps (ours; 0: none)")
