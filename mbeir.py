@@ -689,7 +689,7 @@ def evaluate_mbeir(ret, root, tasks: list[str], split: str, pool_kind: str, auto
         ranks = torch.full((len(qs.items),), float("inf"))
         if has.any():
             ranks[has] = ranks_of_best_positive(eq[has.to(eq.device)], ep, pos[has]).float()
-        # NDCG's and the run file's ranked list: the reward's rule (NaN last, ties rank low)
+        # NDCG's and the run file's ranked list: the reward's rule (NaN last, a positive after ties)
         scores, top = ranked_top_k(eq, ep, max(10, run_depth), positives=pos.to(eq.device))
         out[task] = {**recall_mrr(ranks), "NDCG@10": ndcg_at_k(top.cpu(), qs.relevant),
                      "queries": len(qs.items), "misses": qs.missed, "pool": len(pool.items),
